@@ -1,0 +1,101 @@
+//! HTTP routes other than the WebSocket upgrade: health and the publish API.
+//!
+//! `POST /api/publish` lets a backend push a scoreboard update without holding a socket.
+//! It goes through the same `Node::publish` as a socket's `message`, so API publishes
+//! reach the same subscribers, on every node, in the same frames.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::metrics::Source;
+use crate::node::Node;
+use crate::protocol::inbound::{parse_publish_request, PublishRequest};
+
+pub type Body = Full<Bytes>;
+
+pub async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &node.health()),
+        (&Method::POST, "/api/publish") => publish(node, req).await,
+        (_, "/api/publish") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        ),
+        (&Method::GET, "/") => Response::builder()
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Body::from(
+                "volley: connect a WebSocket to this address (ws://HOST/ws) and send JSON frames\n",
+            ))
+            .unwrap_or_default(),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    }
+}
+
+async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let key = &node.config().api.key;
+    if key.is_empty() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "api_disabled",
+            "the publish API is off: set api.key to enable it",
+        );
+    }
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("apikey "))
+        .unwrap_or("");
+    if !same_secret(given.trim().as_bytes(), key.as_bytes()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the header Authorization: apikey <api.key>",
+        );
+    }
+    let limit = node.config().limits.max_frame_bytes;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("body larger than limits.max_frame_bytes ({limit} bytes)"),
+            )
+        }
+    };
+    let fan = match parse_publish_request(&body) {
+        Ok(PublishRequest::Room { room, content }) => node.publish(&room, content, Source::Api),
+        Ok(PublishRequest::Broadcast { payload }) => node.broadcast(payload, Source::Api),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({ "ok": true, "delivered": fan.queued }),
+    )
+}
+
+/// Compares secrets in time that does not depend on where they first differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": code, "message": message }))
+}
+
+pub fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_default()
+}

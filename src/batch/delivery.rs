@@ -1,0 +1,294 @@
+//! The delivery window: when a socket's queued messages leave, and as which frames.
+//!
+//! A socket that was idle for a whole window sends its next message at once (the
+//! leading edge); otherwise its messages wait for the next tick of a node-wide clock and
+//! leave together. Two or more messages become `{"type":"batch","messages":[...]}`,
+//! built by concatenating their already-encoded JSON: nothing is re-serialized.
+//!
+//! Because ticks are node-wide, the subscribers of one room usually drain identical
+//! message lists. The first socket to assemble a batch leaves it in a small memo keyed by
+//! the identity of the shared message buffers; the others write the same `Bytes`. The memo
+//! holds the message handles it was keyed on, so a key cannot be reused by other data while
+//! it lives, and it is emptied every tick, so it never grows past one window's worth.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::config::BatchConfig;
+use crate::protocol::outbound::Builder;
+use crate::protocol::Encoded;
+
+const BATCH_OPEN: &[u8] = br#"{"type":"batch","messages":["#;
+const BATCH_CLOSE: &[u8] = b"]}";
+/// Most distinct batches remembered per tick; beyond this, sockets assemble their own.
+const MEMO_CAPACITY: usize = 4096;
+
+pub struct DeliveryWindow {
+    window: Duration,
+    leading_edge: bool,
+    max_messages: usize,
+    max_bytes: usize,
+    epoch: Instant,
+    memo: Mutex<Memo>,
+}
+
+#[derive(Default)]
+struct Memo {
+    tick: u64,
+    entries: HashMap<MemoKey, MemoEntry>,
+}
+
+/// First message's address, last message's address, count.
+type MemoKey = (usize, usize, usize);
+
+struct MemoEntry {
+    /// The messages the batch was built from; also keeps their buffers alive.
+    items: Vec<Bytes>,
+    frame: Bytes,
+}
+
+impl DeliveryWindow {
+    pub fn new(config: &BatchConfig) -> DeliveryWindow {
+        DeliveryWindow {
+            window: Duration::from_millis(config.delivery_window_ms),
+            leading_edge: config.leading_edge,
+            max_messages: config.max_batch_messages.max(1),
+            max_bytes: config.max_batch_bytes,
+            epoch: Instant::now(),
+            memo: Mutex::new(Memo::default()),
+        }
+    }
+
+    /// True when messages go out one frame each, as soon as they are queued.
+    pub fn is_immediate(&self) -> bool {
+        self.window.is_zero()
+    }
+
+    /// When a socket that last wrote at `last_flush` may write what it has queued now.
+    /// `None` means at once.
+    pub fn flush_at(&self, now: Instant, last_flush: Option<Instant>) -> Option<Instant> {
+        if self.window.is_zero() {
+            return None;
+        }
+        let idle = last_flush.is_none_or(|t| now.duration_since(t) >= self.window);
+        if self.leading_edge && idle {
+            return None;
+        }
+        Some(self.next_tick(now))
+    }
+
+    /// The first tick of the node-wide window clock strictly after `now`.
+    pub fn next_tick(&self, now: Instant) -> Instant {
+        let w = self.window.as_nanos().max(1);
+        let since = now.duration_since(self.epoch).as_nanos();
+        let ticks = since / w + 1;
+        self.epoch + Duration::from_nanos((ticks * w) as u64)
+    }
+
+    fn tick_index(&self, now: Instant) -> u64 {
+        let w = self.window.as_nanos().max(1);
+        (now.duration_since(self.epoch).as_nanos() / w) as u64
+    }
+
+    /// Appends to `out` the frames that carry `items`, in order: one frame per message
+    /// when the window is 0, else as few frames as the batch limits allow.
+    pub fn frames(&self, items: &[Encoded], out: &mut Vec<Bytes>) {
+        if self.window.is_zero() {
+            out.extend(items.iter().map(|e| e.frame().clone()));
+            return;
+        }
+        let mut start = 0;
+        while start < items.len() {
+            let mut end = start + 1;
+            let mut bytes = items[start].json().len();
+            while end < items.len() && end - start < self.max_messages {
+                let next = items[end].json().len() + 1;
+                if bytes + next > self.max_bytes {
+                    break;
+                }
+                bytes += next;
+                end += 1;
+            }
+            let group = &items[start..end];
+            if group.len() == 1 {
+                out.push(group[0].frame().clone());
+            } else {
+                out.push(self.shared_batch(group));
+            }
+            start = end;
+        }
+    }
+
+    fn shared_batch(&self, group: &[Encoded]) -> Bytes {
+        let tick = self.tick_index(Instant::now());
+        let key = (
+            group[0].frame().as_ptr() as usize,
+            group[group.len() - 1].frame().as_ptr() as usize,
+            group.len(),
+        );
+        {
+            let mut memo = self.memo.lock();
+            if memo.tick != tick {
+                memo.tick = tick;
+                memo.entries.clear();
+            }
+            if let Some(hit) = memo.entries.get(&key) {
+                if same_items(&hit.items, group) {
+                    return hit.frame.clone();
+                }
+            }
+        }
+        let frame = batch_frame(group).frame().clone();
+        let mut memo = self.memo.lock();
+        if memo.tick == tick && memo.entries.len() < MEMO_CAPACITY {
+            memo.entries.insert(
+                key,
+                MemoEntry {
+                    items: group.iter().map(|e| e.frame().clone()).collect(),
+                    frame: frame.clone(),
+                },
+            );
+        }
+        frame
+    }
+}
+
+fn same_items(items: &[Bytes], group: &[Encoded]) -> bool {
+    items.len() == group.len()
+        && items
+            .iter()
+            .zip(group)
+            .all(|(a, b)| a.as_ptr() == b.frame().as_ptr() && a.len() == b.frame().len())
+}
+
+/// `{"type":"batch","messages":[M1,M2,...]}` from already-encoded messages.
+pub fn batch_frame(items: &[Encoded]) -> Encoded {
+    let body: usize = items.iter().map(|e| e.json().len() + 1).sum();
+    let mut b = Builder::with_capacity(BATCH_OPEN.len() + body + BATCH_CLOSE.len());
+    b.raw(BATCH_OPEN);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            b.raw(b",");
+        }
+        b.raw(item.json());
+    }
+    b.raw(BATCH_CLOSE);
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(ms: u64, max_messages: usize, max_bytes: usize) -> DeliveryWindow {
+        DeliveryWindow::new(&BatchConfig {
+            delivery_window_ms: ms,
+            leading_edge: true,
+            max_batch_messages: max_messages,
+            max_batch_bytes: max_bytes,
+        })
+    }
+
+    fn msg(n: u32) -> Encoded {
+        Encoded::from_json(format!(r#"{{"n":{n}}}"#).as_bytes())
+    }
+
+    fn body(frame: &Bytes) -> &[u8] {
+        let h = crate::protocol::outbound::header_len(frame.len() - 2);
+        &frame[h..]
+    }
+
+    #[test]
+    fn two_or_more_become_one_batch_frame() {
+        let w = window(50, 100, 1 << 20);
+        let items = [msg(1), msg(2), msg(3)];
+        let mut out = Vec::new();
+        w.frames(&items, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            body(&out[0]),
+            br#"{"type":"batch","messages":[{"n":1},{"n":2},{"n":3}]}"#
+        );
+    }
+
+    #[test]
+    fn one_message_goes_bare_and_shared() {
+        let w = window(50, 100, 1 << 20);
+        let items = [msg(7)];
+        let mut out = Vec::new();
+        w.frames(&items, &mut out);
+        assert_eq!(out[0].as_ptr(), items[0].frame().as_ptr());
+    }
+
+    #[test]
+    fn limits_split_batches_in_order() {
+        let w = window(50, 2, 1 << 20);
+        let items: Vec<_> = (1..=5).map(msg).collect();
+        let mut out = Vec::new();
+        w.frames(&items, &mut out);
+        let bodies: Vec<_> = out.iter().map(|f| body(f).to_vec()).collect();
+        assert_eq!(
+            bodies,
+            vec![
+                br#"{"type":"batch","messages":[{"n":1},{"n":2}]}"#.to_vec(),
+                br#"{"type":"batch","messages":[{"n":3},{"n":4}]}"#.to_vec(),
+                br#"{"n":5}"#.to_vec(),
+            ]
+        );
+        let w = window(50, 100, 1024);
+        let big: Vec<_> = (0..3)
+            .map(|_| Encoded::from_json(&vec![b'1'; 600]))
+            .collect();
+        let mut out = Vec::new();
+        w.frames(&big, &mut out);
+        assert_eq!(
+            out.len(),
+            3,
+            "each 600-byte message alone under a 1024-byte cap"
+        );
+    }
+
+    #[test]
+    fn identical_lists_share_one_batch() {
+        let w = window(60_000, 100, 1 << 20);
+        let items = [msg(1), msg(2)];
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        w.frames(&items, &mut a);
+        w.frames(&items.clone(), &mut b);
+        assert_eq!(
+            a[0].as_ptr(),
+            b[0].as_ptr(),
+            "second socket reuses the first's frame"
+        );
+        let other = [msg(1), msg(2)];
+        let mut c = Vec::new();
+        w.frames(&other, &mut c);
+        assert_ne!(
+            a[0].as_ptr(),
+            c[0].as_ptr(),
+            "equal text, different messages"
+        );
+    }
+
+    #[test]
+    fn window_zero_is_one_frame_per_message() {
+        let w = window(0, 100, 1 << 20);
+        let items = [msg(1), msg(2)];
+        let mut out = Vec::new();
+        w.frames(&items, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(w.flush_at(Instant::now(), Some(Instant::now())).is_none());
+    }
+
+    #[test]
+    fn leading_edge_only_after_a_quiet_window() {
+        let w = window(50, 100, 1 << 20);
+        let now = Instant::now();
+        assert!(w.flush_at(now, None).is_none());
+        let at = w.flush_at(now, Some(now)).unwrap();
+        assert!(at > now && at <= now + Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,68 @@
+//! The broker seam: how a node reaches the other nodes that share its rooms.
+//!
+//! A node serves its own sockets itself, at once; the broker only carries envelopes to
+//! other nodes and brings theirs back. Engines differ in transport, not in contract:
+//! `memory` (in-process, the default) and, with a Redis URL, `redis`. The hub and the
+//! connection code never see which one runs.
+//!
+//! Every method is non-blocking: an engine that talks to a network queues the work and
+//! does it on its own tasks, so a publish never waits on I/O in the caller.
+
+pub mod memory;
+
+use std::sync::{Arc, Weak};
+
+use crate::protocol::Encoded;
+
+pub use memory::{MemoryBroker, MemoryBus};
+
+/// Where an envelope goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every socket in one room (channel `room:<id>`).
+    Room(Arc<str>),
+    /// Every socket on every node (channel `websocket:broadcast`).
+    Broadcast,
+}
+
+/// One published message on its way between nodes.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The node that published it (`serverId`); that node delivered it locally already.
+    pub origin: Arc<str>,
+    pub target: Target,
+    /// The frame subscribers receive, encoded once on the publishing node.
+    pub payload: Encoded,
+}
+
+/// The receiving side of a broker: a node.
+pub trait EnvelopeSink: Send + Sync {
+    fn deliver(&self, envelope: Envelope);
+}
+
+/// How a broker is doing, for `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerState {
+    Connected,
+    Reconnecting,
+}
+
+pub trait Broker: Send + Sync {
+    /// The engine's name, as configured (`memory`, `redis`).
+    fn engine(&self) -> &'static str;
+
+    /// Connects the node that receives this broker's inbound envelopes. Called once.
+    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>);
+
+    /// Sends a batch of envelopes to the other nodes, in order.
+    fn publish(&self, batch: &[Envelope]);
+
+    /// Starts receiving envelopes for `room` (the first local socket joined it).
+    fn subscribe(&self, room: &Arc<str>);
+
+    /// Stops receiving envelopes for `room` (the last local socket left it).
+    fn unsubscribe(&self, room: &str);
+
+    fn state(&self) -> BrokerState;
+}

@@ -1,0 +1,382 @@
+//! One typed configuration for a node, read once at start.
+//!
+//! Sources, later ones winning: built-in defaults, a TOML file (`--config FILE`),
+//! the article's environment names (`PORT`, `SERVER_ID`), `VOLLEY_*` environment
+//! variables, then command-line flags (`--listen`, `--set batch.delivery_window_ms=10`, ...).
+//! A bad value is an error at start that names the key; nothing here is read again
+//! while the node runs, so the hot path never touches this module.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
+const SECTIONS: [&str; 4] = ["server", "batch", "limits", "api"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub batch: BatchConfig,
+    pub limits: LimitsConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP and WebSocket listener binds.
+    pub listen: SocketAddr,
+    /// This node's id: the `serverId` of everything it publishes to a broker.
+    pub node_id: String,
+    /// How long a graceful shutdown may take to flush windows and close sockets.
+    pub drain_timeout_ms: u64,
+    /// Log filter (`info`, `debug`, `volley=trace,...`); `RUST_LOG` wins when set.
+    pub log: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Messages for one socket inside this window leave as one frame; 0 sends each at once.
+    pub delivery_window_ms: u64,
+    /// A socket idle for a whole window sends its next message at once.
+    pub leading_edge: bool,
+    /// Most messages in one `batch` frame; more are split into further frames.
+    pub max_batch_messages: usize,
+    /// Most payload bytes in one `batch` frame (a single larger message still goes alone).
+    pub max_batch_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// WebSocket connections this node accepts; more are refused with HTTP 503.
+    pub max_connections: usize,
+    /// Largest inbound message (all fragments together); larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Rooms one socket may be in at once.
+    pub max_rooms_per_socket: usize,
+    /// Bytes queued for one socket before it is closed as a slow consumer (1008).
+    pub max_outbox_bytes: usize,
+    /// Publishes (`message`, `broadcast`) one socket may make per second; 0 = no limit.
+    pub publish_rate: u32,
+    /// Publishes a socket may make in a burst above the steady rate.
+    pub publish_burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Key for `POST /api/publish` (`Authorization: apikey KEY`); empty disables the API.
+    pub key: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            batch: BatchConfig::default(),
+            limits: LimitsConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            // The article's default, so logs and Redis envelopes read the same.
+            node_id: format!("server-{}", std::process::id()),
+            drain_timeout_ms: 5_000,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            delivery_window_ms: 50,
+            leading_edge: true,
+            max_batch_messages: 256,
+            max_batch_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            max_frame_bytes: 64 * 1024,
+            max_rooms_per_socket: 200,
+            max_outbox_bytes: 4 * 1024 * 1024,
+            publish_rate: 100,
+            publish_burst: 200,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { key: String::new() }
+    }
+}
+
+/// What can go wrong while reading the configuration. Every message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Source(#[from] Box<figment::Error>),
+    #[error("environment variable {name}={value:?} is not a port number")]
+    BadPort { name: &'static str, value: String },
+    #[error("--set {0:?}: expected KEY=VALUE, e.g. --set batch.delivery_window_ms=10")]
+    BadSet(String),
+    #[error("invalid value for {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// Values given on the command line; each `None` leaves the lower sources alone.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub file: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub node_id: Option<String>,
+    pub delivery_window_ms: Option<u64>,
+    pub log: Option<String>,
+    /// `KEY=VALUE` pairs; VALUE is read as TOML (`10`, `true`, `"text"`), else taken as a string.
+    pub set: Vec<String>,
+}
+
+impl Config {
+    /// Reads defaults, file, environment and flags, then checks the values.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_from_env(overrides, |name| std::env::var(name).ok())
+    }
+
+    /// `load` with the article's environment names read through `var` (tests pass their own).
+    pub fn load_from_env(
+        overrides: &Overrides,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &overrides.file {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.clone()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        if let Some(port) = var("PORT") {
+            let port: u16 = port.trim().parse().map_err(|_| ConfigError::BadPort {
+                name: "PORT",
+                value: port.clone(),
+            })?;
+            figment = figment.merge(("server.listen", SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+        if let Some(id) = var("SERVER_ID") {
+            figment = figment.merge(("server.node_id", id));
+        }
+        figment = figment.merge(volley_env());
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(("server.listen", listen));
+        }
+        if let Some(id) = &overrides.node_id {
+            figment = figment.merge(("server.node_id", id));
+        }
+        if let Some(ms) = overrides.delivery_window_ms {
+            figment = figment.merge(("batch.delivery_window_ms", ms));
+        }
+        if let Some(log) = &overrides.log {
+            figment = figment.merge(("server.log", log));
+        }
+        for pair in &overrides.set {
+            let (key, value) = pair
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| ConfigError::BadSet(pair.clone()))?;
+            figment = figment.merge((key.trim(), parse_toml_value(value.trim())));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        };
+        if self.server.node_id.trim().is_empty() {
+            return invalid("server.node_id", "must not be empty");
+        }
+        if self.batch.delivery_window_ms > 60_000 {
+            return invalid(
+                "batch.delivery_window_ms",
+                "must be at most 60000 (one minute)",
+            );
+        }
+        if self.batch.max_batch_messages < 1 {
+            return invalid("batch.max_batch_messages", "must be at least 1");
+        }
+        if self.batch.max_batch_bytes < 1024 {
+            return invalid("batch.max_batch_bytes", "must be at least 1024");
+        }
+        if self.limits.max_frame_bytes < 128 || self.limits.max_frame_bytes > 64 << 20 {
+            return invalid("limits.max_frame_bytes", "must be between 128 and 67108864");
+        }
+        if self.limits.max_outbox_bytes < self.limits.max_frame_bytes + 1024 {
+            return invalid(
+                "limits.max_outbox_bytes",
+                "must exceed limits.max_frame_bytes by at least 1024, or no message would fit",
+            );
+        }
+        if self.limits.max_connections < 1 {
+            return invalid("limits.max_connections", "must be at least 1");
+        }
+        if self.limits.max_rooms_per_socket < 1 {
+            return invalid("limits.max_rooms_per_socket", "must be at least 1");
+        }
+        if self.limits.publish_rate > 0 && self.limits.publish_burst < 1 {
+            return invalid(
+                "limits.publish_burst",
+                "must be at least 1 when publish_rate is set",
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `--print-config`.
+    pub fn to_toml(&self) -> String {
+        // Every field is a plain scalar, so serialization cannot fail.
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+
+    pub fn delivery_window(&self) -> Duration {
+        Duration::from_millis(self.batch.delivery_window_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.drain_timeout_ms)
+    }
+}
+
+/// `VOLLEY_BATCH_DELIVERY_WINDOW_MS` -> `batch.delivery_window_ms`.
+fn volley_env() -> Env {
+    Env::prefixed("VOLLEY_").map(|key| {
+        let key = key.as_str().to_ascii_lowercase();
+        for section in SECTIONS {
+            if let Some(rest) = key
+                .strip_prefix(section)
+                .and_then(|rest| rest.strip_prefix('_'))
+            {
+                return format!("{section}.{rest}").into();
+            }
+        }
+        key.into()
+    })
+}
+
+fn parse_toml_value(text: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Wrap {
+        v: toml::Value,
+    }
+    toml::from_str::<Wrap>(&format!("v = {text}"))
+        .map(|w| w.v)
+        .unwrap_or_else(|_| toml::Value::String(text.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load_from_env(&Overrides::default(), no_env).unwrap();
+        assert_eq!(config.batch.delivery_window_ms, 50);
+        assert!(config.batch.leading_edge);
+    }
+
+    #[test]
+    fn flags_win_over_seed_env() {
+        let env = |name: &str| match name {
+            "PORT" => Some("9001".to_string()),
+            "SERVER_ID" => Some("server-4242".to_string()),
+            _ => None,
+        };
+        let config = Config::load_from_env(&Overrides::default(), env).unwrap();
+        assert_eq!(config.server.listen.port(), 9001);
+        assert_eq!(config.server.node_id, "server-4242");
+
+        let flags = Overrides {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            set: vec!["batch.delivery_window_ms=5".into(), "api.key=s3cret".into()],
+            ..Overrides::default()
+        };
+        let config = Config::load_from_env(&flags, env).unwrap();
+        assert_eq!(config.server.listen.port(), 7000);
+        assert_eq!(config.batch.delivery_window_ms, 5);
+        assert_eq!(config.api.key, "s3cret");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let flags = Overrides {
+            set: vec!["batch.delivery_window_ms=soon".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load_from_env(&flags, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch.delivery_window_ms"), "{err}");
+
+        let flags = Overrides {
+            set: vec!["batch.max_batch_messages=0".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load_from_env(&flags, no_env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid value for batch.max_batch_messages: must be at least 1"
+        );
+
+        let flags = Overrides {
+            set: vec!["batch.window=5".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load_from_env(&flags, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("window"), "{err}");
+
+        let env = |name: &str| (name == "PORT").then(|| "eighty".to_string());
+        let err = Config::load_from_env(&Overrides::default(), env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PORT"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() {
+        let config = Config::load_from_env(&Overrides::default(), no_env).unwrap();
+        let back: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back, config);
+    }
+}

@@ -1,0 +1,42 @@
+//! One WebSocket connection: its reader, its outbox and its writer.
+//!
+//! After the HTTP upgrade the TCP stream is taken back from hyper and split. The reader
+//! (fastwebsockets) turns frames into session actions; fan-out fills the outbox from any
+//! thread; the writer drains it once per delivery window with vectored writes. The three
+//! meet only at the outbox, whose lock is never held across an `.await`.
+
+pub mod outbox;
+mod reader;
+mod session;
+mod writer;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+pub use outbox::{CloseReason, ConnId, Outbox, Pushed};
+pub use writer::CLOSE_GRACE;
+
+use crate::node::Node;
+use session::Session;
+
+/// Serves one upgraded socket until it closes. `early` holds bytes the client sent
+/// right after the handshake, already read by the HTTP layer.
+pub async fn serve(node: Arc<Node>, outbox: Arc<Outbox>, stream: TcpStream, early: Bytes) {
+    let (read_half, write_half) = stream.into_split();
+    let mut read_half = std::io::Cursor::new(early).chain(read_half);
+    let mut session = Session::new(node.clone(), outbox.clone());
+    let max_bytes = node.config().limits.max_frame_bytes;
+    tokio::join!(
+        async {
+            reader::run(&mut read_half, &outbox, &mut session, max_bytes).await;
+            // Normally left already, when the close began; this covers every other way out.
+            session.leave_all();
+            outbox.close(CloseReason::Gone);
+        },
+        writer::run(&outbox, write_half, node.delivery_window(), node.stats()),
+    );
+    node.disconnect(&outbox);
+}

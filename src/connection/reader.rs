@@ -1,0 +1,207 @@
+//! One socket's reader: WebSocket frames in, complete messages to the session.
+//!
+//! fastwebsockets parses frames from the read half only; replies it owes the peer
+//! (pongs, the close echo) go to the socket's outbox, so the writer stays the one owner
+//! of the write half. Fragments are reassembled here, under the same size limit as a
+//! single frame, because the library's collector has no limit of its own.
+
+use std::convert::Infallible;
+use std::future::ready;
+use std::time::Duration;
+
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::outbox::{CloseReason, Outbox};
+use super::session::Session;
+use super::writer::CLOSE_GRACE;
+use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
+
+/// Reads until the socket closes, for whatever reason, and records that reason.
+///
+/// Once the socket is closing (for any reason), the session leaves its rooms at once and
+/// the reader keeps reading, discarding messages, until the peer answers with its close
+/// frame or hangs up, or `CLOSE_GRACE` passes: closing a socket with unread input would
+/// reset it and could destroy our close frame before the peer reads it.
+pub async fn run<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    outbox: &Outbox,
+    session: &mut Session,
+    max_bytes: usize,
+) {
+    match read_frames(stream, outbox, session, max_bytes).await {
+        Ended::Clean => {}
+        Ended::Close(reason) => {
+            outbox.close(reason);
+            session.leave_all();
+        }
+        Ended::Broken(reason) => {
+            // The frame stream is unusable; skip raw bytes until the peer hangs up.
+            outbox.close(reason);
+            session.leave_all();
+            drain(stream).await;
+        }
+    }
+}
+
+enum Ended {
+    /// The close handshake finished, or the peer hung up.
+    Clean,
+    /// The socket must close for this reason; the frame stream is still in sync.
+    Close(CloseReason),
+    /// The socket must close and the frame stream cannot be read any further.
+    Broken(CloseReason),
+}
+
+async fn read_frames<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    outbox: &Outbox,
+    session: &mut Session,
+    max_bytes: usize,
+) -> Ended {
+    let mut ws: WebSocketRead<&mut R> =
+        fastwebsockets::after_handshake_split(stream, tokio::io::sink(), Role::Server).0;
+    // The library rejects frames of `max_message_size` bytes or more.
+    ws.set_max_message_size(max_bytes + 1);
+    let mut obligated = |frame: Frame<'_>| {
+        match frame.opcode {
+            OpCode::Close => {
+                outbox.close(CloseReason::Echo(outbound::control_frame(
+                    0x8,
+                    &frame.payload,
+                )));
+            }
+            opcode => outbox.push_control(outbound::control_frame(opcode as u8, &frame.payload)),
+        }
+        ready(Ok::<(), Infallible>(()))
+    };
+    let mut fragments: Option<(OpCode, Vec<u8>)> = None;
+    let mut closing = false;
+    let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(grace);
+    loop {
+        let frame = tokio::select! {
+            frame = ws.read_frame(&mut obligated) => frame,
+            _ = outbox.closed(), if !closing => {
+                closing = true;
+                session.leave_all();
+                grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                continue;
+            }
+            _ = &mut grace => return Ended::Clean,
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => return close_for(e),
+        };
+        match frame.opcode {
+            // The echo, if one is owed, is already queued by `obligated`.
+            OpCode::Close => return Ended::Clean,
+            _ if closing => {}
+            OpCode::Text | OpCode::Binary if frame.fin => {
+                if fragments.is_some() {
+                    return protocol_close(
+                        close_code::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    );
+                }
+                deliver(session, frame.opcode, &frame.payload);
+            }
+            OpCode::Text | OpCode::Binary => {
+                if fragments.is_some() {
+                    return protocol_close(
+                        close_code::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    );
+                }
+                fragments = Some((frame.opcode, frame.payload.to_vec()));
+            }
+            OpCode::Continuation => {
+                let Some((opcode, buf)) = fragments.as_mut() else {
+                    return protocol_close(
+                        close_code::PROTOCOL_ERROR,
+                        "continuation without a message",
+                    );
+                };
+                if buf.len() + frame.payload.len() > max_bytes {
+                    return Ended::Broken(too_big());
+                }
+                buf.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    let opcode = *opcode;
+                    let Some((_, message)) = fragments.take() else {
+                        continue;
+                    };
+                    if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
+                        return protocol_close(
+                            close_code::INVALID_DATA,
+                            "text message is not UTF-8",
+                        );
+                    }
+                    deliver(session, opcode, &message);
+                }
+            }
+            OpCode::Ping | OpCode::Pong => {}
+        }
+    }
+}
+
+fn deliver(session: &mut Session, opcode: OpCode, payload: &[u8]) {
+    if opcode == OpCode::Binary {
+        session.reply_error(&ProtocolError::new(
+            ErrorCode::BinaryNotSupported,
+            "binary frames are not supported; send JSON text frames",
+        ));
+    } else {
+        session.on_text(payload);
+    }
+}
+
+fn close_for(e: WebSocketError) -> Ended {
+    match e {
+        // The oversized payload is still in the stream, unread.
+        WebSocketError::FrameTooLarge => Ended::Broken(too_big()),
+        WebSocketError::InvalidUTF8 => {
+            protocol_close(close_code::INVALID_DATA, "text message is not UTF-8")
+        }
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => Ended::Close(CloseReason::Gone),
+        // An invalid close code was answered with 1002 by the library already.
+        WebSocketError::SendError(_) | WebSocketError::InvalidCloseCode => Ended::Clean,
+        other => Ended::Broken(CloseReason::Protocol {
+            code: close_code::PROTOCOL_ERROR,
+            reason: other.to_string(),
+        }),
+    }
+}
+
+fn too_big() -> CloseReason {
+    CloseReason::Protocol {
+        code: close_code::TOO_BIG,
+        reason: "frame too large".to_string(),
+    }
+}
+
+fn protocol_close(code: u16, reason: &str) -> Ended {
+    Ended::Close(CloseReason::Protocol {
+        code,
+        reason: reason.to_string(),
+    })
+}
+
+/// Reads and discards raw bytes until the peer hangs up or the grace period ends.
+async fn drain<R: AsyncRead + Unpin>(stream: &mut R) {
+    let mut sink = [0u8; 4096];
+    let deadline = tokio::time::sleep(CLOSE_GRACE);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            n = stream.read(&mut sink) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            _ = &mut deadline => return,
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The hub: which local sockets are in which room, and local fan-out.
+//!
+//! Rooms live in a sharded map (`DashMap`), so lookups for different rooms rarely meet.
+//! A room's members sit behind the room's own short lock: fan-out takes it for the
+//! length of one synchronous loop of outbox pushes, which keeps every subscriber of a
+//! room seeing that room's messages in the same order, and is never held across an
+//! `.await`. An empty room is removed from the map at once, so join/leave churn leaves
+//! nothing behind; a join racing that removal sees the room marked dead and retries.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use indexmap::IndexMap;
+use parking_lot::Mutex;
+
+use crate::connection::{ConnId, Outbox, Pushed};
+use crate::protocol::Encoded;
+
+/// Shards for the room map; more than the default keeps unrelated rooms apart on big nodes.
+const ROOM_SHARDS: usize = 64;
+
+pub struct Hub {
+    rooms: DashMap<Arc<str>, Arc<Room>>,
+    /// Every socket on this node, for broadcasts and shutdown.
+    sockets: DashMap<ConnId, Arc<Outbox>>,
+}
+
+struct Room {
+    name: Arc<str>,
+    members: Mutex<Members>,
+}
+
+#[derive(Default)]
+struct Members {
+    /// Insertion-ordered for fast iteration; `swap_remove` keeps leave O(1).
+    by_id: IndexMap<ConnId, Arc<Outbox>>,
+    /// Set when the room is being removed from the map; joiners must look again.
+    dead: bool,
+}
+
+/// What a join changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The socket is now in the room; `first` if no other local socket was.
+    New {
+        first: bool,
+    },
+    Already,
+}
+
+/// What a leave changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// The socket left; `last` if the room has no local socket any more.
+    Gone {
+        last: bool,
+    },
+    NotMember,
+}
+
+/// The outcome of one fan-out.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FanOut {
+    pub queued: usize,
+    /// Sockets this message pushed over their outbox limit (now closing as slow consumers).
+    pub overflowed: usize,
+    /// The room's shared name, when the room has local sockets (saves an allocation).
+    pub room: Option<Arc<str>>,
+}
+
+impl FanOut {
+    fn count(&mut self, pushed: Pushed) {
+        match pushed {
+            Pushed::Queued => self.queued += 1,
+            Pushed::Overflowed => self.overflowed += 1,
+            Pushed::Closed => {}
+        }
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub {
+            rooms: DashMap::with_shard_amount(ROOM_SHARDS),
+            sockets: DashMap::new(),
+        }
+    }
+
+    pub fn add_socket(&self, outbox: Arc<Outbox>) {
+        self.sockets.insert(outbox.id(), outbox);
+    }
+
+    pub fn remove_socket(&self, id: ConnId) {
+        self.sockets.remove(&id);
+    }
+
+    /// Adds the socket to `room`. `on_first` runs, under the room's lock, when the room
+    /// had no local socket before: subscribing there orders it after the unsubscribe of
+    /// a previous, emptied incarnation of the room.
+    pub fn join(
+        &self,
+        room: &str,
+        outbox: &Arc<Outbox>,
+        on_first: impl FnOnce(&Arc<str>),
+    ) -> Joined {
+        loop {
+            let entry = match self.rooms.get(room) {
+                Some(found) => found.value().clone(),
+                None => {
+                    let name: Arc<str> = Arc::from(room);
+                    self.rooms
+                        .entry(name.clone())
+                        .or_insert_with(|| {
+                            Arc::new(Room {
+                                name,
+                                members: Mutex::default(),
+                            })
+                        })
+                        .value()
+                        .clone()
+                }
+            };
+            let mut members = entry.members.lock();
+            if members.dead {
+                // A leave emptied this room and is removing it; look again.
+                drop(members);
+                std::thread::yield_now();
+                continue;
+            }
+            let first = members.by_id.is_empty();
+            if members.by_id.insert(outbox.id(), outbox.clone()).is_some() {
+                return Joined::Already;
+            }
+            if first {
+                on_first(&entry.name);
+            }
+            return Joined::New { first };
+        }
+    }
+
+    /// Removes the socket from `room`. `on_last` runs, under the room's lock, when no
+    /// local socket is left in it.
+    pub fn leave(&self, room: &str, id: ConnId, on_last: impl FnOnce(&str)) -> Left {
+        let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return Left::NotMember;
+        };
+        let mut members = entry.members.lock();
+        if members.by_id.swap_remove(&id).is_none() {
+            return Left::NotMember;
+        }
+        if !members.by_id.is_empty() {
+            return Left::Gone { last: false };
+        }
+        on_last(room);
+        members.dead = true;
+        drop(members);
+        self.rooms.remove_if(room, |_, r| Arc::ptr_eq(r, &entry));
+        Left::Gone { last: true }
+    }
+
+    /// Queues `message` for every local socket in `room`.
+    pub fn fan_out(&self, room: &str, message: &Encoded) -> FanOut {
+        let mut out = FanOut::default();
+        let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return out;
+        };
+        let members = entry.members.lock();
+        for outbox in members.by_id.values() {
+            out.count(outbox.push(message));
+        }
+        drop(members);
+        out.room = Some(entry.name.clone());
+        out
+    }
+
+    /// Queues `message` for every socket on this node.
+    pub fn fan_out_all(&self, message: &Encoded) -> FanOut {
+        let mut out = FanOut::default();
+        for socket in self.sockets.iter() {
+            out.count(socket.value().push(message));
+        }
+        out
+    }
+
+    /// Every socket on this node (a snapshot), for shutdown.
+    pub fn sockets(&self) -> Vec<Arc<Outbox>> {
+        self.sockets.iter().map(|s| s.value().clone()).collect()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Local sockets in `room`.
+    pub fn members(&self, room: &str) -> usize {
+        self.rooms
+            .get(room)
+            .map(|r| r.members.lock().by_id.len())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(id: ConnId) -> Arc<Outbox> {
+        Arc::new(Outbox::new(id, 1 << 20))
+    }
+
+    #[test]
+    fn first_join_and_last_leave_are_reported() {
+        let hub = Hub::new();
+        let (a, b) = (outbox(1), outbox(2));
+        assert_eq!(hub.join("r", &a, |_| {}), Joined::New { first: true });
+        assert_eq!(hub.join("r", &b, |_| {}), Joined::New { first: false });
+        assert_eq!(hub.join("r", &b, |_| {}), Joined::Already);
+        assert_eq!(hub.leave("r", 1, |_| {}), Left::Gone { last: false });
+        assert_eq!(hub.leave("r", 1, |_| {}), Left::NotMember);
+        assert_eq!(hub.leave("r", 2, |_| {}), Left::Gone { last: true });
+        assert_eq!(hub.room_count(), 0);
+    }
+
+    #[test]
+    fn a_million_join_leave_cycles_leave_nothing_behind() {
+        let hub = Arc::new(Hub::new());
+        let threads: Vec<_> = (0..2u64)
+            .map(|t| {
+                let hub = hub.clone();
+                std::thread::spawn(move || {
+                    let sockets: Vec<_> = (0..10).map(|i| outbox(t * 100 + i)).collect();
+                    let names: Vec<String> = (0..1000).map(|r| format!("room-{r}")).collect();
+                    for i in 0..500_000usize {
+                        let s = &sockets[i % sockets.len()];
+                        let room = &names[i % names.len()];
+                        hub.join(room, s, |_| {});
+                        hub.leave(room, s.id(), |_| {});
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(hub.room_count(), 0);
+    }
+
+    #[test]
+    fn fan_out_reaches_members_only() {
+        let hub = Hub::new();
+        let (a, b) = (outbox(1), outbox(2));
+        hub.add_socket(a.clone());
+        hub.add_socket(b.clone());
+        hub.join("r", &a, |_| {});
+        let m = Encoded::from_json(b"1");
+        assert_eq!(hub.fan_out("r", &m).queued, 1);
+        assert_eq!(hub.fan_out("nobody", &m).queued, 0);
+        assert_eq!(hub.fan_out_all(&m).queued, 2);
+    }
+}

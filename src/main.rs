@@ -1,0 +1,113 @@
+//! The `volley` binary: read config, serve, shut down on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use volley::config::{Config, Overrides};
+use volley::Server;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A batched WebSocket broadcast engine: rooms, broadcast, many nodes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:8080 (server.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// This node's id, the serverId of its envelopes (server.node_id).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Delivery window in milliseconds; 0 sends each message at once (batch.delivery_window_ms).
+    #[arg(long, value_name = "MS")]
+    delivery_window_ms: Option<u64>,
+    /// Log filter, e.g. info or volley=debug (server.log); RUST_LOG wins when set.
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+    /// Set any config key: --set limits.max_connections=5000 (repeatable).
+    #[arg(long, short = 's', value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        file: cli.config,
+        listen: cli.listen,
+        node_id: cli.node_id,
+        delivery_window_ms: cli.delivery_window_ms,
+        log: cli.log,
+        set: cli.set,
+    };
+    let config = match Config::load(&overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("volley: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.server.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("volley: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listen = config.server.listen;
+        let server = match Server::bind(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("volley: cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down: flushing windows, closing sockets");
+        let report = server.shutdown().await;
+        if !report.drained {
+            tracing::warn!(
+                left_open = report.left_open,
+                "drain timeout reached; closing the rest"
+            );
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The node: owns the hub, the broker and the delivery window, and is where a message
+//! enters and fans out.
+//!
+//! A message from a socket or the HTTP API is encoded once here, queued for the local
+//! subscribers at once, and handed to the broker for the other nodes. A message from the
+//! broker arrives already encoded and only fans out. Joins and leaves keep the broker's
+//! room subscriptions in step with the hub: subscribed while any local socket is in a room.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::batch::DeliveryWindow;
+use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Target};
+use crate::config::Config;
+use crate::connection::{CloseReason, ConnId, Outbox};
+use crate::hub::{FanOut, Hub, Joined, Left};
+use crate::metrics::{Snapshot, Source, Stats};
+use crate::protocol::outbound::{self, Membership};
+use crate::protocol::Encoded;
+
+pub struct Node {
+    config: Config,
+    id: Arc<str>,
+    hub: Hub,
+    window: DeliveryWindow,
+    broker: Arc<dyn Broker>,
+    stats: Stats,
+    next_conn: AtomicU64,
+}
+
+/// What `/healthz` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub node_id: String,
+    pub broker: &'static str,
+    pub broker_state: BrokerState,
+    pub rooms: usize,
+    #[serde(flatten)]
+    pub stats: Snapshot,
+}
+
+impl Node {
+    pub fn new(config: Config, broker: Arc<dyn Broker>) -> Arc<Node> {
+        Arc::new_cyclic(|me: &Weak<Node>| {
+            let id: Arc<str> = Arc::from(config.server.node_id.as_str());
+            let sink: Weak<dyn EnvelopeSink> = me.clone();
+            broker.attach(id.clone(), sink);
+            Node {
+                window: DeliveryWindow::new(&config.batch),
+                config,
+                id,
+                hub: Hub::new(),
+                broker,
+                stats: Stats::default(),
+                next_conn: AtomicU64::new(1),
+            }
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn delivery_window(&self) -> &DeliveryWindow {
+        &self.window
+    }
+
+    /// Registers a new socket, or `None` when the node is at `limits.max_connections`.
+    pub fn open_socket(&self) -> Option<Arc<Outbox>> {
+        if self.stats.connection_opened() > self.config.limits.max_connections as u64 {
+            self.stats.connection_closed();
+            return None;
+        }
+        let id = self.next_conn.fetch_add(1, Relaxed);
+        let outbox = Arc::new(Outbox::new(id, self.config.limits.max_outbox_bytes));
+        self.hub.add_socket(outbox.clone());
+        Some(outbox)
+    }
+
+    /// Forgets a socket that has closed (its rooms were left already).
+    pub fn disconnect(&self, outbox: &Outbox) {
+        self.hub.remove_socket(outbox.id());
+        self.stats.connection_closed();
+    }
+
+    /// Puts a socket in a room and tells the room (`user_joined`).
+    pub fn join(&self, outbox: &Arc<Outbox>, room: &str) {
+        let joined = self
+            .hub
+            .join(room, outbox, |name| self.broker.subscribe(name));
+        if joined != Joined::Already {
+            self.send_room(
+                room,
+                outbound::membership(Membership::Joined, room, now_ms()),
+            );
+        }
+    }
+
+    /// Takes a socket out of a room and tells the others left in it (`user_left`).
+    pub fn leave(&self, id: ConnId, room: &str) {
+        let left = self
+            .hub
+            .leave(room, id, |name| self.broker.unsubscribe(name));
+        if left != Left::NotMember {
+            self.send_room(room, outbound::membership(Membership::Left, room, now_ms()));
+        }
+    }
+
+    /// Publishes `content` to a room on every node; returns the local fan-out.
+    pub fn publish(&self, room: &str, content: &RawValue, source: Source) -> FanOut {
+        self.stats.message_in(source);
+        self.send_room(room, outbound::room_message(room, content, now_ms()))
+    }
+
+    /// Sends `payload`, as given, to every socket on every node; returns the local fan-out.
+    pub fn broadcast(&self, payload: &RawValue, source: Source) -> FanOut {
+        self.stats.message_in(source);
+        let message = Encoded::from_json(payload.get().as_bytes());
+        let fan = self.local(self.hub.fan_out_all(&message));
+        self.broker.publish(&[Envelope {
+            origin: self.id.clone(),
+            target: Target::Broadcast,
+            payload: message,
+        }]);
+        fan
+    }
+
+    fn send_room(&self, room: &str, message: Encoded) -> FanOut {
+        let fan = self.local(self.hub.fan_out(room, &message));
+        let name = fan.room.clone().unwrap_or_else(|| Arc::from(room));
+        self.broker.publish(&[Envelope {
+            origin: self.id.clone(),
+            target: Target::Room(name),
+            payload: message,
+        }]);
+        fan
+    }
+
+    fn local(&self, fan: FanOut) -> FanOut {
+        for _ in 0..fan.overflowed {
+            self.stats.slow_consumer();
+        }
+        if fan.overflowed > 0 {
+            tracing::warn!(
+                count = fan.overflowed,
+                "closing slow consumers: outbox full"
+            );
+        }
+        fan
+    }
+
+    /// Asks every socket to flush what it has queued and close with 1001.
+    pub fn close_all_sockets(&self) {
+        for socket in self.hub.sockets() {
+            socket.close(CloseReason::Shutdown);
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        Health {
+            status: "ok",
+            node_id: self.id.to_string(),
+            broker: self.broker.engine(),
+            broker_state: self.broker.state(),
+            rooms: self.hub.room_count(),
+            stats: self.stats.snapshot(),
+        }
+    }
+}
+
+impl EnvelopeSink for Node {
+    fn deliver(&self, envelope: Envelope) {
+        // Our own envelopes were delivered locally when they were published.
+        if envelope.origin == self.id {
+            return;
+        }
+        self.stats.message_in(Source::Broker);
+        match &envelope.target {
+            Target::Room(room) => self.local(self.hub.fan_out(room, &envelope.payload)),
+            Target::Broadcast => self.local(self.hub.fan_out_all(&envelope.payload)),
+        };
+    }
+}
+
+/// Milliseconds since the Unix epoch, the article's `Date.now()`.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

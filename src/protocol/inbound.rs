@@ -1,0 +1,316 @@
+//! Client frames in: one parse per frame, no copies of what the client publishes.
+//!
+//! `content` and `payload` are kept as borrowed raw JSON (`&RawValue`): the server frame
+//! is built by splicing those bytes, so a client's JSON is never decoded into a tree or
+//! re-encoded. Room ids arrive as strings or integers and leave as one canonical string,
+//! so `42` and `"42"` are the same room on every node (the article's numeric-`roomId` bug).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{ErrorCode, ProtocolError, MAX_ROOM_ID_BYTES};
+
+/// One parsed client frame, borrowing from the received bytes.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Join {
+        room: Cow<'a, str>,
+    },
+    Leave {
+        room: Cow<'a, str>,
+    },
+    Message {
+        room: Cow<'a, str>,
+        content: &'a RawValue,
+    },
+    Broadcast {
+        payload: &'a RawValue,
+    },
+}
+
+/// A body of `POST /api/publish`.
+#[derive(Debug)]
+pub enum PublishRequest<'a> {
+    Room {
+        room: Cow<'a, str>,
+        content: &'a RawValue,
+    },
+    Broadcast {
+        payload: &'a RawValue,
+    },
+}
+
+/// Parses `{"roomId":R,"content":ANY}` or `{"broadcast":ANY}`.
+pub fn parse_publish_request(body: &[u8]) -> Result<PublishRequest<'_>, ProtocolError> {
+    let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("body is not a JSON object: {e}"),
+        )
+    })?;
+    if let Some(payload) = fields.broadcast {
+        if fields.room_id.is_some() || fields.content.is_some() {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "give either roomId and content, or broadcast, not both",
+            ));
+        }
+        return Ok(PublishRequest::Broadcast { payload });
+    }
+    let room = room_id(fields.room_id, "a publish request without broadcast")?;
+    let content = fields
+        .content
+        .ok_or_else(|| missing("content", "a room publish request"))?;
+    Ok(PublishRequest::Room { room, content })
+}
+
+/// Parses one text frame. Every failure is a `ProtocolError` naming what was wrong.
+pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
+    let fields: Fields<'_> = serde_json::from_slice(text).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("frame is not a JSON object: {e}"),
+        )
+    })?;
+    let ty = fields
+        .ty
+        .ok_or_else(|| missing("type", "every frame"))
+        .and_then(|raw| string_field(raw, "type"))?;
+    match &*ty {
+        "join" => Ok(ClientFrame::Join {
+            room: room_id(fields.room_id, "join")?,
+        }),
+        "leave" => Ok(ClientFrame::Leave {
+            room: room_id(fields.room_id, "leave")?,
+        }),
+        "message" => {
+            let room = room_id(fields.room_id, "message")?;
+            let content = fields
+                .content
+                .ok_or_else(|| missing("content", "message"))?;
+            Ok(ClientFrame::Message { room, content })
+        }
+        "broadcast" => Ok(ClientFrame::Broadcast {
+            payload: fields
+                .payload
+                .ok_or_else(|| missing("payload", "broadcast"))?,
+        }),
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            format!(
+                "unknown frame type {:?}; this node understands join, leave, message, broadcast",
+                truncate(other, 64)
+            ),
+        )),
+    }
+}
+
+fn missing(field: &str, frame: &str) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::MissingField,
+        format!("{field} is required in {frame}"),
+    )
+}
+
+fn string_field<'a>(raw: &'a RawValue, name: &str) -> Result<Cow<'a, str>, ProtocolError> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("{name} must be a string"),
+        ));
+    }
+    // Borrow when the string has no escapes; decode into an owned string when it does.
+    match serde_json::from_str::<&'a str>(text) {
+        Ok(s) => Ok(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(text)
+            .map(Cow::Owned)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidField, format!("{name}: {e}"))),
+    }
+}
+
+/// A room id: a non-empty string, or an integer taken as its decimal string.
+fn room_id<'a>(raw: Option<&'a RawValue>, frame: &str) -> Result<Cow<'a, str>, ProtocolError> {
+    let raw = raw.ok_or_else(|| missing("roomId", frame))?;
+    let text = raw.get();
+    let room = if text.starts_with('"') {
+        string_field(raw, "roomId")?
+    } else if let Ok(n) = text.parse::<i64>() {
+        Cow::Owned(n.to_string())
+    } else if let Ok(n) = text.parse::<u64>() {
+        Cow::Owned(n.to_string())
+    } else {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            "roomId must be a string or an integer",
+        ));
+    };
+    if room.is_empty() {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            "roomId must not be empty",
+        ));
+    }
+    if room.len() > MAX_ROOM_ID_BYTES {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("roomId is longer than {MAX_ROOM_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(room)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
+
+/// The fields volley reads, each as raw JSON; unknown fields are skipped.
+#[derive(Default)]
+struct Fields<'a> {
+    ty: Option<&'a RawValue>,
+    room_id: Option<&'a RawValue>,
+    content: Option<&'a RawValue>,
+    payload: Option<&'a RawValue>,
+    broadcast: Option<&'a RawValue>,
+}
+
+enum Key {
+    Type,
+    RoomId,
+    Content,
+    Payload,
+    Broadcast,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "type" => Key::Type,
+                    "roomId" => Key::RoomId,
+                    "content" => Key::Content,
+                    "payload" => Key::Payload,
+                    "broadcast" => Key::Broadcast,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for FieldsVisitor<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'a>, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Type => &mut fields.ty,
+                        Key::RoomId => &mut fields.room_id,
+                        Key::Content => &mut fields.content,
+                        Key::Payload => &mut fields.payload,
+                        Key::Broadcast => &mut fields.broadcast,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value::<&'de RawValue>()?);
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(FieldsVisitor(std::marker::PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse(text.as_bytes()).unwrap_err().code
+    }
+
+    #[test]
+    fn message_keeps_content_as_sent() {
+        let text = br#"{"type":"message","roomId":"r1","content":{"a": [1, 2.50]}}"#;
+        match parse(text).unwrap() {
+            ClientFrame::Message { room, content } => {
+                assert_eq!(room, "r1");
+                assert_eq!(content.get(), r#"{"a": [1, 2.50]}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn numeric_room_ids_are_their_decimal_string() {
+        match parse(br#"{"type":"join","roomId":42}"#).unwrap() {
+            ClientFrame::Join { room } => assert_eq!(room, "42"),
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(br#"{"type":"join","roomId":"r\u00e9"}"#).unwrap() {
+            ClientFrame::Join { room } => assert_eq!(room, "ré"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_content_is_content() {
+        match parse(br#"{"type":"message","roomId":"r","content":null}"#).unwrap() {
+            ClientFrame::Message { content, .. } => assert_eq!(content.get(), "null"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_input_gets_its_code() {
+        assert_eq!(code("not json"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"type":"join","roomId":"a""#), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"roomId":"a"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"type":"join","roomId":""}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"join","roomId":1.5}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"join","roomId":{"a":1}}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"message","roomId":"a"}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(code(r#"{"type":"broadcast"}"#), ErrorCode::MissingField);
+        let long = format!(r#"{{"type":"join","roomId":"{}"}}"#, "x".repeat(300));
+        assert_eq!(code(&long), ErrorCode::InvalidField);
+    }
+}

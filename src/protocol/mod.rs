@@ -1,0 +1,81 @@
+//! The client protocol: frames in, frames out, and the errors bad input earns.
+//!
+//! No I/O happens here. `inbound` parses a client frame once, borrowing `content` and
+//! `payload` as raw JSON so they are never re-encoded; `outbound` builds each server
+//! frame once, already WebSocket-framed, as a shared `Bytes` every subscriber can write.
+
+pub mod inbound;
+pub mod outbound;
+
+pub use inbound::{parse, ClientFrame};
+pub use outbound::Encoded;
+
+/// Longest room id accepted, in bytes.
+pub const MAX_ROOM_ID_BYTES: usize = 256;
+
+/// The stable `code` of an `error` frame. Clients may match on these strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not a JSON object.
+    BadJson,
+    /// `type` names no frame this node understands.
+    UnknownType,
+    /// A field the frame type needs is absent.
+    MissingField,
+    /// A field has the wrong JSON type or an unusable value.
+    InvalidField,
+    /// A binary frame: the protocol is JSON text frames.
+    BinaryNotSupported,
+    /// `join` would put the socket in more than `limits.max_rooms_per_socket` rooms.
+    TooManyRooms,
+    /// `leave` for a room the socket is not in.
+    NotInRoom,
+    /// The socket publishes faster than `limits.publish_rate`.
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::NotInRoom => "not_in_room",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// A client mistake: answered with an `error` frame; the socket stays open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// WebSocket close codes volley sends (RFC 6455 section 7.4.1).
+pub mod close_code {
+    /// The node is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol itself.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The client sent text that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// Policy: the socket read too slowly and its outbox filled up.
+    pub const POLICY: u16 = 1008;
+    /// A message over `limits.max_frame_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+}

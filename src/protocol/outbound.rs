@@ -1,0 +1,233 @@
+//! Server frames out, each built once and WebSocket-framed once.
+//!
+//! An `Encoded` holds the whole wire frame (header + JSON) in one `Bytes`. Server frames
+//! are never masked (RFC 6455 section 5.1), so the same bytes are valid on every socket:
+//! fan-out clones the handle, never the data. The JSON body is written after a reserved
+//! header gap, and the header is filled in once its length is known, so building a frame
+//! is one allocation and no copy of the body.
+
+use std::io::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::value::RawValue;
+
+use super::ProtocolError;
+
+/// Longest WebSocket header for an unmasked frame: 2 bytes + 8-byte length.
+pub const MAX_HEADER: usize = 10;
+pub const OPCODE_TEXT: u8 = 0x1;
+pub const OPCODE_CLOSE: u8 = 0x8;
+
+/// One server frame, ready to write: `frame()` is the wire bytes, `json()` the body.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    frame: Bytes,
+    header_len: u8,
+}
+
+impl Encoded {
+    /// The complete WebSocket frame.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+
+    /// The JSON text of the frame, without the WebSocket header.
+    pub fn json(&self) -> &[u8] {
+        &self.frame[self.header_len as usize..]
+    }
+
+    /// Bytes this frame occupies in an outbox.
+    pub fn wire_len(&self) -> usize {
+        self.frame.len()
+    }
+
+    /// Wraps a JSON text that is already complete (a broadcast payload as sent).
+    pub fn from_json(json: &[u8]) -> Encoded {
+        let mut b = Builder::with_capacity(json.len());
+        b.raw(json);
+        b.finish()
+    }
+}
+
+/// Writes the header of an unmasked, final frame with `len` payload bytes into `out`
+/// and returns how many bytes it used.
+pub fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, len: usize) -> usize {
+    out[0] = 0x80 | opcode;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Header length for a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+/// Builds a text frame: JSON is appended after a gap, the header is written on `finish`.
+pub struct Builder {
+    buf: BytesMut,
+}
+
+impl Builder {
+    pub fn with_capacity(json_len: usize) -> Builder {
+        let mut buf = BytesMut::with_capacity(MAX_HEADER + json_len);
+        buf.put_bytes(0, MAX_HEADER);
+        Builder { buf }
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(bytes);
+        self
+    }
+
+    /// Appends `s` as a JSON string literal, escaped.
+    pub fn string(&mut self, s: &str) -> &mut Self {
+        // Writing into a BytesMut cannot fail, and a &str always serializes.
+        let _ = serde_json::to_writer((&mut self.buf).writer(), s);
+        self
+    }
+
+    pub fn number(&mut self, n: u64) -> &mut Self {
+        let mut itoa = itoa::Buffer::new();
+        self.buf.extend_from_slice(itoa.format(n).as_bytes());
+        self
+    }
+
+    pub fn finish(self) -> Encoded {
+        let len = self.buf.len() - MAX_HEADER;
+        let mut header = [0u8; MAX_HEADER];
+        let h = write_header(&mut header, OPCODE_TEXT, len);
+        let mut buf = self.buf;
+        buf[MAX_HEADER - h..MAX_HEADER].copy_from_slice(&header[..h]);
+        Encoded {
+            frame: buf.freeze().slice(MAX_HEADER - h..),
+            header_len: h as u8,
+        }
+    }
+}
+
+/// `{"type":"message","roomId":R,"content":C,"timestamp":MS}`
+pub fn room_message(room: &str, content: &RawValue, timestamp_ms: u64) -> Encoded {
+    let content = content.get().as_bytes();
+    let mut b = Builder::with_capacity(48 + room.len() + content.len());
+    b.raw(br#"{"type":"message","roomId":"#)
+        .string(room)
+        .raw(br#","content":"#)
+        .raw(content)
+        .raw(br#","timestamp":"#)
+        .number(timestamp_ms)
+        .raw(b"}");
+    b.finish()
+}
+
+/// Whether a socket entered or left a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Joined,
+    Left,
+}
+
+/// `{"type":"user_joined"|"user_left","roomId":R,"timestamp":MS}`
+pub fn membership(kind: Membership, room: &str, timestamp_ms: u64) -> Encoded {
+    let ty: &[u8] = match kind {
+        Membership::Joined => br#"{"type":"user_joined","roomId":"#,
+        Membership::Left => br#"{"type":"user_left","roomId":"#,
+    };
+    let mut b = Builder::with_capacity(48 + room.len());
+    b.raw(ty)
+        .string(room)
+        .raw(br#","timestamp":"#)
+        .number(timestamp_ms)
+        .raw(b"}");
+    b.finish()
+}
+
+/// `{"type":"error","code":C,"message":TEXT}`
+pub fn error(err: &ProtocolError) -> Encoded {
+    let mut b = Builder::with_capacity(40 + err.message.len());
+    b.raw(br#"{"type":"error","code":"#)
+        .string(err.code.as_str())
+        .raw(br#","message":"#)
+        .string(&err.message)
+        .raw(b"}");
+    b.finish()
+}
+
+/// A close frame with a status code and a short reason (at most 123 bytes, as the RFC allows).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut reason = reason.as_bytes();
+    if reason.len() > 123 {
+        reason = &reason[..123];
+    }
+    let mut out = Vec::with_capacity(4 + reason.len());
+    let mut header = [0u8; MAX_HEADER];
+    let h = write_header(&mut header, OPCODE_CLOSE, 2 + reason.len());
+    out.extend_from_slice(&header[..h]);
+    let _ = out.write_all(&code.to_be_bytes());
+    out.extend_from_slice(reason);
+    Bytes::from(out)
+}
+
+/// A control frame (pong, close echo) as given by the WebSocket reader, encoded for the writer.
+pub fn control_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut header = [0u8; MAX_HEADER];
+    let h = write_header(&mut header, opcode, payload.len());
+    let mut out = Vec::with_capacity(h + payload.len());
+    out.extend_from_slice(&header[..h]);
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    #[test]
+    fn message_frame_is_framed_json() {
+        let content = RawValue::from_string(r#"{"score":"2-1"}"#.into()).unwrap();
+        let e = room_message("match:1", &content, 1700000000000);
+        let json = br#"{"type":"message","roomId":"match:1","content":{"score":"2-1"},"timestamp":1700000000000}"#;
+        assert_eq!(e.json(), json);
+        assert_eq!(e.frame()[0], 0x81);
+        assert_eq!(e.frame()[1] as usize, json.len());
+        assert_eq!(e.wire_len(), json.len() + 2);
+    }
+
+    #[test]
+    fn long_frames_get_extended_lengths() {
+        let big = vec![b'1'; 70_000];
+        let e = Encoded::from_json(&big);
+        assert_eq!(&e.frame()[..2], &[0x81, 127]);
+        assert_eq!(e.json().len(), 70_000);
+        let mid = Encoded::from_json(&big[..300]);
+        assert_eq!(&mid.frame()[..4], &[0x81, 126, 1, 44]);
+    }
+
+    #[test]
+    fn room_ids_and_messages_are_escaped() {
+        let e = membership(Membership::Left, "a\"b", 5);
+        assert_eq!(
+            e.json(),
+            br#"{"type":"user_left","roomId":"a\"b","timestamp":5}"#
+        );
+        let err = ProtocolError::new(ErrorCode::BadJson, "line\nbreak");
+        assert_eq!(
+            error(&err).json(),
+            br#"{"type":"error","code":"bad_json","message":"line\nbreak"}"#
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! The listener: accepts TCP, serves HTTP/1.1, upgrades WebSockets, and shuts down
+//! gracefully.
+//!
+//! Any path that asks for a WebSocket upgrade gets one (the article's clients connect to
+//! the root). After the handshake the TCP stream is taken back from hyper so volley's own
+//! writer can send shared, pre-encoded frames with vectored writes.
+//!
+//! Shutdown: stop accepting, let HTTP requests in flight finish, ask every socket to flush
+//! its pending window and close with 1001, then wait for them up to the drain timeout.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, Body};
+use crate::broker::{Broker, MemoryBroker};
+use crate::config::Config;
+use crate::connection::{self, CloseReason};
+use crate::node::Node;
+
+/// A running node and its listener.
+pub struct Server {
+    node: Arc<Node>,
+    local_addr: SocketAddr,
+    ctx: Arc<Ctx>,
+    accept: JoinHandle<()>,
+}
+
+struct Ctx {
+    node: Arc<Node>,
+    shutdown: CancellationToken,
+    /// Upgraded sockets; shutdown waits for these.
+    sockets: TaskTracker,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every socket closed within the drain timeout.
+    pub drained: bool,
+    /// Sockets still open when the drain timeout ended.
+    pub left_open: usize,
+}
+
+impl Server {
+    /// Binds `server.listen` and serves on the embedded memory broker.
+    pub async fn bind(config: Config) -> io::Result<Server> {
+        Self::bind_with_broker(config, Arc::new(MemoryBroker::standalone())).await
+    }
+
+    /// Binds `server.listen` and serves with the given broker engine.
+    pub async fn bind_with_broker(config: Config, broker: Arc<dyn Broker>) -> io::Result<Server> {
+        let listener = TcpListener::bind(config.server.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let node = Node::new(config, broker);
+        let ctx = Arc::new(Ctx {
+            node: node.clone(),
+            shutdown: CancellationToken::new(),
+            sockets: TaskTracker::new(),
+        });
+        let accept = tokio::spawn(accept_loop(listener, ctx.clone()));
+        tracing::info!(addr = %local_addr, node = node.id(), "volley listening");
+        Ok(Server {
+            node,
+            local_addr,
+            ctx,
+            accept,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Stops accepting, flushes and closes every socket (1001), waits up to the drain timeout.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.ctx.shutdown.cancel();
+        let _ = self.accept.await;
+        self.node.close_all_sockets();
+        self.ctx.sockets.close();
+        let timeout = self.node.config().drain_timeout();
+        let drained = tokio::time::timeout(timeout, self.ctx.sockets.wait())
+            .await
+            .is_ok();
+        let report = ShutdownReport {
+            drained,
+            left_open: self.ctx.sockets.len(),
+        };
+        tracing::info!(drained, left_open = report.left_open, "volley stopped");
+        report
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                // Frames are already coalesced per window; Nagle would only add delay.
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_http(stream, ctx.clone()));
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_http(stream: TcpStream, ctx: Arc<Ctx>) {
+    let svc_ctx = ctx.clone();
+    let service = service_fn(move |req| handle(svc_ctx.clone(), req));
+    let conn = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = ctx.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Ok(upgrade(&ctx, req));
+    }
+    Ok(api::route(&ctx.node, req).await)
+}
+
+fn upgrade(ctx: &Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(outbox) = ctx.node.open_socket() else {
+        tracing::warn!("refusing a WebSocket: limits.max_connections reached");
+        return api::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "this node is at limits.max_connections",
+        );
+    };
+    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            ctx.node.disconnect(&outbox);
+            return api::error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string());
+        }
+    };
+    if ctx.shutdown.is_cancelled() {
+        outbox.close(CloseReason::Shutdown);
+    }
+    let node = ctx.node.clone();
+    ctx.sockets.spawn(async move {
+        let upgraded = match upgrading.await {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                node.disconnect(&outbox);
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                connection::serve(node, outbox, parts.io.into_inner(), parts.read_buf).await
+            }
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                node.disconnect(&outbox);
+            }
+        }
+    });
+    response.map(|_| Body::default())
+}

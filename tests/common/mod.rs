@@ -1,0 +1,279 @@
+//! Test harness: real nodes on 127.0.0.1 ports of their own, real WebSocket clients.
+//!
+//! Every wait has a generous timeout and waits for a frame or a signal, never a fixed sleep.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use volley::broker::Broker;
+use volley::{Config, Server};
+
+/// Long enough for a loaded 2-core machine; only reached when something is broken.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn config() -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.node_id = "test-node".into();
+    config.api.key = "test-key".into();
+    config
+}
+
+pub async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
+    let mut config = config();
+    tweak(&mut config);
+    Server::bind(config).await.expect("bind test server")
+}
+
+pub async fn start_with_broker(tweak: impl FnOnce(&mut Config), broker: Arc<dyn Broker>) -> Server {
+    let mut config = config();
+    tweak(&mut config);
+    Server::bind_with_broker(config, broker)
+        .await
+        .expect("bind test server")
+}
+
+/// What a client saw next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One text frame, as received (a `batch` frame is one frame).
+    Frame(String),
+    Close(u16, String),
+    /// The connection ended without a close frame.
+    Ended,
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Messages already taken out of batch frames, not yet returned.
+    pending: VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        Self::connect_path(addr, "/ws").await
+    }
+
+    pub async fn connect_path(addr: SocketAddr, path: &str) -> Client {
+        let url = format!("ws://{addr}{path}");
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        Client {
+            ws,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_binary(&mut self, bytes: &[u8]) {
+        self.ws
+            .send(Message::binary(bytes.to_vec()))
+            .await
+            .expect("send");
+    }
+
+    /// Queues several text frames and sends them with one flush.
+    pub async fn send_burst(&mut self, frames: &[Value]) {
+        for frame in frames {
+            self.ws
+                .feed(Message::text(frame.to_string()))
+                .await
+                .expect("feed");
+        }
+        self.ws.flush().await.expect("flush");
+    }
+
+    /// The next frame or close, as the wire carried it.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match next {
+                Some(Ok(Message::Text(text))) => return Event::Frame(text.to_string()),
+                Some(Ok(Message::Close(frame))) => {
+                    return match frame {
+                        Some(f) => Event::Close(u16::from(f.code), f.reason.to_string()),
+                        None => Event::Close(1005, String::new()),
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => panic!("server sent a binary frame"),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Event::Ended,
+            }
+        }
+    }
+
+    /// The next text frame as raw text; panics on a close.
+    pub async fn next_frame(&mut self) -> String {
+        assert!(
+            self.pending.is_empty(),
+            "messages of a batch frame are still pending"
+        );
+        match self.next_event().await {
+            Event::Frame(text) => text,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// The next message, taking batch frames apart.
+    pub async fn next_message(&mut self) -> Value {
+        loop {
+            if let Some(m) = self.pending.pop_front() {
+                return m;
+            }
+            let text = match self.next_event().await {
+                Event::Frame(text) => text,
+                other => panic!("expected a message, got {other:?}"),
+            };
+            let value: Value = serde_json::from_str(&text).expect("server sent invalid JSON");
+            if value["type"] == "batch" {
+                let messages = value["messages"]
+                    .as_array()
+                    .expect("batch without messages");
+                assert!(
+                    messages.len() >= 2,
+                    "a batch frame carries two or more messages"
+                );
+                self.pending.extend(messages.iter().cloned());
+            } else {
+                self.pending.push_back(value);
+            }
+        }
+    }
+
+    /// The next message, which must have this `type`.
+    pub async fn expect_type(&mut self, ty: &str) -> Value {
+        let m = self.next_message().await;
+        assert_eq!(m["type"], ty, "unexpected message {m}");
+        m
+    }
+
+    /// The next message must be an error with this code.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let m = self.expect_type("error").await;
+        assert_eq!(m["code"], code, "unexpected error {m}");
+        assert!(m["message"].as_str().is_some_and(|s| !s.is_empty()));
+        m
+    }
+
+    /// Joins a room and waits for its own `user_joined` notice.
+    pub async fn join(&mut self, room: &str) {
+        self.send(serde_json::json!({"type":"join","roomId":room}))
+            .await;
+        loop {
+            let m = self.next_message().await;
+            if m["type"] == "user_joined" && m["roomId"] == room {
+                return;
+            }
+        }
+    }
+
+    /// Reads until a close frame; returns its code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        self.pending.clear();
+        loop {
+            match self.next_event().await {
+                Event::Close(code, reason) => {
+                    // Polling on sends the close reply and lets the server finish the handshake.
+                    let _ = tokio::time::timeout(WAIT, self.ws.next()).await;
+                    return (code, reason);
+                }
+                Event::Frame(_) => continue,
+                Event::Ended => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 exchange: returns status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("http timed out")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `POST /api/publish` with the test key.
+pub async fn api_publish(addr: SocketAddr, body: &Value) -> (u16, Value) {
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/api/publish",
+        &[
+            ("Authorization", "apikey test-key"),
+            ("Content-Type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+pub async fn health(addr: SocketAddr) -> Value {
+    let (status, text) = http(addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    serde_json::from_str(&text).expect("healthz JSON")
+}
+
+/// A message frame with its timestamp checked and removed, for exact comparison.
+pub fn without_timestamp(mut m: Value) -> Value {
+    let ts = m["timestamp"].as_u64().expect("timestamp in ms");
+    assert!(
+        ts > 1_600_000_000_000,
+        "timestamp looks like ms since the epoch"
+    );
+    m.as_object_mut().unwrap().remove("timestamp");
+    m
+}
