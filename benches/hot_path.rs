@@ -1,1 +1,154 @@
-fn main() {}
+//! Hot-path micro-benchmarks: what one message costs on its way through a node.
+//!
+//! `cargo bench --bench hot_path` — figures per element (message or delivery).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use serde_json::value::RawValue;
+use volley::batch::delivery::batch_frame;
+use volley::batch::DeliveryWindow;
+use volley::config::BatchConfig;
+use volley::connection::outbox::Drained;
+use volley::connection::Outbox;
+use volley::hub::Hub;
+use volley::protocol::{self, outbound, Encoded};
+
+fn inbound_parse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inbound");
+    group.throughput(Throughput::Elements(1));
+    let frame =
+        br#"{"type":"message","roomId":"match:42","content":{"home":2,"away":1,"minute":77}}"#;
+    group.bench_function("parse_message", |b| {
+        b.iter(|| black_box(protocol::parse(black_box(frame)).is_ok()))
+    });
+    group.finish();
+}
+
+fn outbound_encode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("outbound");
+    group.throughput(Throughput::Elements(1));
+    let content = RawValue::from_string(r#"{"home":2,"away":1,"minute":77}"#.into()).unwrap();
+    group.bench_function("room_message", |b| {
+        b.iter(|| {
+            black_box(outbound::room_message(
+                "match:42",
+                &content,
+                1_700_000_000_000,
+            ))
+        })
+    });
+    group.finish();
+}
+
+fn messages(n: usize) -> Vec<Encoded> {
+    let content = RawValue::from_string(r#"{"sym":"ACME","px":101.25,"chg":-0.5}"#.into()).unwrap();
+    (0..n)
+        .map(|i| outbound::room_message("ticker:ACME", &content, 1_700_000_000_000 + i as u64))
+        .collect()
+}
+
+fn batch_assembly(c: &mut Criterion) {
+    let mut group = c.benchmark_group("batch");
+    for n in [10usize, 100] {
+        let items = messages(n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(
+            BenchmarkId::new("assemble", format!("{n}_messages")),
+            &items,
+            |b, items| b.iter(|| black_box(batch_frame(items))),
+        );
+        // The path a socket takes at its window: split by limits, reuse a shared frame.
+        let window = DeliveryWindow::new(&BatchConfig {
+            delivery_window_ms: 50,
+            ..BatchConfig::default()
+        });
+        group.bench_with_input(
+            BenchmarkId::new("window_frames_shared", format!("{n}_messages")),
+            &items,
+            |b, items| {
+                let mut out = Vec::new();
+                b.iter(|| {
+                    out.clear();
+                    window.frames(items, &mut out);
+                    black_box(out.len())
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn hub_fan_out(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    let message = messages(1).pop().unwrap();
+    for subscribers in [1usize, 100, 10_000] {
+        let hub = Hub::new();
+        let outboxes: Vec<Arc<Outbox>> = (0..subscribers as u64)
+            .map(|id| Arc::new(Outbox::new(id, usize::MAX / 2)))
+            .collect();
+        for outbox in &outboxes {
+            hub.join("room", outbox, |_| {});
+        }
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{subscribers}_subscribers")),
+            |b| {
+                let mut drained = Drained::default();
+                b.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    for i in 0..iters {
+                        let start = Instant::now();
+                        black_box(hub.fan_out("room", &message));
+                        timed += start.elapsed();
+                        // Empty the outboxes now and then, as writers would, outside the timing.
+                        if i % 64 == 63 {
+                            for outbox in &outboxes {
+                                outbox.drain(&mut drained);
+                                drained.messages.clear();
+                            }
+                        }
+                    }
+                    for outbox in &outboxes {
+                        outbox.drain(&mut drained);
+                        drained.messages.clear();
+                    }
+                    timed
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn outbox_push_drain(c: &mut Criterion) {
+    let mut group = c.benchmark_group("outbox");
+    let items = messages(16);
+    group.throughput(Throughput::Elements(items.len() as u64));
+    let outbox = Outbox::new(1, 1 << 30);
+    let mut drained = Drained::default();
+    group.bench_function("push_16_then_drain", |b| {
+        b.iter(|| {
+            for m in &items {
+                outbox.push(m);
+            }
+            outbox.drain(&mut drained);
+            let n = drained.messages.len();
+            drained.messages.clear();
+            black_box(n)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    inbound_parse,
+    outbound_encode,
+    batch_assembly,
+    hub_fan_out,
+    outbox_push_drain
+);
+criterion_main!(benches);
