@@ -13,6 +13,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use crate::broker::BrokerState;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::inbound::{parse_publish_request, PublishRequest};
@@ -22,6 +23,7 @@ pub type Body = Full<Bytes>;
 pub async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &node.health()),
+        (&Method::GET, "/readyz") => ready(node),
         (&Method::POST, "/api/publish") => publish(node, req).await,
         (_, "/api/publish") => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -71,14 +73,35 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             )
         }
     };
-    let fan = match parse_publish_request(&body) {
+    let published = match parse_publish_request(&body) {
         Ok(PublishRequest::Room { room, content }) => node.publish(&room, content, Source::Api),
         Ok(PublishRequest::Broadcast { payload }) => node.broadcast(payload, Source::Api),
         Err(e) => return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message),
     };
+    match published {
+        Ok(fan) => json_response(
+            StatusCode::OK,
+            &json!({ "ok": true, "delivered": fan.queued }),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// 200 while the broker is connected, 503 while it is not, so a load balancer can drain
+/// a node that cannot reach the other nodes.
+fn ready(node: &Arc<Node>) -> Response<Body> {
+    let health = node.health();
+    let status = match health.broker_state {
+        BrokerState::Connected => StatusCode::OK,
+        BrokerState::Reconnecting => StatusCode::SERVICE_UNAVAILABLE,
+    };
     json_response(
-        StatusCode::OK,
-        &json!({ "ok": true, "delivered": fan.queued }),
+        status,
+        &json!({ "ready": status == StatusCode::OK, "broker": health.broker, "broker_state": health.broker_state }),
     )
 }
 

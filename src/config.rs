@@ -15,7 +15,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 4] = ["server", "batch", "limits", "api"];
+const SECTIONS: [&str; 5] = ["server", "batch", "limits", "api", "redis"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -24,6 +24,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
     pub api: ApiConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,6 +51,9 @@ pub struct BatchConfig {
     pub max_batch_messages: usize,
     /// Most payload bytes in one `batch` frame (a single larger message still goes alone).
     pub max_batch_bytes: usize,
+    /// Publishes to the broker within this window leave in one pipeline; 0 sends as soon
+    /// as the previous pipeline returns.
+    pub publish_window_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +73,32 @@ pub struct LimitsConfig {
     pub publish_burst: u32,
 }
 
+/// How envelopes are shaped on Redis channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvelopeMode {
+    /// One `PUBLISH` per room per window: `{"serverId":S,"batch":[P1,...]}`.
+    Batch,
+    /// One `PUBLISH` per message: `{"serverId":S,"payload":P}`, as the Node.js servers do.
+    Single,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`; empty keeps the node on the memory broker.
+    pub url: String,
+    pub envelope: EnvelopeMode,
+    /// Prefix on every channel and key volley uses.
+    pub key_prefix: String,
+    /// Most commands in one pipeline; a larger window is sent as several.
+    pub max_pipeline: usize,
+    /// Messages kept while Redis is unreachable; beyond this they are dropped and counted.
+    pub outage_buffer: usize,
+    /// How often the node checks its pub/sub connection with a probe to itself.
+    pub probe_interval_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
@@ -83,6 +113,20 @@ impl Default for Config {
             batch: BatchConfig::default(),
             limits: LimitsConfig::default(),
             api: ApiConfig::default(),
+            redis: RedisConfig::default(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            envelope: EnvelopeMode::Batch,
+            key_prefix: String::new(),
+            max_pipeline: 1000,
+            outage_buffer: 10_000,
+            probe_interval_ms: 1000,
         }
     }
 }
@@ -106,6 +150,7 @@ impl Default for BatchConfig {
             leading_edge: true,
             max_batch_messages: 256,
             max_batch_bytes: 256 * 1024,
+            publish_window_ms: 50,
         }
     }
 }
@@ -184,6 +229,9 @@ impl Config {
         if let Some(id) = var("SERVER_ID") {
             figment = figment.merge(("server.node_id", id));
         }
+        if let Some(url) = seed_redis_url(&var)? {
+            figment = figment.merge(("redis.url", url));
+        }
         figment = figment.merge(volley_env());
         if let Some(listen) = overrides.listen {
             figment = figment.merge(("server.listen", listen));
@@ -241,6 +289,26 @@ impl Config {
                 "must exceed limits.max_frame_bytes by at least 1024, or no message would fit",
             );
         }
+        if self.batch.publish_window_ms > 60_000 {
+            return invalid(
+                "batch.publish_window_ms",
+                "must be at most 60000 (one minute)",
+            );
+        }
+        if !self.redis.url.is_empty()
+            && !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://"))
+        {
+            return invalid(
+                "redis.url",
+                "must start with redis:// (or be empty for the memory broker)",
+            );
+        }
+        if self.redis.max_pipeline < 1 {
+            return invalid("redis.max_pipeline", "must be at least 1");
+        }
+        if self.redis.probe_interval_ms < 50 {
+            return invalid("redis.probe_interval_ms", "must be at least 50");
+        }
         if self.limits.max_connections < 1 {
             return invalid("limits.max_connections", "must be at least 1");
         }
@@ -266,9 +334,47 @@ impl Config {
         Duration::from_millis(self.batch.delivery_window_ms)
     }
 
+    pub fn publish_window(&self) -> Duration {
+        Duration::from_millis(self.batch.publish_window_ms)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.server.drain_timeout_ms)
     }
+}
+
+/// The Node.js servers' names: `REDIS_URL`, or `REDIS_HOST` + `REDIS_PORT` + `REDIS_PASSWORD`.
+fn seed_redis_url(var: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+    if let Some(url) = var("REDIS_URL").filter(|u| !u.trim().is_empty()) {
+        return Ok(Some(url.trim().to_string()));
+    }
+    let Some(host) = var("REDIS_HOST").filter(|h| !h.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let port = match var("REDIS_PORT") {
+        Some(p) => p.trim().parse::<u16>().map_err(|_| ConfigError::BadPort {
+            name: "REDIS_PORT",
+            value: p.clone(),
+        })?,
+        None => 6379,
+    };
+    let auth = var("REDIS_PASSWORD")
+        .filter(|p| !p.is_empty())
+        .map(|p| format!(":{}@", percent_encode(&p)))
+        .unwrap_or_default();
+    Ok(Some(format!("redis://{auth}{}:{port}", host.trim())))
+}
+
+/// Escapes what a URL's userinfo part cannot hold as is.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// `VOLLEY_BATCH_DELIVERY_WINDOW_MS` -> `batch.delivery_window_ms`.
@@ -371,6 +477,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("PORT"), "{err}");
+    }
+
+    #[test]
+    fn the_articles_redis_variables_make_a_url() {
+        let env = |name: &str| match name {
+            "REDIS_HOST" => Some("cache.internal".to_string()),
+            "REDIS_PORT" => Some("6380".to_string()),
+            "REDIS_PASSWORD" => Some("p@ss word".to_string()),
+            _ => None,
+        };
+        let config = Config::load_from_env(&Overrides::default(), env).unwrap();
+        assert_eq!(
+            config.redis.url,
+            "redis://:p%40ss%20word@cache.internal:6380"
+        );
+        let env = |name: &str| (name == "REDIS_URL").then(|| "redis://10.0.0.5:6379/2".to_string());
+        let config = Config::load_from_env(&Overrides::default(), env).unwrap();
+        assert_eq!(config.redis.url, "redis://10.0.0.5:6379/2");
+        let flags = Overrides {
+            set: vec!["redis.envelope=single".into()],
+            ..Overrides::default()
+        };
+        let config = Config::load_from_env(&flags, no_env).unwrap();
+        assert_eq!(config.redis.envelope, EnvelopeMode::Single);
+        let flags = Overrides {
+            set: vec!["redis.envelope=zip".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load_from_env(&flags, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.envelope"), "{err}");
     }
 
     #[test]

@@ -59,13 +59,11 @@ pub enum Left {
 }
 
 /// The outcome of one fan-out.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FanOut {
     pub queued: usize,
     /// Sockets this message pushed over their outbox limit (now closing as slow consumers).
     pub overflowed: usize,
-    /// The room's shared name, when the room has local sockets (saves an allocation).
-    pub room: Option<Arc<str>>,
 }
 
 impl FanOut {
@@ -174,8 +172,6 @@ impl Hub {
         for outbox in members.by_id.values() {
             out.count(outbox.push(message));
         }
-        drop(members);
-        out.room = Some(entry.name.clone());
         out
     }
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::batch::DeliveryWindow;
-use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Target};
+use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
 use crate::config::Config;
 use crate::connection::{CloseReason, ConnId, Outbox};
 use crate::hub::{FanOut, Hub, Joined, Left};
@@ -42,6 +42,9 @@ pub struct Health {
     pub rooms: usize,
     #[serde(flatten)]
     pub stats: Snapshot,
+    /// The broker engine's own figures (pipelines, reconnects, drops...).
+    #[serde(flatten)]
+    pub broker_figures: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Node {
@@ -78,6 +81,10 @@ impl Node {
         &self.hub
     }
 
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
     pub fn delivery_window(&self) -> &DeliveryWindow {
         &self.window
     }
@@ -106,10 +113,7 @@ impl Node {
             .hub
             .join(room, outbox, |name| self.broker.subscribe(name));
         if joined != Joined::Already {
-            self.send_room(
-                room,
-                outbound::membership(Membership::Joined, room, now_ms()),
-            );
+            self.notify_room(room, Membership::Joined);
         }
     }
 
@@ -119,38 +123,47 @@ impl Node {
             .hub
             .leave(room, id, |name| self.broker.unsubscribe(name));
         if left != Left::NotMember {
-            self.send_room(room, outbound::membership(Membership::Left, room, now_ms()));
+            self.notify_room(room, Membership::Left);
         }
     }
 
-    /// Publishes `content` to a room on every node; returns the local fan-out.
-    pub fn publish(&self, room: &str, content: &RawValue, source: Source) -> FanOut {
+    fn notify_room(&self, room: &str, kind: Membership) {
+        if let Err(e) = self.send_room(room, outbound::membership(kind, room, now_ms())) {
+            tracing::warn!(room, "membership notice not sent: {e}");
+        }
+    }
+
+    /// Publishes `content` to a room on every node; returns the local fan-out. When the
+    /// broker cannot take it, nobody gets it and the caller must say so.
+    pub fn publish(
+        &self,
+        room: &str,
+        content: &RawValue,
+        source: Source,
+    ) -> Result<FanOut, PublishError> {
         self.stats.message_in(source);
         self.send_room(room, outbound::room_message(room, content, now_ms()))
     }
 
     /// Sends `payload`, as given, to every socket on every node; returns the local fan-out.
-    pub fn broadcast(&self, payload: &RawValue, source: Source) -> FanOut {
+    pub fn broadcast(&self, payload: &RawValue, source: Source) -> Result<FanOut, PublishError> {
         self.stats.message_in(source);
         let message = Encoded::from_json(payload.get().as_bytes());
-        let fan = self.local(self.hub.fan_out_all(&message));
         self.broker.publish(&[Envelope {
             origin: self.id.clone(),
             target: Target::Broadcast,
-            payload: message,
-        }]);
-        fan
+            payload: message.clone(),
+        }])?;
+        Ok(self.local(self.hub.fan_out_all(&message)))
     }
 
-    fn send_room(&self, room: &str, message: Encoded) -> FanOut {
-        let fan = self.local(self.hub.fan_out(room, &message));
-        let name = fan.room.clone().unwrap_or_else(|| Arc::from(room));
+    fn send_room(&self, room: &str, message: Encoded) -> Result<FanOut, PublishError> {
         self.broker.publish(&[Envelope {
             origin: self.id.clone(),
-            target: Target::Room(name),
-            payload: message,
-        }]);
-        fan
+            target: Target::Room(Arc::from(room)),
+            payload: message.clone(),
+        }])?;
+        Ok(self.local(self.hub.fan_out(room, &message)))
     }
 
     fn local(&self, fan: FanOut) -> FanOut {
@@ -181,6 +194,7 @@ impl Node {
             broker_state: self.broker.state(),
             rooms: self.hub.room_count(),
             stats: self.stats.snapshot(),
+            broker_figures: self.broker.figures().into_iter().collect(),
         }
     }
 }

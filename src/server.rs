@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, Body};
-use crate::broker::{Broker, MemoryBroker};
+use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::node::Node;
@@ -55,9 +55,16 @@ pub struct ShutdownReport {
 }
 
 impl Server {
-    /// Binds `server.listen` and serves on the embedded memory broker.
+    /// Binds `server.listen` and serves with the broker the config asks for: Redis when
+    /// `redis.url` is set, else the embedded memory broker.
     pub async fn bind(config: Config) -> io::Result<Server> {
-        Self::bind_with_broker(config, Arc::new(MemoryBroker::standalone())).await
+        let broker: Arc<dyn Broker> = if config.redis.url.is_empty() {
+            Arc::new(MemoryBroker::standalone())
+        } else {
+            RedisBroker::start(&config)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+        };
+        Self::bind_with_broker(config, broker).await
     }
 
     /// Binds `server.listen` and serves with the given broker engine.
@@ -102,6 +109,8 @@ impl Server {
             drained,
             left_open: self.ctx.sockets.len(),
         };
+        // Publishes still queued for other nodes go out before the node stops.
+        self.node.broker().shutdown().await;
         tracing::info!(drained, left_open = report.left_open, "volley stopped");
         report
     }

@@ -189,6 +189,7 @@ mod tests {
             leading_edge: true,
             max_batch_messages: max_messages,
             max_batch_bytes: max_bytes,
+            publish_window_ms: 50,
         })
     }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{Broker, BrokerState, Envelope, EnvelopeSink, Target};
+use super::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
 
 /// An in-process message bus shared by the nodes built on it.
 #[derive(Default)]
@@ -71,10 +71,10 @@ impl Broker for MemoryBroker {
         *self.me.lock() = Some(member);
     }
 
-    fn publish(&self, batch: &[Envelope]) {
+    fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError> {
         let members = self.bus.members.read();
         if members.len() < 2 {
-            return;
+            return Ok(());
         }
         for envelope in batch {
             for member in members.iter() {
@@ -92,6 +92,7 @@ impl Broker for MemoryBroker {
                 }
             }
         }
+        Ok(())
     }
 
     fn subscribe(&self, room: &Arc<str>) {

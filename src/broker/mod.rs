@@ -9,12 +9,25 @@
 //! does it on its own tasks, so a publish never waits on I/O in the caller.
 
 pub mod memory;
+pub mod redis;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 
 use crate::protocol::Encoded;
 
+pub use self::redis::RedisBroker;
 pub use memory::{MemoryBroker, MemoryBus};
+
+/// A publish the broker could not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "the node's queue to other nodes is full; the message was not sent, try again shortly"
+    )]
+    Overloaded,
+}
 
 /// Where an envelope goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +68,9 @@ pub trait Broker: Send + Sync {
     /// Connects the node that receives this broker's inbound envelopes. Called once.
     fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>);
 
-    /// Sends a batch of envelopes to the other nodes, in order.
-    fn publish(&self, batch: &[Envelope]);
+    /// Queues a batch of envelopes for the other nodes, in order: all of them, or none
+    /// and an error the caller must pass on.
+    fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError>;
 
     /// Starts receiving envelopes for `room` (the first local socket joined it).
     fn subscribe(&self, room: &Arc<str>);
@@ -65,4 +79,14 @@ pub trait Broker: Send + Sync {
     fn unsubscribe(&self, room: &str);
 
     fn state(&self) -> BrokerState;
+
+    /// Figures for `/healthz`, as `name -> value`.
+    fn figures(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
+    /// Sends what is still queued, then stops the engine's tasks.
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::ready(()))
+    }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::outbox::Outbox;
+use crate::broker::PublishError;
 use crate::config::LimitsConfig;
 use crate::metrics::Source;
 use crate::node::Node;
@@ -78,11 +79,15 @@ impl Session {
             }
             ClientFrame::Message { room, content } => {
                 self.budget.spend()?;
-                self.node.publish(&room, content, Source::Socket);
+                self.node
+                    .publish(&room, content, Source::Socket)
+                    .map_err(overloaded)?;
             }
             ClientFrame::Broadcast { payload } => {
                 self.budget.spend()?;
-                self.node.broadcast(payload, Source::Socket);
+                self.node
+                    .broadcast(payload, Source::Socket)
+                    .map_err(overloaded)?;
             }
         }
         Ok(())
@@ -94,6 +99,10 @@ impl Session {
             self.node.leave(self.outbox.id(), &room);
         }
     }
+}
+
+fn overloaded(e: PublishError) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Overloaded, e.to_string())
 }
 
 /// A token bucket: `publish_rate` per second, up to `publish_burst` at once.

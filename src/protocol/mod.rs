@@ -32,6 +32,8 @@ pub enum ErrorCode {
     NotInRoom,
     /// The socket publishes faster than `limits.publish_rate`.
     RateLimited,
+    /// The node cannot take more publishes for other nodes right now; retry shortly.
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -45,6 +47,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::NotInRoom => "not_in_room",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 }

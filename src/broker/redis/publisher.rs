@@ -1,0 +1,193 @@
+//! The publish batcher: one pipeline per publish window, and the outage buffer.
+//!
+//! Callers only append to the queue. This task wakes on the first publish of a window,
+//! sleeps out the window, takes everything queued in one swap and sends it as one
+//! pipeline. While Redis is unreachable, envelopes wait in order in `pending`, up to
+//! `redis.outage_buffer`; what arrives beyond that is dropped, counted and logged.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use super::{EnvelopeWriter, PublishQueue, Shared};
+use crate::broker::{Envelope, Target};
+use crate::config::{Config, EnvelopeMode};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+pub(super) struct Publisher {
+    shared: Arc<Shared>,
+    queue: Arc<PublishQueue>,
+    conn: ConnectionManager,
+    writer: EnvelopeWriter,
+    mode: EnvelopeMode,
+    window: Duration,
+    max_pipeline: usize,
+    outage_buffer: usize,
+    stop: CancellationToken,
+}
+
+impl Publisher {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        queue: Arc<PublishQueue>,
+        conn: ConnectionManager,
+        config: &Config,
+        stop: CancellationToken,
+    ) -> Publisher {
+        Publisher {
+            writer: EnvelopeWriter::new(&shared.node_id),
+            shared,
+            queue,
+            conn,
+            mode: config.redis.envelope,
+            window: config.publish_window(),
+            max_pipeline: config.redis.max_pipeline,
+            outage_buffer: config.redis.outage_buffer,
+            stop,
+        }
+    }
+
+    fn channel(&self, envelope: &Envelope) -> String {
+        match &envelope.target {
+            Target::Room(room) => self.shared.channels.room(room),
+            Target::Broadcast => self.shared.channels.broadcast.clone(),
+        }
+    }
+
+    /// Moves newly queued envelopes behind the pending ones, within the outage bound.
+    fn absorb(&self, pending: &mut VecDeque<Envelope>, incoming: &mut Vec<Envelope>) {
+        let room = self.outage_buffer.saturating_sub(pending.len());
+        if incoming.len() > room {
+            let dropped = (incoming.len() - room) as u64;
+            let total = self
+                .shared
+                .figures
+                .dropped_publishes
+                .fetch_add(dropped, Relaxed)
+                + dropped;
+            tracing::warn!(
+                dropped,
+                total,
+                "Redis outage buffer full: dropping publishes"
+            );
+            incoming.truncate(room);
+        }
+        pending.extend(incoming.drain(..));
+    }
+
+    /// One pipeline from the front of `pending`; returns it and how many envelopes it carries.
+    fn build(&self, pending: &VecDeque<Envelope>) -> (redis::Pipeline, usize, usize) {
+        let mut pipe = redis::pipe();
+        match self.mode {
+            EnvelopeMode::Single => {
+                let used = pending.len().min(self.max_pipeline);
+                for envelope in pending.iter().take(used) {
+                    pipe.publish(
+                        self.channel(envelope),
+                        self.writer.single(envelope.payload.json()),
+                    )
+                    .ignore();
+                }
+                (pipe, used, used)
+            }
+            EnvelopeMode::Batch => {
+                // One PUBLISH per channel, channels in order of first appearance,
+                // messages in publish order within each.
+                let mut groups: IndexMap<String, Vec<usize>> = IndexMap::new();
+                let mut used = 0;
+                for (i, envelope) in pending.iter().enumerate() {
+                    let channel = self.channel(envelope);
+                    if !groups.contains_key(&channel) && groups.len() == self.max_pipeline {
+                        break;
+                    }
+                    groups.entry(channel).or_default().push(i);
+                    used = i + 1;
+                }
+                let commands = groups.len();
+                for (channel, indices) in groups {
+                    let message = if indices.len() == 1 {
+                        self.writer.single(pending[indices[0]].payload.json())
+                    } else {
+                        self.writer
+                            .batch(indices.iter().map(|&i| pending[i].payload.json()))
+                    };
+                    pipe.publish(channel, message).ignore();
+                }
+                (pipe, used, commands)
+            }
+        }
+    }
+}
+
+pub(super) async fn run(mut p: Publisher) {
+    let mut pending: VecDeque<Envelope> = VecDeque::new();
+    let mut incoming: Vec<Envelope> = Vec::new();
+    let mut backoff = MIN_BACKOFF;
+    let mut stopping = false;
+    loop {
+        if pending.is_empty() && !stopping {
+            tokio::select! {
+                _ = p.queue.ready.notified() => {}
+                _ = p.stop.cancelled() => stopping = true,
+            }
+            if !p.window.is_zero() && !stopping {
+                tokio::select! {
+                    _ = tokio::time::sleep(p.window) => {}
+                    _ = p.stop.cancelled() => stopping = true,
+                }
+            }
+        }
+        p.queue.take(&mut incoming);
+        p.absorb(&mut pending, &mut incoming);
+        if pending.is_empty() {
+            if stopping {
+                return;
+            }
+            continue;
+        }
+        let (pipe, used, commands) = p.build(&pending);
+        match pipe.query_async::<()>(&mut p.conn).await {
+            Ok(()) => {
+                pending.drain(..used);
+                let f = &p.shared.figures;
+                f.pipelines.fetch_add(1, Relaxed);
+                f.publish_commands.fetch_add(commands as u64, Relaxed);
+                f.published_messages.fetch_add(used as u64, Relaxed);
+                if !p.shared.publisher_ok.swap(true, Relaxed) {
+                    tracing::info!(buffered = pending.len(), "Redis publishing resumed");
+                }
+                backoff = MIN_BACKOFF;
+            }
+            Err(e) => {
+                p.shared.figures.publish_failures.fetch_add(1, Relaxed);
+                if p.shared.publisher_ok.swap(false, Relaxed) {
+                    tracing::warn!(error = %e, buffered = pending.len(), "Redis publish failed; buffering and retrying");
+                }
+                if stopping {
+                    let dropped = pending.len() as u64;
+                    p.shared
+                        .figures
+                        .dropped_publishes
+                        .fetch_add(dropped, Relaxed);
+                    tracing::warn!(
+                        dropped,
+                        "shutting down with Redis unreachable: publishes dropped"
+                    );
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = p.stop.cancelled() => stopping = true,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
