@@ -171,6 +171,18 @@ impl Client {
         m
     }
 
+    /// The next `message` frame, skipping membership notices (`user_joined`, `user_left`).
+    pub async fn next_room_message(&mut self) -> Value {
+        loop {
+            let m = self.next_message().await;
+            match m["type"].as_str() {
+                Some("user_joined") | Some("user_left") => continue,
+                Some("message") => return m,
+                _ => panic!("unexpected {m}"),
+            }
+        }
+    }
+
     /// The next message must be an error with this code.
     pub async fn expect_error(&mut self, code: &str) -> Value {
         let m = self.expect_type("error").await;
@@ -276,4 +288,145 @@ pub fn without_timestamp(mut m: Value) -> Value {
     );
     m.as_object_mut().unwrap().remove("timestamp");
     m
+}
+
+/// A real `redis-server` on a 127.0.0.1 port of its own, stopped when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port).await
+    }
+
+    /// Starts (again) on a given port, with nothing persisted.
+    pub async fn start_on(port: u16) -> RedisServer {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (bash tests/run.sh installs it)");
+        let server = RedisServer {
+            port,
+            child: Some(child),
+        };
+        // Ready when it answers PING.
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(mut conn) = server.client().get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok()
+                    {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("redis-server did not start");
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// Kills the server process (SIGKILL: no goodbye to its clients) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Subscribers Redis counts on a channel.
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        let mut conn = self.conn().await;
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        counts[0].1
+    }
+
+    /// Waits until `channel` has exactly `n` subscribers.
+    pub async fn wait_numsub(&self, channel: &str, n: i64) {
+        let waited = tokio::time::timeout(WAIT, async {
+            while self.numsub(channel).await != n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "{channel} never had {n} subscribers (has {})",
+            self.numsub(channel).await
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls an HTTP status until it is `want` (bounded by WAIT).
+pub async fn wait_status(addr: SocketAddr, path: &str, want: u16) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while http(addr, "GET", path, &[], b"").await.0 != want {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{path} never answered {want}");
+}
+
+/// A node on the given Redis, with quick probes so recovery is seen fast.
+pub async fn start_on_redis(
+    redis: &RedisServer,
+    node_id: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> Server {
+    let url = redis.url();
+    let id = node_id.to_string();
+    start(move |c| {
+        c.redis.url = url;
+        c.server.node_id = id;
+        c.redis.probe_interval_ms = 100;
+        tweak(c);
+    })
+    .await
 }

@@ -5,7 +5,7 @@
 //! pipeline. While Redis is unreachable, envelopes wait in order in `pending`, up to
 //! `redis.outage_buffer`; what arrives beyond that is dropped, counted and logged.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,10 @@ use crate::config::{Config, EnvelopeMode};
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// After an outage, how long buffered publishes may wait for the other nodes' subscribers
+/// to come back (Redis Pub/Sub delivers only to who is subscribed at that moment).
+const RECOVERY_WAIT: Duration = Duration::from_secs(5);
+const RECOVERY_POLL: Duration = Duration::from_millis(50);
 
 pub(super) struct Publisher {
     shared: Arc<Shared>,
@@ -31,6 +35,8 @@ pub(super) struct Publisher {
     max_pipeline: usize,
     outage_buffer: usize,
     stop: CancellationToken,
+    /// Subscribers each channel had at its last successful PUBLISH.
+    receivers: HashMap<String, i64>,
 }
 
 impl Publisher {
@@ -51,7 +57,24 @@ impl Publisher {
             max_pipeline: config.redis.max_pipeline,
             outage_buffer: config.redis.outage_buffer,
             stop,
+            receivers: HashMap::new(),
         }
+    }
+
+    /// Whether every channel with buffered publishes has its subscribers from before the
+    /// outage back. An error means Redis is still unreachable.
+    async fn subscribers_back(&mut self, pending: &VecDeque<Envelope>) -> redis::RedisResult<bool> {
+        let mut channels: Vec<String> = pending.iter().map(|e| self.channel(e)).collect();
+        channels.sort_unstable();
+        channels.dedup();
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channels)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(counts
+            .iter()
+            .all(|(channel, n)| *n >= self.receivers.get(channel).copied().unwrap_or(0)))
     }
 
     fn channel(&self, envelope: &Envelope) -> String {
@@ -82,20 +105,20 @@ impl Publisher {
         pending.extend(incoming.drain(..));
     }
 
-    /// One pipeline from the front of `pending`; returns it and how many envelopes it carries.
-    fn build(&self, pending: &VecDeque<Envelope>) -> (redis::Pipeline, usize, usize) {
+    /// One pipeline from the front of `pending`: the pipeline, the channel of each of its
+    /// commands, and how many envelopes it carries.
+    fn build(&self, pending: &VecDeque<Envelope>) -> (redis::Pipeline, Vec<String>, usize) {
         let mut pipe = redis::pipe();
         match self.mode {
             EnvelopeMode::Single => {
                 let used = pending.len().min(self.max_pipeline);
+                let mut channels = Vec::with_capacity(used);
                 for envelope in pending.iter().take(used) {
-                    pipe.publish(
-                        self.channel(envelope),
-                        self.writer.single(envelope.payload.json()),
-                    )
-                    .ignore();
+                    let channel = self.channel(envelope);
+                    pipe.publish(&channel, self.writer.single(envelope.payload.json()));
+                    channels.push(channel);
                 }
-                (pipe, used, used)
+                (pipe, channels, used)
             }
             EnvelopeMode::Batch => {
                 // One PUBLISH per channel, channels in order of first appearance,
@@ -110,7 +133,7 @@ impl Publisher {
                     groups.entry(channel).or_default().push(i);
                     used = i + 1;
                 }
-                let commands = groups.len();
+                let mut channels = Vec::with_capacity(groups.len());
                 for (channel, indices) in groups {
                     let message = if indices.len() == 1 {
                         self.writer.single(pending[indices[0]].payload.json())
@@ -118,9 +141,10 @@ impl Publisher {
                         self.writer
                             .batch(indices.iter().map(|&i| pending[i].payload.json()))
                     };
-                    pipe.publish(channel, message).ignore();
+                    pipe.publish(&channel, message);
+                    channels.push(channel);
                 }
-                (pipe, used, commands)
+                (pipe, channels, used)
             }
         }
     }
@@ -131,6 +155,8 @@ pub(super) async fn run(mut p: Publisher) {
     let mut incoming: Vec<Envelope> = Vec::new();
     let mut backoff = MIN_BACKOFF;
     let mut stopping = false;
+    // Set by a failed pipeline: buffered publishes wait for subscribers to return.
+    let mut recovering: Option<tokio::time::Instant> = None;
     loop {
         if pending.is_empty() && !stopping {
             tokio::select! {
@@ -152,13 +178,34 @@ pub(super) async fn run(mut p: Publisher) {
             }
             continue;
         }
-        let (pipe, used, commands) = p.build(&pending);
-        match pipe.query_async::<()>(&mut p.conn).await {
-            Ok(()) => {
+        if let Some(since) = recovering {
+            match p.subscribers_back(&pending).await {
+                Ok(true) => recovering = None,
+                Ok(false) if since.elapsed() >= RECOVERY_WAIT => {
+                    tracing::warn!("subscribers did not all return after the Redis outage; sending the buffer anyway");
+                    recovering = None;
+                }
+                Ok(false) | Err(_) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RECOVERY_POLL) => {}
+                        _ = p.stop.cancelled() => stopping = true,
+                    }
+                    if !stopping {
+                        continue;
+                    }
+                }
+            }
+        }
+        let (pipe, channels, used) = p.build(&pending);
+        match pipe.query_async::<Vec<i64>>(&mut p.conn).await {
+            Ok(receivers) => {
                 pending.drain(..used);
+                for (channel, n) in channels.iter().zip(receivers) {
+                    p.receivers.insert(channel.clone(), n);
+                }
                 let f = &p.shared.figures;
                 f.pipelines.fetch_add(1, Relaxed);
-                f.publish_commands.fetch_add(commands as u64, Relaxed);
+                f.publish_commands.fetch_add(channels.len() as u64, Relaxed);
                 f.published_messages.fetch_add(used as u64, Relaxed);
                 if !p.shared.publisher_ok.swap(true, Relaxed) {
                     tracing::info!(buffered = pending.len(), "Redis publishing resumed");
@@ -170,6 +217,7 @@ pub(super) async fn run(mut p: Publisher) {
                 if p.shared.publisher_ok.swap(false, Relaxed) {
                     tracing::warn!(error = %e, buffered = pending.len(), "Redis publish failed; buffering and retrying");
                 }
+                recovering.get_or_insert_with(tokio::time::Instant::now);
                 if stopping {
                     let dropped = pending.len() as u64;
                     p.shared
