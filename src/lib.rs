@@ -11,7 +11,7 @@
 //! | [`connection`] | one socket: reader, outbox, writer, close codes |
 //! | [`hub`] | sharded room -> local subscribers map; local fan-out |
 //! | [`batch`] | delivery windows: many messages, one frame per socket per window |
-//! | [`broker`] | the seam to other nodes: `memory` engine (default) |
+//! | [`broker`] | the seam to other nodes: `memory` engine (default) and `redis` (pub/sub, pipelined publish windows) |
 //! | [`node`] | owns hub, broker, window; where a message enters and fans out |
 //! | [`api`] | HTTP routes: health, publish API |
 //! | [`server`] | listener, WebSocket upgrade, graceful shutdown |

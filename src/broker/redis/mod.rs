@@ -246,6 +246,15 @@ fn probe_number(message: &[u8]) -> Option<u64> {
         .map(|p| p.probe)
 }
 
+impl RedisBroker {
+    /// Handles one message as if the subscriber connection had received it on `channel`.
+    /// For benchmarks and tests of the inbound path; the node never calls it.
+    #[doc(hidden)]
+    pub fn inject(&self, channel: &[u8], message: &[u8]) {
+        self.shared.on_message(channel, message);
+    }
+}
+
 impl Broker for RedisBroker {
     fn engine(&self) -> &'static str {
         "redis"

@@ -24,6 +24,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// to come back (Redis Pub/Sub delivers only to who is subscribed at that moment).
 const RECOVERY_WAIT: Duration = Duration::from_secs(5);
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
+/// Channels whose subscriber counts are remembered for outage recovery.
+const MAX_REMEMBERED_CHANNELS: usize = 65_536;
 
 pub(super) struct Publisher {
     shared: Arc<Shared>,
@@ -200,6 +202,10 @@ pub(super) async fn run(mut p: Publisher) {
         match pipe.query_async::<Vec<i64>>(&mut p.conn).await {
             Ok(receivers) => {
                 pending.drain(..used);
+                if p.receivers.len() > MAX_REMEMBERED_CHANNELS {
+                    // Only a hint for outage recovery: forgetting it is safe.
+                    p.receivers.clear();
+                }
                 for (channel, n) in channels.iter().zip(receivers) {
                     p.receivers.insert(channel.clone(), n);
                 }
@@ -208,7 +214,11 @@ pub(super) async fn run(mut p: Publisher) {
                 f.publish_commands.fetch_add(channels.len() as u64, Relaxed);
                 f.published_messages.fetch_add(used as u64, Relaxed);
                 if !p.shared.publisher_ok.swap(true, Relaxed) {
-                    tracing::info!(buffered = pending.len(), "Redis publishing resumed");
+                    tracing::info!(
+                        still_buffered = pending.len(),
+                        dropped_so_far = f.dropped_publishes.load(Relaxed),
+                        "Redis publishing resumed"
+                    );
                 }
                 backoff = MIN_BACKOFF;
             }
