@@ -266,9 +266,11 @@ async fn a_redis_restart_loses_nothing_buffered_and_local_delivery_never_stops()
         );
     }
 
-    let _redis = RedisServer::start_on(port).await;
+    let redis = RedisServer::start_on(port).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
     wait_status(two.local_addr(), "/readyz", 200).await;
+    // Both nodes subscribed the room again on the new server.
+    redis.wait_numsub("room:r", 2).await;
     // The buffered publishes reach the other node once it has resubscribed.
     for i in 0..5 {
         assert_eq!(
@@ -327,4 +329,75 @@ async fn a_node_without_redis_serves_locally_and_is_not_ready() {
         .await;
     assert_eq!(c.next_room_message().await["content"], "local");
     assert_eq!(health(addr).await["broker"], "redis");
+}
+
+#[tokio::test]
+async fn publishes_past_the_outage_buffer_are_refused_or_dropped_and_counted() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port;
+    let one = start_on_redis(&redis, "one", |c| {
+        c.limits.publish_rate = 0;
+        c.redis.outage_buffer = 3;
+        c.redis.max_pipeline = 1;
+    })
+    .await;
+    let two = start_on_redis(&redis, "two", |_| {}).await;
+    let mut publisher = Client::connect(one.local_addr()).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    remote.join("r").await;
+    publisher.join("r").await;
+    redis.wait_numsub("room:r", 2).await;
+    // A round trip: nothing of the set-up is still waiting to go to Redis.
+    publisher
+        .send(json!({"type":"message","roomId":"r","content":"before"}))
+        .await;
+    assert_eq!(remote.next_room_message().await["content"], "before");
+    assert_eq!(publisher.next_room_message().await["content"], "before");
+
+    redis.kill();
+    wait_status(one.local_addr(), "/readyz", 503).await;
+    for i in 0..10 {
+        publisher
+            .send(json!({"type":"message","roomId":"r","content":i}))
+            .await;
+    }
+    // Each publish is either taken (served locally, queued for Redis) or refused with an error.
+    let mut taken = Vec::new();
+    let mut refused = 0;
+    while taken.len() + refused < 10 {
+        let m = publisher.next_message().await;
+        match m["type"].as_str() {
+            Some("message") => taken.push(m["content"].clone()),
+            Some("error") => {
+                assert_eq!(m["code"], "overloaded", "{m}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        taken.len() >= 3,
+        "the queue takes at least its bound: {taken:?}"
+    );
+
+    let redis = RedisServer::start_on(port).await;
+    redis.wait_numsub("room:r", 2).await;
+    publisher
+        .send(json!({"type":"message","roomId":"r","content":"after"}))
+        .await;
+    let mut arrived = Vec::new();
+    loop {
+        let content = remote.next_room_message().await["content"].clone();
+        if content == "after" {
+            break;
+        }
+        arrived.push(content);
+    }
+    // The outage buffer held three: the first three taken arrive, in order; the rest of
+    // what was taken was dropped and counted.
+    assert_eq!(arrived, taken[..3].to_vec());
+    let dropped = health(one.local_addr()).await["redis_dropped_publishes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(dropped, taken.len() as u64 - 3);
 }
