@@ -5,6 +5,9 @@
 #   NODES=1 benches/e2e.sh ticker                      one node on the embedded broker
 #   WARMUP=3 DURATION=10 benches/e2e.sh scoreboard     seconds
 #   BENCH_ARGS="--rate 4000" benches/e2e.sh ticker     extra volley-bench flags
+#   FLAMEGRAPH=NAME benches/e2e.sh ticker              record the nodes with perf and write
+#                                                      flamegraphs/NAME.svg (frame pointers,
+#                                                      see flamegraphs/README.md)
 #
 # --set flags go to both nodes (e.g. --set batch.delivery_window_ms=10). Prints the
 # bench's report, then the Redis commands and pipelines per second it saw. Everything it
@@ -23,7 +26,17 @@ if [ "$nodes" -gt 1 ] && ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
-cargo build --release --locked --bins -q
+bin=target/release
+if [ -n "${FLAMEGRAPH:-}" ]; then
+  # Frame pointers give perf reliable stacks; a separate target dir keeps the normal build.
+  RUSTFLAGS=-Cforce-frame-pointers=yes CARGO_TARGET_DIR=target/fp \
+    cargo build --profile release-with-debug --locked --bins -q
+  bin=target/fp/release-with-debug
+  command -v perf >/dev/null || { echo "FLAMEGRAPH needs perf (Debian: linux-perf)"; exit 1; }
+  command -v inferno-flamegraph >/dev/null || { echo "FLAMEGRAPH needs inferno (cargo install inferno)"; exit 1; }
+else
+  cargo build --release --locked --bins -q
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pids=()
@@ -39,12 +52,21 @@ if [ "$nodes" -gt 1 ]; then
   redis_args=(--set "redis.url=redis://127.0.0.1:$rport")
 fi
 
-urls=(); node_pids=(); node_http=()
+urls=(); node_pids=(); node_http=(); perf_pids=()
 for i in $(seq "$nodes"); do
   port=$(free_port)
-  target/release/volley --listen "127.0.0.1:$port" --node-id "bench-$i" --log warn \
-    --set limits.publish_rate=0 "${redis_args[@]}" "$@" &
-  pids+=($!); node_pids+=($!)
+  node_cmd=("$bin/volley" --listen "127.0.0.1:$port" --node-id "bench-$i" --log warn
+    --set limits.publish_rate=0 "${redis_args[@]}" "$@")
+  if [ -n "${FLAMEGRAPH:-}" ]; then
+    "${node_cmd[@]}" &
+    node_pid=$!
+    perf record -e cpu-clock -F 997 -g -o "target/perf-$i.data" -p "$node_pid" 2>/dev/null &
+    perf_pids+=($!)
+  else
+    "${node_cmd[@]}" &
+    node_pid=$!
+  fi
+  pids+=("$node_pid"); node_pids+=("$node_pid")
   urls+=(--url "ws://127.0.0.1:$port/ws")
   node_http+=("127.0.0.1:$port")
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
@@ -63,7 +85,7 @@ pipelines_before=$(pipelines_now)
 
 pid_args=(); for p in "${node_pids[@]}"; do pid_args+=(--pid "$p"); done
 # shellcheck disable=SC2086
-target/release/volley-bench --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" \
+"$bin/volley-bench" --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" \
   --warmup "$warmup" --duration "$duration" ${BENCH_ARGS:-}
 
 if [ "$nodes" -gt 1 ]; then
@@ -74,4 +96,15 @@ if [ "$nodes" -gt 1 ]; then
   redis-cli -p "$rport" info stats | tr -d '\r' | awk -F: -v s="$secs" '
     /^total_commands_processed:/ { printf "redis commands/s (all) %.0f\n", $2 / s }'
   python3 -c "print('publish pipelines/s (both nodes) %.1f' % (($(pipelines_now) - $pipelines_before) / $secs))"
+fi
+
+if [ -n "${FLAMEGRAPH:-}" ]; then
+  for p in "${node_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # perf writes its data when the process it follows exits.
+  for p in "${perf_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  mkdir -p flamegraphs
+  for i in $(seq "$nodes"); do perf script -i "target/perf-$i.data" 2>/dev/null; done |
+    inferno-collapse-perf > "target/$FLAMEGRAPH.folded"
+  inferno-flamegraph --title "volley $scenario: $FLAMEGRAPH" < "target/$FLAMEGRAPH.folded" > "flamegraphs/$FLAMEGRAPH.svg"
+  echo "wrote flamegraphs/$FLAMEGRAPH.svg"
 fi

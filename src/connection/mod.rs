@@ -26,17 +26,22 @@ use session::Session;
 /// right after the handshake, already read by the HTTP layer.
 pub async fn serve(node: Arc<Node>, outbox: Arc<Outbox>, stream: TcpStream, early: Bytes) {
     let (read_half, write_half) = stream.into_split();
+    // The writer is a task of its own: waking it for a delivery must not poll the reader.
+    let writer = {
+        let (node, outbox) = (node.clone(), outbox.clone());
+        tokio::spawn(async move {
+            writer::run(&outbox, write_half, node.delivery_window(), node.stats()).await
+        })
+    };
     let mut read_half = std::io::Cursor::new(early).chain(read_half);
     let mut session = Session::new(node.clone(), outbox.clone());
     let max_bytes = node.config().limits.max_frame_bytes;
-    tokio::join!(
-        async {
-            reader::run(&mut read_half, &outbox, &mut session, max_bytes).await;
-            // Normally left already, when the close began; this covers every other way out.
-            session.leave_all();
-            outbox.close(CloseReason::Gone);
-        },
-        writer::run(&outbox, write_half, node.delivery_window(), node.stats()),
-    );
+    reader::run(&mut read_half, &outbox, &mut session, max_bytes).await;
+    // Normally left already, when the close began; this covers every other way out.
+    session.leave_all();
+    outbox.close(CloseReason::Gone);
+    if writer.await.is_err() {
+        tracing::error!(conn = outbox.id(), "socket writer panicked");
+    }
     node.disconnect(&outbox);
 }

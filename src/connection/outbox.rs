@@ -6,10 +6,11 @@
 //! queue and marks the socket for closing with 1008, so a reader that stopped reading costs
 //! at most one outbox of memory, and nobody else waits for it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{close_code, outbound, Encoded};
 
@@ -65,8 +66,10 @@ pub struct Outbox {
     state: Mutex<State>,
     /// Wakes the writer when the queue goes from empty to non-empty, or on close.
     wake: Notify,
-    /// Cancelled once a close reason is set: the reader stops, the writer's wait ends.
-    closing: CancellationToken,
+    /// Set once a close reason is recorded: the reader stops, the writer's wait ends.
+    /// An atomic, not a CancellationToken: the writer checks it on every wake-up.
+    closing: AtomicBool,
+    closed: Notify,
 }
 
 #[derive(Default)]
@@ -92,7 +95,8 @@ impl Outbox {
             max_bytes,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
-            closing: CancellationToken::new(),
+            closing: AtomicBool::new(false),
+            closed: Notify::new(),
         }
     }
 
@@ -111,8 +115,7 @@ impl Outbox {
             state.bytes = 0;
             state.close = Some(CloseReason::SlowConsumer);
             drop(state);
-            self.closing.cancel();
-            self.wake.notify_one();
+            self.mark_closing();
             return Pushed::Overflowed;
         }
         let was_idle = state.queue.is_empty() && state.control.is_empty();
@@ -148,9 +151,14 @@ impl Outbox {
         }
         state.close = Some(reason);
         drop(state);
-        self.closing.cancel();
-        self.wake.notify_one();
+        self.mark_closing();
         true
+    }
+
+    fn mark_closing(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
+        self.wake.notify_one();
     }
 
     /// Takes everything queued, reusing the vectors in `into`.
@@ -163,12 +171,21 @@ impl Outbox {
     }
 
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Resolves once the socket has a close reason.
     pub async fn closed(&self) {
-        self.closing.cancelled().await
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close between the two is not missed.
+            notified.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Resolves when there may be something to write.

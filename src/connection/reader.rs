@@ -77,9 +77,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
     };
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
     let mut closing = false;
-    let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+    let grace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(grace);
     loop {
+        // The grace timer and the close signal are only polled when they matter: this
+        // loop runs once per inbound frame.
         let frame = tokio::select! {
             frame = ws.read_frame(&mut obligated) => frame,
             _ = outbox.closed(), if !closing => {
@@ -88,7 +90,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
                 continue;
             }
-            _ = &mut grace => return Ended::Clean,
+            _ = &mut grace, if closing => return Ended::Clean,
         };
         let frame = match frame {
             Ok(frame) => frame,
