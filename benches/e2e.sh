@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end load: a redis-server and two volley nodes on 127.0.0.1, driven by volley-bench.
 #
-#   benches/e2e.sh SCENARIO [--set KEY=VALUE ...]      SCENARIO: scoreboard | ticker
+#   benches/e2e.sh SCENARIO [--set KEY=VALUE ...]      SCENARIO: scoreboard | ticker | saturate
 #   NODES=1 benches/e2e.sh ticker                      one node on the embedded broker
 #   WARMUP=3 DURATION=10 benches/e2e.sh scoreboard     seconds
 #   BENCH_ARGS="--rate 4000" benches/e2e.sh ticker     extra volley-bench flags
@@ -12,6 +12,9 @@
 # --set flags go to both nodes (e.g. --set batch.delivery_window_ms=10). Prints the
 # bench's report, then the Redis commands and pipelines per second it saw. Everything it
 # starts, it stops. Installs redis-server (Debian) if it is missing.
+# `saturate` runs the ticker load at doubling rates (RATES="2000 4000 ...") until a step
+# loses messages or its p99 passes 1 s, and reports the highest rate held.
+# The nodes' api.key is "bench": BENCH_ARGS="--via api --api-key bench" publishes over HTTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +59,7 @@ urls=(); node_pids=(); node_http=(); perf_pids=()
 for i in $(seq "$nodes"); do
   port=$(free_port)
   node_cmd=("$bin/volley" --listen "127.0.0.1:$port" --node-id "bench-$i" --log warn
-    --set limits.publish_rate=0 "${redis_args[@]}" "$@")
+    --set limits.publish_rate=0 --set api.key=bench "${redis_args[@]}" "$@")
   if [ -n "${FLAMEGRAPH:-}" ]; then
     "${node_cmd[@]}" &
     node_pid=$!
@@ -84,11 +87,29 @@ pipelines_now() {
 pipelines_before=$(pipelines_now)
 
 pid_args=(); for p in "${node_pids[@]}"; do pid_args+=(--pid "$p"); done
-# shellcheck disable=SC2086
-"$bin/volley-bench" --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" \
-  --warmup "$warmup" --duration "$duration" ${BENCH_ARGS:-}
+if [ "$scenario" = saturate ]; then
+  best=0; best_line=""
+  for rate in ${RATES:-2000 4000 8000 16000 32000 64000}; do
+    # shellcheck disable=SC2086
+    line=$("$bin/volley-bench" --scenario ticker --rate "$rate" "${urls[@]}" "${pid_args[@]}" \
+      --warmup "$warmup" --duration "$duration" --json ${BENCH_ARGS:-}) || break
+    held=$(python3 -c 'import sys, json; r = json.loads(sys.argv[1]); print(int(r["lost"] == 0 and r["failed_sockets"] == 0 and r["latency_ms"]["p99"] <= 1000))' "$line")
+    python3 -c 'import sys, json; r = json.loads(sys.argv[1]); print("rate %6d msg/s: delivered/s %9.0f  lost %d  p50 %.1f ms  p99 %.1f ms  cpu %s us/delivery  %s" % (r["rate"], r["delivered_per_s"], r["lost"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], "%.2f" % r["server_cpu_us_per_delivery"] if r["server_cpu_us_per_delivery"] else "-", "held" if sys.argv[2] == "1" else "NOT held"))' "$line" "$held"
+    [ "$held" = 1 ] || break
+    best=$rate; best_line=$line
+  done
+  if [ -n "$best_line" ]; then
+    python3 -c 'import sys, json; r = json.loads(sys.argv[1]); print("highest rate held: %d msg/s = %.0f deliveries/s" % (r["rate"], r["delivered_per_s"]))' "$best_line"
+  else
+    echo "no rate held"
+  fi
+else
+  # shellcheck disable=SC2086
+  "$bin/volley-bench" --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" \
+    --warmup "$warmup" --duration "$duration" ${BENCH_ARGS:-}
+fi
 
-if [ "$nodes" -gt 1 ]; then
+if [ "$nodes" -gt 1 ] && [ "$scenario" != saturate ]; then
   # The stats cover warm-up, measurement and drain: divide by the whole run.
   secs=$(python3 -c "print($warmup + $duration)")
   redis-cli -p "$rport" info commandstats | tr -d '\r' | awk -F'[:=,]' -v s="$secs" '

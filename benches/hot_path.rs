@@ -84,10 +84,16 @@ fn batch_assembly(c: &mut Criterion) {
 fn hub_fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     let message = messages(1).pop().unwrap();
+    // Window 0: each first push wakes the (absent) writer instead of listing the socket
+    // for a tick that no clock would serve here.
+    let window = Arc::new(DeliveryWindow::new(&BatchConfig {
+        delivery_window_ms: 0,
+        ..BatchConfig::default()
+    }));
     for subscribers in [1usize, 100, 10_000] {
         let hub = Hub::new();
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers as u64)
-            .map(|id| Arc::new(Outbox::new(id, usize::MAX / 2)))
+            .map(|id| Arc::new(Outbox::new(id, usize::MAX / 2, window.clone())))
             .collect();
         for outbox in &outboxes {
             hub.join("room", outbox, |_| {});
@@ -127,7 +133,11 @@ fn outbox_push_drain(c: &mut Criterion) {
     let mut group = c.benchmark_group("outbox");
     let items = messages(16);
     group.throughput(Throughput::Elements(items.len() as u64));
-    let outbox = Outbox::new(1, 1 << 30);
+    let window = Arc::new(DeliveryWindow::new(&BatchConfig {
+        delivery_window_ms: 0,
+        ..BatchConfig::default()
+    }));
+    let outbox = Arc::new(Outbox::new(1, 1 << 30, window));
     let mut drained = Drained::default();
     group.bench_function("push_16_then_drain", |b| {
         b.iter(|| {

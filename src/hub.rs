@@ -211,7 +211,15 @@ mod tests {
     use super::*;
 
     fn outbox(id: ConnId) -> Arc<Outbox> {
-        Arc::new(Outbox::new(id, 1 << 20))
+        let immediate = crate::config::BatchConfig {
+            delivery_window_ms: 0,
+            ..Default::default()
+        };
+        Arc::new(Outbox::new(
+            id,
+            1 << 20,
+            Arc::new(crate::batch::DeliveryWindow::new(&immediate)),
+        ))
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct Node {
     config: Config,
     id: Arc<str>,
     hub: Hub,
-    window: DeliveryWindow,
+    window: Arc<DeliveryWindow>,
     broker: Arc<dyn Broker>,
     stats: Stats,
     next_conn: AtomicU64,
@@ -48,13 +48,16 @@ pub struct Health {
 }
 
 impl Node {
+    /// Builds a node and starts its delivery-window clock; call inside a Tokio runtime.
     pub fn new(config: Config, broker: Arc<dyn Broker>) -> Arc<Node> {
         Arc::new_cyclic(|me: &Weak<Node>| {
             let id: Arc<str> = Arc::from(config.server.node_id.as_str());
             let sink: Weak<dyn EnvelopeSink> = me.clone();
             broker.attach(id.clone(), sink);
+            let window = Arc::new(DeliveryWindow::new(&config.batch));
+            tokio::spawn(DeliveryWindow::run_ticks(Arc::downgrade(&window)));
             Node {
-                window: DeliveryWindow::new(&config.batch),
+                window,
                 config,
                 id,
                 hub: Hub::new(),
@@ -96,7 +99,11 @@ impl Node {
             return None;
         }
         let id = self.next_conn.fetch_add(1, Relaxed);
-        let outbox = Arc::new(Outbox::new(id, self.config.limits.max_outbox_bytes));
+        let outbox = Arc::new(Outbox::new(
+            id,
+            self.config.limits.max_outbox_bytes,
+            self.window.clone(),
+        ));
         self.hub.add_socket(outbox.clone());
         Some(outbox)
     }

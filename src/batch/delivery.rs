@@ -12,12 +12,14 @@
 //! it lives, and it is emptied every tick, so it never grows past one window's worth.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::config::BatchConfig;
+use crate::connection::Outbox;
 use crate::protocol::outbound::Builder;
 use crate::protocol::Encoded;
 
@@ -33,6 +35,8 @@ pub struct DeliveryWindow {
     max_bytes: usize,
     epoch: Instant,
     memo: Mutex<Memo>,
+    /// Sockets with messages waiting for the next tick; each is listed once per window.
+    due: Mutex<Vec<Arc<Outbox>>>,
 }
 
 #[derive(Default)]
@@ -59,25 +63,47 @@ impl DeliveryWindow {
             max_bytes: config.max_batch_bytes,
             epoch: Instant::now(),
             memo: Mutex::new(Memo::default()),
+            due: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Wakes the writers of the sockets due at each tick, until the window is dropped.
+    /// One task per node replaces a timer per socket per window.
+    pub async fn run_ticks(window: Weak<DeliveryWindow>) {
+        let mut due = Vec::new();
+        loop {
+            let Some(next) = window.upgrade().map(|w| w.next_tick(Instant::now())) else {
+                return;
+            };
+            tokio::time::sleep_until(next.into()).await;
+            let Some(w) = window.upgrade() else {
+                return;
+            };
+            std::mem::swap(&mut *w.due.lock(), &mut due);
+            drop(w);
+            for outbox in due.drain(..) {
+                outbox.wake_writer();
+            }
+        }
+    }
+
+    /// Lists a socket for the next tick.
+    pub fn schedule(&self, outbox: Arc<Outbox>) {
+        self.due.lock().push(outbox);
+    }
+
+    /// Whether a socket that last took messages at `last_flush` sends a new one at once:
+    /// always with window 0, else on the leading edge after a whole quiet window.
+    pub fn sends_at_once(&self, last_flush: Option<Instant>) -> bool {
+        if self.window.is_zero() {
+            return true;
+        }
+        self.leading_edge && last_flush.is_none_or(|t| t.elapsed() >= self.window)
     }
 
     /// True when messages go out one frame each, as soon as they are queued.
     pub fn is_immediate(&self) -> bool {
         self.window.is_zero()
-    }
-
-    /// When a socket that last wrote at `last_flush` may write what it has queued now.
-    /// `None` means at once.
-    pub fn flush_at(&self, now: Instant, last_flush: Option<Instant>) -> Option<Instant> {
-        if self.window.is_zero() {
-            return None;
-        }
-        let idle = last_flush.is_none_or(|t| now.duration_since(t) >= self.window);
-        if self.leading_edge && idle {
-            return None;
-        }
-        Some(self.next_tick(now))
     }
 
     /// The first tick of the node-wide window clock strictly after `now`.
@@ -281,15 +307,17 @@ mod tests {
         let mut out = Vec::new();
         w.frames(&items, &mut out);
         assert_eq!(out.len(), 2);
-        assert!(w.flush_at(Instant::now(), Some(Instant::now())).is_none());
+        assert!(w.sends_at_once(Some(Instant::now())));
     }
 
     #[test]
     fn leading_edge_only_after_a_quiet_window() {
         let w = window(50, 100, 1 << 20);
         let now = Instant::now();
-        assert!(w.flush_at(now, None).is_none());
-        let at = w.flush_at(now, Some(now)).unwrap();
+        assert!(w.sends_at_once(None));
+        assert!(!w.sends_at_once(Some(now)));
+        assert!(w.sends_at_once(Some(now - Duration::from_millis(60))));
+        let at = w.next_tick(now);
         assert!(at > now && at <= now + Duration::from_millis(50));
     }
 }

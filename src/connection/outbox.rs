@@ -7,11 +7,14 @@
 //! at most one outbox of memory, and nobody else waits for it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::batch::DeliveryWindow;
 use crate::protocol::{close_code, outbound, Encoded};
 
 /// Identifies one socket on this node.
@@ -64,7 +67,10 @@ pub struct Outbox {
     id: ConnId,
     max_bytes: usize,
     state: Mutex<State>,
-    /// Wakes the writer when the queue goes from empty to non-empty, or on close.
+    /// Decides when a queued message may leave: at once, or at the next window tick.
+    window: Arc<DeliveryWindow>,
+    /// Wakes the writer: at once (leading edge, window 0, control, close) or from the
+    /// window's tick.
     wake: Notify,
     /// Set once a close reason is recorded: the reader stops, the writer's wait ends.
     /// An atomic, not a CancellationToken: the writer checks it on every wake-up.
@@ -78,6 +84,10 @@ struct State {
     bytes: usize,
     control: Vec<Bytes>,
     close: Option<CloseReason>,
+    /// The writer has been woken or is scheduled for the next tick: pushes only queue.
+    wake_pending: bool,
+    /// When the writer last took messages; decides the leading edge.
+    last_flush: Option<Instant>,
 }
 
 /// What the writer takes from the outbox in one step.
@@ -89,11 +99,12 @@ pub struct Drained {
 }
 
 impl Outbox {
-    pub fn new(id: ConnId, max_bytes: usize) -> Outbox {
+    pub fn new(id: ConnId, max_bytes: usize, window: Arc<DeliveryWindow>) -> Outbox {
         Outbox {
             id,
             max_bytes,
             state: Mutex::new(State::default()),
+            window,
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
@@ -104,8 +115,11 @@ impl Outbox {
         self.id
     }
 
-    /// Queues a message for this socket.
-    pub fn push(&self, message: &Encoded) -> Pushed {
+    /// Queues a message for this socket. The first message after a flush either wakes
+    /// the writer at once (window 0, or the socket was idle for a whole window) or puts
+    /// the socket on the window's list for the next tick; later ones only queue, so a
+    /// busy window costs one wake-up per socket, not one per message.
+    pub fn push(self: &Arc<Self>, message: &Encoded) -> Pushed {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return Pushed::Closed;
@@ -118,14 +132,25 @@ impl Outbox {
             self.mark_closing();
             return Pushed::Overflowed;
         }
-        let was_idle = state.queue.is_empty() && state.control.is_empty();
         state.queue.push(message.clone());
         state.bytes += message.wire_len();
+        if state.wake_pending {
+            return Pushed::Queued;
+        }
+        state.wake_pending = true;
+        let now_ok = self.window.sends_at_once(state.last_flush);
         drop(state);
-        if was_idle {
+        if now_ok {
             self.wake.notify_one();
+        } else {
+            self.window.schedule(self.clone());
         }
         Pushed::Queued
+    }
+
+    /// Wakes the writer; called by the window's tick.
+    pub fn wake_writer(&self) {
+        self.wake.notify_one();
     }
 
     /// Queues a control frame (a pong) ahead of the next messages.
@@ -167,6 +192,10 @@ impl Outbox {
         std::mem::swap(&mut state.queue, &mut into.messages);
         std::mem::swap(&mut state.control, &mut into.control);
         state.bytes = 0;
+        state.wake_pending = false;
+        if !into.messages.is_empty() {
+            state.last_flush = Some(Instant::now());
+        }
         into.close = state.close.clone();
     }
 
@@ -198,9 +227,16 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn immediate() -> Arc<DeliveryWindow> {
+        Arc::new(DeliveryWindow::new(&crate::config::BatchConfig {
+            delivery_window_ms: 0,
+            ..Default::default()
+        }))
+    }
+
     #[test]
     fn overflow_closes_as_slow_consumer_and_drops_the_queue() {
-        let outbox = Outbox::new(1, 100);
+        let outbox = Arc::new(Outbox::new(1, 100, immediate()));
         let m = Encoded::from_json(&[b'1'; 40]);
         assert_eq!(outbox.push(&m), Pushed::Queued);
         assert_eq!(outbox.push(&m), Pushed::Queued);
@@ -215,7 +251,7 @@ mod tests {
 
     #[test]
     fn shutdown_keeps_what_is_queued() {
-        let outbox = Outbox::new(1, 1000);
+        let outbox = Arc::new(Outbox::new(1, 1000, immediate()));
         let m = Encoded::from_json(b"1");
         outbox.push(&m);
         assert!(outbox.close(CloseReason::Shutdown));

@@ -7,7 +7,7 @@
 //! them within `CLOSE_GRACE` is cut off, so a stuck reader cannot hold a task forever.
 
 use std::io::{self, IoSlice};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -25,17 +25,10 @@ const IOV_CHUNK: usize = 64;
 pub async fn run(outbox: &Outbox, mut io: OwnedWriteHalf, window: &DeliveryWindow, stats: &Stats) {
     let mut drained = Drained::default();
     let mut frames: Vec<Bytes> = Vec::new();
-    let mut last_flush: Option<Instant> = None;
     loop {
+        // Woken when there is something to send now: the window's tick, the leading
+        // edge, a control frame or a close (see `Outbox::push`).
         outbox.ready().await;
-        if !outbox.is_closing() {
-            if let Some(at) = window.flush_at(Instant::now(), last_flush) {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at.into()) => {}
-                    _ = outbox.closed() => {}
-                }
-            }
-        }
         outbox.drain(&mut drained);
         frames.clear();
         frames.append(&mut drained.control);
@@ -58,7 +51,6 @@ pub async fn run(outbox: &Outbox, mut io: OwnedWriteHalf, window: &DeliveryWindo
             }
             if messages > 0 {
                 stats.record_write(messages, frames.len());
-                last_flush = Some(Instant::now());
             }
         }
         if close.is_some() {

@@ -31,6 +31,14 @@ use tokio_util::sync::CancellationToken;
 
 use scan::Scanner;
 
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Via {
+    /// Publisher sockets sending `message` frames.
+    Socket,
+    /// `POST /api/publish` on keep-alive HTTP connections (needs --api-key).
+    Api,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Scenario {
     /// 2000 sockets, 20 rooms, 1 room each, 200 msg/s, 100-byte payloads.
@@ -55,9 +63,15 @@ struct Args {
     rooms: Option<usize>,
     #[arg(long)]
     rooms_per_socket: Option<usize>,
-    /// Publisher sockets (they join no room).
+    /// Publishers (sockets that join no room, or HTTP connections with --via api).
     #[arg(long)]
     publishers: Option<usize>,
+    /// How publishers publish.
+    #[arg(long, value_enum, default_value = "socket")]
+    via: Via,
+    /// The nodes' api.key, for --via api.
+    #[arg(long, default_value = "")]
+    api_key: String,
     /// Total messages per second over all publishers.
     #[arg(long)]
     rate: Option<f64>,
@@ -276,6 +290,95 @@ async fn subscriber(
     }
 }
 
+/// Where a publisher sends its messages.
+enum Sink {
+    Socket(fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>),
+    Api {
+        sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+        host: String,
+        key: String,
+    },
+}
+
+impl Sink {
+    async fn send(&mut self, room: &str, content: String, run: &Run) -> Result<(), String> {
+        match self {
+            Sink::Socket(tx) => {
+                let frame =
+                    format!(r#"{{"type":"message","roomId":"{room}","content":{content}}}"#);
+                tx.write_frame(Frame::text(Payload::Owned(frame.into_bytes())))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Sink::Api { sender, host, key } => {
+                let body = format!(r#"{{"roomId":"{room}","content":{content}}}"#);
+                let request = Request::post("/api/publish")
+                    .header(HOST, host.as_str())
+                    .header(hyper::header::AUTHORIZATION, format!("apikey {key}"))
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(http_body_util::Full::new(Bytes::from(body)))
+                    .map_err(|e| e.to_string())?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !response.status().is_success() && run.errors.fetch_add(1, Relaxed) == 0 {
+                    eprintln!("volley-bench: publish API answered {}", response.status());
+                }
+                // Read the small body so the connection can be reused.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn api_sink(url: &str, key: String) -> Result<Sink, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(Sink::Api {
+        sender,
+        host: format!("{host}:{port}"),
+        key,
+    })
+}
+
+async fn socket_sink(
+    url: &str,
+    run: Arc<Run>,
+) -> Result<(Sink, tokio::task::JoinHandle<()>), String> {
+    let ws = connect(url).await?;
+    let (mut rx, tx) = ws.split(tokio::io::split);
+    // The publisher joins nothing: whatever comes back is an error frame.
+    let reader = tokio::spawn(async move {
+        let mut ignore = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
+        while let Ok(frame) = rx.read_frame(&mut ignore).await {
+            if frame.opcode == OpCode::Text
+                && memchr::memmem::find(&frame.payload, br#""type":"error""#).is_some()
+                && run.errors.fetch_add(1, Relaxed) == 0
+            {
+                eprintln!(
+                    "volley-bench: server error: {}",
+                    String::from_utf8_lossy(&frame.payload)
+                );
+            }
+        }
+    });
+    Ok((Sink::Socket(tx), reader))
+}
+
 /// Publishes at `rate` per second to its share of rooms until `stop`.
 async fn publisher(
     url: String,
@@ -284,27 +387,17 @@ async fn publisher(
     rooms: Arc<Vec<String>>,
     subscribers_per_room: Arc<Vec<u64>>,
     run: Arc<Run>,
+    via: Via,
+    api_key: String,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    let ws = connect(&url).await?;
-    let (mut rx, mut tx) = ws.split(tokio::io::split);
-    let errors = run.clone();
-    // The publisher joins nothing: whatever comes back is an error frame.
-    let reader = tokio::spawn(async move {
-        let mut ignore = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
-        while let Ok(frame) = rx.read_frame(&mut ignore).await {
-            if frame.opcode == OpCode::Text
-                && memchr::memmem::find(&frame.payload, br#""type":"error""#).is_some()
-            {
-                if errors.errors.fetch_add(1, Relaxed) == 0 {
-                    eprintln!(
-                        "volley-bench: server error: {}",
-                        String::from_utf8_lossy(&frame.payload)
-                    );
-                }
-            }
+    let (mut sink, reader) = match via {
+        Via::Socket => {
+            let (sink, reader) = socket_sink(&url, run.clone()).await?;
+            (sink, Some(reader))
         }
-    });
+        Via::Api => (api_sink(&url, api_key).await?, None),
+    };
     let rate = plan.rate / plan.publishers as f64;
     let mut seqs = vec![0u64; rooms.len()];
     let start = Instant::now();
@@ -322,13 +415,7 @@ async fn publisher(
             seqs[room] += 1;
             let t = now_us();
             let content = scan::content(index as u32, room as u32, seqs[room], t, plan.payload);
-            let frame = format!(
-                r#"{{"type":"message","roomId":"{}","content":{content}}}"#,
-                rooms[room]
-            );
-            tx.write_frame(Frame::text(Payload::Owned(frame.into_bytes())))
-                .await
-                .map_err(|e| e.to_string())?;
+            sink.send(&rooms[room], content, &run).await?;
             if run.counts(t) {
                 run.published.fetch_add(1, Relaxed);
                 run.expected.fetch_add(subscribers_per_room[room], Relaxed);
@@ -336,7 +423,9 @@ async fn publisher(
             sent += 1;
         }
     }
-    reader.abort();
+    if let Some(reader) = reader {
+        reader.abort();
+    }
     Ok(())
 }
 
@@ -358,6 +447,10 @@ fn total_cpu(pids: &[u32]) -> Option<f64> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.via == Via::Api && args.api_key.is_empty() {
+        eprintln!("volley-bench: --via api needs --api-key (the nodes' api.key)");
+        std::process::exit(2);
+    }
     let plan = Arc::new(Plan::from(&args));
     if let Err(e) = bench(&args, plan).await {
         eprintln!("volley-bench: {e}");
@@ -439,15 +532,48 @@ async fn bench(args: &Args, plan: Arc<Plan>) -> Result<(), String> {
             rooms.clone(),
             per_room.clone(),
             run.clone(),
+            args.via,
+            args.api_key.clone(),
             stop_publishers.clone(),
         ));
     }
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(((args.warmup + args.duration) * 10.0) as u64)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let ticker = {
+        let (progress, run) = (progress.clone(), run.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                progress.inc(1);
+                let phase = if run.measure_from_us.load(Relaxed) == u64::MAX {
+                    "warm-up"
+                } else {
+                    "measuring"
+                };
+                progress.set_message(format!(
+                    "{phase}: {} published, {} expected deliveries",
+                    run.published.load(Relaxed),
+                    run.expected.load(Relaxed)
+                ));
+            }
+        })
+    };
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let cpu_before = total_cpu(&args.pids);
     let started = Instant::now();
     run.measure_from_us.store(now_us(), Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     run.measure_until_us.store(now_us(), Relaxed);
+    ticker.abort();
+    progress.finish_and_clear();
     let measured = started.elapsed().as_secs_f64();
     stop_publishers.cancel();
     while let Some(result) = publishers.join_next().await {
