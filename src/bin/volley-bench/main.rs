@@ -429,6 +429,13 @@ async fn publisher(
     Ok(())
 }
 
+/// The node a subscriber socket connects to. Scrambled, so that node choice does not
+/// follow room choice (both from the socket index): every room gets subscribers on
+/// every node and messages really cross nodes.
+fn node_of(socket: usize, nodes: usize) -> usize {
+    ((socket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % nodes.max(1)
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -485,7 +492,7 @@ async fn bench(args: &Args, plan: Arc<Plan>) -> Result<(), String> {
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(plan.sockets.max(1));
     let mut subscribers = JoinSet::new();
     for s in 0..plan.sockets {
-        let url = args.urls[s % args.urls.len()].clone();
+        let url = args.urls[node_of(s, args.urls.len())].clone();
         let my_rooms = plan
             .rooms_of(s)
             .into_iter()
@@ -671,5 +678,31 @@ fn print_table(r: &serde_json::Value) {
             us
         ),
         None => println!("server CPU: pass --pid PID for each server process"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_room_has_subscribers_on_every_node() {
+        for (sockets, rooms, per) in [(2000, 20, 1), (500, 200, 20)] {
+            let plan = Plan {
+                sockets,
+                rooms,
+                rooms_per_socket: per,
+                publishers: 4,
+                rate: 1.0,
+                payload: 10,
+            };
+            let mut seen = vec![[false; 2]; rooms];
+            for s in 0..sockets {
+                for r in plan.rooms_of(s) {
+                    seen[r][node_of(s, 2)] = true;
+                }
+            }
+            assert!(seen.iter().all(|n| n[0] && n[1]), "{sockets} sockets x {rooms} rooms");
+        }
     }
 }
