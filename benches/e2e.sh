@@ -10,7 +10,8 @@
 #                                                      see flamegraphs/README.md)
 #
 # --set flags go to both nodes (e.g. --set batch.delivery_window_ms=10). Prints the
-# bench's report, then the Redis commands and pipelines per second it saw. Everything it
+# bench's report, with the Redis commands and pipelines per second during the measured
+# seconds (the bench reads INFO and the nodes' /healthz at its start and end). Everything it
 # starts, it stops. Installs redis-server (Debian) if it is missing.
 # `saturate` runs the ticker load at doubling rates (RATES="2000 4000 ...") until a step
 # loses messages or its p99 passes 1 s, and reports the highest rate held.
@@ -46,13 +47,14 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-redis_args=()
+redis_args=(); bench_redis=()
 if [ "$nodes" -gt 1 ]; then
   rport=$(free_port)
   redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
   pids+=($!)
   for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
   redis_args=(--set "redis.url=redis://127.0.0.1:$rport")
+  bench_redis=(--redis-url "redis://127.0.0.1:$rport")
 fi
 
 urls=(); node_pids=(); node_http=(); perf_pids=()
@@ -78,20 +80,14 @@ if [ "$nodes" -gt 1 ]; then
   for hp in "${node_http[@]}"; do
     for _ in $(seq 100); do curl -sf "http://$hp/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
   done
-  redis-cli -p "$rport" config resetstat >/dev/null
 fi
-pipelines_now() {
-  for hp in "${node_http[@]}"; do curl -sf "http://$hp/healthz"; echo; done |
-    python3 -c 'import sys, json; print(sum(json.loads(l).get("redis_pipelines", 0) for l in sys.stdin if l.strip()))'
-}
-pipelines_before=$(pipelines_now)
 
 pid_args=(); for p in "${node_pids[@]}"; do pid_args+=(--pid "$p"); done
 if [ "$scenario" = saturate ]; then
   best=0; best_line=""
   for rate in ${RATES:-2000 4000 8000 16000 32000 64000}; do
     # shellcheck disable=SC2086
-    line=$("$bin/volley-bench" --scenario ticker --rate "$rate" "${urls[@]}" "${pid_args[@]}" \
+    line=$("$bin/volley-bench" --scenario ticker --rate "$rate" "${urls[@]}" "${pid_args[@]}" "${bench_redis[@]}" \
       --warmup "$warmup" --duration "$duration" --json ${BENCH_ARGS:-}) || break
     held=$(python3 -c 'import sys, json; r = json.loads(sys.argv[1]); print(int(r["lost"] == 0 and r["failed_sockets"] == 0 and r["latency_ms"]["p99"] <= 1000))' "$line")
     python3 -c 'import sys, json; r = json.loads(sys.argv[1]); print("rate %6d msg/s: delivered/s %9.0f  lost %d  p50 %.1f ms  p99 %.1f ms  cpu %s us/delivery  %s" % (r["rate"], r["delivered_per_s"], r["lost"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], "%.2f" % r["server_cpu_us_per_delivery"] if r["server_cpu_us_per_delivery"] else "-", "held" if sys.argv[2] == "1" else "NOT held"))' "$line" "$held"
@@ -105,18 +101,8 @@ if [ "$scenario" = saturate ]; then
   fi
 else
   # shellcheck disable=SC2086
-  "$bin/volley-bench" --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" \
+  "$bin/volley-bench" --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" "${bench_redis[@]}" \
     --warmup "$warmup" --duration "$duration" ${BENCH_ARGS:-}
-fi
-
-if [ "$nodes" -gt 1 ] && [ "$scenario" != saturate ]; then
-  # The stats cover warm-up, measurement and drain: divide by the whole run.
-  secs=$(python3 -c "print($warmup + $duration)")
-  redis-cli -p "$rport" info commandstats | tr -d '\r' | awk -F'[:=,]' -v s="$secs" '
-    /^cmdstat_publish:/ { printf "redis PUBLISH commands/s %.0f\n", $3 / s }'
-  redis-cli -p "$rport" info stats | tr -d '\r' | awk -F: -v s="$secs" '
-    /^total_commands_processed:/ { printf "redis commands/s (all) %.0f\n", $2 / s }'
-  python3 -c "print('publish pipelines/s (both nodes) %.1f' % (($(pipelines_now) - $pipelines_before) / $secs))"
 fi
 
 if [ -n "${FLAMEGRAPH:-}" ]; then

@@ -21,8 +21,8 @@ PATTERNS = {
     "frames": r"frames/socket/s ([\d.]+)",
     "lost": r"lost (\d+)",
     "delivered": r"delivered/s (\d+)",
-    "redis": r"redis commands/s \(all\) (\d+)",
-    "pipelines": r"publish pipelines/s \(both nodes\) ([\d.]+)",
+    "redis": r"redis commands/s (\d+)",
+    "pipelines": r"publish pipelines/s ([\d.]+)",
 }
 
 

@@ -90,6 +90,9 @@ struct Args {
     /// Server process ids whose CPU time is measured; repeat for several.
     #[arg(long = "pid")]
     pids: Vec<u32>,
+    /// The Redis the nodes share: its command rates during the measurement are reported.
+    #[arg(long)]
+    redis_url: Option<String>,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -436,6 +439,86 @@ fn node_of(socket: usize, nodes: usize) -> usize {
     ((socket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % nodes.max(1)
 }
 
+/// Counters read at the start and the end of the measurement, outside the servers' CPU.
+#[derive(Default, Clone, Copy)]
+struct ServerCounters {
+    redis_commands: Option<f64>,
+    redis_publish: Option<f64>,
+    pipelines: Option<f64>,
+}
+
+async fn redis_counters(url: &str) -> Option<(f64, f64)> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let stats: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let commands: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let total = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let publish = commands
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Some((total, publish))
+}
+
+/// Sum of the nodes' `redis_pipelines` counters, from `/healthz` on each node's address.
+async fn pipelines(urls: &[String]) -> Option<f64> {
+    let mut total = 0.0;
+    for url in urls {
+        let uri: hyper::Uri = url.parse().ok()?;
+        let (host, port) = (uri.host()?.to_string(), uri.port_u16().unwrap_or(80));
+        let stream = TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let request = Request::get("/healthz")
+            .header(HOST, format!("{host}:{port}"))
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        let health: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        total += health["redis_pipelines"].as_f64()?;
+    }
+    Some(total)
+}
+
+async fn server_counters(args: &Args) -> ServerCounters {
+    let redis = match &args.redis_url {
+        Some(url) => redis_counters(url).await,
+        None => None,
+    };
+    ServerCounters {
+        redis_commands: redis.map(|r| r.0),
+        redis_publish: redis.map(|r| r.1),
+        pipelines: if args.redis_url.is_some() {
+            pipelines(&args.urls).await
+        } else {
+            None
+        },
+    }
+}
+
+fn rate(before: Option<f64>, after: Option<f64>, seconds: f64) -> Option<f64> {
+    before.zip(after).map(|(a, b)| (b - a) / seconds)
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -574,11 +657,14 @@ async fn bench(args: &Args, plan: Arc<Plan>) -> Result<(), String> {
         })
     };
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    let counters_before = server_counters(args).await;
     let cpu_before = total_cpu(&args.pids);
     let started = Instant::now();
     run.measure_from_us.store(now_us(), Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     run.measure_until_us.store(now_us(), Relaxed);
+    let counters_after = server_counters(args).await;
+    let counted_secs = started.elapsed().as_secs_f64();
     ticker.abort();
     progress.finish_and_clear();
     let measured = started.elapsed().as_secs_f64();
@@ -642,6 +728,9 @@ async fn bench(args: &Args, plan: Arc<Plan>) -> Result<(), String> {
             "max": latency.max() as f64 / 1000.0,
         },
         "server_cpu_s": cpu_before.zip(cpu_after).map(|(a, b)| b - a),
+        "redis_commands_per_s": rate(counters_before.redis_commands, counters_after.redis_commands, counted_secs),
+        "redis_publish_per_s": rate(counters_before.redis_publish, counters_after.redis_publish, counted_secs),
+        "publish_pipelines_per_s": rate(counters_before.pipelines, counters_after.pipelines, counted_secs),
         "server_cpu_us_per_delivery": cpu_before.zip(cpu_after).filter(|_| delivered > 0).map(|(a, b)| (b - a) * 1e6 / delivered as f64),
     });
     if args.json {
@@ -671,6 +760,14 @@ fn print_table(r: &serde_json::Value) {
         "latency ms  p50 {}  p99 {}  p99.9 {}  max {}",
         l["p50"], l["p99"], l["p999"], l["max"]
     );
+    if let Some(commands) = r["redis_commands_per_s"].as_f64() {
+        println!(
+            "redis commands/s {:.0} (PUBLISH {:.0})  publish pipelines/s {:.1}",
+            commands,
+            r["redis_publish_per_s"].as_f64().unwrap_or(0.0),
+            r["publish_pipelines_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
     match r["server_cpu_us_per_delivery"].as_f64() {
         Some(us) => println!(
             "server CPU {:.2} s  = {:.2} µs per delivery",
@@ -702,7 +799,10 @@ mod tests {
                     seen[r][node_of(s, 2)] = true;
                 }
             }
-            assert!(seen.iter().all(|n| n[0] && n[1]), "{sockets} sockets x {rooms} rooms");
+            assert!(
+                seen.iter().all(|n| n[0] && n[1]),
+                "{sockets} sockets x {rooms} rooms"
+            );
         }
     }
 }
