@@ -368,14 +368,16 @@ async fn socket_sink(
     let reader = tokio::spawn(async move {
         let mut ignore = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
         while let Ok(frame) = rx.read_frame(&mut ignore).await {
-            if frame.opcode == OpCode::Text
-                && memchr::memmem::find(&frame.payload, br#""type":"error""#).is_some()
-                && run.errors.fetch_add(1, Relaxed) == 0
-            {
-                eprintln!(
-                    "volley-bench: server error: {}",
-                    String::from_utf8_lossy(&frame.payload)
-                );
+            if frame.opcode != OpCode::Text {
+                continue;
+            }
+            // A batch frame may carry many errors: count each.
+            let errors =
+                memchr::memmem::find_iter(&frame.payload, br#""type":"error""#).count() as u64;
+            if errors > 0 && run.errors.fetch_add(errors, Relaxed) == 0 {
+                let text = String::from_utf8_lossy(&frame.payload);
+                let first: String = text.chars().take(200).collect();
+                eprintln!("volley-bench: server error (first shown): {first}");
             }
         }
     });
