@@ -192,18 +192,6 @@ impl Hub {
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
-
-    pub fn socket_count(&self) -> usize {
-        self.sockets.len()
-    }
-
-    /// Local sockets in `room`.
-    pub fn members(&self, room: &str) -> usize {
-        self.rooms
-            .get(room)
-            .map(|r| r.members.lock().by_id.len())
-            .unwrap_or(0)
-    }
 }
 
 #[cfg(test)]

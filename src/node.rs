@@ -80,10 +80,6 @@ impl Node {
         &self.stats
     }
 
-    pub fn hub(&self) -> &Hub {
-        &self.hub
-    }
-
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
     }

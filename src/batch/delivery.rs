@@ -101,11 +101,6 @@ impl DeliveryWindow {
         self.leading_edge && last_flush.is_none_or(|t| t.elapsed() >= self.window)
     }
 
-    /// True when messages go out one frame each, as soon as they are queued.
-    pub fn is_immediate(&self) -> bool {
-        self.window.is_zero()
-    }
-
     /// The first tick of the node-wide window clock strictly after `now`.
     pub fn next_tick(&self, now: Instant) -> Instant {
         let w = self.window.as_nanos().max(1);

@@ -147,8 +147,15 @@ impl RedisBroker {
             changed: tokio::sync::Notify::new(),
         });
         let stop = CancellationToken::new();
-        let publisher_conn = ConnectionManager::new_lazy_with_config(client, manager_config())
-            .map_err(RedisStartError::BadUrl)?;
+        // No retries inside a publish: a pipeline that meets a broken connection must
+        // fail, so the batcher keeps it and holds it until the subscribers are back,
+        // instead of the manager sending it to a restarted Redis that nobody has
+        // subscribed to yet. The manager still reconnects in the background.
+        let publisher_conn = ConnectionManager::new_lazy_with_config(
+            client,
+            manager_config().set_number_of_retries(0),
+        )
+        .map_err(RedisStartError::BadUrl)?;
         let publisher = tokio::spawn(publisher::run(publisher::Publisher::new(
             shared.clone(),
             queue.clone(),

@@ -180,6 +180,10 @@ pub(super) async fn run(mut p: Publisher) {
             }
             continue;
         }
+        // The probe may have seen Redis go away before any publish failed.
+        if !p.shared.publisher_ok.load(Relaxed) {
+            recovering.get_or_insert_with(tokio::time::Instant::now);
+        }
         if let Some(since) = recovering {
             match p.subscribers_back(&pending).await {
                 Ok(true) => recovering = None,

@@ -38,6 +38,7 @@ pub(super) async fn run(
     let mut ticker = tokio::time::interval(probe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe_sent = 0u64;
+    let mut judged = 0u64;
     let mut misses = 0u32;
     loop {
         if let Err(e) = reconcile(&shared, &subscriptions, &client, &mut conn, &mut current).await {
@@ -56,13 +57,18 @@ pub(super) async fn run(
             _ = subscriptions.changed.notified() => {}
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {
-                // Judge the probe sent one interval ago, then send the next.
-                if probe_sent > 0 && shared.probe_seen.load(Relaxed) < probe_sent {
-                    misses += 1;
-                } else {
-                    misses = 0;
-                    if probe_sent > 0 && !shared.subscriber_ok.swap(true, Relaxed) {
-                        tracing::info!("Redis subscriber delivering again");
+                // Judge each published probe once, an interval after it was sent. While
+                // Redis is unreachable no probe is published, so nothing is judged: the
+                // connection manager's own reconnect and resubscription handle outages.
+                if probe_sent > judged {
+                    judged = probe_sent;
+                    if shared.probe_seen.load(Relaxed) < probe_sent {
+                        misses += 1;
+                    } else {
+                        misses = 0;
+                        if !shared.subscriber_ok.swap(true, Relaxed) {
+                            tracing::info!("Redis subscriber delivering again");
+                        }
                     }
                 }
                 if misses >= MISSES_BEFORE_RESTART {
@@ -70,7 +76,11 @@ pub(super) async fn run(
                     shared.subscriber_ok.store(false, Relaxed);
                     shared.figures.subscriber_restarts.fetch_add(1, Relaxed);
                     shared.generation.fetch_add(1, Relaxed);
-                    conn = None;
+                    if let Some(mut old) = conn.take() {
+                        // Best effort: a deaf connection should not stay subscribed.
+                        let channels: Vec<String> = current.iter().cloned().collect();
+                        let _ = tokio::time::timeout(probe_interval, old.unsubscribe(&channels)).await;
+                    }
                     misses = 0;
                     continue;
                 }
