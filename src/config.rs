@@ -295,12 +295,11 @@ impl Config {
                 "must be at most 60000 (one minute)",
             );
         }
-        if !self.redis.url.is_empty()
-            && !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://"))
-        {
+        // TLS (rediss://) is not built in: refuse it here rather than fail at connect.
+        if !self.redis.url.is_empty() && !self.redis.url.starts_with("redis://") {
             return invalid(
                 "redis.url",
-                "must start with redis:// (or be empty for the memory broker)",
+                "must start with redis:// (TLS is not supported; empty = the memory broker)",
             );
         }
         if self.redis.max_pipeline < 1 {
@@ -471,6 +470,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("window"), "{err}");
+
+        let flags = Overrides {
+            set: vec!["redis.url=rediss://cache:6380".into()],
+            ..Overrides::default()
+        };
+        let err = Config::load_from_env(&flags, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid value for redis.url"), "{err}");
 
         let env = |name: &str| (name == "PORT").then(|| "eighty".to_string());
         let err = Config::load_from_env(&Overrides::default(), env)

@@ -76,6 +76,26 @@ impl FanOut {
     }
 }
 
+/// A handle on one room with local sockets, from `Hub::room`.
+pub struct RoomRef(Arc<Room>);
+
+impl RoomRef {
+    pub fn name(&self) -> &Arc<str> {
+        &self.0.name
+    }
+
+    /// Queues `message` for every local socket in the room, in one pass under the room's
+    /// lock, so all of them see the room's messages in the same order.
+    pub fn fan_out(&self, message: &Encoded) -> FanOut {
+        let mut out = FanOut::default();
+        let members = self.0.members.lock();
+        for outbox in members.by_id.values() {
+            out.count(outbox.push(message));
+        }
+        out
+    }
+}
+
 impl Default for Hub {
     fn default() -> Self {
         Hub::new()
@@ -162,17 +182,17 @@ impl Hub {
         Left::Gone { last: true }
     }
 
+    /// The room, if any local socket is in it. The handle keeps the room's shared name,
+    /// so a publish can address the broker without allocating one.
+    pub fn room(&self, room: &str) -> Option<RoomRef> {
+        self.rooms.get(room).map(|r| RoomRef(r.value().clone()))
+    }
+
     /// Queues `message` for every local socket in `room`.
     pub fn fan_out(&self, room: &str, message: &Encoded) -> FanOut {
-        let mut out = FanOut::default();
-        let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
-            return out;
-        };
-        let members = entry.members.lock();
-        for outbox in members.by_id.values() {
-            out.count(outbox.push(message));
-        }
-        out
+        self.room(room)
+            .map(|r| r.fan_out(message))
+            .unwrap_or_default()
     }
 
     /// Queues `message` for every socket on this node.

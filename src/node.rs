@@ -161,12 +161,18 @@ impl Node {
     }
 
     fn send_room(&self, room: &str, message: Encoded) -> Result<FanOut, PublishError> {
+        // One lookup serves both the broker's address and the local fan-out; a name is
+        // allocated only for a room with no local socket.
+        let local = self.hub.room(room);
+        let name = local
+            .as_ref()
+            .map_or_else(|| Arc::from(room), |r| r.name().clone());
         self.broker.publish(&[Envelope {
             origin: self.id.clone(),
-            target: Target::Room(Arc::from(room)),
+            target: Target::Room(name),
             payload: message.clone(),
         }])?;
-        Ok(self.local(self.hub.fan_out(room, &message)))
+        Ok(self.local(local.map(|r| r.fan_out(&message)).unwrap_or_default()))
     }
 
     fn local(&self, fan: FanOut) -> FanOut {

@@ -218,8 +218,13 @@ mod tests {
         Encoded::from_json(format!(r#"{{"n":{n}}}"#).as_bytes())
     }
 
+    /// The payload of a server frame (unmasked; RFC 6455 length encoding).
     fn body(frame: &Bytes) -> &[u8] {
-        let h = crate::protocol::outbound::header_len(frame.len() - 2);
+        let h = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
         &frame[h..]
     }
 

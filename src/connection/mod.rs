@@ -17,7 +17,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 pub use outbox::{CloseReason, ConnId, Outbox, Pushed};
-pub use writer::CLOSE_GRACE;
 
 use crate::node::Node;
 use session::Session;

@@ -67,15 +67,6 @@ pub fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, len: usize) -> usize
     }
 }
 
-/// Header length for a payload of `len` bytes.
-pub fn header_len(len: usize) -> usize {
-    match len {
-        0..=125 => 2,
-        126..=0xFFFF => 4,
-        _ => 10,
-    }
-}
-
 /// Builds a text frame: JSON is appended after a gap, the header is written on `finish`.
 pub struct Builder {
     buf: BytesMut,
