@@ -93,7 +93,7 @@ fn hub_fan_out(c: &mut Criterion) {
     for subscribers in [1usize, 100, 10_000] {
         let hub = Hub::new();
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers as u64)
-            .map(|id| Arc::new(Outbox::new(id, usize::MAX / 2, window.clone())))
+            .map(|id| Arc::new(Outbox::new(id, usize::MAX / 2, window.clone(), Arc::default())))
             .collect();
         for outbox in &outboxes {
             hub.join("room", outbox, |_| {});
@@ -137,7 +137,7 @@ fn outbox_push_drain(c: &mut Criterion) {
         delivery_window_ms: 0,
         ..BatchConfig::default()
     }));
-    let outbox = Arc::new(Outbox::new(1, 1 << 30, window));
+    let outbox = Arc::new(Outbox::new(1, 1 << 30, window, Arc::default()));
     let mut drained = Drained::default();
     group.bench_function("push_16_then_drain", |b| {
         b.iter(|| {

@@ -7,6 +7,7 @@
 //! `.await`. An empty room is removed from the map at once, so join/leave churn leaves
 //! nothing behind; a join racing that removal sees the room marked dead and retries.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -67,13 +68,38 @@ pub struct FanOut {
 }
 
 impl FanOut {
-    fn count(&mut self, pushed: Pushed) {
+    fn count(&mut self, pushed: Pushed, outbox: &Arc<Outbox>, due: &mut Vec<Arc<Outbox>>) {
         match pushed {
             Pushed::Queued => self.queued += 1,
+            Pushed::Due => {
+                self.queued += 1;
+                due.push(outbox.clone());
+            }
             Pushed::Overflowed => self.overflowed += 1,
             Pushed::Closed => {}
         }
     }
+}
+
+/// Runs a fan-out with a list for the sockets it makes due, then writes them, once the
+/// fan-out has released its locks. The list is the thread's own and is reused.
+fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
+    thread_local! {
+        static DUE: RefCell<Vec<Arc<Outbox>>> = const { RefCell::new(Vec::new()) };
+    }
+    DUE.with(|cell| {
+        let mut fresh = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        let due = match borrowed.as_mut() {
+            Ok(due) => &mut **due,
+            Err(_) => &mut fresh,
+        };
+        let out = fan_out(due);
+        for outbox in due.drain(..) {
+            outbox.flush();
+        }
+        out
+    })
 }
 
 /// A handle on one room with local sockets, from `Hub::room`.
@@ -86,13 +112,17 @@ impl RoomRef {
 
     /// Queues `message` for every local socket in the room, in one pass under the room's
     /// lock, so all of them see the room's messages in the same order.
+    /// Sockets the message makes due at once are written after the lock is released.
     pub fn fan_out(&self, message: &Encoded) -> FanOut {
-        let mut out = FanOut::default();
-        let members = self.0.members.lock();
-        for outbox in members.by_id.values() {
-            out.count(outbox.push(message));
-        }
-        out
+        with_due(|due| {
+            let mut out = FanOut::default();
+            let members = self.0.members.lock();
+            for outbox in members.by_id.values() {
+                out.count(outbox.push(message), outbox, due);
+            }
+            drop(members);
+            out
+        })
     }
 }
 
@@ -197,11 +227,13 @@ impl Hub {
 
     /// Queues `message` for every socket on this node.
     pub fn fan_out_all(&self, message: &Encoded) -> FanOut {
-        let mut out = FanOut::default();
-        for socket in self.sockets.iter() {
-            out.count(socket.value().push(message));
-        }
-        out
+        with_due(|due| {
+            let mut out = FanOut::default();
+            for socket in self.sockets.iter() {
+                out.count(socket.value().push(message), socket.value(), due);
+            }
+            out
+        })
     }
 
     /// Every socket on this node (a snapshot), for shutdown.
@@ -227,6 +259,7 @@ mod tests {
             id,
             1 << 20,
             Arc::new(crate::batch::DeliveryWindow::new(&immediate)),
+            Arc::default(),
         ))
     }
 

@@ -28,7 +28,7 @@ pub struct Node {
     hub: Hub,
     window: Arc<DeliveryWindow>,
     broker: Arc<dyn Broker>,
-    stats: Stats,
+    stats: Arc<Stats>,
     next_conn: AtomicU64,
 }
 
@@ -62,7 +62,7 @@ impl Node {
                 id,
                 hub: Hub::new(),
                 broker,
-                stats: Stats::default(),
+                stats: Arc::default(),
                 next_conn: AtomicU64::new(1),
             }
         })
@@ -99,6 +99,7 @@ impl Node {
             id,
             self.config.limits.max_outbox_bytes,
             self.window.clone(),
+            self.stats.clone(),
         ));
         self.hub.add_socket(outbox.clone());
         Some(outbox)

@@ -82,7 +82,7 @@ impl DeliveryWindow {
             std::mem::swap(&mut *w.due.lock(), &mut due);
             drop(w);
             for outbox in due.drain(..) {
-                outbox.wake_writer();
+                outbox.flush();
             }
         }
     }

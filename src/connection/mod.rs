@@ -2,8 +2,10 @@
 //!
 //! After the HTTP upgrade the TCP stream is taken back from hyper and split. The reader
 //! (fastwebsockets) turns frames into session actions; fan-out fills the outbox from any
-//! thread; the writer drains it once per delivery window with vectored writes. The three
-//! meet only at the outbox, whose lock is never held across an `.await`.
+//! thread, and whichever thread finds messages due (the window's tick, a leading-edge
+//! push) writes them with a non-blocking vectored write; the writer task finishes what
+//! would block, and the close. They meet only at the outbox, whose lock is never held
+//! across an `.await`.
 
 pub mod outbox;
 mod reader;
@@ -25,12 +27,11 @@ use session::Session;
 /// right after the handshake, already read by the HTTP layer.
 pub async fn serve(node: Arc<Node>, outbox: Arc<Outbox>, stream: TcpStream, early: Bytes) {
     let (read_half, write_half) = stream.into_split();
-    // The writer is a task of its own: waking it for a delivery must not poll the reader.
+    outbox.attach(write_half);
+    // The writer is a task of its own: waking it must not poll the reader.
     let writer = {
-        let (node, outbox) = (node.clone(), outbox.clone());
-        tokio::spawn(async move {
-            writer::run(&outbox, write_half, node.delivery_window(), node.stats()).await
-        })
+        let outbox = outbox.clone();
+        tokio::spawn(async move { writer::run(&outbox).await })
     };
     let mut read_half = std::io::Cursor::new(early).chain(read_half);
     let mut session = Session::new(node.clone(), outbox.clone());

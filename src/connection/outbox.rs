@@ -1,21 +1,36 @@
-//! One socket's outbox: the bounded queue between fan-out and the socket's writer.
+//! One socket's outbox: the bounded queue between fan-out and the socket, and the
+//! write that empties it.
 //!
 //! Fan-out pushes shared `Encoded` handles under a short `parking_lot` lock (never held
-//! across an `.await`); the writer swaps the whole queue out in one step. The byte bound
-//! is the slow-consumer rule: a push that would pass `limits.max_outbox_bytes` empties the
-//! queue and marks the socket for closing with 1008, so a reader that stopped reading costs
-//! at most one outbox of memory, and nobody else waits for it.
+//! across an `.await`). The byte bound is the slow-consumer rule: a push that would pass
+//! `limits.max_outbox_bytes` empties the queue and marks the socket for closing with 1008,
+//! so a reader that stopped reading costs at most one outbox of memory, and nobody else
+//! waits for it.
+//!
+//! When queued messages are due (the window's tick, the leading edge, window 0), the
+//! thread that found them due writes them itself with one non-blocking vectored write
+//! (`flush`): a socket that takes the bytes costs no task wake-up at all. Only what the
+//! kernel would not take at once goes to the socket's writer task (`writer.rs`), which
+//! waits for the socket to become writable. One flag (`busy`) makes sure a single thread
+//! writes a socket at a time, so frames never interleave.
 
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::batch::DeliveryWindow;
+use crate::metrics::Stats;
 use crate::protocol::{close_code, outbound, Encoded};
+
+/// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
+pub const IOV_CHUNK: usize = 64;
 
 /// Identifies one socket on this node.
 pub type ConnId = u64;
@@ -57,6 +72,9 @@ impl CloseReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// Queued, and due now (leading edge or window 0): the caller must `flush` the
+    /// socket once it holds no lock.
+    Due,
     /// This push overflowed the outbox: the socket is now closing as a slow consumer.
     Overflowed,
     /// The socket was already closing; the message was dropped.
@@ -69,8 +87,11 @@ pub struct Outbox {
     state: Mutex<State>,
     /// Decides when a queued message may leave: at once, or at the next window tick.
     window: Arc<DeliveryWindow>,
-    /// Wakes the writer: at once (leading edge, window 0, control, close) or from the
-    /// window's tick.
+    stats: Arc<Stats>,
+    /// The socket's write half, set once the upgrade is done.
+    io: OnceLock<OwnedWriteHalf>,
+    /// Wakes the writer task: for a close, for bytes the socket would not take at once,
+    /// or for messages that became due while another thread was writing.
     wake: Notify,
     /// Set once a close reason is recorded: the reader stops, the writer's wait ends.
     /// An atomic, not a CancellationToken: the writer checks it on every wake-up.
@@ -86,8 +107,15 @@ struct State {
     close: Option<CloseReason>,
     /// The writer has been woken or is scheduled for the next tick: pushes only queue.
     wake_pending: bool,
-    /// When the writer last took messages; decides the leading edge.
+    /// When messages were last taken for writing; decides the leading edge.
     last_flush: Option<Instant>,
+    /// A thread (a flusher or the writer task) is writing this socket.
+    busy: bool,
+    /// Messages became due while `busy`: the writing thread takes them when it is done.
+    again: bool,
+    /// What a flush could not write without blocking, for the writer task; the first
+    /// frame may be a tail already advanced past its written bytes.
+    unsent: Vec<Bytes>,
 }
 
 /// What the writer takes from the outbox in one step.
@@ -99,12 +127,19 @@ pub struct Drained {
 }
 
 impl Outbox {
-    pub fn new(id: ConnId, max_bytes: usize, window: Arc<DeliveryWindow>) -> Outbox {
+    pub fn new(
+        id: ConnId,
+        max_bytes: usize,
+        window: Arc<DeliveryWindow>,
+        stats: Arc<Stats>,
+    ) -> Outbox {
         Outbox {
             id,
             max_bytes,
             state: Mutex::new(State::default()),
             window,
+            stats,
+            io: OnceLock::new(),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
@@ -115,10 +150,29 @@ impl Outbox {
         self.id
     }
 
-    /// Queues a message for this socket. The first message after a flush either wakes
-    /// the writer at once (window 0, or the socket was idle for a whole window) or puts
-    /// the socket on the window's list for the next tick; later ones only queue, so a
-    /// busy window costs one wake-up per socket, not one per message.
+    /// Gives the outbox its socket; writes can start.
+    pub fn attach(&self, io: OwnedWriteHalf) {
+        if self.io.set(io).is_err() {
+            tracing::error!(conn = self.id, "socket attached twice; second one ignored");
+        }
+    }
+
+    pub(super) fn io(&self) -> Option<&OwnedWriteHalf> {
+        self.io.get()
+    }
+
+    pub(super) fn window(&self) -> &DeliveryWindow {
+        &self.window
+    }
+
+    pub(super) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Queues a message for this socket. The first message after a flush is either due
+    /// at once (`Pushed::Due`: window 0, or the socket was idle for a whole window) or
+    /// puts the socket on the window's list for the next tick; later ones only queue, so a
+    /// busy window costs one write per socket, not one per message.
     pub fn push(self: &Arc<Self>, message: &Encoded) -> Pushed {
         let mut state = self.state.lock();
         if state.close.is_some() {
@@ -141,19 +195,22 @@ impl Outbox {
         let now_ok = self.window.sends_at_once(state.last_flush);
         drop(state);
         if now_ok {
-            self.wake.notify_one();
-        } else {
-            self.window.schedule(self.clone());
+            return Pushed::Due;
         }
+        self.window.schedule(self.clone());
         Pushed::Queued
     }
 
-    /// Wakes the writer; called by the window's tick.
-    pub fn wake_writer(&self) {
-        self.wake.notify_one();
+    /// Queues one message and writes it if it is due; for callers that hold no lock.
+    pub fn send(self: &Arc<Self>, message: &Encoded) -> Pushed {
+        let pushed = self.push(message);
+        if pushed == Pushed::Due {
+            self.flush();
+        }
+        pushed
     }
 
-    /// Queues a control frame (a pong) ahead of the next messages.
+    /// Queues a control frame (a pong) ahead of the next messages and writes it.
     pub fn push_control(&self, frame: Bytes) {
         let mut state = self.state.lock();
         if state.close.is_some() {
@@ -161,7 +218,94 @@ impl Outbox {
         }
         state.control.push(frame);
         drop(state);
-        self.wake.notify_one();
+        self.flush();
+    }
+
+    /// Writes everything queued, from the calling thread, with non-blocking vectored
+    /// writes. What the socket does not take at once is handed to the writer task, as is
+    /// a close. If another thread is writing this socket, it takes the messages when done.
+    pub fn flush(&self) {
+        let Some(io) = self.io.get() else {
+            // Not attached yet: the writer task starts with whatever is queued.
+            self.wake.notify_one();
+            return;
+        };
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut scratch) => self.flush_with(io, &mut scratch),
+            Err(_) => self.flush_with(io, &mut Scratch::default()),
+        });
+    }
+
+    fn flush_with(&self, io: &OwnedWriteHalf, scratch: &mut Scratch) {
+        let Scratch { drained, frames } = scratch;
+        loop {
+            {
+                let mut state = self.state.lock();
+                if state.busy {
+                    state.again = true;
+                    return;
+                }
+                if state.close.is_some() {
+                    drop(state);
+                    self.wake.notify_one();
+                    return;
+                }
+                take(&mut state, drained);
+                state.busy = true;
+            }
+            frames.clear();
+            frames.append(&mut drained.control);
+            self.window.frames(&drained.messages, frames);
+            if !drained.messages.is_empty() {
+                self.stats.record_write(drained.messages.len(), frames.len());
+                drained.messages.clear();
+            }
+            let written = try_write_all(io, frames);
+            let mut state = self.state.lock();
+            match written {
+                Ok(true) => {
+                    state.busy = false;
+                    if !std::mem::take(&mut state.again) {
+                        return;
+                    }
+                }
+                Ok(false) => {
+                    // The socket is full: the writer task waits until it takes the rest.
+                    state.unsent.append(frames);
+                    drop(state);
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    state.busy = false;
+                    drop(state);
+                    tracing::debug!(conn = self.id, error = %e, "socket write failed");
+                    self.close(CloseReason::Gone);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// For the writer task: takes the unsent frames and everything queued, unless a
+    /// flush is writing (then that flush takes them when done). Marks the socket busy.
+    pub(super) fn take_for_writer(&self, into: &mut Drained, unsent: &mut Vec<Bytes>) -> bool {
+        let mut state = self.state.lock();
+        if state.busy && state.unsent.is_empty() {
+            state.again = true;
+            return false;
+        }
+        unsent.append(&mut state.unsent);
+        take(&mut state, into);
+        state.busy = true;
+        true
+    }
+
+    /// For the writer task, after a write: clears `busy`; true if more became due.
+    pub(super) fn writer_done(&self) -> bool {
+        let mut state = self.state.lock();
+        state.busy = false;
+        std::mem::take(&mut state.again)
     }
 
     /// Asks the writer to close the socket. Returns false if it was already closing.
@@ -188,15 +332,7 @@ impl Outbox {
 
     /// Takes everything queued, reusing the vectors in `into`.
     pub fn drain(&self, into: &mut Drained) {
-        let mut state = self.state.lock();
-        std::mem::swap(&mut state.queue, &mut into.messages);
-        std::mem::swap(&mut state.control, &mut into.control);
-        state.bytes = 0;
-        state.wake_pending = false;
-        if !into.messages.is_empty() {
-            state.last_flush = Some(Instant::now());
-        }
-        into.close = state.close.clone();
+        take(&mut self.state.lock(), into);
     }
 
     pub fn is_closing(&self) -> bool {
@@ -223,6 +359,71 @@ impl Outbox {
     }
 }
 
+fn take(state: &mut State, into: &mut Drained) {
+    std::mem::swap(&mut state.queue, &mut into.messages);
+    std::mem::swap(&mut state.control, &mut into.control);
+    state.bytes = 0;
+    state.wake_pending = false;
+    if !into.messages.is_empty() {
+        state.last_flush = Some(Instant::now());
+    }
+    into.close = state.close.clone();
+}
+
+/// A flushing thread's reusable buffers.
+#[derive(Default)]
+struct Scratch {
+    drained: Drained,
+    frames: Vec<Bytes>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Writes `frames` in order without blocking. `Ok(true)`: all written and `frames` is
+/// empty; `Ok(false)`: the socket is full and `frames` holds what is left (its first
+/// frame advanced past the bytes written).
+fn try_write_all(io: &OwnedWriteHalf, frames: &mut Vec<Bytes>) -> io::Result<bool> {
+    let mut done = 0;
+    while done < frames.len() {
+        let chunk = &frames[done..frames.len().min(done + IOV_CHUNK)];
+        let mut slices: [IoSlice<'_>; IOV_CHUNK] = [IoSlice::new(&[]); IOV_CHUNK];
+        for (slot, frame) in slices.iter_mut().zip(chunk) {
+            *slot = IoSlice::new(frame);
+        }
+        let n = match io.try_write_vectored(&slices[..chunk.len()]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                frames.drain(..done);
+                return Ok(false);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        done += advance(&mut frames[done..], n);
+    }
+    frames.clear();
+    Ok(true)
+}
+
+/// Consumes `n` written bytes from the front of `frames`: returns how many frames were
+/// written whole and advances the next one past its written part.
+pub(super) fn advance(frames: &mut [Bytes], mut n: usize) -> usize {
+    let mut whole = 0;
+    for frame in frames.iter_mut() {
+        if n >= frame.len() {
+            n -= frame.len();
+            whole += 1;
+        } else {
+            frame.advance(n);
+            break;
+        }
+    }
+    whole
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,9 +437,9 @@ mod tests {
 
     #[test]
     fn overflow_closes_as_slow_consumer_and_drops_the_queue() {
-        let outbox = Arc::new(Outbox::new(1, 100, immediate()));
+        let outbox = Arc::new(Outbox::new(1, 100, immediate(), Arc::default()));
         let m = Encoded::from_json(&[b'1'; 40]);
-        assert_eq!(outbox.push(&m), Pushed::Queued);
+        assert_eq!(outbox.push(&m), Pushed::Due);
         assert_eq!(outbox.push(&m), Pushed::Queued);
         assert_eq!(outbox.push(&m), Pushed::Overflowed);
         assert_eq!(outbox.push(&m), Pushed::Closed);
@@ -251,7 +452,7 @@ mod tests {
 
     #[test]
     fn shutdown_keeps_what_is_queued() {
-        let outbox = Arc::new(Outbox::new(1, 1000, immediate()));
+        let outbox = Arc::new(Outbox::new(1, 1000, immediate(), Arc::default()));
         let m = Encoded::from_json(b"1");
         outbox.push(&m);
         assert!(outbox.close(CloseReason::Shutdown));
@@ -260,5 +461,17 @@ mod tests {
         outbox.drain(&mut d);
         assert_eq!(d.messages.len(), 1);
         assert_eq!(d.close, Some(CloseReason::Shutdown));
+    }
+
+    #[test]
+    fn advance_counts_whole_frames_and_cuts_the_next() {
+        let mut frames = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::from_static(b"defg"),
+            Bytes::from_static(b"hi"),
+        ];
+        assert_eq!(advance(&mut frames, 5), 1);
+        assert_eq!(&frames[1][..], b"fg");
+        assert_eq!(advance(&mut frames[1..], 4), 2);
     }
 }

@@ -50,7 +50,7 @@ impl Session {
             "client error: {}",
             e.message
         );
-        self.outbox.push(&outbound::error(e));
+        self.outbox.send(&outbound::error(e));
     }
 
     fn dispatch(&mut self, text: &[u8]) -> Result<(), ProtocolError> {

@@ -1,63 +1,75 @@
-//! One socket's writer: waits for the delivery window, then writes everything queued
-//! with as few system calls as possible.
+//! One socket's writer task: the slow path of writing.
 //!
-//! Messages are already WebSocket frames (`Encoded`), so writing is a vectored write of
-//! shared buffers: one `writev` carries a whole window's frames. When the socket is
-//! closing, the final close frame follows the flushed messages; a peer that does not take
-//! them within `CLOSE_GRACE` is cut off, so a stuck reader cannot hold a task forever.
+//! Most writes happen in `Outbox::flush`, on the thread that found messages due. This
+//! task takes over what that cannot finish without blocking: the rest of a write the
+//! kernel would not take at once (it waits for the socket to become writable), messages
+//! queued before the socket was attached, and the close: the final close frame follows
+//! the flushed messages, and a peer that does not take them within `CLOSE_GRACE` is cut
+//! off, so a stuck reader cannot hold a task forever.
 
-use std::io::{self, IoSlice};
+use std::io;
+use std::net::Shutdown;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::{CloseReason, Drained, Outbox};
-use crate::batch::DeliveryWindow;
-use crate::metrics::Stats;
+use super::outbox::{advance, CloseReason, Drained, Outbox, IOV_CHUNK};
 
 /// How long a closing socket gets to take its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
-const IOV_CHUNK: usize = 64;
 
-pub async fn run(outbox: &Outbox, mut io: OwnedWriteHalf, window: &DeliveryWindow, stats: &Stats) {
+pub async fn run(outbox: &Outbox) {
+    let Some(io) = outbox.io() else {
+        tracing::error!(conn = outbox.id(), "socket writer started before attach");
+        return;
+    };
     let mut drained = Drained::default();
     let mut frames: Vec<Bytes> = Vec::new();
     loop {
-        // Woken when there is something to send now: the window's tick, the leading
-        // edge, a control frame or a close (see `Outbox::push`).
         outbox.ready().await;
-        outbox.drain(&mut drained);
-        frames.clear();
-        frames.append(&mut drained.control);
-        window.frames(&drained.messages, &mut frames);
-        let messages = drained.messages.len();
-        drained.messages.clear();
-        let close = drained.close.take();
-        if let Some(frame) = close.as_ref().and_then(CloseReason::frame) {
-            frames.push(frame);
-        }
-        if !frames.is_empty() {
+        // Loops while more became due during the write.
+        while outbox.take_for_writer(&mut drained, &mut frames) {
+            frames.append(&mut drained.control);
+            let first_message = frames.len();
+            outbox.window().frames(&drained.messages, &mut frames);
+            if !drained.messages.is_empty() {
+                outbox
+                    .stats()
+                    .record_write(drained.messages.len(), frames.len() - first_message);
+                drained.messages.clear();
+            }
+            let close = drained.close.take();
+            if let Some(frame) = close.as_ref().and_then(CloseReason::frame) {
+                frames.push(frame);
+            }
             let written = tokio::select! {
-                r = write_all(&mut io, &frames) => r,
+                r = write_all(io, &mut frames) => r,
                 _ = grace_after_close(outbox) => Err(io::ErrorKind::TimedOut.into()),
             };
+            frames.clear();
             if let Err(e) = written {
                 tracing::debug!(conn = outbox.id(), error = %e, "socket write failed");
+                outbox.writer_done();
                 outbox.close(CloseReason::Gone);
+                shutdown(io);
                 return;
             }
-            if messages > 0 {
-                stats.record_write(messages, frames.len());
+            if close.is_some() {
+                shutdown(io);
+                return;
+            }
+            if !outbox.writer_done() {
+                break;
             }
         }
-        if close.is_some() {
-            let _ = io.shutdown().await;
-            return;
-        }
     }
+}
+
+/// Ends the sending side (FIN after the last frame); the socket itself closes when the
+/// connection's halves are dropped.
+fn shutdown(io: &OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(io.as_ref()).shutdown(Shutdown::Write);
 }
 
 async fn grace_after_close(outbox: &Outbox) {
@@ -65,21 +77,26 @@ async fn grace_after_close(outbox: &Outbox) {
     tokio::time::sleep(CLOSE_GRACE).await;
 }
 
-/// Writes every frame, in order, in chunks of vectored writes.
-async fn write_all(io: &mut OwnedWriteHalf, frames: &[Bytes]) -> io::Result<()> {
-    for chunk in frames.chunks(IOV_CHUNK) {
-        let mut slices: [IoSlice<'_>; IOV_CHUNK] = [IoSlice::new(&[]); IOV_CHUNK];
+/// Writes every frame, in order, waiting for the socket to become writable as needed.
+async fn write_all(io: &OwnedWriteHalf, frames: &mut [Bytes]) -> io::Result<()> {
+    let mut done = 0;
+    while done < frames.len() {
+        let chunk = &frames[done..frames.len().min(done + IOV_CHUNK)];
+        let mut slices = [io::IoSlice::new(&[]); IOV_CHUNK];
         for (slot, frame) in slices.iter_mut().zip(chunk) {
-            *slot = IoSlice::new(frame);
+            *slot = io::IoSlice::new(frame);
         }
-        let mut bufs = &mut slices[..chunk.len()];
-        while !bufs.is_empty() {
-            let n = io.write_vectored(bufs).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+        let n = match io.try_write_vectored(&slices[..chunk.len()]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                io.writable().await?;
+                continue;
             }
-            IoSlice::advance_slices(&mut bufs, n);
-        }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        done += advance(&mut frames[done..], n);
     }
     Ok(())
 }
