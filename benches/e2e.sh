@@ -5,6 +5,7 @@
 #   NODES=1 benches/e2e.sh ticker                      one node on the embedded broker
 #   WARMUP=3 DURATION=10 benches/e2e.sh scoreboard     seconds
 #   BENCH_ARGS="--rate 4000" benches/e2e.sh ticker     extra volley-bench flags
+#   PREBUILT=DIR benches/e2e.sh ticker               use DIR/volley, DIR/volley-bench (no build)
 #   FLAMEGRAPH=NAME benches/e2e.sh ticker              record the nodes with perf and write
 #                                                      flamegraphs/NAME.svg (frame pointers,
 #                                                      see flamegraphs/README.md)
@@ -38,6 +39,8 @@ if [ -n "${FLAMEGRAPH:-}" ]; then
   bin=target/fp/release-with-debug
   command -v perf >/dev/null || { echo "FLAMEGRAPH needs perf (Debian: linux-perf)"; exit 1; }
   command -v inferno-flamegraph >/dev/null || { echo "FLAMEGRAPH needs inferno (cargo install inferno)"; exit 1; }
+elif [ -n "${PREBUILT:-}" ]; then
+  bin=$PREBUILT   # prebuilt volley and volley-bench, e.g. to keep editing while it runs
 else
   cargo build --release --locked --bins -q
 fi

@@ -14,6 +14,7 @@ use volley::config::BatchConfig;
 use volley::connection::outbox::Drained;
 use volley::connection::Outbox;
 use volley::hub::Hub;
+use volley::metrics::Stats;
 use volley::protocol::{self, outbound, Encoded};
 
 fn inbound_parse(c: &mut Criterion) {
@@ -70,9 +71,10 @@ fn batch_assembly(c: &mut Criterion) {
             &items,
             |b, items| {
                 let mut out = Vec::new();
+                let stats = Stats::default();
                 b.iter(|| {
                     out.clear();
-                    window.frames(items, &mut out);
+                    window.frames(items, &mut out, &stats);
                     black_box(out.len())
                 })
             },
@@ -93,7 +95,14 @@ fn hub_fan_out(c: &mut Criterion) {
     for subscribers in [1usize, 100, 10_000] {
         let hub = Hub::new();
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers as u64)
-            .map(|id| Arc::new(Outbox::new(id, usize::MAX / 2, window.clone(), Arc::default())))
+            .map(|id| {
+                Arc::new(Outbox::new(
+                    id,
+                    usize::MAX / 2,
+                    window.clone(),
+                    Arc::default(),
+                ))
+            })
             .collect();
         for outbox in &outboxes {
             hub.join("room", outbox, |_| {});

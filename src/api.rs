@@ -1,4 +1,5 @@
-//! HTTP routes other than the WebSocket upgrade: health and the publish API.
+//! HTTP routes other than the WebSocket upgrade: health, the publish API, Prometheus
+//! `/metrics`, `/api/cluster`, `/api/demo` and the pages (`/`, `/dashboard`).
 //!
 //! `POST /api/publish` lets a backend push a scoreboard update without holding a socket.
 //! It goes through the same `Node::publish` as a socket's `message`, so API publishes
@@ -30,12 +31,16 @@ pub async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             "method_not_allowed",
             "use POST",
         ),
-        (&Method::GET, "/") => Response::builder()
-            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(Body::from(
-                "volley: connect a WebSocket to this address (ws://HOST/ws) and send JSON frames\n",
-            ))
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+            .body(Body::from(node.prometheus()))
             .unwrap_or_default(),
+        (&Method::GET, "/api/cluster") => cluster(node).await,
+        (&Method::GET, "/api/demo") => {
+            json_response(StatusCode::OK, &crate::demo::catalog(&node.config().demo))
+        }
+        (&Method::GET, path) => crate::web::asset(path)
+            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such route")),
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
@@ -87,6 +92,18 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             &e.to_string(),
+        ),
+    }
+}
+
+/// Every live node's figures (`{"nodes":[...]}`), or 503 when Redis cannot be read.
+async fn cluster(node: &Arc<Node>) -> Response<Body> {
+    match node.cluster().nodes().await {
+        Ok(nodes) => json_response(StatusCode::OK, &json!({ "nodes": nodes })),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis_unavailable",
+            &format!("cannot read the cluster figures from Redis: {e}"),
         ),
     }
 }

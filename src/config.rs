@@ -15,7 +15,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 5] = ["server", "batch", "limits", "api", "redis"];
+const SECTIONS: [&str; 7] = [
+    "server", "batch", "limits", "api", "redis", "metrics", "demo",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,6 +27,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub api: ApiConfig,
     pub redis: RedisConfig,
+    pub metrics: MetricsConfig,
+    pub demo: DemoConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +105,53 @@ pub struct RedisConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Seconds between this node's cluster reports (`metrics:<serverId>` in Redis, TTL
+    /// 300 s), which `/api/cluster` and `/dashboard` read.
+    pub report_s: u64,
+    /// Reports each node keeps as its history for the dashboard's charts.
+    pub history: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Run the built-in feed (`--demo`): matches in `scores:<match>`, symbols in
+    /// `ticker:<symbol>`.
+    pub enabled: bool,
+    /// Simulated matches.
+    pub matches: usize,
+    /// Simulated ticker symbols.
+    pub symbols: usize,
+    /// Average ticker updates per second over all symbols; they come in bursts.
+    pub ticker_rate: u32,
+    /// How many times faster than real time the match clocks run (60: a minute a second).
+    pub clock_speed: u32,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            report_s: 5,
+            history: 120,
+        }
+    }
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            enabled: false,
+            matches: 6,
+            symbols: 24,
+            ticker_rate: 40,
+            clock_speed: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Key for `POST /api/publish` (`Authorization: apikey KEY`); empty disables the API.
     pub key: String,
@@ -114,6 +165,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             api: ApiConfig::default(),
             redis: RedisConfig::default(),
+            metrics: MetricsConfig::default(),
+            demo: DemoConfig::default(),
         }
     }
 }
@@ -197,6 +250,8 @@ pub struct Overrides {
     pub node_id: Option<String>,
     pub delivery_window_ms: Option<u64>,
     pub log: Option<String>,
+    /// `--demo`: sets `demo.enabled`.
+    pub demo: bool,
     /// `KEY=VALUE` pairs; VALUE is read as TOML (`10`, `true`, `"text"`), else taken as a string.
     pub set: Vec<String>,
 }
@@ -238,6 +293,9 @@ impl Config {
         }
         if let Some(id) = &overrides.node_id {
             figment = figment.merge(("server.node_id", id));
+        }
+        if overrides.demo {
+            figment = figment.merge(("demo.enabled", true));
         }
         if let Some(ms) = overrides.delivery_window_ms {
             figment = figment.merge(("batch.delivery_window_ms", ms));
@@ -307,6 +365,18 @@ impl Config {
         }
         if self.redis.probe_interval_ms < 50 {
             return invalid("redis.probe_interval_ms", "must be at least 50");
+        }
+        if self.metrics.report_s < 1 {
+            return invalid("metrics.report_s", "must be at least 1");
+        }
+        if self.metrics.history < 2 {
+            return invalid("metrics.history", "must be at least 2");
+        }
+        if self.demo.matches > 100 || self.demo.symbols > 1000 {
+            return invalid("demo.matches", "at most 100 matches and 1000 symbols");
+        }
+        if self.demo.ticker_rate > 100_000 {
+            return invalid("demo.ticker_rate", "at most 100000 updates per second");
         }
         if self.limits.max_connections < 1 {
             return invalid("limits.max_connections", "must be at least 1");

@@ -13,28 +13,35 @@
 //! | [`batch`] | delivery windows: many messages, one frame per socket per window |
 //! | [`broker`] | the seam to other nodes: `memory` engine (default) and `redis` (pub/sub, pipelined publish windows) |
 //! | [`node`] | owns hub, broker, window; where a message enters and fans out |
-//! | [`api`] | HTTP routes: health, publish API |
+//! | [`api`] | HTTP routes: health, publish API, `/metrics`, `/api/cluster`, the pages |
+//! | [`web`] | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
+//! | [`demo`] | the built-in feed: simulated matches and a ticker (`--demo`) |
 //! | [`server`] | listener, WebSocket upgrade, graceful shutdown |
-//! | [`metrics`] | counters |
+//! | [`metrics`] | counters and histograms; Prometheus text |
+//! | [`cluster`] | per-node reports in Redis (`metrics:<serverId>`), read by `/api/cluster` |
 //!
 //! ## One message's way
 //!
 //! `connection` reads a text frame -> `protocol::parse` borrows `content` as raw JSON ->
 //! `Node::publish` encodes the server frame once -> `Hub::fan_out` pushes the shared
 //! `Bytes` into each subscriber's `Outbox` and the broker carries it to other nodes ->
-//! each socket's writer wakes at its delivery window and writes one frame (the message,
-//! or a `batch`) with one vectored write.
+//! at the socket's delivery window (the node's tick, or at once on the leading edge) the
+//! thread that finds it due writes one frame (the message, or a `batch`) with one
+//! non-blocking vectored write; only what would block goes to the socket's writer task.
 
 pub mod api;
 pub mod batch;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod server;
+pub mod web;
 
 pub use config::Config;
 pub use node::Node;

@@ -33,6 +33,9 @@ struct Cli {
     /// Set any config key: --set limits.max_connections=5000 (repeatable).
     #[arg(long, short = 's', value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Run the built-in demo feed (scores and a ticker) and open http://HOST:PORT/ (demo.enabled).
+    #[arg(long)]
+    demo: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         node_id: cli.node_id,
         delivery_window_ms: cli.delivery_window_ms,
         log: cli.log,
+        demo: cli.demo,
         set: cli.set,
     };
     let config = match Config::load(&overrides) {

@@ -1,23 +1,20 @@
-//! Node figures: plain atomic counters, cheap enough for the hot path.
+//! Node figures: plain atomic counters and fixed-bucket histograms, cheap enough for the
+//! hot path, read by `/healthz`, `/metrics` (Prometheus text format) and the cluster
+//! report.
 //!
-//! They are read by `/healthz` today; the Prometheus exporter reads the same counters.
-//! Relaxed ordering everywhere: these are statistics, not synchronisation.
+//! Relaxed ordering everywhere: these are statistics, not synchronisation. Histograms are
+//! recorded once per write or per pipeline, never per delivery: a record is a bucket
+//! search over a dozen bounds and two atomic adds. Bucket counts are kept by hand (not by
+//! a metrics registry) because the cluster report needs them too, to give the dashboard
+//! the p50/p99 of the last interval.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use serde::Serialize;
 
-#[derive(Default)]
-pub struct Stats {
-    connections: AtomicU64,
-    messages_in_socket: AtomicU64,
-    messages_in_api: AtomicU64,
-    messages_in_broker: AtomicU64,
-    deliveries: AtomicU64,
-    frames_out: AtomicU64,
-    slow_consumers_closed: AtomicU64,
-    protocol_errors: AtomicU64,
-}
+use crate::protocol::ErrorCode;
 
 /// Where a published message entered this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,19 +22,196 @@ pub enum Source {
     Socket,
     Api,
     Broker,
+    /// The built-in demo feed (`--demo`).
+    Demo,
+}
+
+impl Source {
+    const ALL: [Source; 4] = [Source::Socket, Source::Api, Source::Broker, Source::Demo];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Socket => "socket",
+            Source::Api => "api",
+            Source::Broker => "broker",
+            Source::Demo => "demo",
+        }
+    }
+}
+
+/// Latency bounds in microseconds: 50 µs to 5 s.
+const LATENCY_US: &[u64] = &[
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 75_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000,
+];
+/// Messages per frame.
+const BATCH_MESSAGES: &[u64] = &[1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000];
+/// Commands per Redis pipeline.
+const PIPELINE_COMMANDS: &[u64] = &[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// A histogram over fixed integer bounds (`le`), Prometheus style: a value lands in the
+/// first bucket whose bound is at least the value, or in `+Inf`.
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One per bound, then `+Inf`; not cumulative.
+    counts: Box<[AtomicU64]>,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, value: u64) {
+        self.record_n(value, 1);
+    }
+
+    /// Records `n` observations of `value` at once.
+    pub fn record_n(&self, value: u64, n: u64) {
+        let i = self.bounds.partition_point(|&b| b < value);
+        self.counts[i].fetch_add(n, Relaxed);
+        self.sum.fetch_add(value.saturating_mul(n), Relaxed);
+    }
+
+    pub fn record_duration(&self, d: Duration) {
+        self.record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Sum and count of everything recorded.
+    pub fn sum_count(&self) -> (u64, u64) {
+        let count = self.counts.iter().map(|c| c.load(Relaxed)).sum();
+        (self.sum.load(Relaxed), count)
+    }
+
+    /// Bucket counts now (not cumulative, `+Inf` last).
+    pub fn counts(&self) -> Vec<u64> {
+        self.counts.iter().map(|c| c.load(Relaxed)).collect()
+    }
+
+    /// The `q` quantile (0..=1) of the observations counted in `counts` (e.g. the
+    /// difference of two `counts()`), interpolated within its bucket; `None` if empty.
+    pub fn quantile(&self, counts: &[u64], q: f64) -> Option<f64> {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).max(1.0);
+        let mut below = 0u64;
+        for (i, &n) in counts.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let lower = if i == 0 { 0 } else { self.bounds[i - 1] } as f64;
+                let Some(&upper) = self.bounds.get(i) else {
+                    // +Inf: the best answer is the highest bound.
+                    return Some(lower);
+                };
+                let within = (rank - below as f64) / n as f64;
+                return Some(lower + (upper as f64 - lower) * within);
+            }
+            below += n;
+        }
+        None
+    }
+
+    /// Writes the histogram in the text format; `scale` turns recorded units into the
+    /// exposed unit (1e-6 for microseconds to seconds).
+    fn render(&self, out: &mut String, name: &str, help: &str, scale: f64) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Relaxed);
+            match self.bounds.get(i) {
+                Some(&b) => {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                        b as f64 * scale
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum.load(Relaxed) as f64 * scale;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+pub struct Stats {
+    connections: AtomicU64,
+    joins: AtomicU64,
+    leaves: AtomicU64,
+    messages_in: [AtomicU64; Source::ALL.len()],
+    deliveries: AtomicU64,
+    frames_out: AtomicU64,
+    slow_consumers_closed: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    /// Messages per frame written.
+    pub batch_messages: Histogram,
+    /// Per write: how long its oldest message waited in the outbox (µs).
+    pub delivery_latency: Histogram,
+    /// Commands per Redis publish pipeline.
+    pub pipeline_commands: Histogram,
+    /// Per pipeline: from its oldest message's enqueue to Redis's reply (µs).
+    pub publish_latency: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            connections: AtomicU64::new(0),
+            joins: AtomicU64::new(0),
+            leaves: AtomicU64::new(0),
+            messages_in: Default::default(),
+            deliveries: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            slow_consumers_closed: AtomicU64::new(0),
+            errors: Default::default(),
+            batch_messages: Histogram::new(BATCH_MESSAGES),
+            delivery_latency: Histogram::new(LATENCY_US),
+            pipeline_commands: Histogram::new(PIPELINE_COMMANDS),
+            publish_latency: Histogram::new(LATENCY_US),
+        }
+    }
 }
 
 /// A point-in-time copy of the counters.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub connections: u64,
+    pub joins: u64,
+    pub leaves: u64,
     pub messages_in_socket: u64,
     pub messages_in_api: u64,
     pub messages_in_broker: u64,
+    pub messages_in_demo: u64,
     pub deliveries: u64,
     pub frames_out: u64,
     pub slow_consumers_closed: u64,
     pub protocol_errors: u64,
+}
+
+impl Snapshot {
+    pub fn messages_in(&self) -> u64 {
+        self.messages_in_socket
+            + self.messages_in_api
+            + self.messages_in_broker
+            + self.messages_in_demo
+    }
+}
+
+/// Figures `/metrics` adds to the counters: the node's identity, its rooms and its
+/// broker's own counters.
+pub struct Extra<'a> {
+    pub node_id: &'a str,
+    pub broker: &'a str,
+    pub rooms: usize,
+    pub broker_figures: &'a [(&'static str, u64)],
 }
 
 impl Stats {
@@ -53,15 +227,19 @@ impl Stats {
         self.connections.load(Relaxed)
     }
 
-    pub fn message_in(&self, source: Source) {
-        let counter = match source {
-            Source::Socket => &self.messages_in_socket,
-            Source::Api => &self.messages_in_api,
-            Source::Broker => &self.messages_in_broker,
-        };
-        counter.fetch_add(1, Relaxed);
+    pub fn joined(&self) {
+        self.joins.fetch_add(1, Relaxed);
     }
 
+    pub fn left(&self) {
+        self.leaves.fetch_add(1, Relaxed);
+    }
+
+    pub fn message_in(&self, source: Source) {
+        self.messages_in[source as usize].fetch_add(1, Relaxed);
+    }
+
+    /// One write of `messages` messages in `frames` frames.
     pub fn record_write(&self, messages: usize, frames: usize) {
         self.deliveries.fetch_add(messages as u64, Relaxed);
         self.frames_out.fetch_add(frames as u64, Relaxed);
@@ -71,20 +249,194 @@ impl Stats {
         self.slow_consumers_closed.fetch_add(1, Relaxed);
     }
 
-    pub fn protocol_error(&self) {
-        self.protocol_errors.fetch_add(1, Relaxed);
+    pub fn protocol_error(&self, code: ErrorCode) {
+        self.errors[code as usize].fetch_add(1, Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let source = |s: Source| self.messages_in[s as usize].load(Relaxed);
         Snapshot {
             connections: self.connections.load(Relaxed),
-            messages_in_socket: self.messages_in_socket.load(Relaxed),
-            messages_in_api: self.messages_in_api.load(Relaxed),
-            messages_in_broker: self.messages_in_broker.load(Relaxed),
+            joins: self.joins.load(Relaxed),
+            leaves: self.leaves.load(Relaxed),
+            messages_in_socket: source(Source::Socket),
+            messages_in_api: source(Source::Api),
+            messages_in_broker: source(Source::Broker),
+            messages_in_demo: source(Source::Demo),
             deliveries: self.deliveries.load(Relaxed),
             frames_out: self.frames_out.load(Relaxed),
             slow_consumers_closed: self.slow_consumers_closed.load(Relaxed),
-            protocol_errors: self.protocol_errors.load(Relaxed),
+            protocol_errors: self.errors.iter().map(|e| e.load(Relaxed)).sum(),
         }
+    }
+
+    /// Everything in the Prometheus text exposition format (version 0.0.4).
+    pub fn render_prometheus(&self, extra: &Extra<'_>) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let s = self.snapshot();
+        gauge(
+            &mut out,
+            "volley_node_info",
+            "Always 1; labels name this node and its broker engine.",
+            &format!(
+                "{{node=\"{}\",broker=\"{}\"}} 1",
+                escape(extra.node_id),
+                extra.broker
+            ),
+        );
+        gauge(
+            &mut out,
+            "volley_connections",
+            "Open WebSocket connections.",
+            &format!(" {}", s.connections),
+        );
+        gauge(
+            &mut out,
+            "volley_rooms",
+            "Rooms with at least one socket on this node.",
+            &format!(" {}", extra.rooms),
+        );
+        counter(
+            &mut out,
+            "volley_joins_total",
+            "Room joins by sockets of this node.",
+            s.joins,
+        );
+        counter(
+            &mut out,
+            "volley_leaves_total",
+            "Room leaves (including by disconnecting).",
+            s.leaves,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP volley_messages_in_total Messages published into this node, by where they entered.\n# TYPE volley_messages_in_total counter"
+        );
+        for source in Source::ALL {
+            let n = self.messages_in[source as usize].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "volley_messages_in_total{{source=\"{}\"}} {n}",
+                source.as_str()
+            );
+        }
+        counter(
+            &mut out,
+            "volley_deliveries_total",
+            "Messages written to sockets (one per message per socket).",
+            s.deliveries,
+        );
+        counter(
+            &mut out,
+            "volley_frames_out_total",
+            "WebSocket frames carrying messages written to sockets.",
+            s.frames_out,
+        );
+        counter(
+            &mut out,
+            "volley_slow_consumers_closed_total",
+            "Sockets closed 1008 because their outbox overflowed.",
+            s.slow_consumers_closed,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP volley_errors_total Error frames sent to clients, by code.\n# TYPE volley_errors_total counter"
+        );
+        for code in ErrorCode::ALL {
+            let n = self.errors[code as usize].load(Relaxed);
+            let _ = writeln!(out, "volley_errors_total{{code=\"{}\"}} {n}", code.as_str());
+        }
+        for &(name, value) in extra.broker_figures {
+            let metric = format!("volley_{name}_total");
+            counter(&mut out, &metric, &broker_help(name), value);
+        }
+        self.batch_messages.render(
+            &mut out,
+            "volley_batch_messages",
+            "Messages per frame written to a socket.",
+            1.0,
+        );
+        self.pipeline_commands.render(
+            &mut out,
+            "volley_publish_pipeline_commands",
+            "Commands per Redis publish pipeline.",
+            1.0,
+        );
+        self.publish_latency.render(
+            &mut out,
+            "volley_publish_latency_seconds",
+            "Per Redis pipeline: from its oldest message's enqueue to Redis's reply.",
+            1e-6,
+        );
+        self.delivery_latency.render(
+            &mut out,
+            "volley_delivery_latency_seconds",
+            "Per socket write: how long its oldest message waited in the outbox.",
+            1e-6,
+        );
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+/// `sample` is what follows the name: ` 5`, or `{label="x"} 1`.
+fn gauge(out: &mut String, name: &str, help: &str, sample: &str) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{sample}"
+    );
+}
+
+fn broker_help(name: &str) -> String {
+    match name {
+        "redis_dropped_publishes" => "Publishes dropped because the outage buffer was full.".into(),
+        "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
+        "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),
+        other => format!("Broker figure {other}."),
+    }
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let h = Histogram::new(&[10, 20, 40]);
+        for v in [5, 15, 15, 30] {
+            h.record(v);
+        }
+        let counts = h.counts();
+        assert_eq!(counts, vec![1, 2, 1, 0]);
+        assert_eq!(h.quantile(&counts, 0.25), Some(10.0));
+        assert_eq!(h.quantile(&counts, 0.5), Some(15.0));
+        assert_eq!(h.quantile(&counts, 1.0), Some(40.0));
+        assert_eq!(h.quantile(&[0, 0, 0, 0], 0.5), None);
+        h.record(1000);
+        assert_eq!(h.quantile(&h.counts(), 1.0), Some(40.0));
+    }
+
+    #[test]
+    fn histogram_text_is_cumulative() {
+        let h = Histogram::new(&[1, 2]);
+        h.record_n(1, 3);
+        h.record(5);
+        let mut out = String::new();
+        h.render(&mut out, "x", "help", 1.0);
+        assert!(out.contains("x_bucket{le=\"1\"} 3\nx_bucket{le=\"2\"} 3\nx_bucket{le=\"+Inf\"} 4\nx_sum 8\nx_count 4\n"), "{out}");
     }
 }

@@ -8,13 +8,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::batch::DeliveryWindow;
 use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection::{CloseReason, ConnId, Outbox};
 use crate::hub::{FanOut, Hub, Joined, Left};
@@ -29,6 +30,7 @@ pub struct Node {
     window: Arc<DeliveryWindow>,
     broker: Arc<dyn Broker>,
     stats: Arc<Stats>,
+    cluster: Cluster,
     next_conn: AtomicU64,
 }
 
@@ -53,16 +55,23 @@ impl Node {
         Arc::new_cyclic(|me: &Weak<Node>| {
             let id: Arc<str> = Arc::from(config.server.node_id.as_str());
             let sink: Weak<dyn EnvelopeSink> = me.clone();
-            broker.attach(id.clone(), sink);
+            let stats = Arc::new(Stats::default());
+            broker.attach(id.clone(), sink, stats.clone());
             let window = Arc::new(DeliveryWindow::new(&config.batch));
             tokio::spawn(DeliveryWindow::run_ticks(Arc::downgrade(&window)));
+            let every = Duration::from_secs(config.metrics.report_s);
+            tokio::spawn(cluster::run(me.clone(), every));
+            if config.demo.enabled {
+                tokio::spawn(crate::demo::run(me.clone(), config.demo.clone()));
+            }
             Node {
                 window,
+                cluster: Cluster::new(&config),
                 config,
                 id,
                 hub: Hub::new(),
                 broker,
-                stats: Arc::default(),
+                stats,
                 next_conn: AtomicU64::new(1),
             }
         })
@@ -117,6 +126,7 @@ impl Node {
             .hub
             .join(room, outbox, |name| self.broker.subscribe(name));
         if joined != Joined::Already {
+            self.stats.joined();
             self.notify_room(room, Membership::Joined);
         }
     }
@@ -127,6 +137,7 @@ impl Node {
             .hub
             .leave(room, id, |name| self.broker.unsubscribe(name));
         if left != Left::NotMember {
+            self.stats.left();
             self.notify_room(room, Membership::Left);
         }
     }
@@ -194,6 +205,25 @@ impl Node {
         for socket in self.hub.sockets() {
             socket.close(CloseReason::Shutdown);
         }
+    }
+
+    /// `/metrics`: every figure of this node in the Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let figures = self.broker.figures();
+        self.stats.render_prometheus(&crate::metrics::Extra {
+            node_id: &self.id,
+            broker: self.broker.engine(),
+            rooms: self.hub.room_count(),
+            broker_figures: &figures,
+        })
+    }
+
+    pub fn rooms(&self) -> usize {
+        self.hub.room_count()
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     pub fn health(&self) -> Health {

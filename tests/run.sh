@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs, then runs it.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
-# nothing here touches a system Redis on 6379.
+# nothing here touches a system Redis on 6379. The browser tests drive Debian's
+# chromium headless against nodes on 127.0.0.1 (screenshots in target/test-output/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "tests/run.sh: installing redis-server (Debian package)"
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]} (Debian packages)"
   as_root=""
   [ "$(id -u)" -eq 0 ] || as_root="sudo"
   export DEBIAN_FRONTEND=noninteractive
   $as_root apt-get update -qq
-  $as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  $as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 cargo test --locked

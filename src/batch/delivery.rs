@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 
 use crate::config::BatchConfig;
 use crate::connection::Outbox;
+use crate::metrics::Stats;
 use crate::protocol::outbound::Builder;
 use crate::protocol::Encoded;
 
@@ -116,9 +117,11 @@ impl DeliveryWindow {
 
     /// Appends to `out` the frames that carry `items`, in order: one frame per message
     /// when the window is 0, else as few frames as the batch limits allow.
-    pub fn frames(&self, items: &[Encoded], out: &mut Vec<Bytes>) {
+    /// Each frame's message count goes to `stats.batch_messages`.
+    pub fn frames(&self, items: &[Encoded], out: &mut Vec<Bytes>, stats: &Stats) {
         if self.window.is_zero() {
             out.extend(items.iter().map(|e| e.frame().clone()));
+            stats.batch_messages.record_n(1, items.len() as u64);
             return;
         }
         let mut start = 0;
@@ -134,6 +137,7 @@ impl DeliveryWindow {
                 end += 1;
             }
             let group = &items[start..end];
+            stats.batch_messages.record(group.len() as u64);
             if group.len() == 1 {
                 out.push(group[0].frame().clone());
             } else {
@@ -233,7 +237,7 @@ mod tests {
         let w = window(50, 100, 1 << 20);
         let items = [msg(1), msg(2), msg(3)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out);
+        w.frames(&items, &mut out, &Stats::default());
         assert_eq!(out.len(), 1);
         assert_eq!(
             body(&out[0]),
@@ -246,7 +250,7 @@ mod tests {
         let w = window(50, 100, 1 << 20);
         let items = [msg(7)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out);
+        w.frames(&items, &mut out, &Stats::default());
         assert_eq!(out[0].as_ptr(), items[0].frame().as_ptr());
     }
 
@@ -255,7 +259,7 @@ mod tests {
         let w = window(50, 2, 1 << 20);
         let items: Vec<_> = (1..=5).map(msg).collect();
         let mut out = Vec::new();
-        w.frames(&items, &mut out);
+        w.frames(&items, &mut out, &Stats::default());
         let bodies: Vec<_> = out.iter().map(|f| body(f).to_vec()).collect();
         assert_eq!(
             bodies,
@@ -270,7 +274,7 @@ mod tests {
             .map(|_| Encoded::from_json(&vec![b'1'; 600]))
             .collect();
         let mut out = Vec::new();
-        w.frames(&big, &mut out);
+        w.frames(&big, &mut out, &Stats::default());
         assert_eq!(
             out.len(),
             3,
@@ -283,8 +287,8 @@ mod tests {
         let w = window(60_000, 100, 1 << 20);
         let items = [msg(1), msg(2)];
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        w.frames(&items, &mut a);
-        w.frames(&items.clone(), &mut b);
+        w.frames(&items, &mut a, &Stats::default());
+        w.frames(&items.clone(), &mut b, &Stats::default());
         assert_eq!(
             a[0].as_ptr(),
             b[0].as_ptr(),
@@ -292,7 +296,7 @@ mod tests {
         );
         let other = [msg(1), msg(2)];
         let mut c = Vec::new();
-        w.frames(&other, &mut c);
+        w.frames(&other, &mut c, &Stats::default());
         assert_ne!(
             a[0].as_ptr(),
             c[0].as_ptr(),
@@ -305,7 +309,7 @@ mod tests {
         let w = window(0, 100, 1 << 20);
         let items = [msg(1), msg(2)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out);
+        w.frames(&items, &mut out, &Stats::default());
         assert_eq!(out.len(), 2);
         assert!(w.sends_at_once(Some(Instant::now())));
     }

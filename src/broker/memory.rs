@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::{Mutex, RwLock};
 
 use super::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
+use crate::metrics::Stats;
 
 /// An in-process message bus shared by the nodes built on it.
 #[derive(Default)]
@@ -61,7 +62,7 @@ impl Broker for MemoryBroker {
         "memory"
     }
 
-    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>) {
+    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, _stats: Arc<Stats>) {
         let member = Arc::new(Member {
             node_id,
             sink,

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 
+use crate::metrics::Stats;
 use crate::protocol::Encoded;
 
 pub use self::redis::RedisBroker;
@@ -65,8 +66,9 @@ pub trait Broker: Send + Sync {
     /// The engine's name, as configured (`memory`, `redis`).
     fn engine(&self) -> &'static str;
 
-    /// Connects the node that receives this broker's inbound envelopes. Called once.
-    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>);
+    /// Connects the node that receives this broker's inbound envelopes, and the node's
+    /// figures the engine records into (pipeline sizes, publish latency). Called once.
+    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>);
 
     /// Queues a batch of envelopes for the other nodes, in order: all of them, or none
     /// and an error the caller must pass on.

@@ -107,6 +107,8 @@ struct State {
     close: Option<CloseReason>,
     /// The writer has been woken or is scheduled for the next tick: pushes only queue.
     wake_pending: bool,
+    /// When the oldest queued message was queued; for the delivery latency histogram.
+    since: Option<Instant>,
     /// When messages were last taken for writing; decides the leading edge.
     last_flush: Option<Instant>,
     /// A thread (a flusher or the writer task) is writing this socket.
@@ -122,6 +124,8 @@ struct State {
 #[derive(Default)]
 pub struct Drained {
     pub messages: Vec<Encoded>,
+    /// When the oldest of `messages` was queued.
+    pub since: Option<Instant>,
     pub control: Vec<Bytes>,
     pub close: Option<CloseReason>,
 }
@@ -185,6 +189,9 @@ impl Outbox {
             drop(state);
             self.mark_closing();
             return Pushed::Overflowed;
+        }
+        if state.queue.is_empty() {
+            state.since = Some(Instant::now());
         }
         state.queue.push(message.clone());
         state.bytes += message.wire_len();
@@ -255,10 +262,14 @@ impl Outbox {
             }
             frames.clear();
             frames.append(&mut drained.control);
-            self.window.frames(&drained.messages, frames);
+            self.window.frames(&drained.messages, frames, &self.stats);
             if !drained.messages.is_empty() {
-                self.stats.record_write(drained.messages.len(), frames.len());
+                self.stats
+                    .record_write(drained.messages.len(), frames.len());
                 drained.messages.clear();
+            }
+            if let Some(since) = drained.since.take() {
+                self.stats.delivery_latency.record_duration(since.elapsed());
             }
             let written = try_write_all(io, frames);
             let mut state = self.state.lock();
@@ -367,6 +378,7 @@ fn take(state: &mut State, into: &mut Drained) {
     if !into.messages.is_empty() {
         state.last_flush = Some(Instant::now());
     }
+    into.since = state.since.take();
     into.close = state.close.clone();
 }
 

@@ -43,7 +43,7 @@ impl Session {
     }
 
     pub fn reply_error(&self, e: &ProtocolError) {
-        self.node.stats().protocol_error();
+        self.node.stats().protocol_error(e.code);
         tracing::debug!(
             conn = self.outbox.id(),
             code = e.code.as_str(),

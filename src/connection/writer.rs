@@ -32,12 +32,16 @@ pub async fn run(outbox: &Outbox) {
         while outbox.take_for_writer(&mut drained, &mut frames) {
             frames.append(&mut drained.control);
             let first_message = frames.len();
-            outbox.window().frames(&drained.messages, &mut frames);
+            let stats = outbox.stats();
+            outbox
+                .window()
+                .frames(&drained.messages, &mut frames, stats);
             if !drained.messages.is_empty() {
-                outbox
-                    .stats()
-                    .record_write(drained.messages.len(), frames.len() - first_message);
+                stats.record_write(drained.messages.len(), frames.len() - first_message);
                 drained.messages.clear();
+            }
+            if let Some(since) = drained.since.take() {
+                stats.delivery_latency.record_duration(since.elapsed());
             }
             let close = drained.close.take();
             if let Some(frame) = close.as_ref().and_then(CloseReason::frame) {

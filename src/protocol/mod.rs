@@ -37,6 +37,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownType,
+        ErrorCode::MissingField,
+        ErrorCode::InvalidField,
+        ErrorCode::BinaryNotSupported,
+        ErrorCode::TooManyRooms,
+        ErrorCode::NotInRoom,
+        ErrorCode::RateLimited,
+        ErrorCode::Overloaded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
 use crate::config::Config;
+use crate::metrics::Stats;
 use crate::protocol::Encoded;
 
 /// Why the engine could not start.
@@ -46,6 +47,8 @@ struct Shared {
     node_id: Arc<str>,
     channels: Channels,
     sink: OnceLock<Weak<dyn EnvelopeSink>>,
+    /// The node's figures, for pipeline sizes and publish latency.
+    stats: OnceLock<Arc<Stats>>,
     publisher_ok: AtomicBool,
     subscriber_ok: AtomicBool,
     /// Highest probe number received back on the probe channel.
@@ -65,33 +68,47 @@ struct Figures {
     bad_envelopes: AtomicU64,
     subscriber_restarts: AtomicU64,
     publish_failures: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 /// The publish queue between callers and the publisher task.
 struct PublishQueue {
-    items: Mutex<Vec<Envelope>>,
+    items: Mutex<Queued>,
     capacity: usize,
     ready: tokio::sync::Notify,
 }
 
 impl PublishQueue {
     fn push(&self, batch: &[Envelope]) -> Result<(), PublishError> {
-        let mut items = self.items.lock();
-        if items.len() + batch.len() > self.capacity {
+        let mut queued = self.items.lock();
+        if queued.items.len() + batch.len() > self.capacity {
             return Err(PublishError::Overloaded);
         }
-        let was_empty = items.is_empty();
-        items.extend_from_slice(batch);
-        drop(items);
+        let was_empty = queued.items.is_empty();
+        queued.items.extend_from_slice(batch);
+        if was_empty {
+            queued.since = Some(Instant::now());
+        }
+        drop(queued);
         if was_empty {
             self.ready.notify_one();
         }
         Ok(())
     }
 
-    fn take(&self, into: &mut Vec<Envelope>) {
-        std::mem::swap(&mut *self.items.lock(), into);
+    /// Takes everything queued; returns when the oldest of it was queued.
+    fn take(&self, into: &mut Vec<Envelope>) -> Option<Instant> {
+        let mut queued = self.items.lock();
+        std::mem::swap(&mut queued.items, into);
+        queued.since.take()
     }
+}
+
+#[derive(Default)]
+struct Queued {
+    items: Vec<Envelope>,
+    /// When the oldest queued item was queued; for the publish latency histogram.
+    since: Option<Instant>,
 }
 
 /// Rooms the node wants; the subscriber task makes Redis agree.
@@ -131,6 +148,7 @@ impl RedisBroker {
             channels: Channels::new(&config.redis.key_prefix, &node_id),
             node_id,
             sink: OnceLock::new(),
+            stats: OnceLock::new(),
             publisher_ok: AtomicBool::new(false),
             subscriber_ok: AtomicBool::new(false),
             probe_seen: AtomicU64::new(0),
@@ -138,7 +156,7 @@ impl RedisBroker {
             figures: Figures::default(),
         });
         let queue = Arc::new(PublishQueue {
-            items: Mutex::new(Vec::new()),
+            items: Mutex::new(Queued::default()),
             capacity: config.redis.outage_buffer.max(config.redis.max_pipeline),
             ready: tokio::sync::Notify::new(),
         });
@@ -267,9 +285,10 @@ impl Broker for RedisBroker {
         "redis"
     }
 
-    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>) {
+    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>) {
         debug_assert_eq!(node_id, self.shared.node_id);
         let _ = self.shared.sink.set(sink);
+        let _ = self.shared.stats.set(stats);
     }
 
     fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError> {
@@ -304,6 +323,7 @@ impl Broker for RedisBroker {
                 f.published_messages.load(Relaxed),
             ),
             ("redis_publish_failures", f.publish_failures.load(Relaxed)),
+            ("redis_reconnects", f.reconnects.load(Relaxed)),
             ("redis_dropped_publishes", f.dropped_publishes.load(Relaxed)),
             (
                 "redis_received_envelopes",

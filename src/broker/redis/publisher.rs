@@ -159,6 +159,8 @@ pub(super) async fn run(mut p: Publisher) {
     let mut stopping = false;
     // Set by a failed pipeline: buffered publishes wait for subscribers to return.
     let mut recovering: Option<tokio::time::Instant> = None;
+    // When the oldest pending publish was queued.
+    let mut pending_since: Option<std::time::Instant> = None;
     loop {
         if pending.is_empty() && !stopping {
             tokio::select! {
@@ -172,7 +174,9 @@ pub(super) async fn run(mut p: Publisher) {
                 }
             }
         }
-        p.queue.take(&mut incoming);
+        if let Some(since) = p.queue.take(&mut incoming) {
+            pending_since.get_or_insert(since);
+        }
         p.absorb(&mut pending, &mut incoming);
         if pending.is_empty() {
             if stopping {
@@ -213,11 +217,22 @@ pub(super) async fn run(mut p: Publisher) {
                 for (channel, n) in channels.iter().zip(receivers) {
                     p.receivers.insert(channel.clone(), n);
                 }
+                if let Some(stats) = p.shared.stats.get() {
+                    stats.pipeline_commands.record(channels.len() as u64);
+                    if let Some(since) = pending_since {
+                        stats.publish_latency.record_duration(since.elapsed());
+                    }
+                }
+                // Anything left keeps the old mark: an upper bound of its wait.
+                if pending.is_empty() {
+                    pending_since = None;
+                }
                 let f = &p.shared.figures;
                 f.pipelines.fetch_add(1, Relaxed);
                 f.publish_commands.fetch_add(channels.len() as u64, Relaxed);
                 f.published_messages.fetch_add(used as u64, Relaxed);
                 if !p.shared.publisher_ok.swap(true, Relaxed) {
+                    f.reconnects.fetch_add(1, Relaxed);
                     tracing::info!(
                         still_buffered = pending.len(),
                         dropped_so_far = f.dropped_publishes.load(Relaxed),

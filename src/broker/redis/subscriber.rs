@@ -97,6 +97,7 @@ pub(super) async fn run(
                     Ok(_) => {
                         probe_sent = n;
                         if !shared.publisher_ok.swap(true, Relaxed) {
+                            shared.figures.reconnects.fetch_add(1, Relaxed);
                             tracing::info!("Redis reachable");
                         }
                     }

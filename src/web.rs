@@ -1,0 +1,32 @@
+//! The pages, embedded in the binary: no build step, no CDN.
+//!
+//! `GET /` is the demo page (a live scoreboard and ticker over one WebSocket), `GET
+//! /dashboard` the cluster dashboard (charts drawn by uPlot 1.6.32, MIT, vendored under
+//! `assets/vendor/` with its licence).
+
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+
+use crate::api::Body;
+
+const DEMO_HTML: &str = include_str!("../assets/demo.html");
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+const UPLOT_JS: &str = include_str!("../assets/vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../assets/vendor/uPlot.min.css");
+
+/// The page or asset at `path`, if there is one.
+pub fn asset(path: &str) -> Option<Response<Body>> {
+    let (body, content_type) = match path {
+        "/" | "/index.html" => (DEMO_HTML, "text/html; charset=utf-8"),
+        "/dashboard" => (DASHBOARD_HTML, "text/html; charset=utf-8"),
+        "/assets/uPlot.min.js" => (UPLOT_JS, "text/javascript; charset=utf-8"),
+        "/assets/uPlot.min.css" => (UPLOT_CSS, "text/css; charset=utf-8"),
+        _ => return None,
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, content_type)
+        .header(CACHE_CONTROL, "no-cache")
+        .body(Body::from(body))
+        .ok()
+}
