@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::Clock;
 use crate::config::BatchConfig;
 use crate::connection::Outbox;
 use crate::metrics::Stats;
@@ -34,7 +35,7 @@ pub struct DeliveryWindow {
     leading_edge: bool,
     max_messages: usize,
     max_bytes: usize,
-    epoch: Instant,
+    clock: Clock,
     memo: Mutex<Memo>,
     /// Sockets with messages waiting for the next tick; each is listed once per window.
     due: Mutex<Vec<Arc<Outbox>>>,
@@ -62,7 +63,7 @@ impl DeliveryWindow {
             leading_edge: config.leading_edge,
             max_messages: config.max_batch_messages.max(1),
             max_bytes: config.max_batch_bytes,
-            epoch: Instant::now(),
+            clock: Clock::delivery(Duration::from_millis(config.delivery_window_ms)),
             memo: Mutex::new(Memo::default()),
             due: Mutex::new(Vec::new()),
         }
@@ -104,15 +105,11 @@ impl DeliveryWindow {
 
     /// The first tick of the node-wide window clock strictly after `now`.
     pub fn next_tick(&self, now: Instant) -> Instant {
-        let w = self.window.as_nanos().max(1);
-        let since = now.duration_since(self.epoch).as_nanos();
-        let ticks = since / w + 1;
-        self.epoch + Duration::from_nanos((ticks * w) as u64)
+        self.clock.next_tick(now)
     }
 
     fn tick_index(&self, now: Instant) -> u64 {
-        let w = self.window.as_nanos().max(1);
-        (now.duration_since(self.epoch).as_nanos() / w) as u64
+        self.clock.tick_index(now)
     }
 
     /// Appends to `out` the frames that carry `items`, in order: one frame per message

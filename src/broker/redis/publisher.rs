@@ -1,7 +1,8 @@
 //! The publish batcher: one pipeline per publish window, and the outage buffer.
 //!
 //! Callers only append to the queue. This task wakes on the first publish of a window,
-//! sleeps out the window, takes everything queued in one swap and sends it as one
+//! sleeps until the window's tick (on the wall clock, in phase with every node's delivery
+//! ticks: see `batch`), takes everything queued in one swap and sends it as one
 //! pipeline. While Redis is unreachable, envelopes wait in order in `pending`, up to
 //! `redis.outage_buffer`; what arrives beyond that is dropped, counted and logged.
 
@@ -15,6 +16,7 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{EnvelopeWriter, PublishQueue, Shared};
+use crate::batch::Clock;
 use crate::broker::{Envelope, Target};
 use crate::config::{Config, EnvelopeMode};
 
@@ -33,7 +35,8 @@ pub(super) struct Publisher {
     conn: ConnectionManager,
     writer: EnvelopeWriter,
     mode: EnvelopeMode,
-    window: Duration,
+    /// The publish window's ticks; `None` for window 0 (send as soon as possible).
+    clock: Option<Clock>,
     max_pipeline: usize,
     outage_buffer: usize,
     stop: CancellationToken,
@@ -55,7 +58,9 @@ impl Publisher {
             queue,
             conn,
             mode: config.redis.envelope,
-            window: config.publish_window(),
+            clock: Some(config.publish_window())
+                .filter(|w| !w.is_zero())
+                .map(|w| Clock::new(w, Duration::ZERO)),
             max_pipeline: config.redis.max_pipeline,
             outage_buffer: config.redis.outage_buffer,
             stop,
@@ -167,9 +172,10 @@ pub(super) async fn run(mut p: Publisher) {
                 _ = p.queue.ready.notified() => {}
                 _ = p.stop.cancelled() => stopping = true,
             }
-            if !p.window.is_zero() && !stopping {
+            if let Some(clock) = p.clock.filter(|_| !stopping) {
+                let tick = clock.next_tick(std::time::Instant::now());
                 tokio::select! {
-                    _ = tokio::time::sleep(p.window) => {}
+                    _ = tokio::time::sleep_until(tick.into()) => {}
                     _ = p.stop.cancelled() => stopping = true,
                 }
             }
