@@ -19,7 +19,7 @@ const SECTIONS: [&str; 7] = [
     "server", "batch", "limits", "api", "redis", "metrics", "demo",
 ];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -150,25 +150,11 @@ impl Default for DemoConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Key for `POST /api/publish` (`Authorization: apikey KEY`); empty disables the API.
     pub key: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            batch: BatchConfig::default(),
-            limits: LimitsConfig::default(),
-            api: ApiConfig::default(),
-            redis: RedisConfig::default(),
-            metrics: MetricsConfig::default(),
-            demo: DemoConfig::default(),
-        }
-    }
 }
 
 impl Default for RedisConfig {
@@ -218,12 +204,6 @@ impl Default for LimitsConfig {
             publish_rate: 100,
             publish_burst: 200,
         }
-    }
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        ApiConfig { key: String::new() }
     }
 }
 

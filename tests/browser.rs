@@ -32,7 +32,11 @@ struct Browser {
 
 impl Browser {
     async fn launch() -> Browser {
-        let profile = std::env::temp_dir().join(format!("volley-chromium-{}-{}", std::process::id(), fastrand_id()));
+        let profile = std::env::temp_dir().join(format!(
+            "volley-chromium-{}-{}",
+            std::process::id(),
+            fastrand_id()
+        ));
         let mut child = Command::new("chromium")
             .args([
                 "--headless",
@@ -68,8 +72,16 @@ impl Browser {
         .expect("chromium DevTools endpoint");
         // Keep draining stderr so Chromium never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect to DevTools");
-        Browser { _child: child, _profile: profile, ws, next_id: 0, exceptions: Vec::new() }
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("connect to DevTools");
+        Browser {
+            _child: child,
+            _profile: profile,
+            ws,
+            next_id: 0,
+            exceptions: Vec::new(),
+        }
     }
 
     /// One DevTools command; events that arrive meanwhile are looked at for exceptions.
@@ -80,17 +92,26 @@ impl Browser {
         if let Some(s) = session {
             command["sessionId"] = json!(s);
         }
-        self.ws.send(Message::text(command.to_string())).await.expect("send to DevTools");
+        self.ws
+            .send(Message::text(command.to_string()))
+            .await
+            .expect("send to DevTools");
         let reply = tokio::time::timeout(WAIT, async {
             loop {
-                let msg = self.ws.next().await.expect("DevTools closed").expect("DevTools read");
+                let msg = self
+                    .ws
+                    .next()
+                    .await
+                    .expect("DevTools closed")
+                    .expect("DevTools read");
                 let Message::Text(text) = msg else { continue };
                 let v: Value = serde_json::from_str(&text).expect("DevTools JSON");
                 if v["id"] == id {
                     return v;
                 }
                 if v["method"] == "Runtime.exceptionThrown" {
-                    self.exceptions.push(v["params"]["exceptionDetails"].to_string());
+                    self.exceptions
+                        .push(v["params"]["exceptionDetails"].to_string());
                 }
             }
         })
@@ -104,20 +125,34 @@ impl Browser {
 
     /// Opens `url` in a new tab; returns the tab's session id.
     async fn open(&mut self, url: &str) -> String {
-        let target = self.call(None, "Target.createTarget", json!({ "url": "about:blank" })).await;
-        let attached = self
-            .call(None, "Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true }))
+        let target = self
+            .call(None, "Target.createTarget", json!({ "url": "about:blank" }))
             .await;
-        let session = attached["sessionId"].as_str().expect("session id").to_string();
+        let attached = self
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({ "targetId": target["targetId"], "flatten": true }),
+            )
+            .await;
+        let session = attached["sessionId"]
+            .as_str()
+            .expect("session id")
+            .to_string();
         self.call(Some(&session), "Runtime.enable", json!({})).await;
         self.call(Some(&session), "Page.enable", json!({})).await;
-        self.call(Some(&session), "Page.navigate", json!({ "url": url })).await;
+        self.call(Some(&session), "Page.navigate", json!({ "url": url }))
+            .await;
         session
     }
 
     async fn eval(&mut self, session: &str, expression: &str) -> Value {
         let r = self
-            .call(Some(session), "Runtime.evaluate", json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }))
+            .call(
+                Some(session),
+                "Runtime.evaluate",
+                json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
+            )
             .await;
         if let Some(e) = r.get("exceptionDetails") {
             panic!("{expression}: {e}");
@@ -132,14 +167,23 @@ impl Browser {
             if self.eval(session, expression).await == json!(true) {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "page never satisfied: {expression}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "page never satisfied: {expression}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Saves a PNG of the tab to target/test-output/NAME.png and returns its size.
     async fn screenshot(&mut self, session: &str, name: &str) -> usize {
-        let shot = self.call(Some(session), "Page.captureScreenshot", json!({ "format": "png" })).await;
+        let shot = self
+            .call(
+                Some(session),
+                "Page.captureScreenshot",
+                json!({ "format": "png" }),
+            )
+            .await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(shot["data"].as_str().expect("screenshot data"))
             .expect("base64 screenshot");
@@ -158,7 +202,9 @@ impl Drop for Browser {
 }
 
 fn fastrand_id() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
 }
 
 /// A node running the demo feed fast: goals every second or so, ticker bursts that
@@ -179,19 +225,55 @@ async fn demo_page_shows_changing_scores_and_takes_batches() {
     let url = format!("http://{}/", server.local_addr());
     let mut browser = Browser::launch().await;
     let tab = browser.open(&url).await;
-    browser.wait_for(&tab, "!!(window.volleyDemo && volleyDemo.connected)").await;
-    assert_eq!(browser.eval(&tab, "document.querySelectorAll('.match').length").await, 6);
-    assert_eq!(browser.eval(&tab, "document.querySelectorAll('#ticker tr').length").await, 24);
-    let before = browser.eval(&tab, "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')").await;
-    browser.wait_for(&tab, "volleyDemo.scoreChanges > 0 && volleyDemo.batches > 0 && volleyDemo.quoteChanges > 0").await;
-    let after = browser.eval(&tab, "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')").await;
+    browser
+        .wait_for(&tab, "!!(window.volleyDemo && volleyDemo.connected)")
+        .await;
+    assert_eq!(
+        browser
+            .eval(&tab, "document.querySelectorAll('.match').length")
+            .await,
+        6
+    );
+    assert_eq!(
+        browser
+            .eval(&tab, "document.querySelectorAll('#ticker tr').length")
+            .await,
+        24
+    );
+    let before = browser
+        .eval(
+            &tab,
+            "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')",
+        )
+        .await;
+    browser
+        .wait_for(
+            &tab,
+            "volleyDemo.scoreChanges > 0 && volleyDemo.batches > 0 && volleyDemo.quoteChanges > 0",
+        )
+        .await;
+    let after = browser
+        .eval(
+            &tab,
+            "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')",
+        )
+        .await;
     assert_ne!(before, after, "the scoreboard changed on the page");
     // Every symbol has a price, and the page measured its own latency.
     browser.wait_for(&tab, "[...document.querySelectorAll('#ticker tr td:nth-child(2)')].every(td => td.textContent !== '–')").await;
-    browser.wait_for(&tab, "document.getElementById('p50').textContent !== '–'").await;
+    browser
+        .wait_for(&tab, "document.getElementById('p50').textContent !== '–'")
+        .await;
     let size = browser.screenshot(&tab, "demo").await;
-    assert!(size > 20_000, "a rendered page, not a blank one: {size} bytes");
-    assert!(browser.exceptions.is_empty(), "page errors: {:?}", browser.exceptions);
+    assert!(
+        size > 20_000,
+        "a rendered page, not a blank one: {size} bytes"
+    );
+    assert!(
+        browser.exceptions.is_empty(),
+        "page errors: {:?}",
+        browser.exceptions
+    );
 }
 
 #[tokio::test]
@@ -200,7 +282,12 @@ async fn demo_page_reconnects_by_itself() {
     let addr = server.local_addr();
     let mut browser = Browser::launch().await;
     let tab = browser.open(&format!("http://{addr}/")).await;
-    browser.wait_for(&tab, "!!(window.volleyDemo && volleyDemo.connected && volleyDemo.messages > 0)").await;
+    browser
+        .wait_for(
+            &tab,
+            "!!(window.volleyDemo && volleyDemo.connected && volleyDemo.messages > 0)",
+        )
+        .await;
     // The node closes every socket (1001) and comes back on the same port.
     server.shutdown().await;
     let again = start(|c| {
@@ -209,11 +296,23 @@ async fn demo_page_reconnects_by_itself() {
         c.demo.clock_speed = 600;
     })
     .await;
-    browser.wait_for(&tab, "volleyDemo.reconnects >= 1 && volleyDemo.connected").await;
-    let seen = browser.eval(&tab, "volleyDemo.messages").await.as_u64().unwrap();
-    browser.wait_for(&tab, &format!("volleyDemo.messages > {seen}")).await;
+    browser
+        .wait_for(&tab, "volleyDemo.reconnects >= 1 && volleyDemo.connected")
+        .await;
+    let seen = browser
+        .eval(&tab, "volleyDemo.messages")
+        .await
+        .as_u64()
+        .unwrap();
+    browser
+        .wait_for(&tab, &format!("volleyDemo.messages > {seen}"))
+        .await;
     drop(again);
-    assert!(browser.exceptions.is_empty(), "page errors: {:?}", browser.exceptions);
+    assert!(
+        browser.exceptions.is_empty(),
+        "page errors: {:?}",
+        browser.exceptions
+    );
 }
 
 #[tokio::test]
@@ -223,20 +322,52 @@ async fn dashboard_draws_charts_with_live_figures() {
     let mut browser = Browser::launch().await;
     // The demo page is a subscriber, so the node has deliveries to chart.
     let demo = browser.open(&format!("http://{addr}/")).await;
-    browser.wait_for(&demo, "!!(window.volleyDemo && volleyDemo.messages > 0)").await;
+    browser
+        .wait_for(&demo, "!!(window.volleyDemo && volleyDemo.messages > 0)")
+        .await;
     let tab = browser.open(&format!("http://{addr}/dashboard")).await;
-    browser.wait_for(&tab, "!!(window.volleyDashboard && volleyDashboard.charts.length === 4)").await;
-    assert_eq!(browser.eval(&tab, "document.querySelectorAll('.uplot canvas').length").await, 4);
+    browser
+        .wait_for(
+            &tab,
+            "!!(window.volleyDashboard && volleyDashboard.charts.length === 4)",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval(&tab, "document.querySelectorAll('.uplot canvas').length")
+            .await,
+        4
+    );
     // Deliveries per second (chart 2, the "out" series) above zero, from several reports.
     browser
         .wait_for(&tab, "volleyDashboard.charts[1].plot.data[0].length >= 2 && volleyDashboard.charts[1].plot.data[2].some(v => v > 0)")
         .await;
-    browser.wait_for(&tab, "volleyDashboard.charts[0].plot.data[1].some(v => v >= 1)").await;
-    assert_eq!(browser.eval(&tab, "volleyDashboard.nodes").await, json!(["test-node"]));
-    assert_eq!(browser.eval(&tab, "volleyDashboard.error").await, Value::Null);
-    let row = browser.eval(&tab, "document.querySelector('#nodes tr').textContent").await;
+    browser
+        .wait_for(
+            &tab,
+            "volleyDashboard.charts[0].plot.data[1].some(v => v >= 1)",
+        )
+        .await;
+    assert_eq!(
+        browser.eval(&tab, "volleyDashboard.nodes").await,
+        json!(["test-node"])
+    );
+    assert_eq!(
+        browser.eval(&tab, "volleyDashboard.error").await,
+        Value::Null
+    );
+    let row = browser
+        .eval(&tab, "document.querySelector('#nodes tr').textContent")
+        .await;
     assert!(row.as_str().unwrap().contains("test-node"), "{row}");
     let size = browser.screenshot(&tab, "dashboard").await;
-    assert!(size > 20_000, "a rendered page, not a blank one: {size} bytes");
-    assert!(browser.exceptions.is_empty(), "page errors: {:?}", browser.exceptions);
+    assert!(
+        size > 20_000,
+        "a rendered page, not a blank one: {size} bytes"
+    );
+    assert!(
+        browser.exceptions.is_empty(),
+        "page errors: {:?}",
+        browser.exceptions
+    );
 }

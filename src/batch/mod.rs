@@ -86,15 +86,24 @@ mod tests {
         let phase = wall.duration_since(UNIX_EPOCH).unwrap().as_nanos() % period.as_nanos();
         let off = Duration::from_nanos(phase as u64);
         // The two clock readings above are microseconds apart.
-        assert!(off >= Duration::from_micros(9_000) && off <= Duration::from_micros(11_000), "{off:?}");
+        assert!(
+            off >= Duration::from_micros(9_000) && off <= Duration::from_micros(11_000),
+            "{off:?}"
+        );
         assert_eq!(clock.next_tick(next), next + period);
         assert_eq!(clock.tick_index(next) + 1, clock.tick_index(next + period));
     }
 
     #[test]
     fn the_delivery_offset_is_a_fifth_of_the_window_at_most_10_ms() {
-        assert_eq!(delivery_offset(Duration::from_millis(25)), Duration::from_millis(5));
-        assert_eq!(delivery_offset(Duration::from_millis(100)), Duration::from_millis(10));
+        assert_eq!(
+            delivery_offset(Duration::from_millis(25)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            delivery_offset(Duration::from_millis(100)),
+            Duration::from_millis(10)
+        );
         assert_eq!(delivery_offset(Duration::ZERO), Duration::ZERO);
     }
 }

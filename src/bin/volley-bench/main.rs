@@ -385,6 +385,7 @@ async fn socket_sink(
 }
 
 /// Publishes at `rate` per second to its share of rooms until `stop`.
+#[allow(clippy::too_many_arguments)] // one publisher's whole setup, passed once
 async fn publisher(
     url: String,
     index: usize,

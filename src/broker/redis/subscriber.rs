@@ -166,10 +166,8 @@ fn on_push(shared: &Shared, info: PushInfo) {
                 shared.on_message(channel, message);
             }
         }
-        PushKind::Disconnection => {
-            if shared.subscriber_ok.swap(false, Relaxed) {
-                tracing::warn!("Redis subscriber connection lost; it reconnects and resubscribes");
-            }
+        PushKind::Disconnection if shared.subscriber_ok.swap(false, Relaxed) => {
+            tracing::warn!("Redis subscriber connection lost; it reconnects and resubscribes");
         }
         _ => {}
     }
