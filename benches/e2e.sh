@@ -88,7 +88,7 @@ fi
 pid_args=(); for p in "${node_pids[@]}"; do pid_args+=(--pid "$p"); done
 if [ "$scenario" = saturate ]; then
   best=0; best_line=""
-  for rate in ${RATES:-2000 4000 8000 16000 32000 64000}; do
+  for rate in ${RATES:-2000 4000 8000 16000 32000 64000 128000 256000}; do
     # shellcheck disable=SC2086
     line=$("$bin/volley-bench" --scenario ticker --rate "$rate" "${urls[@]}" "${pid_args[@]}" "${bench_redis[@]}" \
       --warmup "$warmup" --duration "$duration" --json ${BENCH_ARGS:-}) || break

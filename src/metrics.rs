@@ -308,18 +308,13 @@ impl Stats {
             "Room leaves (including by disconnecting).",
             s.leaves,
         );
-        let _ = writeln!(
-            out,
-            "# HELP volley_messages_in_total Messages published into this node, by where they entered.\n# TYPE volley_messages_in_total counter"
+        labelled_counter(
+            &mut out,
+            "volley_messages_in_total",
+            "Messages published into this node, by where they entered.",
+            "source",
+            Source::ALL.map(|s| (s.as_str(), self.messages_in[s as usize].load(Relaxed))),
         );
-        for source in Source::ALL {
-            let n = self.messages_in[source as usize].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "volley_messages_in_total{{source=\"{}\"}} {n}",
-                source.as_str()
-            );
-        }
         counter(
             &mut out,
             "volley_deliveries_total",
@@ -338,14 +333,13 @@ impl Stats {
             "Sockets closed 1008 because their outbox overflowed.",
             s.slow_consumers_closed,
         );
-        let _ = writeln!(
-            out,
-            "# HELP volley_errors_total Error frames sent to clients, by code.\n# TYPE volley_errors_total counter"
+        labelled_counter(
+            &mut out,
+            "volley_errors_total",
+            "Error frames sent to clients, by code.",
+            "code",
+            ErrorCode::ALL.map(|c| (c.as_str(), self.errors[c as usize].load(Relaxed))),
         );
-        for code in ErrorCode::ALL {
-            let n = self.errors[code as usize].load(Relaxed);
-            let _ = writeln!(out, "volley_errors_total{{code=\"{}\"}} {n}", code.as_str());
-        }
         for &(name, value) in extra.broker_figures {
             let metric = format!("volley_{name}_total");
             counter(&mut out, &metric, &broker_help(name), value);
@@ -383,6 +377,20 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
         out,
         "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
     );
+}
+
+/// A counter family with one label: `name{label="value"} n` per value.
+fn labelled_counter<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: [(&str, u64); N],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+    }
 }
 
 /// `sample` is what follows the name: ` 5`, or `{label="x"} 1`.

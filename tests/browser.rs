@@ -175,8 +175,9 @@ impl Browser {
         }
     }
 
-    /// Saves a PNG of the tab to target/test-output/NAME.png and returns its size.
-    async fn screenshot(&mut self, session: &str, name: &str) -> usize {
+    /// Saves a PNG of the tab to target/test-output/NAME.png; a near-empty image (a
+    /// blank page) fails the test.
+    async fn screenshot(&mut self, session: &str, name: &str) {
         let shot = self
             .call(
                 Some(session),
@@ -191,7 +192,19 @@ impl Browser {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../test-output");
         std::fs::create_dir_all(&dir).expect("test-output dir");
         std::fs::write(dir.join(format!("{name}.png")), &png).expect("write screenshot");
-        png.len()
+        assert!(
+            png.len() > 20_000,
+            "{name}: a rendered page, not a blank one: {} bytes",
+            png.len()
+        );
+    }
+
+    fn assert_no_page_errors(&self) {
+        assert!(
+            self.exceptions.is_empty(),
+            "page errors: {:?}",
+            self.exceptions
+        );
     }
 }
 
@@ -240,11 +253,14 @@ async fn demo_page_shows_changing_scores_and_takes_batches() {
             .await,
         24
     );
-    let before = browser
-        .eval(
-            &tab,
-            "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')",
-        )
+    const SCORES: &str =
+        "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')";
+    let before = browser.eval(&tab, SCORES).await;
+    let before = before.as_str().expect("score text");
+    // Scores on the page change (a goal, or a match restarting), and the page took
+    // batch frames and moved prices.
+    browser
+        .wait_for(&tab, &format!("{SCORES} !== '{before}'"))
         .await;
     browser
         .wait_for(
@@ -252,28 +268,13 @@ async fn demo_page_shows_changing_scores_and_takes_batches() {
             "volleyDemo.scoreChanges > 0 && volleyDemo.batches > 0 && volleyDemo.quoteChanges > 0",
         )
         .await;
-    let after = browser
-        .eval(
-            &tab,
-            "[...document.querySelectorAll('.score')].map(e => e.textContent).join(',')",
-        )
-        .await;
-    assert_ne!(before, after, "the scoreboard changed on the page");
     // Every symbol has a price, and the page measured its own latency.
     browser.wait_for(&tab, "[...document.querySelectorAll('#ticker tr td:nth-child(2)')].every(td => td.textContent !== '–')").await;
     browser
         .wait_for(&tab, "document.getElementById('p50').textContent !== '–'")
         .await;
-    let size = browser.screenshot(&tab, "demo").await;
-    assert!(
-        size > 20_000,
-        "a rendered page, not a blank one: {size} bytes"
-    );
-    assert!(
-        browser.exceptions.is_empty(),
-        "page errors: {:?}",
-        browser.exceptions
-    );
+    browser.screenshot(&tab, "demo").await;
+    browser.assert_no_page_errors();
 }
 
 #[tokio::test]
@@ -308,11 +309,7 @@ async fn demo_page_reconnects_by_itself() {
         .wait_for(&tab, &format!("volleyDemo.messages > {seen}"))
         .await;
     drop(again);
-    assert!(
-        browser.exceptions.is_empty(),
-        "page errors: {:?}",
-        browser.exceptions
-    );
+    browser.assert_no_page_errors();
 }
 
 #[tokio::test]
@@ -360,14 +357,6 @@ async fn dashboard_draws_charts_with_live_figures() {
         .eval(&tab, "document.querySelector('#nodes tr').textContent")
         .await;
     assert!(row.as_str().unwrap().contains("test-node"), "{row}");
-    let size = browser.screenshot(&tab, "dashboard").await;
-    assert!(
-        size > 20_000,
-        "a rendered page, not a blank one: {size} bytes"
-    );
-    assert!(
-        browser.exceptions.is_empty(),
-        "page errors: {:?}",
-        browser.exceptions
-    );
+    browser.screenshot(&tab, "dashboard").await;
+    browser.assert_no_page_errors();
 }
