@@ -72,6 +72,11 @@ impl DeliveryWindow {
     /// Wakes the writers of the sockets due at each tick, until the window is dropped.
     /// One task per node replaces a timer per socket per window.
     pub async fn run_ticks(window: Weak<DeliveryWindow>) {
+        // Window 0 sends everything at once and never schedules: no clock to run (it
+        // would wake every millisecond for nothing).
+        if window.upgrade().is_none_or(|w| w.window.is_zero()) {
+            return;
+        }
         let mut due = Vec::new();
         loop {
             let Some(next) = window.upgrade().map(|w| w.next_tick(Instant::now())) else {
