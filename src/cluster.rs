@@ -54,6 +54,8 @@ pub struct NodeFigures {
 pub struct Cluster {
     node_id: String,
     redis_url: String,
+    /// `metrics:` with the configured key prefix; a node's hash is this plus its id.
+    hash_prefix: String,
     hash_key: String,
     nodes_key: String,
     history_len: usize,
@@ -66,6 +68,7 @@ impl Cluster {
         let prefix = &config.redis.key_prefix;
         let node_id = config.server.node_id.clone();
         Cluster {
+            hash_prefix: format!("{prefix}metrics:"),
             hash_key: format!("{prefix}metrics:{node_id}"),
             nodes_key: format!("{prefix}volley:nodes"),
             node_id,
@@ -91,14 +94,10 @@ impl Cluster {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let prefix = self
-            .hash_key
-            .strip_suffix(&self.node_id)
-            .unwrap_or("metrics:");
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HMGET")
-                .arg(format!("{prefix}{id}"))
+                .arg(format!("{}{id}", self.hash_prefix))
                 .arg(&["updatedAt", "latest", "history"]);
         }
         let rows: Vec<(Option<u64>, Option<String>, Option<String>)> =
