@@ -4,7 +4,7 @@
     python3 benches/tuning.py [RUNS]        (default 3 runs per row; medians are printed)
 
 Each row is one configuration of two nodes + Redis under the scoreboard or ticker load.
-It takes about 15 minutes on a 2-core machine; the machine should be otherwise idle.
+It takes about 20 minutes on a 2-core machine (7 with RUNS=1); the machine should be otherwise idle.
 """
 import os
 import re
