@@ -223,10 +223,6 @@ impl Stats {
         self.connections.fetch_sub(1, Relaxed);
     }
 
-    pub fn connections(&self) -> u64 {
-        self.connections.load(Relaxed)
-    }
-
     pub fn joined(&self) {
         self.joins.fetch_add(1, Relaxed);
     }

@@ -93,10 +93,6 @@ impl Node {
         &self.broker
     }
 
-    pub fn delivery_window(&self) -> &DeliveryWindow {
-        &self.window
-    }
-
     /// Registers a new socket, or `None` when the node is at `limits.max_connections`.
     pub fn open_socket(&self) -> Option<Arc<Outbox>> {
         if self.stats.connection_opened() > self.config.limits.max_connections as u64 {

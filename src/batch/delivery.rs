@@ -99,13 +99,15 @@ impl DeliveryWindow {
         self.due.lock().push(outbox);
     }
 
-    /// Whether a socket that last took messages at `last_flush` sends a new one at once:
-    /// always with window 0, else on the leading edge after a whole quiet window.
-    pub fn sends_at_once(&self, last_flush: Option<Instant>) -> bool {
+    /// Whether a socket that last took messages at `last_flush` sends a new one at once
+    /// (at `now`): always with window 0, else on the leading edge after a whole quiet
+    /// window.
+    pub fn sends_at_once(&self, last_flush: Option<Instant>, now: Instant) -> bool {
         if self.window.is_zero() {
             return true;
         }
-        self.leading_edge && last_flush.is_none_or(|t| t.elapsed() >= self.window)
+        self.leading_edge
+            && last_flush.is_none_or(|t| now.saturating_duration_since(t) >= self.window)
     }
 
     /// The first tick of the node-wide window clock strictly after `now`.
@@ -313,16 +315,17 @@ mod tests {
         let mut out = Vec::new();
         w.frames(&items, &mut out, &Stats::default());
         assert_eq!(out.len(), 2);
-        assert!(w.sends_at_once(Some(Instant::now())));
+        let now = Instant::now();
+        assert!(w.sends_at_once(Some(now), now));
     }
 
     #[test]
     fn leading_edge_only_after_a_quiet_window() {
         let w = window(50, 100, 1 << 20);
         let now = Instant::now();
-        assert!(w.sends_at_once(None));
-        assert!(!w.sends_at_once(Some(now)));
-        assert!(w.sends_at_once(Some(now - Duration::from_millis(60))));
+        assert!(w.sends_at_once(None, now));
+        assert!(!w.sends_at_once(Some(now), now));
+        assert!(w.sends_at_once(Some(now - Duration::from_millis(60)), now));
         let at = w.next_tick(now);
         assert!(at > now && at <= now + Duration::from_millis(50));
     }

@@ -30,7 +30,7 @@ use crate::metrics::Stats;
 use crate::protocol::{close_code, outbound, Encoded};
 
 /// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
-pub const IOV_CHUNK: usize = 64;
+const IOV_CHUNK: usize = 64;
 
 /// Identifies one socket on this node.
 pub type ConnId = u64;
@@ -165,12 +165,20 @@ impl Outbox {
         self.io.get()
     }
 
-    pub(super) fn window(&self) -> &DeliveryWindow {
-        &self.window
-    }
-
-    pub(super) fn stats(&self) -> &Stats {
-        &self.stats
+    /// Appends the frames that carry what was drained: control frames first, then the
+    /// messages as the window groups them; counts the write and its oldest message's wait.
+    pub(super) fn frames_for(&self, drained: &mut Drained, frames: &mut Vec<Bytes>) {
+        frames.append(&mut drained.control);
+        if !drained.messages.is_empty() {
+            let first = frames.len();
+            self.window.frames(&drained.messages, frames, &self.stats);
+            self.stats
+                .record_write(drained.messages.len(), frames.len() - first);
+            drained.messages.clear();
+        }
+        if let Some(since) = drained.since.take() {
+            self.stats.delivery_latency.record_duration(since.elapsed());
+        }
     }
 
     /// Queues a message for this socket. The first message after a flush is either due
@@ -190,8 +198,11 @@ impl Outbox {
             self.mark_closing();
             return Pushed::Overflowed;
         }
-        if state.queue.is_empty() {
-            state.since = Some(Instant::now());
+        // One clock read serves the latency mark and the leading-edge check: the first
+        // push after a flush is the one that finds the queue empty.
+        let now = state.queue.is_empty().then(Instant::now);
+        if now.is_some() {
+            state.since = now;
         }
         state.queue.push(message.clone());
         state.bytes += message.wire_len();
@@ -199,7 +210,8 @@ impl Outbox {
             return Pushed::Queued;
         }
         state.wake_pending = true;
-        let now_ok = self.window.sends_at_once(state.last_flush);
+        let now = now.unwrap_or_else(Instant::now);
+        let now_ok = self.window.sends_at_once(state.last_flush, now);
         drop(state);
         if now_ok {
             return Pushed::Due;
@@ -261,16 +273,7 @@ impl Outbox {
                 state.busy = true;
             }
             frames.clear();
-            frames.append(&mut drained.control);
-            self.window.frames(&drained.messages, frames, &self.stats);
-            if !drained.messages.is_empty() {
-                self.stats
-                    .record_write(drained.messages.len(), frames.len());
-                drained.messages.clear();
-            }
-            if let Some(since) = drained.since.take() {
-                self.stats.delivery_latency.record_duration(since.elapsed());
-            }
+            self.frames_for(drained, frames);
             let written = try_write_all(io, frames);
             let mut state = self.state.lock();
             match written {
@@ -399,30 +402,38 @@ thread_local! {
 fn try_write_all(io: &OwnedWriteHalf, frames: &mut Vec<Bytes>) -> io::Result<bool> {
     let mut done = 0;
     while done < frames.len() {
-        let chunk = &frames[done..frames.len().min(done + IOV_CHUNK)];
-        let mut slices: [IoSlice<'_>; IOV_CHUNK] = [IoSlice::new(&[]); IOV_CHUNK];
-        for (slot, frame) in slices.iter_mut().zip(chunk) {
-            *slot = IoSlice::new(frame);
-        }
-        let n = match io.try_write_vectored(&slices[..chunk.len()]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
+        match write_some(io, &mut frames[done..]) {
+            Ok(whole) => done += whole,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 frames.drain(..done);
                 return Ok(false);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
-        };
-        done += advance(&mut frames[done..], n);
+        }
     }
     frames.clear();
     Ok(true)
 }
 
+/// One non-blocking vectored write of up to `IOV_CHUNK` frames from the front of
+/// `frames`. Returns how many went out whole; the next one is advanced past any part
+/// written. `WouldBlock` when the socket takes nothing now.
+pub(super) fn write_some(io: &OwnedWriteHalf, frames: &mut [Bytes]) -> io::Result<usize> {
+    let chunk = &frames[..frames.len().min(IOV_CHUNK)];
+    let mut slices: [IoSlice<'_>; IOV_CHUNK] = [IoSlice::new(&[]); IOV_CHUNK];
+    for (slot, frame) in slices.iter_mut().zip(chunk) {
+        *slot = IoSlice::new(frame);
+    }
+    match io.try_write_vectored(&slices[..chunk.len()])? {
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        n => Ok(advance(frames, n)),
+    }
+}
+
 /// Consumes `n` written bytes from the front of `frames`: returns how many frames were
 /// written whole and advances the next one past its written part.
-pub(super) fn advance(frames: &mut [Bytes], mut n: usize) -> usize {
+fn advance(frames: &mut [Bytes], mut n: usize) -> usize {
     let mut whole = 0;
     for frame in frames.iter_mut() {
         if n >= frame.len() {

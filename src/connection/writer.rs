@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::{advance, CloseReason, Drained, Outbox, IOV_CHUNK};
+use super::outbox::{write_some, CloseReason, Drained, Outbox};
 
 /// How long a closing socket gets to take its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -30,19 +30,7 @@ pub async fn run(outbox: &Outbox) {
         outbox.ready().await;
         // Loops while more became due during the write.
         while outbox.take_for_writer(&mut drained, &mut frames) {
-            frames.append(&mut drained.control);
-            let first_message = frames.len();
-            let stats = outbox.stats();
-            outbox
-                .window()
-                .frames(&drained.messages, &mut frames, stats);
-            if !drained.messages.is_empty() {
-                stats.record_write(drained.messages.len(), frames.len() - first_message);
-                drained.messages.clear();
-            }
-            if let Some(since) = drained.since.take() {
-                stats.delivery_latency.record_duration(since.elapsed());
-            }
+            outbox.frames_for(&mut drained, &mut frames);
             let close = drained.close.take();
             if let Some(frame) = close.as_ref().and_then(CloseReason::frame) {
                 frames.push(frame);
@@ -85,22 +73,12 @@ async fn grace_after_close(outbox: &Outbox) {
 async fn write_all(io: &OwnedWriteHalf, frames: &mut [Bytes]) -> io::Result<()> {
     let mut done = 0;
     while done < frames.len() {
-        let chunk = &frames[done..frames.len().min(done + IOV_CHUNK)];
-        let mut slices = [io::IoSlice::new(&[]); IOV_CHUNK];
-        for (slot, frame) in slices.iter_mut().zip(chunk) {
-            *slot = io::IoSlice::new(frame);
-        }
-        let n = match io.try_write_vectored(&slices[..chunk.len()]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                io.writable().await?;
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        match write_some(io, &mut frames[done..]) {
+            Ok(whole) => done += whole,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
-        };
-        done += advance(&mut frames[done..], n);
+        }
     }
     Ok(())
 }
