@@ -6,10 +6,11 @@
 //! reach the same subscribers, on every node, in the same frames.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
@@ -17,12 +18,18 @@ use serde_json::json;
 use crate::broker::BrokerState;
 use crate::metrics::Source;
 use crate::node::Node;
+use crate::protocol::check_content;
 use crate::protocol::inbound::{parse_publish_request, PublishRequest};
 
 pub type Body = Full<Bytes>;
 
 pub async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
+    // HEAD is GET without the body; hyper leaves the body out of the response.
+    let method = match req.method() {
+        &Method::HEAD => &Method::GET,
+        other => other,
+    };
+    match (method, req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &node.health()),
         (&Method::GET, "/readyz") => ready(node),
         (&Method::POST, "/api/publish") => publish(node, req).await,
@@ -54,13 +61,15 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             "the publish API is off: set api.key to enable it",
         );
     }
+    // The scheme is case-insensitive (RFC 9110 section 11.1): `ApiKey KEY` works too.
     let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("apikey "))
-        .unwrap_or("");
-    if !same_secret(given.trim().as_bytes(), key.as_bytes()) {
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("apikey"))
+        .map_or("", |(_, key)| key.trim());
+    if !same_secret(given.as_bytes(), key.as_bytes()) {
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -68,19 +77,47 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         );
     }
     let limit = node.config().limits.max_frame_bytes;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("body larger than limits.max_frame_bytes ({limit} bytes)"),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    if req.body().size_hint().lower() > limit as u64 {
+        return too_large();
+    }
+    let timeout = Duration::from_millis(node.config().server.body_timeout_ms);
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect());
+    let body = match collected.await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => return too_large(),
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("cannot read the body: {e}"),
+            )
+        }
         Err(_) => {
             return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                &format!("body larger than limits.max_frame_bytes ({limit} bytes)"),
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                &format!("the body did not arrive within server.body_timeout_ms ({} ms)", timeout.as_millis()),
             )
         }
     };
+    let max_depth = node.config().limits.max_json_depth;
     let published = match parse_publish_request(&body) {
-        Ok(PublishRequest::Room { room, content }) => node.publish(&room, content, Source::Api),
-        Ok(PublishRequest::Broadcast { payload }) => node.broadcast(payload, Source::Api),
+        Ok(PublishRequest::Room { room, content }) => check_content(content, "content", max_depth)
+            .map(|()| node.publish(&room, content, Source::Api)),
+        Ok(PublishRequest::Broadcast { payload }) => check_content(payload, "broadcast", max_depth)
+            .map(|()| node.broadcast(payload, Source::Api)),
+        Err(e) => Err(e),
+    };
+    let published = match published {
+        Ok(published) => published,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message),
     };
     match published {
@@ -114,7 +151,9 @@ fn ready(node: &Arc<Node>) -> Response<Body> {
     let health = node.health();
     let status = match health.broker_state {
         BrokerState::Connected => StatusCode::OK,
-        BrokerState::Reconnecting => StatusCode::SERVICE_UNAVAILABLE,
+        BrokerState::Reconnecting | BrokerState::DuplicateNodeId => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     };
     json_response(
         status,

@@ -19,7 +19,8 @@ use tokio::sync::OnceCell;
 
 use crate::config::Config;
 use crate::metrics::Snapshot;
-use crate::node::{now_ms, Node};
+use crate::node::Node;
+use crate::protocol::now_ms;
 
 /// Seconds a node's hash outlives its last report.
 const REPORT_TTL_S: u64 = 300;

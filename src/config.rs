@@ -38,8 +38,14 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// This node's id: the `serverId` of everything it publishes to a broker.
     pub node_id: String,
-    /// How long a graceful shutdown may take to flush windows and close sockets.
+    /// How long a graceful shutdown may take, all of it: flushing windows, closing
+    /// sockets and sending what is queued for Redis.
     pub drain_timeout_ms: u64,
+    /// A connection that has not sent a whole request head by then is closed; this also
+    /// bounds an idle keep-alive connection waiting for its next request.
+    pub header_timeout_ms: u64,
+    /// A request body (`POST /api/publish`) must arrive whole within this time.
+    pub body_timeout_ms: u64,
     /// Log filter (`info`, `debug`, `volley=trace,...`); `RUST_LOG` wins when set.
     pub log: String,
 }
@@ -75,6 +81,20 @@ pub struct LimitsConfig {
     pub publish_rate: u32,
     /// Publishes a socket may make in a burst above the steady rate.
     pub publish_burst: u32,
+    /// Whether a client's `broadcast` frame is accepted. Off by default: a broadcast goes
+    /// as-is to every socket on every node, so any browser could forge frames for all.
+    pub client_broadcast: bool,
+    /// Joins one socket may make per second; 0 = no limit.
+    pub join_rate: u32,
+    /// Joins a socket may make at once above the steady rate (a page joining its rooms).
+    pub join_burst: u32,
+    /// Whether rooms get `user_joined` / `user_left` notices.
+    pub notices: bool,
+    /// No notices in a room with more local members than this: each notice goes to every
+    /// member, so a big audience joining would cost members squared.
+    pub notices_max_members: usize,
+    /// Deepest nesting of arrays and objects accepted in `content` or `payload`.
+    pub max_json_depth: usize,
 }
 
 /// How envelopes are shaped on Redis channels.
@@ -101,6 +121,11 @@ pub struct RedisConfig {
     pub outage_buffer: usize,
     /// How often the node checks its pub/sub connection with a probe to itself.
     pub probe_interval_ms: u64,
+    /// After an outage, how long publishes held meanwhile may wait, from the moment Redis
+    /// answers again, for the other nodes to be subscribed again before they are sent.
+    pub recovery_wait_ms: u64,
+    /// Most messages in one envelope, sent or received; bigger received ones are dropped.
+    pub max_envelope_messages: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +191,8 @@ impl Default for RedisConfig {
             max_pipeline: 1000,
             outage_buffer: 10_000,
             probe_interval_ms: 1000,
+            recovery_wait_ms: 10_000,
+            max_envelope_messages: 1000,
         }
     }
 }
@@ -174,9 +201,12 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            // The article's default, so logs and Redis envelopes read the same.
-            node_id: format!("server-{}", std::process::id()),
+            // Random, not the article's `server-<pid>`: in containers every pid is 1, and
+            // two nodes with one id drop each other's messages as their own echo.
+            node_id: format!("volley-{:08x}", fastrand::u32(..)),
             drain_timeout_ms: 5_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
             log: "info".into(),
         }
     }
@@ -203,6 +233,12 @@ impl Default for LimitsConfig {
             max_outbox_bytes: 4 * 1024 * 1024,
             publish_rate: 100,
             publish_burst: 200,
+            client_broadcast: false,
+            join_rate: 20,
+            join_burst: 200,
+            notices: true,
+            notices_max_members: 1000,
+            max_json_depth: 32,
         }
     }
 }
@@ -220,6 +256,12 @@ pub enum ConfigError {
     BadSet(String),
     #[error("invalid value for {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error("{given_by} sets {key}, which is not a config key; did you mean {nearest}?")]
+    UnknownKey {
+        given_by: String,
+        key: String,
+        nearest: &'static str,
+    },
 }
 
 /// Values given on the command line; each `None` leaves the lower sources alone.
@@ -239,13 +281,24 @@ pub struct Overrides {
 impl Config {
     /// Reads defaults, file, environment and flags, then checks the values.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
-        Self::load_from_env(overrides, |name| std::env::var(name).ok())
+        Self::load_with(overrides, |name| std::env::var(name).ok(), std::env::vars())
     }
 
-    /// `load` with the article's environment names read through `var` (tests pass their own).
+    /// `load` with the article's environment names read through `var` and no stray
+    /// `VOLLEY_*` check (tests pass their own environment).
     pub fn load_from_env(
         overrides: &Overrides,
         var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::load_with(overrides, var, std::iter::empty())
+    }
+
+    /// `load` with the article's names read through `var`, and `vars` checked for
+    /// `VOLLEY_*` names that match no key.
+    pub fn load_with(
+        overrides: &Overrides,
+        var: impl Fn(&str) -> Option<String>,
+        vars: impl Iterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &overrides.file {
@@ -254,18 +307,28 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
+        // The seed's names go in figment's default profile, as the file and `VOLLEY_*` do,
+        // so merge order decides; a bare `(key, value)` would land in the global profile
+        // and outrank both.
         if let Some(port) = var("PORT") {
             let port: u16 = port.trim().parse().map_err(|_| ConfigError::BadPort {
                 name: "PORT",
                 value: port.clone(),
             })?;
-            figment = figment.merge(("server.listen", SocketAddr::from(([0, 0, 0, 0], port))));
+            figment = figment.merge(Serialized::default(
+                "server.listen",
+                SocketAddr::from(([0, 0, 0, 0], port)),
+            ));
         }
         if let Some(id) = var("SERVER_ID") {
-            figment = figment.merge(("server.node_id", id));
+            figment = figment.merge(Serialized::default("server.node_id", id));
         }
         if let Some(url) = seed_redis_url(&var)? {
-            figment = figment.merge(("redis.url", url));
+            figment = figment.merge(Serialized::default("redis.url", url));
+        }
+        for (name, _) in vars.filter(|(name, _)| name.starts_with("VOLLEY_")) {
+            let key = env_key(&name["VOLLEY_".len()..]);
+            check_key(&key, || format!("environment variable {name}"))?;
         }
         figment = figment.merge(volley_env());
         if let Some(listen) = overrides.listen {
@@ -288,6 +351,7 @@ impl Config {
                 .split_once('=')
                 .filter(|(k, _)| !k.trim().is_empty())
                 .ok_or_else(|| ConfigError::BadSet(pair.clone()))?;
+            check_key(key.trim(), || format!("--set {pair}"))?;
             figment = figment.merge((key.trim(), parse_toml_value(value.trim())));
         }
         let config: Config = figment.extract().map_err(Box::new)?;
@@ -340,6 +404,33 @@ impl Config {
                 "must start with redis:// (TLS is not supported; empty = the memory broker)",
             );
         }
+        if !self.redis.url.is_empty() {
+            use redis::IntoConnectionInfo;
+            if let Err(e) = self.redis.url.as_str().into_connection_info() {
+                return invalid("redis.url", &format!("not a usable Redis URL: {e}"));
+            }
+        }
+        if self.redis.outage_buffer < 1 {
+            return invalid("redis.outage_buffer", "must be at least 1");
+        }
+        if self.redis.max_envelope_messages < 1 {
+            return invalid("redis.max_envelope_messages", "must be at least 1");
+        }
+        if self.server.header_timeout_ms < 100 {
+            return invalid("server.header_timeout_ms", "must be at least 100");
+        }
+        if self.server.body_timeout_ms < 100 {
+            return invalid("server.body_timeout_ms", "must be at least 100");
+        }
+        if self.limits.max_json_depth < 1 {
+            return invalid("limits.max_json_depth", "must be at least 1");
+        }
+        if self.limits.join_rate > 0 && self.limits.join_burst < 1 {
+            return invalid(
+                "limits.join_burst",
+                "must be at least 1 when join_rate is set",
+            );
+        }
         if self.redis.max_pipeline < 1 {
             return invalid("redis.max_pipeline", "must be at least 1");
         }
@@ -352,8 +443,11 @@ impl Config {
         if self.metrics.history < 2 {
             return invalid("metrics.history", "must be at least 2");
         }
-        if self.demo.matches > 100 || self.demo.symbols > 1000 {
-            return invalid("demo.matches", "at most 100 matches and 1000 symbols");
+        if self.demo.matches > 100 {
+            return invalid("demo.matches", "at most 100");
+        }
+        if self.demo.symbols > 1000 {
+            return invalid("demo.symbols", "at most 1000");
         }
         if self.demo.ticker_rate > 100_000 {
             return invalid("demo.ticker_rate", "at most 100000 updates per second");
@@ -428,17 +522,55 @@ fn percent_encode(s: &str) -> String {
 
 /// `VOLLEY_BATCH_DELIVERY_WINDOW_MS` -> `batch.delivery_window_ms`.
 fn volley_env() -> Env {
-    Env::prefixed("VOLLEY_").map(|key| {
-        let key = key.as_str().to_ascii_lowercase();
-        for section in SECTIONS {
-            if let Some(rest) = key
-                .strip_prefix(section)
-                .and_then(|rest| rest.strip_prefix('_'))
-            {
-                return format!("{section}.{rest}").into();
+    Env::prefixed("VOLLEY_").map(|key| env_key(key.as_str()).into())
+}
+
+/// The key a `VOLLEY_*` name (without the prefix) sets: `BATCH_DELIVERY_WINDOW_MS` ->
+/// `batch.delivery_window_ms`.
+fn env_key(name: &str) -> String {
+    let key = name.to_ascii_lowercase();
+    for section in SECTIONS {
+        if let Some(rest) = key
+            .strip_prefix(section)
+            .and_then(|rest| rest.strip_prefix('_'))
+        {
+            return format!("{section}.{rest}");
+        }
+    }
+    key
+}
+
+/// Every key a config file, `--set` or `VOLLEY_*` may set, as `section.key`.
+fn known_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut keys = Vec::new();
+        if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(Config::default()) {
+            for (section, table) in sections {
+                if let toml::Value::Table(table) = table {
+                    keys.extend(table.keys().map(|key| format!("{section}.{key}")));
+                }
             }
         }
-        key.into()
+        keys.sort();
+        keys
+    })
+}
+
+/// Refuses a key no config field has, naming the nearest one that exists.
+fn check_key(key: &str, source: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    let keys = known_keys();
+    if keys.iter().any(|k| k == key) {
+        return Ok(());
+    }
+    let nearest = keys
+        .iter()
+        .min_by_key(|k| strsim::levenshtein(k, key))
+        .map_or("", |k| k.as_str());
+    Err(ConfigError::UnknownKey {
+        given_by: source(),
+        key: key.to_string(),
+        nearest,
     })
 }
 

@@ -42,20 +42,17 @@ struct Members {
 /// What a join changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
-    /// The socket is now in the room; `first` if no other local socket was.
-    New {
-        first: bool,
-    },
+    /// The socket is now in the room, one of `members` local sockets; `first` if no
+    /// other local socket was.
+    New { first: bool, members: usize },
     Already,
 }
 
 /// What a leave changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Left {
-    /// The socket left; `last` if the room has no local socket any more.
-    Gone {
-        last: bool,
-    },
+    /// The socket left `members` local sockets behind; `last` if that is none.
+    Gone { last: bool, members: usize },
     NotMember,
 }
 
@@ -188,7 +185,10 @@ impl Hub {
             if first {
                 on_first(&entry.name);
             }
-            return Joined::New { first };
+            return Joined::New {
+                first,
+                members: members.by_id.len(),
+            };
         }
     }
 
@@ -203,13 +203,19 @@ impl Hub {
             return Left::NotMember;
         }
         if !members.by_id.is_empty() {
-            return Left::Gone { last: false };
+            return Left::Gone {
+                last: false,
+                members: members.by_id.len(),
+            };
         }
         on_last(room);
         members.dead = true;
         drop(members);
         self.rooms.remove_if(room, |_, r| Arc::ptr_eq(r, &entry));
-        Left::Gone { last: true }
+        Left::Gone {
+            last: true,
+            members: 0,
+        }
     }
 
     /// The room, if any local socket is in it. The handle keeps the room's shared name,
@@ -267,12 +273,28 @@ mod tests {
     fn first_join_and_last_leave_are_reported() {
         let hub = Hub::new();
         let (a, b) = (outbox(1), outbox(2));
-        assert_eq!(hub.join("r", &a, |_| {}), Joined::New { first: true });
-        assert_eq!(hub.join("r", &b, |_| {}), Joined::New { first: false });
+        let first = Joined::New {
+            first: true,
+            members: 1,
+        };
+        let second = Joined::New {
+            first: false,
+            members: 2,
+        };
+        assert_eq!(hub.join("r", &a, |_| {}), first);
+        assert_eq!(hub.join("r", &b, |_| {}), second);
         assert_eq!(hub.join("r", &b, |_| {}), Joined::Already);
-        assert_eq!(hub.leave("r", 1, |_| {}), Left::Gone { last: false });
+        let one_left = Left::Gone {
+            last: false,
+            members: 1,
+        };
+        let none_left = Left::Gone {
+            last: true,
+            members: 0,
+        };
+        assert_eq!(hub.leave("r", 1, |_| {}), one_left);
         assert_eq!(hub.leave("r", 1, |_| {}), Left::NotMember);
-        assert_eq!(hub.leave("r", 2, |_| {}), Left::Gone { last: true });
+        assert_eq!(hub.leave("r", 2, |_| {}), none_left);
         assert_eq!(hub.room_count(), 0);
     }
 

@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod server;
+mod throttle;
 pub mod web;
 
 pub use config::Config;

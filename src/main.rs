@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use volley::config::{Config, Overrides};
+use volley::server::ServeError;
 use volley::Server;
 
 #[global_allocator]
@@ -80,24 +81,34 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listen = config.server.listen;
         let server = match Server::bind(config).await {
             Ok(server) => server,
+            Err(e @ ServeError::Redis(_)) => {
+                eprintln!("volley: config error: {e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
-                eprintln!("volley: cannot listen on {listen}: {e}");
+                eprintln!("volley: {e}");
                 return ExitCode::FAILURE;
             }
         };
         wait_for_signal().await;
-        tracing::info!("shutting down: flushing windows, closing sockets");
-        let report = server.shutdown().await;
-        if !report.drained {
-            tracing::warn!(
-                left_open = report.left_open,
-                "drain timeout reached; closing the rest"
-            );
+        tracing::info!("shutting down: flushing windows, closing sockets (a second signal exits at once)");
+        tokio::select! {
+            report = server.shutdown() => {
+                if !report.drained {
+                    tracing::warn!(
+                        left_open = report.left_open,
+                        "drain timeout reached; closing the rest"
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            _ = wait_for_signal() => {
+                tracing::warn!("second signal: exiting without finishing the drain");
+                ExitCode::from(130)
+            }
         }
-        ExitCode::SUCCESS
     })
 }
 

@@ -8,20 +8,20 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::batch::DeliveryWindow;
-use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
+use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection::{CloseReason, ConnId, Outbox};
 use crate::hub::{FanOut, Hub, Joined, Left};
 use crate::metrics::{Snapshot, Source, Stats};
 use crate::protocol::outbound::{self, Membership};
-use crate::protocol::Encoded;
+use crate::protocol::{now_ms, Encoded};
 
 pub struct Node {
     config: Config,
@@ -121,9 +121,9 @@ impl Node {
         let joined = self
             .hub
             .join(room, outbox, |name| self.broker.subscribe(name));
-        if joined != Joined::Already {
+        if let Joined::New { members, .. } = joined {
             self.stats.joined();
-            self.notify_room(room, Membership::Joined);
+            self.notify_room(room, Membership::Joined, members);
         }
     }
 
@@ -132,14 +132,21 @@ impl Node {
         let left = self
             .hub
             .leave(room, id, |name| self.broker.unsubscribe(name));
-        if left != Left::NotMember {
+        if let Left::Gone { members, .. } = left {
             self.stats.left();
-            self.notify_room(room, Membership::Left);
+            self.notify_room(room, Membership::Left, members + 1);
         }
     }
 
-    fn notify_room(&self, room: &str, kind: Membership) {
-        if let Err(e) = self.send_room(room, outbound::membership(kind, room, now_ms())) {
+    /// A membership notice, unless notices are off or the room is too big for them: each
+    /// notice goes to every member, so a crowd joining would cost members squared.
+    fn notify_room(&self, room: &str, kind: Membership, members: usize) {
+        let limits = &self.config.limits;
+        if !limits.notices || members > limits.notices_max_members {
+            return;
+        }
+        let notice = outbound::membership(kind, room, now_ms());
+        if let Err(e) = self.send_room(room, notice, Kind::Notice) {
             tracing::warn!(room, "membership notice not sent: {e}");
         }
     }
@@ -153,7 +160,8 @@ impl Node {
         source: Source,
     ) -> Result<FanOut, PublishError> {
         self.stats.message_in(source);
-        self.send_room(room, outbound::room_message(room, content, now_ms()))
+        let message = outbound::room_message(room, content, now_ms());
+        self.send_room(room, message, Kind::Message)
     }
 
     /// Sends `payload`, as given, to every socket on every node; returns the local fan-out.
@@ -164,11 +172,12 @@ impl Node {
             origin: self.id.clone(),
             target: Target::Broadcast,
             payload: message.clone(),
+            kind: Kind::Message,
         }])?;
         Ok(self.local(self.hub.fan_out_all(&message)))
     }
 
-    fn send_room(&self, room: &str, message: Encoded) -> Result<FanOut, PublishError> {
+    fn send_room(&self, room: &str, message: Encoded, kind: Kind) -> Result<FanOut, PublishError> {
         // One lookup serves both the broker's address and the local fan-out; a name is
         // allocated only for a room with no local socket.
         let local = self.hub.room(room);
@@ -179,14 +188,13 @@ impl Node {
             origin: self.id.clone(),
             target: Target::Room(name),
             payload: message.clone(),
+            kind,
         }])?;
         Ok(self.local(local.map(|r| r.fan_out(&message)).unwrap_or_default()))
     }
 
+    /// Logs the slow consumers a fan-out closed (the outbox counted them).
     fn local(&self, fan: FanOut) -> FanOut {
-        for _ in 0..fan.overflowed {
-            self.stats.slow_consumer();
-        }
         if fan.overflowed > 0 {
             tracing::warn!(
                 count = fan.overflowed,
@@ -247,12 +255,4 @@ impl EnvelopeSink for Node {
             Target::Broadcast => self.local(self.hub.fan_out_all(&envelope.payload)),
         };
     }
-}
-
-/// Milliseconds since the Unix epoch, the article's `Date.now()`.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -18,17 +18,28 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, Body};
+use crate::broker::redis::RedisStartError;
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Config;
 use crate::connection::{self, CloseReason};
 use crate::node::Node;
+use crate::throttle::LogThrottle;
+
+/// Why a node could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Redis(#[from] RedisStartError),
+}
 
 /// A running node and its listener.
 pub struct Server {
@@ -57,20 +68,24 @@ pub struct ShutdownReport {
 impl Server {
     /// Binds `server.listen` and serves with the broker the config asks for: Redis when
     /// `redis.url` is set, else the embedded memory broker.
-    pub async fn bind(config: Config) -> io::Result<Server> {
+    pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let broker: Arc<dyn Broker> = if config.redis.url.is_empty() {
             Arc::new(MemoryBroker::standalone())
         } else {
-            RedisBroker::start(&config)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+            RedisBroker::start(&config)?
         };
         Self::bind_with_broker(config, broker).await
     }
 
     /// Binds `server.listen` and serves with the given broker engine.
-    pub async fn bind_with_broker(config: Config, broker: Arc<dyn Broker>) -> io::Result<Server> {
-        let listener = TcpListener::bind(config.server.listen).await?;
-        let local_addr = listener.local_addr()?;
+    pub async fn bind_with_broker(
+        config: Config,
+        broker: Arc<dyn Broker>,
+    ) -> Result<Server, ServeError> {
+        let addr = config.server.listen;
+        let listen_error = |source| ServeError::Listen { addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+        let local_addr = listener.local_addr().map_err(listen_error)?;
         let node = Node::new(config, broker);
         let ctx = Arc::new(Ctx {
             node: node.clone(),
@@ -95,22 +110,24 @@ impl Server {
         &self.node
     }
 
-    /// Stops accepting, flushes and closes every socket (1001), waits up to the drain timeout.
+    /// Stops accepting, flushes and closes every socket (1001), sends what is queued for
+    /// other nodes; all of it within the drain timeout, whatever Redis does.
     pub async fn shutdown(self) -> ShutdownReport {
+        let deadline = tokio::time::Instant::now() + self.node.config().drain_timeout();
         self.ctx.shutdown.cancel();
         let _ = self.accept.await;
         self.node.close_all_sockets();
         self.ctx.sockets.close();
-        let timeout = self.node.config().drain_timeout();
-        let drained = tokio::time::timeout(timeout, self.ctx.sockets.wait())
+        let drained = tokio::time::timeout_at(deadline, self.ctx.sockets.wait())
             .await
             .is_ok();
         let report = ShutdownReport {
             drained,
             left_open: self.ctx.sockets.len(),
         };
-        // Publishes still queued for other nodes go out before the node stops.
-        self.node.broker().shutdown().await;
+        // Publishes still queued for other nodes go out before the node stops, as far as
+        // the deadline allows; what cannot is counted and logged by the broker.
+        self.node.broker().shutdown(deadline.into_std()).await;
         tracing::info!(drained, left_open = report.left_open, "volley stopped");
         report
     }
@@ -129,8 +146,12 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
                 tokio::spawn(serve_http(stream, ctx.clone()));
             }
             Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                // Usually out of file descriptors: back off instead of spinning, and log
+                // once per interval instead of twenty lines a second.
+                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                if let Some(held_back) = LOG.allow() {
+                    tracing::warn!(error = %e, held_back, "accept failed (is ulimit -n below limits.max_connections?)");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -140,7 +161,13 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
 async fn serve_http(stream: TcpStream, ctx: Arc<Ctx>) {
     let svc_ctx = ctx.clone();
     let service = service_fn(move |req| handle(svc_ctx.clone(), req));
+    // The header timeout also bounds an idle keep-alive connection: hyper starts it
+    // whenever it waits for the head of the next request.
     let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(
+            ctx.node.config().server.header_timeout_ms,
+        ))
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -157,7 +184,9 @@ async fn serve_http(stream: TcpStream, ctx: Arc<Ctx>) {
 }
 
 async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    if fastwebsockets::upgrade::is_upgrade_request(&req) {
+    // Only a GET may become a WebSocket (RFC 6455 section 4.1); a POST with upgrade
+    // headers is an ordinary request.
+    if req.method() == hyper::Method::GET && fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Ok(upgrade(&ctx, req));
     }
     Ok(api::route(&ctx.node, req).await)

@@ -14,6 +14,7 @@ pub mod redis;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use crate::metrics::Stats;
 use crate::protocol::Encoded;
@@ -39,6 +40,16 @@ pub enum Target {
     Broadcast,
 }
 
+/// What an envelope carries, for an engine that can tell who is listening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A published message: always sent.
+    Message,
+    /// A membership notice (`user_joined`, `user_left`): an engine may skip it when it
+    /// knows no other node is in the room.
+    Notice,
+}
+
 /// One published message on its way between nodes.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -47,6 +58,7 @@ pub struct Envelope {
     pub target: Target,
     /// The frame subscribers receive, encoded once on the publishing node.
     pub payload: Encoded,
+    pub kind: Kind,
 }
 
 /// The receiving side of a broker: a node.
@@ -60,6 +72,9 @@ pub trait EnvelopeSink: Send + Sync {
 pub enum BrokerState {
     Connected,
     Reconnecting,
+    /// Another live node reports this node's id: the two would drop each other's
+    /// messages as their own echo, so neither may count as ready.
+    DuplicateNodeId,
 }
 
 pub trait Broker: Send + Sync {
@@ -87,8 +102,10 @@ pub trait Broker: Send + Sync {
         Vec::new()
     }
 
-    /// Sends what is still queued, then stops the engine's tasks.
-    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    /// Sends what is still queued, then stops the engine's tasks, by `deadline` at the
+    /// latest: what is still unsent then is counted as dropped and logged.
+    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let _ = deadline;
         Box::pin(std::future::ready(()))
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod outbox;
 mod reader;
+mod rules;
 mod session;
 mod writer;
 

@@ -102,8 +102,12 @@ pub struct Outbox {
 #[derive(Default)]
 struct State {
     queue: Vec<Encoded>,
-    bytes: usize,
     control: Vec<Bytes>,
+    /// Every byte held for this socket: queued messages and control frames, and what a
+    /// writer has taken but the kernel has not yet accepted. The slow-consumer bound.
+    bytes: usize,
+    /// The part of `bytes` a writer has taken; released when its write completes.
+    writing: usize,
     close: Option<CloseReason>,
     /// The writer has been woken or is scheduled for the next tick: pushes only queue.
     wake_pending: bool,
@@ -191,11 +195,7 @@ impl Outbox {
             return Pushed::Closed;
         }
         if state.bytes + message.wire_len() > self.max_bytes {
-            state.queue.clear();
-            state.bytes = 0;
-            state.close = Some(CloseReason::SlowConsumer);
-            drop(state);
-            self.mark_closing();
+            self.overflow(state);
             return Pushed::Overflowed;
         }
         // One clock read serves the latency mark and the leading-edge check: the first
@@ -229,15 +229,34 @@ impl Outbox {
         pushed
     }
 
-    /// Queues a control frame (a pong) ahead of the next messages and writes it.
-    pub fn push_control(&self, frame: Bytes) {
+    /// Queues a control frame (a pong) ahead of the next messages and writes it. Control
+    /// frames count against the outbox bound like messages: a client that floods pings
+    /// and never reads the pongs is a slow consumer too.
+    pub fn push_control(&self, frame: Bytes) -> Pushed {
         let mut state = self.state.lock();
         if state.close.is_some() {
-            return;
+            return Pushed::Closed;
         }
+        if state.bytes + frame.len() > self.max_bytes {
+            self.overflow(state);
+            return Pushed::Overflowed;
+        }
+        state.bytes += frame.len();
         state.control.push(frame);
         drop(state);
         self.flush();
+        Pushed::Due
+    }
+
+    /// The outbox is over its bound: drop what is queued and close as a slow consumer.
+    fn overflow(&self, mut state: parking_lot::MutexGuard<'_, State>) {
+        state.queue.clear();
+        state.control.clear();
+        state.bytes = state.writing;
+        state.close = Some(CloseReason::SlowConsumer);
+        drop(state);
+        self.stats.slow_consumer();
+        self.mark_closing();
     }
 
     /// Writes everything queued, from the calling thread, with non-blocking vectored
@@ -250,7 +269,10 @@ impl Outbox {
             return;
         };
         SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut scratch) => self.flush_with(io, &mut scratch),
+            Ok(mut scratch) => {
+                self.flush_with(io, &mut scratch);
+                scratch.trim();
+            }
             Err(_) => self.flush_with(io, &mut Scratch::default()),
         });
     }
@@ -279,6 +301,7 @@ impl Outbox {
             match written {
                 Ok(true) => {
                     state.busy = false;
+                    release(&mut state);
                     if !std::mem::take(&mut state.again) {
                         return;
                     }
@@ -292,6 +315,7 @@ impl Outbox {
                 }
                 Err(e) => {
                     state.busy = false;
+                    release(&mut state);
                     drop(state);
                     tracing::debug!(conn = self.id, error = %e, "socket write failed");
                     self.close(CloseReason::Gone);
@@ -319,6 +343,7 @@ impl Outbox {
     pub(super) fn writer_done(&self) -> bool {
         let mut state = self.state.lock();
         state.busy = false;
+        release(&mut state);
         std::mem::take(&mut state.again)
     }
 
@@ -330,7 +355,7 @@ impl Outbox {
         }
         if matches!(reason, CloseReason::Gone | CloseReason::Echo(_)) {
             state.queue.clear();
-            state.bytes = 0;
+            state.bytes = state.writing + state.control.iter().map(Bytes::len).sum::<usize>();
         }
         state.close = Some(reason);
         drop(state);
@@ -376,7 +401,8 @@ impl Outbox {
 fn take(state: &mut State, into: &mut Drained) {
     std::mem::swap(&mut state.queue, &mut into.messages);
     std::mem::swap(&mut state.control, &mut into.control);
-    state.bytes = 0;
+    // What is taken stays counted until the write that carries it completes.
+    state.writing = state.bytes;
     state.wake_pending = false;
     if !into.messages.is_empty() {
         state.last_flush = Some(Instant::now());
@@ -385,11 +411,35 @@ fn take(state: &mut State, into: &mut Drained) {
     into.close = state.close.clone();
 }
 
+/// A write completed: what the writer had taken no longer counts against the bound.
+fn release(state: &mut State) {
+    state.bytes -= state.writing;
+    state.writing = 0;
+}
+
 /// A flushing thread's reusable buffers.
 #[derive(Default)]
 struct Scratch {
     drained: Drained,
     frames: Vec<Bytes>,
+}
+
+impl Scratch {
+    /// Most entries a thread keeps room for between flushes: one huge flush (a flood
+    /// that overflowed) must not pin its buffers to the thread for ever.
+    const KEEP: usize = 1024;
+
+    fn trim(&mut self) {
+        if self.frames.capacity() > Self::KEEP {
+            self.frames = Vec::new();
+        }
+        if self.drained.messages.capacity() > Self::KEEP {
+            self.drained.messages = Vec::new();
+        }
+        if self.drained.control.capacity() > Self::KEEP {
+            self.drained.control = Vec::new();
+        }
+    }
 }
 
 thread_local! {
@@ -471,6 +521,22 @@ mod tests {
         assert!(d.messages.is_empty());
         assert_eq!(d.close, Some(CloseReason::SlowConsumer));
         assert!(outbox.is_closing());
+    }
+
+    #[test]
+    fn control_frames_count_against_the_bound() {
+        // Not attached: nothing is written, so every pong stays queued.
+        let outbox = Arc::new(Outbox::new(1, 100, immediate(), Arc::default()));
+        let pong = Bytes::from(vec![0x8a; 30]);
+        for _ in 0..3 {
+            assert_eq!(outbox.push_control(pong.clone()), Pushed::Due);
+        }
+        assert_eq!(outbox.push_control(pong.clone()), Pushed::Overflowed);
+        assert_eq!(outbox.push_control(pong), Pushed::Closed);
+        let mut d = Drained::default();
+        outbox.drain(&mut d);
+        assert!(d.control.is_empty(), "the queued pongs were dropped");
+        assert_eq!(d.close, Some(CloseReason::SlowConsumer));
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! One socket's reader: WebSocket frames in, complete messages to the session.
 //!
-//! fastwebsockets parses frames from the read half only; replies it owes the peer
-//! (pongs, the close echo) go to the socket's outbox, so the writer stays the one owner
-//! of the write half. Fragments are reassembled here, under the same size limit as a
+//! fastwebsockets parses frames from the read half only, behind `FrameRules` (the
+//! RFC 6455 checks it lacks); the replies owed to the peer (pongs, the close echo) are
+//! made here and go to the socket's outbox, so the writer stays the one owner of the
+//! write half, and every byte queued for the peer counts against the outbox bound. Fragments are reassembled here, under the same size limit as a
 //! single frame, because the library's collector has no limit of its own.
 
 use std::convert::Infallible;
 use std::future::ready;
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
+use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::outbox::{CloseReason, Outbox};
+use super::rules::{FrameRules, Verdict};
 use super::session::Session;
 use super::writer::CLOSE_GRACE;
 use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
@@ -59,22 +61,20 @@ async fn read_frames<R: AsyncRead + Unpin>(
     session: &mut Session,
     max_bytes: usize,
 ) -> Ended {
-    let mut ws: WebSocketRead<&mut R> =
-        fastwebsockets::after_handshake_split(stream, tokio::io::sink(), Role::Server).0;
+    let verdict = Verdict::default();
+    let mut ws: WebSocketRead<FrameRules<'_, &mut R>> = fastwebsockets::after_handshake_split(
+        FrameRules::new(stream, &verdict),
+        tokio::io::sink(),
+        Role::Server,
+    )
+    .0;
     // The library rejects frames of `max_message_size` bytes or more.
     ws.set_max_message_size(max_bytes + 1);
-    let mut obligated = |frame: Frame<'_>| {
-        match frame.opcode {
-            OpCode::Close => {
-                outbox.close(CloseReason::Echo(outbound::control_frame(
-                    0x8,
-                    &frame.payload,
-                )));
-            }
-            opcode => outbox.push_control(outbound::control_frame(opcode as u8, &frame.payload)),
-        }
-        ready(Ok::<(), Infallible>(()))
-    };
+    // Pongs and the close echo are answered here, after the frame passed the rules, so a
+    // frame that breaks them is never echoed.
+    ws.set_auto_pong(false);
+    ws.set_auto_close(false);
+    let mut no_obligations = |_: Frame<'_>| ready(Ok::<(), Infallible>(()));
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
     let mut closing = false;
     let grace = tokio::time::sleep(Duration::ZERO);
@@ -83,7 +83,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
         // The grace timer and the close signal are only polled when they matter: this
         // loop runs once per inbound frame.
         let frame = tokio::select! {
-            frame = ws.read_frame(&mut obligated) => frame,
+            frame = ws.read_frame(&mut no_obligations) => frame,
             _ = outbox.closed(), if !closing => {
                 closing = true;
                 session.leave_all();
@@ -92,23 +92,20 @@ async fn read_frames<R: AsyncRead + Unpin>(
             }
             _ = &mut grace, if closing => return Ended::Clean,
         };
+        if let Some(broken) = verdict.broken() {
+            return protocol_close(close_code::PROTOCOL_ERROR, broken.reason());
+        }
         let frame = match frame {
             Ok(frame) => frame,
             Err(e) => return close_for(e),
         };
         match frame.opcode {
-            // The echo, if one is owed, is already queued by `obligated`.
-            OpCode::Close => return Ended::Clean,
-            _ if closing => {}
-            OpCode::Text | OpCode::Binary if frame.fin => {
-                if fragments.is_some() {
-                    return protocol_close(
-                        close_code::PROTOCOL_ERROR,
-                        "new message inside a fragmented one",
-                    );
-                }
-                deliver(session, frame.opcode, &frame.payload);
+            OpCode::Close => return answer_close(outbox, &frame.payload),
+            OpCode::Ping => {
+                outbox.push_control(outbound::control_frame(0xA, &frame.payload));
             }
+            OpCode::Pong => {}
+            _ if closing => {}
             OpCode::Text | OpCode::Binary => {
                 if fragments.is_some() {
                     return protocol_close(
@@ -116,7 +113,11 @@ async fn read_frames<R: AsyncRead + Unpin>(
                         "new message inside a fragmented one",
                     );
                 }
-                fragments = Some((frame.opcode, frame.payload.to_vec()));
+                if frame.fin {
+                    deliver(session, frame.opcode, &frame.payload);
+                } else {
+                    fragments = Some((frame.opcode, frame.payload.to_vec()));
+                }
             }
             OpCode::Continuation => {
                 let Some((opcode, buf)) = fragments.as_mut() else {
@@ -143,9 +144,26 @@ async fn read_frames<R: AsyncRead + Unpin>(
                     deliver(session, opcode, &message);
                 }
             }
-            OpCode::Ping | OpCode::Pong => {}
         }
     }
+}
+
+/// The peer's close frame: checked as RFC 6455 section 5.5.1 asks, then echoed.
+fn answer_close(outbox: &Outbox, payload: &[u8]) -> Ended {
+    if payload.len() == 1 {
+        return protocol_close(close_code::PROTOCOL_ERROR, "close frame of one byte");
+    }
+    if payload.len() >= 2 {
+        let code = u16::from_be_bytes([payload[0], payload[1]]);
+        if !CloseCode::from(code).is_allowed() {
+            return protocol_close(close_code::PROTOCOL_ERROR, "invalid close code");
+        }
+        if std::str::from_utf8(&payload[2..]).is_err() {
+            return protocol_close(close_code::INVALID_DATA, "close reason is not UTF-8");
+        }
+    }
+    outbox.close(CloseReason::Echo(outbound::control_frame(0x8, payload)));
+    Ended::Clean
 }
 
 fn deliver(session: &mut Session, opcode: OpCode, payload: &[u8]) {
@@ -169,8 +187,6 @@ fn close_for(e: WebSocketError) -> Ended {
         WebSocketError::UnexpectedEOF
         | WebSocketError::IoError(_)
         | WebSocketError::ConnectionClosed => Ended::Close(CloseReason::Gone),
-        // An invalid close code was answered with 1002 by the library already.
-        WebSocketError::SendError(_) | WebSocketError::InvalidCloseCode => Ended::Clean,
         other => Ended::Broken(CloseReason::Protocol {
             code: close_code::PROTOCOL_ERROR,
             reason: other.to_string(),

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use super::outbox::Outbox;
 use crate::broker::PublishError;
-use crate::config::LimitsConfig;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::{self, outbound, ClientFrame, ErrorCode, ProtocolError};
@@ -20,7 +19,10 @@ pub struct Session {
     outbox: Arc<Outbox>,
     rooms: HashSet<Box<str>>,
     max_rooms: usize,
-    budget: PublishBudget,
+    max_json_depth: usize,
+    client_broadcast: bool,
+    publishes: Budget,
+    joins: Budget,
 }
 
 impl Session {
@@ -28,7 +30,10 @@ impl Session {
         let limits = &node.config().limits;
         Session {
             max_rooms: limits.max_rooms_per_socket,
-            budget: PublishBudget::new(limits),
+            max_json_depth: limits.max_json_depth,
+            client_broadcast: limits.client_broadcast,
+            publishes: Budget::new(limits.publish_rate, limits.publish_burst, "publishing"),
+            joins: Budget::new(limits.join_rate, limits.join_burst, "joining rooms"),
             node,
             outbox,
             rooms: HashSet::new(),
@@ -65,6 +70,8 @@ impl Session {
                         format!("a socket may be in at most {} rooms", self.max_rooms),
                     ));
                 }
+                // Joins cost Redis work (subscriptions, notices): charged like publishes.
+                self.joins.spend()?;
                 self.node.join(&self.outbox, &room);
                 self.rooms.insert(room.into());
             }
@@ -78,13 +85,21 @@ impl Session {
                 self.node.leave(self.outbox.id(), &room);
             }
             ClientFrame::Message { room, content } => {
-                self.budget.spend()?;
+                protocol::check_content(content, "content", self.max_json_depth)?;
+                self.publishes.spend()?;
                 self.node
                     .publish(&room, content, Source::Socket)
                     .map_err(overloaded)?;
             }
             ClientFrame::Broadcast { payload } => {
-                self.budget.spend()?;
+                if !self.client_broadcast {
+                    return Err(ProtocolError::new(
+                        ErrorCode::Forbidden,
+                        "client broadcasts are off (limits.client_broadcast = false): a broadcast reaches every socket as sent; publish it through POST /api/publish",
+                    ));
+                }
+                protocol::check_content(payload, "payload", self.max_json_depth)?;
+                self.publishes.spend()?;
                 self.node
                     .broadcast(payload, Source::Socket)
                     .map_err(overloaded)?;
@@ -105,21 +120,24 @@ fn overloaded(e: PublishError) -> ProtocolError {
     ProtocolError::new(ErrorCode::Overloaded, e.to_string())
 }
 
-/// A token bucket: `publish_rate` per second, up to `publish_burst` at once.
-struct PublishBudget {
+/// A token bucket: `rate` per second, up to `burst` at once; rate 0 is no limit.
+struct Budget {
     rate: f64,
     burst: f64,
     tokens: f64,
     last: Instant,
+    /// What the budget is for, in the refusal: "publishing", "joining rooms".
+    doing: &'static str,
 }
 
-impl PublishBudget {
-    fn new(limits: &LimitsConfig) -> PublishBudget {
-        PublishBudget {
-            rate: f64::from(limits.publish_rate),
-            burst: f64::from(limits.publish_burst),
-            tokens: f64::from(limits.publish_burst),
+impl Budget {
+    fn new(rate: u32, burst: u32, doing: &'static str) -> Budget {
+        Budget {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
             last: Instant::now(),
+            doing,
         }
     }
 
@@ -135,8 +153,8 @@ impl PublishBudget {
             return Err(ProtocolError::new(
                 ErrorCode::RateLimited,
                 format!(
-                    "publishing faster than {} messages per second; this message was dropped",
-                    self.rate
+                    "{} faster than {} per second; this frame was dropped",
+                    self.doing, self.rate
                 ),
             ));
         }

@@ -109,6 +109,68 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
     }
 }
 
+/// Longest number accepted in published JSON: a double's shortest round-trip form takes
+/// at most 24 characters; 40 leaves room for other encoders' longer spellings.
+const MAX_NUMBER_CHARS: usize = 40;
+
+/// Refuses published JSON that common client parsers reject, so one publisher's message
+/// cannot make a batch frame unreadable for everyone in the room: nesting deeper than
+/// `max_depth`, or a number a double cannot hold (a 5 000-digit integer, `1e400`).
+/// One pass over bytes already known to be valid JSON.
+pub fn check_content(raw: &RawValue, field: &str, max_depth: usize) -> Result<(), ProtocolError> {
+    let b = raw.get().as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                // Skip the string: to its closing quote, stepping over escapes.
+                i += 1;
+                while let Some(k) = memchr::memchr2(b'"', b'\\', &b[i..]) {
+                    if b[i + k] == b'\\' {
+                        i += k + 2;
+                    } else {
+                        i += k;
+                        break;
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        format!("{field} nests deeper than limits.max_json_depth ({max_depth})"),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                    i += 1;
+                }
+                let number = &b[start..i];
+                let fits = number.len() <= MAX_NUMBER_CHARS
+                    && std::str::from_utf8(number)
+                        .ok()
+                        .and_then(|n| n.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite);
+                if !fits {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        format!("{field} has a number a double cannot hold (over {MAX_NUMBER_CHARS} characters or out of range)"),
+                    ));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 fn missing(field: &str, frame: &str) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::MissingField,
@@ -282,6 +344,21 @@ mod tests {
             ClientFrame::Message { content, .. } => assert_eq!(content.get(), "null"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_numbers_are_refused() {
+        let check = |json: &str| {
+            let raw = RawValue::from_string(json.to_string()).unwrap();
+            check_content(&raw, "content", 3)
+        };
+        assert!(check(r#"{"a":[{"b":"[[[[[[\"]]]"}]}"#).is_ok());
+        assert!(check(r#"[[[1]]]"#).is_ok());
+        assert_eq!(check(r#"[[[[1]]]]"#).unwrap_err().code, ErrorCode::InvalidField);
+        assert!(check(r#"[-1.5e300, 12345678901234567890, 0.1]"#).is_ok());
+        assert!(check("1e400").is_err());
+        assert!(check(&"9".repeat(5000)).is_err());
+        assert!(check(r#""9999999999999999999999999999999999999999999999999999""#).is_ok());
     }
 
     #[test]

@@ -7,8 +7,17 @@
 pub mod inbound;
 pub mod outbound;
 
-pub use inbound::{parse, ClientFrame};
+pub use inbound::{check_content, parse, ClientFrame};
 pub use outbound::Encoded;
+
+/// Milliseconds since the Unix epoch: the `timestamp` of server frames (the Node.js
+/// servers' `Date.now()`).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Longest room id accepted, in bytes.
 pub const MAX_ROOM_ID_BYTES: usize = 256;
@@ -34,11 +43,13 @@ pub enum ErrorCode {
     RateLimited,
     /// The node cannot take more publishes for other nodes right now; retry shortly.
     Overloaded,
+    /// The node's configuration does not allow this frame from a client.
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -48,6 +59,7 @@ impl ErrorCode {
         ErrorCode::NotInRoom,
         ErrorCode::RateLimited,
         ErrorCode::Overloaded,
+        ErrorCode::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +73,7 @@ impl ErrorCode {
             ErrorCode::NotInRoom => "not_in_room",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }

@@ -14,17 +14,29 @@ use serde_json::value::RawValue;
 #[derive(Debug, Clone)]
 pub struct Channels {
     room_prefix: String,
+    probe_prefix: String,
     pub broadcast: String,
+    /// This node's probe channel.
     pub probe: String,
+    /// Sorted set of live node ids, scored by when each stops counting as alive.
+    pub alive: String,
 }
 
 impl Channels {
     pub fn new(prefix: &str, node_id: &str) -> Channels {
+        let probe_prefix = format!("{prefix}volley:probe:");
         Channels {
             room_prefix: format!("{prefix}room:"),
             broadcast: format!("{prefix}websocket:broadcast"),
-            probe: format!("{prefix}volley:probe:{node_id}"),
+            probe: format!("{probe_prefix}{node_id}"),
+            alive: format!("{prefix}volley:alive"),
+            probe_prefix,
         }
+    }
+
+    /// Another node's probe channel.
+    pub fn probe_of(&self, node_id: &str) -> String {
+        format!("{}{node_id}", self.probe_prefix)
     }
 
     pub fn room(&self, room: &str) -> String {
@@ -104,8 +116,9 @@ struct Wire<'a> {
     batch: Option<Vec<&'a RawValue>>,
 }
 
-/// Reads either envelope shape.
-pub fn decode(message: &[u8]) -> Result<Inbound<'_>, String> {
+/// Reads either envelope shape; an envelope of more than `max_messages` messages is
+/// refused whole.
+pub fn decode(message: &[u8], max_messages: usize) -> Result<Inbound<'_>, String> {
     let wire: Wire<'_> =
         serde_json::from_slice(message).map_err(|e| format!("not an envelope: {e}"))?;
     let payloads = match (wire.payload, wire.batch) {
@@ -114,6 +127,12 @@ pub fn decode(message: &[u8]) -> Result<Inbound<'_>, String> {
         (Some(_), Some(_)) => return Err("envelope has both payload and batch".into()),
         (None, None) => return Err("envelope has neither payload nor batch".into()),
     };
+    if payloads.len() > max_messages {
+        return Err(format!(
+            "envelope of {} messages, over redis.max_envelope_messages ({max_messages})",
+            payloads.len()
+        ));
+    }
     Ok(Inbound {
         server_id: wire.server_id,
         payloads,
@@ -134,12 +153,12 @@ mod tests {
             single,
             br#"{"serverId":"server-1","payload":{"type":"message","roomId":"r","content":{"a":1.50},"timestamp":1}}"#
         );
-        let back = decode(&single).unwrap();
+        let back = decode(&single, 10).unwrap();
         assert_eq!(back.server_id.as_deref(), Some("server-1"));
         assert_eq!(back.payloads[0].get().as_bytes(), p1);
 
         let batch = w.batch([&p1[..], &p2[..]].into_iter());
-        let back = decode(&batch).unwrap();
+        let back = decode(&batch, 10).unwrap();
         assert_eq!(back.payloads.len(), 2);
         assert_eq!(back.payloads[1].get().as_bytes(), p2);
     }
@@ -148,12 +167,14 @@ mod tests {
     fn foreign_and_broken_envelopes() {
         let article = br#"{"serverId":"server-4242","payload":{"type":"user_joined","roomId":"7","timestamp":5}}"#;
         assert_eq!(
-            decode(article).unwrap().server_id.as_deref(),
+            decode(article, 10).unwrap().server_id.as_deref(),
             Some("server-4242")
         );
-        assert!(decode(b"not json").is_err());
-        assert!(decode(br#"{"serverId":"a"}"#).is_err());
-        assert!(decode(br#"{"serverId":"a","payload":1,"batch":[2]}"#).is_err());
+        assert!(decode(b"not json", 10).is_err());
+        assert!(decode(br#"{"serverId":"a"}"#, 10).is_err());
+        assert!(decode(br#"{"serverId":"a","payload":1,"batch":[2]}"#, 10).is_err());
+        assert!(decode(br#"{"serverId":"a","batch":[1,2,3]}"#, 3).is_ok());
+        assert!(decode(br#"{"serverId":"a","batch":[1,2,3,4]}"#, 3).is_err());
     }
 
     #[test]

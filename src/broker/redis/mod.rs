@@ -4,13 +4,15 @@
 //! - `publisher`: every publish is queued; once per publish window the whole queue leaves
 //!   as ONE pipeline (one `PUBLISH` per room per window in `batch` mode, one per message in
 //!   `single` mode). While Redis is away, publishes wait in a bounded outage buffer.
-//! - `subscriber` (RESP3, automatic resubscription): `room:<id>` channels follow the
-//!   hub (subscribed while any local socket is in the room), `websocket:broadcast` and the
-//!   node's probe channel always. Inbound envelopes are parsed once and fanned out.
+//! - `subscriber` (RESP3): `room:<id>` channels follow the hub (subscribed while any
+//!   local socket is in the room), `websocket:broadcast` and the node's probe channel
+//!   always. Inbound envelopes are parsed once, bounded, and fanned out.
 //!
 //! Pub/sub can stay connected and still stop delivering, so the node publishes a probe to
-//! its own channel every `redis.probe_interval_ms` and restarts the subscriber connection
-//! when the probe does not come back.
+//! its own channel every `redis.probe_interval_ms`, resubscribes when Redis lost its
+//! subscriptions, and restarts the subscriber connection when probes stop coming back.
+//! The node is ready only while publishing works and its own probe comes back, and never
+//! while another live node uses its id.
 
 mod envelope;
 mod publisher;
@@ -20,7 +22,7 @@ pub use envelope::{decode, Channels, EnvelopeWriter, Inbound};
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,15 +32,37 @@ use redis::{Client, IntoConnectionInfo, ProtocolVersion};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
+use super::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
 use crate::config::Config;
 use crate::metrics::Stats;
-use crate::protocol::Encoded;
+use crate::protocol::{now_ms, Encoded};
+use crate::throttle::LogThrottle;
+
+/// Reconnect backoff of the engine's tasks: doubling from 100 ms to 2 s.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+}
+
+const BACKOFF: Backoff = Backoff {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+};
+
+impl Backoff {
+    fn start(&self) -> Duration {
+        self.min
+    }
+
+    fn next(&self, last: Duration) -> Duration {
+        (last * 2).min(self.max)
+    }
+}
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStartError {
-    #[error("redis.url is not usable: {0}")]
+    #[error("redis.url is not a usable Redis URL: {0}")]
     BadUrl(redis::RedisError),
 }
 
@@ -53,9 +77,33 @@ struct Shared {
     subscriber_ok: AtomicBool,
     /// Highest probe number received back on the probe channel.
     probe_seen: AtomicU64,
+    /// This process's token in its probes: a probe with another token on this node's
+    /// channel comes from another node with the same id.
+    instance: u64,
+    /// When such a probe was last seen (ms since the epoch; 0 = never).
+    duplicate_seen_ms: AtomicU64,
+    /// How long one such probe keeps the node unready.
+    duplicate_hold_ms: u64,
     /// Bumped when the subscriber connection is replaced; older handlers fall silent.
     generation: AtomicU64,
+    /// Redis dropped the subscriptions (a disconnection): subscribe everything again.
+    resubscribe: AtomicBool,
+    /// The other nodes alive at the last probe.
+    peers: Mutex<Vec<String>>,
+    /// Bounds on what arrives from Redis.
+    inbound: InboundLimits,
+    /// Set by `shutdown`: the last pipeline must be answered by then.
+    shutdown_deadline: Mutex<Option<Instant>>,
     figures: Figures,
+}
+
+/// Bounds on envelopes received from Redis: they come from any program that can publish.
+struct InboundLimits {
+    /// Most messages in one envelope; a bigger envelope is dropped whole.
+    max_messages: usize,
+    /// Largest single message; a bigger one is dropped (a socket's outbox could not take
+    /// it, and the subscriber would be closed as slow).
+    max_payload_bytes: usize,
 }
 
 #[derive(Default)]
@@ -69,19 +117,30 @@ struct Figures {
     subscriber_restarts: AtomicU64,
     publish_failures: AtomicU64,
     reconnects: AtomicU64,
+    /// Messages in pipelines Redis may or may not have run (never sent again).
+    unconfirmed_publishes: AtomicU64,
+    /// Received messages over the size bound, dropped.
+    oversized_payloads: AtomicU64,
+    /// Membership notices not published: no other node was in the room.
+    notices_skipped: AtomicU64,
 }
 
 /// The publish queue between callers and the publisher task.
 struct PublishQueue {
     items: Mutex<Queued>,
+    /// `redis.outage_buffer`: most publishes queued here and held by the publisher
+    /// together. A publish past it is refused, so nothing accepted is ever dropped for
+    /// room.
     capacity: usize,
+    /// Publishes the publisher task holds (taken, not yet sent).
+    held: AtomicUsize,
     ready: tokio::sync::Notify,
 }
 
 impl PublishQueue {
     fn push(&self, batch: &[Envelope]) -> Result<(), PublishError> {
         let mut queued = self.items.lock();
-        if queued.items.len() + batch.len() > self.capacity {
+        if queued.items.len() + self.held.load(Relaxed) + batch.len() > self.capacity {
             return Err(PublishError::Overloaded);
         }
         let was_empty = queued.items.is_empty();
@@ -152,12 +211,25 @@ impl RedisBroker {
             publisher_ok: AtomicBool::new(false),
             subscriber_ok: AtomicBool::new(false),
             probe_seen: AtomicU64::new(0),
+            instance: fastrand::u64(..),
+            duplicate_seen_ms: AtomicU64::new(0),
+            duplicate_hold_ms: 3 * config.redis.probe_interval_ms + 1000,
             generation: AtomicU64::new(0),
+            resubscribe: AtomicBool::new(false),
+            peers: Mutex::new(Vec::new()),
+            inbound: InboundLimits {
+                max_messages: config.redis.max_envelope_messages,
+                // A message frame wraps at most max_frame_bytes of client input in a few
+                // dozen bytes (type, roomId, timestamp).
+                max_payload_bytes: config.limits.max_frame_bytes + 512,
+            },
+            shutdown_deadline: Mutex::new(None),
             figures: Figures::default(),
         });
         let queue = Arc::new(PublishQueue {
             items: Mutex::new(Queued::default()),
-            capacity: config.redis.outage_buffer.max(config.redis.max_pipeline),
+            capacity: config.redis.outage_buffer,
+            held: AtomicUsize::new(0),
             ready: tokio::sync::Notify::new(),
         });
         let subscriptions = Arc::new(Subscriptions {
@@ -177,6 +249,7 @@ impl RedisBroker {
         let publisher = tokio::spawn(publisher::run(publisher::Publisher::new(
             shared.clone(),
             queue.clone(),
+            subscriptions.clone(),
             publisher_conn.clone(),
             config,
             stop.clone(),
@@ -212,19 +285,24 @@ fn manager_config() -> ConnectionManagerConfig {
 
 impl Shared {
     fn state(&self) -> BrokerState {
-        if self.publisher_ok.load(Relaxed) && self.subscriber_ok.load(Relaxed) {
+        let duplicate = self.duplicate_seen_ms.load(Relaxed);
+        if duplicate != 0 && now_ms().saturating_sub(duplicate) < self.duplicate_hold_ms {
+            BrokerState::DuplicateNodeId
+        } else if self.publisher_ok.load(Relaxed) && self.subscriber_ok.load(Relaxed) {
             BrokerState::Connected
         } else {
             BrokerState::Reconnecting
         }
     }
 
+    fn shutdown_deadline(&self) -> Option<Instant> {
+        *self.shutdown_deadline.lock()
+    }
+
     /// One message from a subscribed channel.
     fn on_message(&self, channel: &[u8], message: &[u8]) {
         if channel == self.channels.probe.as_bytes() {
-            if let Some(n) = probe_number(message) {
-                self.probe_seen.fetch_max(n, Relaxed);
-            }
+            self.on_probe(message);
             return;
         }
         let target = if channel == self.channels.broadcast.as_bytes() {
@@ -234,11 +312,14 @@ impl Shared {
         } else {
             return;
         };
-        let inbound = match decode(message) {
+        let inbound = match decode(message, self.inbound.max_messages) {
             Ok(inbound) => inbound,
             Err(e) => {
                 self.figures.bad_envelopes.fetch_add(1, Relaxed);
-                tracing::warn!(channel = %String::from_utf8_lossy(channel), "dropping a message from Redis: {e}");
+                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                if let Some(held_back) = LOG.allow() {
+                    tracing::warn!(channel = %String::from_utf8_lossy(channel), held_back, "dropping a message from Redis: {e}");
+                }
                 return;
             }
         };
@@ -252,23 +333,59 @@ impl Shared {
         };
         let origin: Arc<str> = Arc::from(inbound.server_id.as_deref().unwrap_or("unknown"));
         for payload in inbound.payloads {
+            let json = payload.get().as_bytes();
+            if json.len() > self.inbound.max_payload_bytes {
+                self.figures.oversized_payloads.fetch_add(1, Relaxed);
+                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                if let Some(held_back) = LOG.allow() {
+                    tracing::warn!(
+                        channel = %String::from_utf8_lossy(channel),
+                        bytes = json.len(),
+                        limit = self.inbound.max_payload_bytes,
+                        held_back,
+                        "dropping a message from Redis over limits.max_frame_bytes"
+                    );
+                }
+                continue;
+            }
             sink.deliver(Envelope {
                 origin: origin.clone(),
                 target: target.clone(),
-                payload: Encoded::from_json(payload.get().as_bytes()),
+                payload: Encoded::from_json(json),
+                kind: Kind::Message,
             });
         }
     }
-}
 
-fn probe_number(message: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        probe: u64,
+    /// A probe on this node's channel: its own (the subscription works), or another
+    /// instance's (another node has this node's id).
+    fn on_probe(&self, message: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            probe: u64,
+            instance: Option<u64>,
+        }
+        let Ok(probe) = serde_json::from_slice::<Probe>(message) else {
+            return;
+        };
+        match probe.instance {
+            Some(other) if other != self.instance => {
+                let before = self.duplicate_seen_ms.swap(now_ms(), Relaxed);
+                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                if let Some(held_back) = LOG.allow() {
+                    tracing::error!(
+                        node = %self.node_id,
+                        held_back,
+                        first = before == 0,
+                        "another live node uses this node's id (server.node_id / SERVER_ID): the two drop each other's messages; not ready until one is renamed"
+                    );
+                }
+            }
+            _ => {
+                self.probe_seen.fetch_max(probe.probe, Relaxed);
+            }
+        }
     }
-    serde_json::from_slice::<Probe>(message)
-        .ok()
-        .map(|p| p.probe)
 }
 
 impl RedisBroker {
@@ -334,15 +451,32 @@ impl Broker for RedisBroker {
                 "redis_subscriber_restarts",
                 f.subscriber_restarts.load(Relaxed),
             ),
+            (
+                "redis_unconfirmed_publishes",
+                f.unconfirmed_publishes.load(Relaxed),
+            ),
+            (
+                "redis_oversized_payloads",
+                f.oversized_payloads.load(Relaxed),
+            ),
+            ("redis_notices_skipped", f.notices_skipped.load(Relaxed)),
         ]
     }
 
-    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
+            *self.shared.shutdown_deadline.lock() = Some(deadline);
             self.stop.cancel();
             let tasks = std::mem::take(&mut *self.tasks.lock());
-            for task in tasks {
-                let _ = task.await;
+            for mut task in tasks {
+                // The publisher gives up at the deadline by itself; this also ends a task
+                // stuck in a call to a Redis that does not answer.
+                if tokio::time::timeout_at(deadline.into(), &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                }
             }
         })
     }

@@ -1,53 +1,106 @@
-//! The publish batcher: one pipeline per publish window, and the outage buffer.
+//! The publish batcher: one pipeline per publish window, and what happens when Redis
+//! goes away.
 //!
 //! Callers only append to the queue. This task wakes on the first publish of a window,
 //! sleeps until the window's tick (on the wall clock, in phase with every node's delivery
 //! ticks: see `batch`), takes everything queued in one swap and sends it as one
-//! pipeline. While Redis is unreachable, envelopes wait in order in `pending`, up to
-//! `redis.outage_buffer`; what arrives beyond that is dropped, counted and logged.
+//! pipeline.
+//!
+//! Three promises, and how they are kept:
+//! - **Nothing accepted is dropped while Redis is healthy.** The bound
+//!   (`redis.outage_buffer`) covers the queue and what this task holds, and is enforced
+//!   where a publish is accepted (`PublishQueue::push`): past it, the caller is refused
+//!   with `overloaded`; nothing already taken is thrown away to make room.
+//! - **No duplicates, ever.** A pipeline Redis may have run (it was written, and then the
+//!   reply timed out or the connection broke) is never sent again: its messages are
+//!   counted as unconfirmed and logged. Only a pipeline that certainly never left (the
+//!   connection was refused) is kept and retried. A timed-out pipeline stays ahead of
+//!   later ones on the same connection, so per-publisher order holds.
+//! - **Held publishes wait for their listeners.** Pub/sub delivers only to who is
+//!   subscribed when the message arrives. After an outage, held publishes wait until
+//!   every node that was alive before it has re-subscribed (each resubscribes its rooms
+//!   before its probe channel, so its probe channel counts for all of them) and every
+//!   channel has its subscribers from before, at most `redis.recovery_wait_ms` counted
+//!   from the moment Redis answers again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use redis::aio::ConnectionManager;
+use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
-use super::{EnvelopeWriter, PublishQueue, Shared};
+use super::{EnvelopeWriter, PublishQueue, Shared, Subscriptions, BACKOFF};
 use crate::batch::Clock;
-use crate::broker::{Envelope, Target};
+use crate::broker::{Envelope, Kind, Target};
 use crate::config::{Config, EnvelopeMode};
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// After an outage, how long buffered publishes may wait for the other nodes' subscribers
-/// to come back (Redis Pub/Sub delivers only to who is subscribed at that moment).
-const RECOVERY_WAIT: Duration = Duration::from_secs(5);
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
-/// Channels whose subscriber counts are remembered for outage recovery.
+/// Channels whose subscriber counts are remembered (for recovery and notices).
 const MAX_REMEMBERED_CHANNELS: usize = 65_536;
+/// How long a channel's subscriber count is trusted to skip a notice.
+const LISTENERS_FRESH: Duration = Duration::from_secs(10);
 
 pub(super) struct Publisher {
     shared: Arc<Shared>,
     queue: Arc<PublishQueue>,
+    subscriptions: Arc<Subscriptions>,
     conn: ConnectionManager,
     writer: EnvelopeWriter,
     mode: EnvelopeMode,
     /// The publish window's ticks; `None` for window 0 (send as soon as possible).
     clock: Option<Clock>,
     max_pipeline: usize,
-    outage_buffer: usize,
+    max_envelope_messages: usize,
+    recovery_wait: Duration,
     stop: CancellationToken,
-    /// Subscribers each channel had at its last successful PUBLISH.
-    receivers: HashMap<String, i64>,
+    /// Subscribers each channel had at its last successful PUBLISH, and when.
+    listeners: HashMap<String, (i64, Instant)>,
+}
+
+/// An outage being recovered from.
+struct Recovery {
+    /// The other nodes alive before the outage.
+    peers: Vec<String>,
+    /// When Redis first answered again.
+    answered: Option<Instant>,
+}
+
+impl Recovery {
+    fn begin(shared: &Shared) -> Recovery {
+        Recovery {
+            peers: shared.peers.lock().clone(),
+            answered: None,
+        }
+    }
+}
+
+/// How a failed pipeline failed.
+enum Failure {
+    /// It never reached Redis: keep it and send it again.
+    NotSent,
+    /// Redis may have run it: never send it again.
+    Unconfirmed,
+}
+
+fn classify(e: &RedisError) -> Failure {
+    // A refused connection happens before anything is written; every other error may
+    // come after the pipeline was written (a reply timeout, a connection reset).
+    if e.is_connection_refusal() {
+        Failure::NotSent
+    } else {
+        Failure::Unconfirmed
+    }
 }
 
 impl Publisher {
     pub(super) fn new(
         shared: Arc<Shared>,
         queue: Arc<PublishQueue>,
+        subscriptions: Arc<Subscriptions>,
         conn: ConnectionManager,
         config: &Config,
         stop: CancellationToken,
@@ -56,32 +109,47 @@ impl Publisher {
             writer: EnvelopeWriter::new(&shared.node_id),
             shared,
             queue,
+            subscriptions,
             conn,
             mode: config.redis.envelope,
             clock: Some(config.publish_window())
                 .filter(|w| !w.is_zero())
                 .map(|w| Clock::new(w, Duration::ZERO)),
             max_pipeline: config.redis.max_pipeline,
-            outage_buffer: config.redis.outage_buffer,
+            max_envelope_messages: config.redis.max_envelope_messages,
+            recovery_wait: Duration::from_millis(config.redis.recovery_wait_ms),
             stop,
-            receivers: HashMap::new(),
+            listeners: HashMap::new(),
         }
     }
 
-    /// Whether every channel with buffered publishes has its subscribers from before the
-    /// outage back. An error means Redis is still unreachable.
-    async fn subscribers_back(&mut self, pending: &VecDeque<Envelope>) -> redis::RedisResult<bool> {
+    /// Whether every node alive before the outage is subscribed again, and every channel
+    /// with held publishes has its subscribers from before. An error means Redis is still
+    /// unreachable.
+    async fn listeners_back(
+        &mut self,
+        recovery: &Recovery,
+        pending: &VecDeque<Envelope>,
+    ) -> redis::RedisResult<bool> {
         let mut channels: Vec<String> = pending.iter().map(|e| self.channel(e)).collect();
         channels.sort_unstable();
         channels.dedup();
+        let probes: Vec<String> = recovery
+            .peers
+            .iter()
+            .map(|peer| self.shared.channels.probe_of(peer))
+            .collect();
         let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
             .arg("NUMSUB")
+            .arg(&probes)
             .arg(&channels)
             .query_async(&mut self.conn)
             .await?;
-        Ok(counts
-            .iter()
-            .all(|(channel, n)| *n >= self.receivers.get(channel).copied().unwrap_or(0)))
+        let (peer_counts, channel_counts) = counts.split_at(probes.len().min(counts.len()));
+        Ok(peer_counts.iter().all(|(_, n)| *n >= 1)
+            && channel_counts.iter().all(|(channel, n)| {
+                *n >= self.listeners.get(channel).map_or(0, |(before, _)| *before)
+            }))
     }
 
     fn channel(&self, envelope: &Envelope) -> String {
@@ -91,25 +159,27 @@ impl Publisher {
         }
     }
 
-    /// Moves newly queued envelopes behind the pending ones, within the outage bound.
-    fn absorb(&self, pending: &mut VecDeque<Envelope>, incoming: &mut Vec<Envelope>) {
-        let room = self.outage_buffer.saturating_sub(pending.len());
-        if incoming.len() > room {
-            let dropped = (incoming.len() - room) as u64;
-            let total = self
-                .shared
+    /// Whether a notice for `channel` would reach nobody but this node: the channel's
+    /// last PUBLISH, a moment ago, reached this node's own subscription at most.
+    fn nobody_else_listens(&self, channel: &str) -> bool {
+        let Some((n, at)) = self.listeners.get(channel) else {
+            return false;
+        };
+        let own = i64::from(self.subscriptions.rooms.lock().contains(channel));
+        at.elapsed() < LISTENERS_FRESH && *n <= own
+    }
+
+    /// Drops newly queued notices that nobody else would receive.
+    fn skip_lonely_notices(&mut self, incoming: &mut Vec<Envelope>) {
+        let before = incoming.len();
+        incoming.retain(|e| e.kind != Kind::Notice || !self.nobody_else_listens(&self.channel(e)));
+        let skipped = before - incoming.len();
+        if skipped > 0 {
+            self.shared
                 .figures
-                .dropped_publishes
-                .fetch_add(dropped, Relaxed)
-                + dropped;
-            tracing::warn!(
-                dropped,
-                total,
-                "Redis outage buffer full: dropping publishes"
-            );
-            incoming.truncate(room);
+                .notices_skipped
+                .fetch_add(skipped as u64, Relaxed);
         }
-        pending.extend(incoming.drain(..));
     }
 
     /// One pipeline from the front of `pending`: the pipeline, the channel of each of its
@@ -128,44 +198,71 @@ impl Publisher {
                 (pipe, channels, used)
             }
             EnvelopeMode::Batch => {
-                // One PUBLISH per channel, channels in order of first appearance,
-                // messages in publish order within each.
+                // One PUBLISH per channel (per `max_envelope_messages` messages), channels
+                // in order of first appearance, messages in publish order within each.
                 let mut groups: IndexMap<String, Vec<usize>> = IndexMap::new();
+                let mut commands = 0;
                 let mut used = 0;
                 for (i, envelope) in pending.iter().enumerate() {
                     let channel = self.channel(envelope);
-                    if !groups.contains_key(&channel) && groups.len() == self.max_pipeline {
-                        break;
+                    let group = groups.get(&channel).map_or(0, Vec::len);
+                    if group % self.max_envelope_messages == 0 {
+                        if commands == self.max_pipeline {
+                            break;
+                        }
+                        commands += 1;
                     }
                     groups.entry(channel).or_default().push(i);
                     used = i + 1;
                 }
-                let mut channels = Vec::with_capacity(groups.len());
+                let mut channels = Vec::with_capacity(commands);
                 for (channel, indices) in groups {
-                    let message = if indices.len() == 1 {
-                        self.writer.single(pending[indices[0]].payload.json())
-                    } else {
-                        self.writer
-                            .batch(indices.iter().map(|&i| pending[i].payload.json()))
-                    };
-                    pipe.publish(&channel, message);
-                    channels.push(channel);
+                    for chunk in indices.chunks(self.max_envelope_messages) {
+                        let message = if chunk.len() == 1 {
+                            self.writer.single(pending[chunk[0]].payload.json())
+                        } else {
+                            self.writer
+                                .batch(chunk.iter().map(|&i| pending[i].payload.json()))
+                        };
+                        pipe.publish(&channel, message);
+                        channels.push(channel.clone());
+                    }
                 }
                 (pipe, channels, used)
             }
         }
+    }
+
+    fn remember(&mut self, channels: &[String], receivers: Vec<i64>) {
+        if self.listeners.len() > MAX_REMEMBERED_CHANNELS {
+            // Only a hint for recovery and notices: forgetting it is safe.
+            self.listeners.clear();
+        }
+        let now = Instant::now();
+        for (channel, n) in channels.iter().zip(receivers) {
+            self.listeners.insert(channel.clone(), (n, now));
+        }
+    }
+
+    /// Counts `n` publishes that will not be sent.
+    fn drop_held(&self, n: usize, why: &str) {
+        if n == 0 {
+            return;
+        }
+        let f = &self.shared.figures;
+        let total = f.dropped_publishes.fetch_add(n as u64, Relaxed) + n as u64;
+        tracing::warn!(dropped = n, total, "{why}");
     }
 }
 
 pub(super) async fn run(mut p: Publisher) {
     let mut pending: VecDeque<Envelope> = VecDeque::new();
     let mut incoming: Vec<Envelope> = Vec::new();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = BACKOFF.start();
     let mut stopping = false;
-    // Set by a failed pipeline: buffered publishes wait for subscribers to return.
-    let mut recovering: Option<tokio::time::Instant> = None;
+    let mut recovery: Option<Recovery> = None;
     // When the oldest pending publish was queued.
-    let mut pending_since: Option<std::time::Instant> = None;
+    let mut pending_since: Option<Instant> = None;
     loop {
         if pending.is_empty() && !stopping {
             tokio::select! {
@@ -173,7 +270,7 @@ pub(super) async fn run(mut p: Publisher) {
                 _ = p.stop.cancelled() => stopping = true,
             }
             if let Some(clock) = p.clock.filter(|_| !stopping) {
-                let tick = clock.next_tick(std::time::Instant::now());
+                let tick = clock.next_tick(Instant::now());
                 tokio::select! {
                     _ = tokio::time::sleep_until(tick.into()) => {}
                     _ = p.stop.cancelled() => stopping = true,
@@ -183,7 +280,9 @@ pub(super) async fn run(mut p: Publisher) {
         if let Some(since) = p.queue.take(&mut incoming) {
             pending_since.get_or_insert(since);
         }
-        p.absorb(&mut pending, &mut incoming);
+        p.skip_lonely_notices(&mut incoming);
+        pending.extend(incoming.drain(..));
+        p.queue.held.store(pending.len(), Relaxed);
         if pending.is_empty() {
             if stopping {
                 return;
@@ -191,38 +290,59 @@ pub(super) async fn run(mut p: Publisher) {
             continue;
         }
         // The probe may have seen Redis go away before any publish failed.
-        if !p.shared.publisher_ok.load(Relaxed) {
-            recovering.get_or_insert_with(tokio::time::Instant::now);
+        if !p.shared.publisher_ok.load(Relaxed) && recovery.is_none() {
+            recovery = Some(Recovery::begin(&p.shared));
         }
-        if let Some(since) = recovering {
-            match p.subscribers_back(&pending).await {
-                Ok(true) => recovering = None,
-                Ok(false) if since.elapsed() >= RECOVERY_WAIT => {
-                    tracing::warn!("subscribers did not all return after the Redis outage; sending the buffer anyway");
-                    recovering = None;
-                }
-                Ok(false) | Err(_) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(RECOVERY_POLL) => {}
-                        _ = p.stop.cancelled() => stopping = true,
-                    }
-                    if !stopping {
-                        continue;
+        if let (Some(r), false) = (recovery.as_mut(), stopping) {
+            match p.listeners_back(r, &pending).await {
+                Ok(true) => recovery = None,
+                Ok(false) => {
+                    let answered = *r.answered.get_or_insert_with(Instant::now);
+                    if answered.elapsed() >= p.recovery_wait {
+                        tracing::warn!(
+                            held = pending.len(),
+                            waited_ms = p.recovery_wait.as_millis() as u64,
+                            "not every node re-subscribed after the Redis outage; sending the held publishes anyway"
+                        );
+                        recovery = None;
                     }
                 }
+                Err(_) => {}
+            }
+            if recovery.is_some() {
+                tokio::select! {
+                    _ = tokio::time::sleep(RECOVERY_POLL) => {}
+                    _ = p.stop.cancelled() => stopping = true,
+                }
+                continue;
             }
         }
         let (pipe, channels, used) = p.build(&pending);
-        match pipe.query_async::<Vec<i64>>(&mut p.conn).await {
+        let sent = match p.shared.shutdown_deadline().filter(|_| stopping) {
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline.into(), pipe.query_async(&mut p.conn)).await
+                {
+                    Ok(result) => result,
+                    Err(_) => {
+                        p.shared
+                            .figures
+                            .unconfirmed_publishes
+                            .fetch_add(used as u64, Relaxed);
+                        p.drop_held(
+                            pending.len() - used,
+                            "drain timeout reached with Redis not answering: publishes dropped",
+                        );
+                        return;
+                    }
+                }
+            }
+            None => pipe.query_async::<Vec<i64>>(&mut p.conn).await,
+        };
+        match sent {
             Ok(receivers) => {
                 pending.drain(..used);
-                if p.receivers.len() > MAX_REMEMBERED_CHANNELS {
-                    // Only a hint for outage recovery: forgetting it is safe.
-                    p.receivers.clear();
-                }
-                for (channel, n) in channels.iter().zip(receivers) {
-                    p.receivers.insert(channel.clone(), n);
-                }
+                p.queue.held.store(pending.len(), Relaxed);
+                p.remember(&channels, receivers);
                 if let Some(stats) = p.shared.stats.get() {
                     stats.pipeline_commands.record(channels.len() as u64);
                     if let Some(since) = pending_since {
@@ -239,29 +359,38 @@ pub(super) async fn run(mut p: Publisher) {
                 f.published_messages.fetch_add(used as u64, Relaxed);
                 if !p.shared.publisher_ok.swap(true, Relaxed) {
                     f.reconnects.fetch_add(1, Relaxed);
-                    tracing::info!(
-                        still_buffered = pending.len(),
-                        dropped_so_far = f.dropped_publishes.load(Relaxed),
-                        "Redis publishing resumed"
-                    );
+                    tracing::info!(still_held = pending.len(), "Redis publishing resumed");
                 }
-                backoff = MIN_BACKOFF;
+                backoff = BACKOFF.start();
             }
             Err(e) => {
                 p.shared.figures.publish_failures.fetch_add(1, Relaxed);
-                if p.shared.publisher_ok.swap(false, Relaxed) {
-                    tracing::warn!(error = %e, buffered = pending.len(), "Redis publish failed; buffering and retrying");
-                }
-                recovering.get_or_insert_with(tokio::time::Instant::now);
-                if stopping {
-                    let dropped = pending.len() as u64;
-                    p.shared
+                if let Failure::Unconfirmed = classify(&e) {
+                    pending.drain(..used);
+                    p.queue.held.store(pending.len(), Relaxed);
+                    let total = p
+                        .shared
                         .figures
-                        .dropped_publishes
-                        .fetch_add(dropped, Relaxed);
+                        .unconfirmed_publishes
+                        .fetch_add(used as u64, Relaxed)
+                        + used as u64;
                     tracing::warn!(
-                        dropped,
-                        "shutting down with Redis unreachable: publishes dropped"
+                        error = %e,
+                        messages = used,
+                        total,
+                        "Redis may or may not have run a publish pipeline; not sending it again (no duplicates), counted as unconfirmed"
+                    );
+                }
+                if p.shared.publisher_ok.swap(false, Relaxed) {
+                    tracing::warn!(error = %e, held = pending.len(), "Redis publish failed; holding publishes until it is back");
+                }
+                if recovery.is_none() {
+                    recovery = Some(Recovery::begin(&p.shared));
+                }
+                if stopping {
+                    p.drop_held(
+                        pending.len(),
+                        "shutting down with Redis unreachable: publishes dropped",
                     );
                     return;
                 }
@@ -269,7 +398,7 @@ pub(super) async fn run(mut p: Publisher) {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = p.stop.cancelled() => stopping = true,
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff = BACKOFF.next(backoff);
             }
         }
     }

@@ -1,11 +1,20 @@
-//! The subscriber: keeps Redis subscribed to exactly the channels the node needs, and
-//! proves the subscription still delivers.
+//! The subscriber: keeps Redis subscribed to exactly the channels the node needs, proves
+//! the subscription still delivers, and keeps the list of live nodes.
 //!
 //! Subscription changes from joins and leaves only touch a set; this task diffs the set
 //! against what Redis has and sends one `SUBSCRIBE` and one `UNSUBSCRIBE` with all the
-//! channels that changed. Each probe interval it publishes a numbered probe to the node's
-//! own channel; two probes in a row that do not come back mean the connection is deaf,
-//! and it is replaced (the new one subscribes everything again).
+//! channels that changed. On a new connection (and after a disconnection, which drops
+//! every subscription) it subscribes everything again itself, rooms first and the node's
+//! probe channel last: another node that sees this node's probe channel subscribed knows
+//! all its rooms are (that is how held publishes know when to go, see `publisher`).
+//!
+//! Each probe interval it publishes a numbered probe to the node's own channel, and in
+//! the same round trip registers the node in the live-node set and reads the others.
+//! The node is ready only when a probe sent after the last full subscription came back.
+//! A probe that reaches no subscriber means Redis lost the subscription (a restart):
+//! everything is subscribed again at once. Two probes in a row that do not come back mean
+//! the connection is deaf, and it is replaced. A probe carrying another instance's token
+//! means another live node uses this node's id.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -17,10 +26,9 @@ use redis::aio::ConnectionManager;
 use redis::{Client, PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{manager_config, Shared, Subscriptions};
+use super::{manager_config, Shared, Subscriptions, BACKOFF};
+use crate::protocol::now_ms;
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Probes in a row that may go missing before the connection is replaced.
 const MISSES_BEFORE_RESTART: u32 = 2;
 
@@ -34,40 +42,63 @@ pub(super) async fn run(
 ) {
     let mut conn: Option<ConnectionManager> = None;
     let mut current: HashSet<String> = HashSet::new();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = BACKOFF.start();
     let mut ticker = tokio::time::interval(probe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe_sent = 0u64;
     let mut judged = 0u64;
     let mut misses = 0u32;
+    // The last probe number sent before everything was subscribed anew: only later
+    // probes prove the subscription.
+    let mut subscribed_after = 0u64;
+    let mut ever_connected = false;
+    // A live node is listed until this long after its last probe.
+    let alive_for_ms = 3 * probe_interval.as_millis() as u64 + 1000;
     loop {
+        if shared.resubscribe.swap(false, Relaxed) {
+            current.clear();
+        }
+        let fresh = current.is_empty();
         if let Err(e) = reconcile(&shared, &subscriptions, &client, &mut conn, &mut current).await {
             if shared.subscriber_ok.swap(false, Relaxed) {
                 tracing::warn!(error = %e, "Redis subscriber unavailable; retrying");
+            } else if !ever_connected {
+                ever_connected = true;
+                tracing::warn!(
+                    error = %e,
+                    redis = %client.get_connection_info().addr(),
+                    "cannot reach Redis; serving local sockets only, /readyz answers 503 until it answers"
+                );
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.cancelled() => return,
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = BACKOFF.next(backoff);
             continue;
         }
-        backoff = MIN_BACKOFF;
+        ever_connected = true;
+        if fresh {
+            subscribed_after = probe_sent;
+        }
+        backoff = BACKOFF.start();
         tokio::select! {
             _ = subscriptions.changed.notified() => {}
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {
                 // Judge each published probe once, an interval after it was sent. While
-                // Redis is unreachable no probe is published, so nothing is judged: the
-                // connection manager's own reconnect and resubscription handle outages.
+                // Redis is unreachable no probe is published, so nothing is judged.
                 if probe_sent > judged {
                     judged = probe_sent;
-                    if shared.probe_seen.load(Relaxed) < probe_sent {
-                        misses += 1;
-                    } else {
+                    if shared.probe_seen.load(Relaxed) >= probe_sent {
                         misses = 0;
-                        if !shared.subscriber_ok.swap(true, Relaxed) {
-                            tracing::info!("Redis subscriber delivering again");
+                        if probe_sent > subscribed_after && !shared.subscriber_ok.swap(true, Relaxed) {
+                            tracing::info!("Redis subscriber delivering");
+                        }
+                    } else {
+                        misses += 1;
+                        if shared.subscriber_ok.swap(false, Relaxed) {
+                            tracing::warn!("a Redis probe did not come back; not ready until one does");
                         }
                     }
                 }
@@ -85,21 +116,23 @@ pub(super) async fn run(
                     continue;
                 }
                 let n = probe_sent + 1;
-                let probe = format!(r#"{{"serverId":{},"probe":{n}}}"#, serde_json::Value::from(&*shared.node_id));
-                let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                    .arg(&shared.channels.probe)
-                    .arg(probe)
-                    .query_async(&mut probe_conn)
-                    .await;
-                // A probe that could not be published says nothing about the subscriber,
-                // but it does say whether Redis can be reached for publishing.
-                match sent {
-                    Ok(_) => {
+                match probe(&shared, &mut probe_conn, n, alive_for_ms).await {
+                    Ok((receivers, alive)) => {
                         probe_sent = n;
                         if !shared.publisher_ok.swap(true, Relaxed) {
                             shared.figures.reconnects.fetch_add(1, Relaxed);
                             tracing::info!("Redis reachable");
                         }
+                        if receivers == 0 {
+                            // Redis does not know this node's subscription: it restarted,
+                            // or the connection was cut. Subscribe everything again now.
+                            if shared.subscriber_ok.swap(false, Relaxed) {
+                                tracing::warn!("Redis lost this node's subscriptions; subscribing again");
+                            }
+                            shared.resubscribe.store(true, Relaxed);
+                        }
+                        let peers: Vec<String> = alive.into_iter().filter(|id| *id != *shared.node_id).collect();
+                        *shared.peers.lock() = peers;
                     }
                     Err(e) => {
                         if shared.publisher_ok.swap(false, Relaxed) {
@@ -112,16 +145,44 @@ pub(super) async fn run(
     }
 }
 
-/// Makes Redis' subscriptions match the wanted set, connecting first if needed.
+/// Publishes probe `n` and, in the same round trip, lists this node as alive and reads
+/// the other live nodes. Returns the probe's receivers and the live node ids.
+async fn probe(
+    shared: &Shared,
+    conn: &mut ConnectionManager,
+    n: u64,
+    alive_for_ms: u64,
+) -> redis::RedisResult<(i64, Vec<String>)> {
+    let message = format!(
+        r#"{{"serverId":{},"probe":{n},"instance":{}}}"#,
+        serde_json::Value::from(&*shared.node_id),
+        shared.instance
+    );
+    let now = now_ms();
+    let alive = &shared.channels.alive;
+    let (receivers, live): (i64, Vec<String>) = redis::pipe()
+        .publish(&shared.channels.probe, message)
+        .zadd(alive, &*shared.node_id, now + alive_for_ms)
+        .ignore()
+        .zrembyscore(alive, "-inf", now)
+        .ignore()
+        .zrangebyscore(alive, now, "+inf")
+        .query_async(conn)
+        .await?;
+    Ok((receivers, live))
+}
+
+/// Makes Redis' subscriptions match the wanted set, connecting first if needed. On a
+/// fresh connection the probe channel is subscribed last, after every room.
 async fn reconcile(
     shared: &Arc<Shared>,
-    subscriptions: &Subscriptions,
+    subscriptions: &Arc<Subscriptions>,
     client: &Client,
     conn: &mut Option<ConnectionManager>,
     current: &mut HashSet<String>,
 ) -> redis::RedisResult<()> {
     if conn.is_none() {
-        *conn = Some(connect(shared, client).await?);
+        *conn = Some(connect(shared, subscriptions, client).await?);
         current.clear();
     }
     let Some(conn) = conn.as_mut() else {
@@ -129,12 +190,20 @@ async fn reconcile(
     };
     let mut wanted = subscriptions.rooms.lock().clone();
     wanted.insert(shared.channels.broadcast.clone());
-    wanted.insert(shared.channels.probe.clone());
+    let probe = &shared.channels.probe;
     let add: Vec<String> = wanted.difference(current).cloned().collect();
-    let remove: Vec<String> = current.difference(&wanted).cloned().collect();
+    let remove: Vec<String> = current
+        .difference(&wanted)
+        .filter(|c| *c != probe)
+        .cloned()
+        .collect();
     if !add.is_empty() {
         conn.subscribe(&add).await?;
         current.extend(add);
+    }
+    if !current.contains(probe) {
+        conn.subscribe(probe).await?;
+        current.insert(probe.clone());
     }
     if !remove.is_empty() {
         conn.unsubscribe(&remove).await?;
@@ -145,29 +214,39 @@ async fn reconcile(
     Ok(())
 }
 
-async fn connect(shared: &Arc<Shared>, client: &Client) -> redis::RedisResult<ConnectionManager> {
+async fn connect(
+    shared: &Arc<Shared>,
+    subscriptions: &Arc<Subscriptions>,
+    client: &Client,
+) -> redis::RedisResult<ConnectionManager> {
     let generation = shared.generation.load(Relaxed);
     let handler = shared.clone();
-    let config = manager_config()
-        .set_push_sender(move |info: PushInfo| -> Result<(), Infallible> {
+    let changed = subscriptions.clone();
+    // No automatic resubscription: after a disconnection this task subscribes everything
+    // again itself, in the order that lets other nodes trust its probe channel.
+    let config =
+        manager_config().set_push_sender(move |info: PushInfo| -> Result<(), Infallible> {
             if handler.generation.load(Relaxed) == generation {
-                on_push(&handler, info);
+                on_push(&handler, &changed, info);
             }
             Ok(())
-        })
-        .set_automatic_resubscription();
+        });
     ConnectionManager::new_with_config(client.clone(), config).await
 }
 
-fn on_push(shared: &Shared, info: PushInfo) {
+fn on_push(shared: &Shared, subscriptions: &Subscriptions, info: PushInfo) {
     match info.kind {
         PushKind::Message => {
             if let [Value::BulkString(channel), Value::BulkString(message)] = &info.data[..] {
                 shared.on_message(channel, message);
             }
         }
-        PushKind::Disconnection if shared.subscriber_ok.swap(false, Relaxed) => {
-            tracing::warn!("Redis subscriber connection lost; it reconnects and resubscribes");
+        PushKind::Disconnection => {
+            if shared.subscriber_ok.swap(false, Relaxed) {
+                tracing::warn!("Redis subscriber connection lost; it reconnects and subscribes again");
+            }
+            shared.resubscribe.store(true, Relaxed);
+            subscriptions.changed.notify_one();
         }
         _ => {}
     }

@@ -1,0 +1,174 @@
+//! RFC 6455 rules fastwebsockets does not enforce on a server's read side: every client
+//! frame is masked (section 5.1) and no control frame carries more than 125 bytes
+//! (section 5.5; the library checks pings only).
+//!
+//! `FrameRules` watches the bytes on their way from the socket to the frame parser. It
+//! reads only frame headers and counts payload bytes past, so it costs a few branches
+//! per frame, not per byte. The reader asks it after each frame whether a rule broke;
+//! the frame that broke it is not acted on.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// A rule a client frame broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    Unmasked,
+    ControlTooLong,
+}
+
+impl Broken {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Broken::Unmasked => "client frames must be masked",
+            Broken::ControlTooLong => "control frame payload over 125 bytes",
+        }
+    }
+}
+
+/// Set by `FrameRules`, read by the reader; an atomic so the reader's future stays `Send`.
+#[derive(Default)]
+pub struct Verdict(AtomicU8);
+
+impl Verdict {
+    pub fn broken(&self) -> Option<Broken> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(Broken::Unmasked),
+            2 => Some(Broken::ControlTooLong),
+            _ => None,
+        }
+    }
+
+    fn set(&self, broken: Broken) {
+        let code = match broken {
+            Broken::Unmasked => 1,
+            Broken::ControlTooLong => 2,
+        };
+        // The first broken rule is the one reported.
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+pub struct FrameRules<'v, R> {
+    inner: R,
+    verdict: &'v Verdict,
+    /// Header bytes of the frame being read so far.
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to pass.
+    payload_left: u64,
+}
+
+impl<'v, R> FrameRules<'v, R> {
+    pub fn new(inner: R, verdict: &'v Verdict) -> Self {
+        FrameRules {
+            inner,
+            verdict,
+            head: [0; 14],
+            have: 0,
+            payload_left: 0,
+        }
+    }
+
+    fn observe(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let skip = (self.payload_left.min(bytes.len() as u64)) as usize;
+                self.payload_left -= skip as u64;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            self.head[self.have] = bytes[0];
+            self.have += 1;
+            bytes = &bytes[1..];
+            if self.have < 2 {
+                continue;
+            }
+            let masked = self.head[1] & 0x80 != 0;
+            let ext = match self.head[1] & 0x7f {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let need = 2 + ext + if masked { 4 } else { 0 };
+            if self.have < need {
+                continue;
+            }
+            let len = match ext {
+                0 => u64::from(self.head[1] & 0x7f),
+                2 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                _ => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&self.head[2..10]);
+                    u64::from_be_bytes(b)
+                }
+            };
+            let control = self.head[0] & 0x08 != 0;
+            if !masked {
+                self.verdict.set(Broken::Unmasked);
+            } else if control && len > 125 {
+                self.verdict.set(Broken::ControlTooLong);
+            }
+            self.have = 0;
+            self.payload_left = len;
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for FrameRules<'_, R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let this = &mut *self;
+            this.observe(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(bytes: &[u8]) -> Option<Broken> {
+        let verdict = Verdict::default();
+        let mut rules = FrameRules::new(tokio::io::empty(), &verdict);
+        // One byte at a time: headers split across reads are the hard case.
+        for b in bytes {
+            rules.observe(std::slice::from_ref(b));
+        }
+        verdict.broken()
+    }
+
+    #[test]
+    fn masked_frames_of_any_length_pass() {
+        let mut frames = vec![0x81, 0x83, 1, 2, 3, 4, b'a', b'b', b'c'];
+        frames.extend([0x82, 0xfe, 0x01, 0x00, 1, 2, 3, 4]);
+        frames.extend(vec![0u8; 256]);
+        frames.extend([0x89, 0x80, 1, 2, 3, 4]);
+        assert_eq!(check(&frames), None);
+    }
+
+    #[test]
+    fn unmasked_and_long_control_frames_are_caught() {
+        assert_eq!(check(&[0x81, 0x01, b'a']), Some(Broken::Unmasked));
+        let mut pong = vec![0x8a, 0xfe, 0x01, 0x2c, 1, 2, 3, 4];
+        pong.extend(vec![0u8; 300]);
+        assert_eq!(check(&pong), Some(Broken::ControlTooLong));
+        // A long text frame is fine; a control frame after it is judged on its own.
+        let mut ok = vec![0x81, 0xfe, 0x01, 0x2c, 1, 2, 3, 4];
+        ok.extend(vec![0u8; 300]);
+        ok.extend([0x88, 0x82, 1, 2, 3, 4, 0, 0]);
+        assert_eq!(check(&ok), None);
+    }
+}
