@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let server = match Server::bind(config).await {
             Ok(server) => server,
             Err(e @ ServeError::Redis(_)) => {
@@ -109,7 +109,10 @@ fn main() -> ExitCode {
                 ExitCode::from(130)
             }
         }
-    })
+    });
+    // Tasks still stuck on a silent Redis must not hold the exit.
+    runtime.shutdown_background();
+    code
 }
 
 async fn wait_for_signal() {

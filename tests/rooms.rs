@@ -79,7 +79,7 @@ async fn disconnect_leaves_every_room() {
 
 #[tokio::test]
 async fn broadcast_reaches_every_socket_with_the_payload_as_sent() {
-    let server = start(|_| {}).await;
+    let server = start(|c| c.limits.client_broadcast = true).await;
     let addr = server.local_addr();
     let mut sender = Client::connect(addr).await;
     let mut in_room = Client::connect(addr).await;
@@ -94,6 +94,32 @@ async fn broadcast_reaches_every_socket_with_the_payload_as_sent() {
     for client in [&mut sender, &mut in_room, &mut idle] {
         assert_eq!(client.next_frame().await, r#"{"alert":"goal","minute":90}"#);
     }
+}
+
+#[tokio::test]
+async fn client_broadcasts_are_forbidden_by_default() {
+    let server = start(|_| {}).await;
+    let addr = server.local_addr();
+    let mut forger = Client::connect(addr).await;
+    let mut victim = Client::connect(addr).await;
+    victim.join("scores").await;
+    // A forged room message, sent to everyone as-is: refused.
+    forger
+        .send_text(r#"{"type":"broadcast","payload":{"type":"message","roomId":"scores","content":"fake","timestamp":1}}"#)
+        .await;
+    let err = forger.expect_error("forbidden").await;
+    assert!(
+        err["message"].as_str().unwrap().contains("limits.client_broadcast"),
+        "{err}"
+    );
+    // The victim saw nothing of it: its next frame is the real one.
+    let (status, _) = api_publish(addr, &json!({"roomId":"scores","content":"real"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(victim.next_room_message().await["content"], "real");
+    // The API broadcast, the trusted path, still works.
+    let (status, _) = api_publish(addr, &json!({"broadcast":{"notice":"api"}})).await;
+    assert_eq!(status, 200);
+    assert_eq!(victim.next_frame().await, r#"{"notice":"api"}"#);
 }
 
 #[tokio::test]
@@ -169,7 +195,10 @@ async fn nodes_on_one_memory_bus_share_rooms_exactly_once() {
     )
     .await;
     let two = start_with_broker(
-        |c| c.server.node_id = "two".into(),
+        |c| {
+            c.server.node_id = "two".into();
+            c.limits.client_broadcast = true;
+        },
         std::sync::Arc::new(bus.broker()),
     )
     .await;

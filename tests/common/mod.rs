@@ -30,6 +30,13 @@ pub fn config() -> Config {
 }
 
 pub async fn start(tweak: impl FnOnce(&mut Config)) -> Server {
+    // TEST_LOG=volley=debug shows the nodes' logs when a test needs explaining.
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let mut config = config();
     tweak(&mut config);
     Server::bind(config).await.expect("bind test server")
@@ -318,6 +325,9 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                // Tests stall Redis with DEBUG SLEEP.
+                "--enable-debug-command",
+                "yes",
             ])
             .stdout(std::process::Stdio::null())
             .spawn()

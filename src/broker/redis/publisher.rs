@@ -289,8 +289,11 @@ pub(super) async fn run(mut p: Publisher) {
             }
             continue;
         }
-        // The probe may have seen Redis go away before any publish failed.
-        if !p.shared.publisher_ok.load(Relaxed) && recovery.is_none() {
+        // The probe or the subscriber may have seen Redis go away before any publish
+        // failed: hold, and let a harmless NUMSUB find out, instead of writing a pipeline
+        // into a dead connection and having to count it as unconfirmed.
+        let healthy = p.shared.publisher_ok.load(Relaxed) && p.shared.subscriber_ok.load(Relaxed);
+        if !healthy && recovery.is_none() {
             recovery = Some(Recovery::begin(&p.shared));
         }
         if let (Some(r), false) = (recovery.as_mut(), stopping) {

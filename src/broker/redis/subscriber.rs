@@ -119,10 +119,6 @@ pub(super) async fn run(
                 match probe(&shared, &mut probe_conn, n, alive_for_ms).await {
                     Ok((receivers, alive)) => {
                         probe_sent = n;
-                        if !shared.publisher_ok.swap(true, Relaxed) {
-                            shared.figures.reconnects.fetch_add(1, Relaxed);
-                            tracing::info!("Redis reachable");
-                        }
                         if receivers == 0 {
                             // Redis does not know this node's subscription: it restarted,
                             // or the connection was cut. Subscribe everything again now.
@@ -133,8 +129,17 @@ pub(super) async fn run(
                         }
                         let peers: Vec<String> = alive.into_iter().filter(|id| *id != *shared.node_id).collect();
                         *shared.peers.lock() = peers;
+                        // After the subscription check above, so a restarted Redis never
+                        // reads as ready for a moment.
+                        if !shared.publisher_ok.swap(true, Relaxed) {
+                            shared.figures.reconnects.fetch_add(1, Relaxed);
+                            tracing::info!("Redis reachable");
+                        }
                     }
                     Err(e) => {
+                        // Nothing is heard from an unreachable Redis either: ready again
+                        // only after a probe comes back.
+                        shared.subscriber_ok.store(false, Relaxed);
                         if shared.publisher_ok.swap(false, Relaxed) {
                             tracing::warn!(error = %e, "Redis unreachable");
                         }
