@@ -440,3 +440,132 @@ pub async fn start_on_redis(
     })
     .await
 }
+
+/// A WebSocket client written byte by byte, for what a polite client never sends:
+/// unmasked frames, oversized control frames, floods without reading.
+pub struct RawWs {
+    pub stream: TcpStream,
+}
+
+impl RawWs {
+    pub async fn connect(addr: SocketAddr) -> RawWs {
+        Self::connect_with(addr, None).await
+    }
+
+    /// Connects with a small receive buffer, so a client that never reads fills up fast.
+    pub async fn connect_with(addr: SocketAddr, recv_buffer: Option<u32>) -> RawWs {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            tokio::time::timeout(WAIT, stream.read_exact(&mut byte))
+                .await
+                .expect("handshake timed out")
+                .expect("handshake");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        RawWs { stream }
+    }
+
+    /// One final frame; masked with a fixed key when `masked`.
+    pub fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(mask_bit | n as u8),
+            n if n <= u16::MAX as usize => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            let key = [0x12, 0x34, 0x56, 0x78];
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    /// The next frame as (opcode, payload); `None` once the connection ends.
+    pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        tokio::time::timeout(WAIT, async {
+            let mut head = [0u8; 2];
+            self.stream.read_exact(&mut head).await.ok()?;
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut b = [0u8; 2];
+                    self.stream.read_exact(&mut b).await.ok()?;
+                    u16::from_be_bytes(b) as usize
+                }
+                127 => {
+                    let mut b = [0u8; 8];
+                    self.stream.read_exact(&mut b).await.ok()?;
+                    u64::from_be_bytes(b) as usize
+                }
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            self.stream.read_exact(&mut payload).await.ok()?;
+            Some((head[0] & 0x0f, payload))
+        })
+        .await
+        .expect("timed out waiting for a frame")
+    }
+
+    /// Reads until a close frame; returns its code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.read_frame().await {
+                Some((0x8, payload)) => {
+                    assert!(payload.len() >= 2, "close without a code");
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    return (code, String::from_utf8_lossy(&payload[2..]).to_string());
+                }
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// Waits until the connection is closed by the other side (EOF or reset), reading and
+/// discarding whatever comes first. Panics after WAIT.
+pub async fn expect_hangup(stream: &mut TcpStream) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the node never closed the connection");
+    seen
+}
