@@ -22,6 +22,7 @@ use crate::hub::{FanOut, Hub, Joined, Left};
 use crate::metrics::{Snapshot, Source, Stats};
 use crate::protocol::outbound::{self, Membership};
 use crate::protocol::{now_ms, Encoded};
+use crate::throttle::LogThrottle;
 
 pub struct Node {
     config: Config,
@@ -147,7 +148,10 @@ impl Node {
         }
         let notice = outbound::membership(kind, room, now_ms());
         if let Err(e) = self.send_room(room, notice, Kind::Notice) {
-            tracing::warn!(room, "membership notice not sent: {e}");
+            static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+            if let Some(held_back) = LOG.allow() {
+                tracing::warn!(room, held_back, "membership notice not sent: {e}");
+            }
         }
     }
 
@@ -184,13 +188,19 @@ impl Node {
         let name = local
             .as_ref()
             .map_or_else(|| Arc::from(room), |r| r.name().clone());
-        self.broker.publish(&[Envelope {
+        let sent = self.broker.publish(&[Envelope {
             origin: self.id.clone(),
             target: Target::Room(name),
             payload: message.clone(),
             kind,
-        }])?;
-        Ok(self.local(local.map(|r| r.fan_out(&message)).unwrap_or_default()))
+        }]);
+        // A message the other nodes cannot get goes to nobody, so the publisher can retry
+        // it; a notice is best effort and still reaches the local members.
+        if kind == Kind::Message {
+            sent?;
+        }
+        let fan = self.local(local.map(|r| r.fan_out(&message)).unwrap_or_default());
+        sent.map(|()| fan)
     }
 
     /// Logs the slow consumers a fan-out closed (the outbox counted them).

@@ -162,3 +162,82 @@ async fn the_connection_limit_refuses_with_503() {
     let mut c = Client::connect(addr).await;
     c.join("r").await;
 }
+
+#[tokio::test]
+async fn json_that_common_parsers_reject_is_refused_and_the_room_stays_readable() {
+    let server = start(|_| {}).await;
+    let addr = server.local_addr();
+    let mut reader = Client::connect(addr).await;
+    reader.join("r").await;
+    let mut c = Client::connect(addr).await;
+
+    let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+    c.send_text(&format!(
+        r#"{{"type":"message","roomId":"r","content":{deep}}}"#
+    ))
+    .await;
+    let err = c.expect_error("invalid_field").await;
+    assert!(
+        err["message"].as_str().unwrap().contains("max_json_depth"),
+        "{err}"
+    );
+    let digits = "7".repeat(5000);
+    c.send_text(&format!(
+        r#"{{"type":"message","roomId":"r","content":{{"n":{digits}}}}}"#
+    ))
+    .await;
+    c.expect_error("invalid_field").await;
+    let (status, body) = api_publish(addr, &json!({"roomId":"r","content":"placeholder"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", "apikey test-key")],
+        format!(r#"{{"roomId":"r","content":{deep}}}"#).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid_field"), "{body}");
+
+    // Nesting within the limit passes; the reader sees only what was accepted.
+    c.send(json!({"type":"message","roomId":"r","content":{"a":[[1.5e300]]}}))
+        .await;
+    assert_eq!(reader.next_room_message().await["content"], "placeholder");
+    assert_eq!(
+        reader.next_room_message().await["content"],
+        json!({"a":[[1.5e300]]})
+    );
+}
+
+#[tokio::test]
+async fn joins_are_charged_to_their_own_rate() {
+    let server = start(|c| {
+        c.limits.max_rooms_per_socket = 1000;
+        c.limits.join_rate = 20;
+        c.limits.join_burst = 50;
+    })
+    .await;
+    let mut c = Client::connect(server.local_addr()).await;
+    let joins: Vec<_> = (0..200)
+        .map(|i| json!({"type":"join","roomId":format!("room-{i}")}))
+        .collect();
+    c.send_burst(&joins).await;
+    let (mut joined, mut limited) = (0, 0);
+    while joined + limited < 200 {
+        let m = c.next_message().await;
+        match m["type"].as_str() {
+            Some("user_joined") => joined += 1,
+            Some("error") => {
+                assert_eq!(m["code"], "rate_limited", "{m}");
+                assert!(m["message"].as_str().unwrap().contains("joining"), "{m}");
+                limited += 1;
+            }
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    // The burst, plus what the rate refilled while the burst was read.
+    assert!((50..100).contains(&joined), "joined {joined}");
+    assert_eq!(joined + limited, 200);
+}

@@ -235,3 +235,52 @@ async fn nodes_on_one_memory_bus_share_rooms_exactly_once() {
     assert_eq!(a.expect_type("message").await["content"], "end");
     assert_eq!(b.expect_type("message").await["content"], "end");
 }
+
+/// Sends a join without waiting for a notice (there may be none).
+async fn join_quietly(c: &mut Client, room: &str) {
+    c.send(json!({"type":"join","roomId":room})).await;
+}
+
+#[tokio::test]
+async fn notices_stop_in_rooms_over_notices_max_members() {
+    let server = start(|c| c.limits.notices_max_members = 2).await;
+    let addr = server.local_addr();
+    let mut a = Client::connect(addr).await;
+    let mut b = Client::connect(addr).await;
+    let mut c = Client::connect(addr).await;
+    a.join("crowd").await;
+    b.join("crowd").await;
+    a.expect_type("user_joined").await;
+    // A third member: no notice to anyone, the joiner included.
+    join_quietly(&mut c, "crowd").await;
+    let marker = |n: u32| json!({"roomId":"crowd","content":n});
+    // c's own message follows its join on the same socket: the join was handled first.
+    c.send(json!({"type":"message","roomId":"crowd","content":0}))
+        .await;
+    for client in [&mut a, &mut b, &mut c] {
+        let m = client.next_message().await;
+        assert_eq!(m["type"], "message", "no notice in a room over the limit: {m}");
+        assert_eq!(m["content"], 0);
+    }
+    // Leaving a room of three: still over the limit, no notice.
+    c.send(json!({"type":"leave","roomId":"crowd"})).await;
+    api_publish(addr, &marker(1)).await;
+    for client in [&mut a, &mut b] {
+        assert_eq!(client.next_message().await["content"], 1);
+    }
+    // Leaving a room of two: the one left behind hears of it.
+    b.send(json!({"type":"leave","roomId":"crowd"})).await;
+    assert_eq!(a.next_message().await["type"], "user_left");
+}
+
+#[tokio::test]
+async fn notices_can_be_turned_off() {
+    let server = start(|c| c.limits.notices = false).await;
+    let addr = server.local_addr();
+    let mut a = Client::connect(addr).await;
+    join_quietly(&mut a, "quiet").await;
+    a.send(json!({"type":"message","roomId":"quiet","content":"first"}))
+        .await;
+    let m = a.next_message().await;
+    assert_eq!(m["type"], "message", "no user_joined: {m}");
+}

@@ -460,6 +460,7 @@ impl Broker for RedisBroker {
                 f.oversized_payloads.load(Relaxed),
             ),
             ("redis_notices_skipped", f.notices_skipped.load(Relaxed)),
+            ("redis_peers", self.shared.peers.lock().len() as u64),
         ]
     }
 

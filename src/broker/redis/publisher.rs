@@ -57,8 +57,16 @@ pub(super) struct Publisher {
     max_envelope_messages: usize,
     recovery_wait: Duration,
     stop: CancellationToken,
-    /// Subscribers each channel had at its last successful PUBLISH, and when.
-    listeners: HashMap<String, (i64, Instant)>,
+    /// Per channel, at its last successful PUBLISH: its subscribers, how many of them were
+    /// not this node, and when.
+    listeners: HashMap<String, Listeners>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Listeners {
+    all: i64,
+    others: i64,
+    at: Instant,
 }
 
 /// An outage being recovered from.
@@ -148,7 +156,7 @@ impl Publisher {
         let (peer_counts, channel_counts) = counts.split_at(probes.len().min(counts.len()));
         Ok(peer_counts.iter().all(|(_, n)| *n >= 1)
             && channel_counts.iter().all(|(channel, n)| {
-                *n >= self.listeners.get(channel).map_or(0, |(before, _)| *before)
+                *n >= self.listeners.get(channel).map_or(0, |before| before.all)
             }))
     }
 
@@ -160,13 +168,11 @@ impl Publisher {
     }
 
     /// Whether a notice for `channel` would reach nobody but this node: the channel's
-    /// last PUBLISH, a moment ago, reached this node's own subscription at most.
+    /// last PUBLISH, a moment ago, reached no other node.
     fn nobody_else_listens(&self, channel: &str) -> bool {
-        let Some((n, at)) = self.listeners.get(channel) else {
-            return false;
-        };
-        let own = i64::from(self.subscriptions.rooms.lock().contains(channel));
-        at.elapsed() < LISTENERS_FRESH && *n <= own
+        self.listeners
+            .get(channel)
+            .is_some_and(|l| l.others <= 0 && l.at.elapsed() < LISTENERS_FRESH)
     }
 
     /// Drops newly queued notices that nobody else would receive.
@@ -238,9 +244,13 @@ impl Publisher {
             // Only a hint for recovery and notices: forgetting it is safe.
             self.listeners.clear();
         }
-        let now = Instant::now();
-        for (channel, n) in channels.iter().zip(receivers) {
-            self.listeners.insert(channel.clone(), (n, now));
+        let at = Instant::now();
+        let wanted = self.subscriptions.rooms.lock();
+        for (channel, all) in channels.iter().zip(receivers) {
+            let own = i64::from(wanted.contains(channel));
+            let others = all - own;
+            self.listeners
+                .insert(channel.clone(), Listeners { all, others, at });
         }
     }
 
