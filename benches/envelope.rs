@@ -52,7 +52,15 @@ fn encode_decode(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("decode", format!("{n}_messages")),
             &wire,
-            |b, wire| b.iter(|| black_box(decode(wire, usize::MAX).map(|e| e.payloads.len()).unwrap_or(0))),
+            |b, wire| {
+                b.iter(|| {
+                    black_box(
+                        decode(wire, usize::MAX)
+                            .map(|e| e.payloads.len())
+                            .unwrap_or(0),
+                    )
+                })
+            },
         );
     }
     group.finish();

@@ -104,7 +104,10 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             return error(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
-                &format!("the body did not arrive within server.body_timeout_ms ({} ms)", timeout.as_millis()),
+                &format!(
+                    "the body did not arrive within server.body_timeout_ms ({} ms)",
+                    timeout.as_millis()
+                ),
             )
         }
     };
@@ -151,9 +154,7 @@ fn ready(node: &Arc<Node>) -> Response<Body> {
     let health = node.health();
     let status = match health.broker_state {
         BrokerState::Connected => StatusCode::OK,
-        BrokerState::Reconnecting | BrokerState::DuplicateNodeId => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        BrokerState::Reconnecting | BrokerState::DuplicateNodeId => StatusCode::SERVICE_UNAVAILABLE,
     };
     json_response(
         status,

@@ -260,7 +260,7 @@ pub enum ConfigError {
     UnknownKey {
         given_by: String,
         key: String,
-        nearest: &'static str,
+        nearest: String,
     },
 }
 
@@ -563,10 +563,22 @@ fn check_key(key: &str, source: impl FnOnce() -> String) -> Result<(), ConfigErr
     if keys.iter().any(|k| k == key) {
         return Ok(());
     }
-    let nearest = keys
+    // Keys of the same section whose name holds the given one (`batch.window_ms` ->
+    // both window keys) say more than the closest spelling alone.
+    let (section, field) = key.split_once('.').unwrap_or(("", key));
+    let holding: Vec<&str> = keys
         .iter()
-        .min_by_key(|k| strsim::levenshtein(k, key))
-        .map_or("", |k| k.as_str());
+        .filter(|k| !field.is_empty() && k.starts_with(&format!("{section}.")) && k.contains(field))
+        .map(String::as_str)
+        .collect();
+    let nearest = if (1..=3).contains(&holding.len()) {
+        holding.join(" or ")
+    } else {
+        keys.iter()
+            .min_by_key(|k| strsim::levenshtein(k, key))
+            .cloned()
+            .unwrap_or_default()
+    };
     Err(ConfigError::UnknownKey {
         given_by: source(),
         key: key.to_string(),

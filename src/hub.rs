@@ -44,7 +44,10 @@ struct Members {
 pub enum Joined {
     /// The socket is now in the room, one of `members` local sockets; `first` if no
     /// other local socket was.
-    New { first: bool, members: usize },
+    New {
+        first: bool,
+        members: usize,
+    },
     Already,
 }
 
@@ -52,7 +55,10 @@ pub enum Joined {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Left {
     /// The socket left `members` local sockets behind; `last` if that is none.
-    Gone { last: bool, members: usize },
+    Gone {
+        last: bool,
+        members: usize,
+    },
     NotMember,
 }
 

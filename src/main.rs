@@ -93,7 +93,9 @@ fn main() -> ExitCode {
             }
         };
         wait_for_signal().await;
-        tracing::info!("shutting down: flushing windows, closing sockets (a second signal exits at once)");
+        tracing::info!(
+            "shutting down: flushing windows, closing sockets (a second signal exits at once)"
+        );
         tokio::select! {
             report = server.shutdown() => {
                 if !report.drained {

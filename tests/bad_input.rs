@@ -187,8 +187,7 @@ async fn json_that_common_parsers_reject_is_refused_and_the_room_stays_readable(
     ))
     .await;
     c.expect_error("invalid_field").await;
-    let (status, body) = api_publish(addr, &json!({"roomId":"r","content":"placeholder"}))
-        .await;
+    let (status, body) = api_publish(addr, &json!({"roomId":"r","content":"placeholder"})).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = http(
         addr,

@@ -9,10 +9,218 @@ use common::*;
 
 fn volley() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_volley"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("VOLLEY_") || name.starts_with("REDIS_") {
+            cmd.env_remove(name);
+        }
+    }
     cmd.env_remove("RUST_LOG")
         .env_remove("PORT")
         .env_remove("SERVER_ID");
     cmd
+}
+
+/// A running `volley` process and the lines it logs.
+struct Running {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    addr: std::net::SocketAddr,
+}
+
+impl Running {
+    /// Starts the binary on a free port and waits for the line that names its address.
+    async fn start(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let line = wait_line(&mut lines, "addr=").await;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        Running { child, lines, addr }
+    }
+
+    async fn wait_line(&mut self, needle: &str) -> String {
+        wait_line(&mut self.lines, needle).await
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: sending a signal to the child process this test started.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, signal) },
+            0
+        );
+    }
+
+    /// Waits for the process to exit (bounded by WAIT).
+    async fn exit_status(self) -> std::process::ExitStatus {
+        let mut child = self.child;
+        tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait()))
+            .await
+            .expect("volley did not exit")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+async fn wait_line(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let line = lines.recv().await.expect("volley exited");
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("volley never logged {needle:?}"))
+}
+
+#[test]
+fn the_seed_names_rank_between_the_file_and_volley_variables() {
+    let dir = std::env::temp_dir().join(format!("volley-rank-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("volley.toml");
+    std::fs::write(
+        &file,
+        "[server]\nnode_id = \"from-file\"\nlisten = \"127.0.0.1:7000\"\n",
+    )
+    .unwrap();
+    let print = |cmd: &mut Command| {
+        let out = cmd
+            .arg("--config")
+            .arg(&file)
+            .arg("--print-config")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The seed's names outrank the file...
+    let text = print(volley().env("SERVER_ID", "from-seed").env("PORT", "9100"));
+    assert!(text.contains(r#"node_id = "from-seed""#), "{text}");
+    assert!(text.contains(r#"listen = "0.0.0.0:9100""#), "{text}");
+    // ...and VOLLEY_* outranks them.
+    let text = print(
+        volley()
+            .env("SERVER_ID", "from-seed")
+            .env("VOLLEY_SERVER_NODE_ID", "from-volley"),
+    );
+    assert!(text.contains(r#"node_id = "from-volley""#), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn config_errors_name_the_key_they_are_about() {
+    let run = |cmd: &mut Command| {
+        let out = cmd.arg("--print-config").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(volley().args(["--set", "demo.symbols=5000"]));
+    assert!(err.contains("demo.symbols"), "{err}");
+    let err = run(volley().args(["--set", "redis.url=redis://cache:notaport"]));
+    assert!(err.contains("redis.url"), "{err}");
+    let err = run(volley().env("VOLLEY_BATCH_WINDOW_MS", "5"));
+    assert!(err.contains("VOLLEY_BATCH_WINDOW_MS"), "{err}");
+    assert!(err.contains("batch.delivery_window_ms"), "{err}");
+    let err = run(volley().args(["--set", "limits.max_conections=5"]));
+    assert!(err.contains("did you mean limits.max_connections"), "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_start_is_logged() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node =
+        Running::start(volley().env("REDIS_URL", format!("redis://127.0.0.1:{port}"))).await;
+    let line = node.wait_line("cannot reach Redis").await;
+    assert!(line.contains(&port.to_string()), "{line}");
+    node.signal(libc::SIGTERM);
+    assert!(node.exit_status().await.success());
+}
+
+#[tokio::test]
+async fn shutdown_keeps_to_the_drain_timeout_while_redis_hangs() {
+    let redis = RedisServer::start().await;
+    let node = Running::start(volley().env("REDIS_URL", redis.url()).args([
+        "--set",
+        "server.drain_timeout_ms=1000",
+        "--set",
+        "api.key=k",
+    ]))
+    .await;
+    wait_status(node.addr, "/readyz", 200).await;
+    let asleep = redis.stall(8).await;
+    // A publish waits in a pipeline Redis will not answer for 8 s.
+    let (status, _) = http(
+        node.addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", "apikey k")],
+        br#"{"roomId":"r","content":1}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    node.signal(libc::SIGTERM);
+    let status = node.exit_status().await;
+    assert!(status.success(), "{status:?}");
+    assert!(!asleep.is_finished(), "exited only when Redis woke up");
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let redis = RedisServer::start().await;
+    let mut node = Running::start(volley().env("REDIS_URL", redis.url()).args([
+        "--set",
+        "server.drain_timeout_ms=60000",
+        "--set",
+        "api.key=k",
+    ]))
+    .await;
+    wait_status(node.addr, "/readyz", 200).await;
+    let asleep = redis.stall(8).await;
+    let (status, _) = http(
+        node.addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", "apikey k")],
+        br#"{"roomId":"r","content":1}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    node.signal(libc::SIGTERM);
+    node.wait_line("shutting down").await;
+    node.signal(libc::SIGTERM);
+    let status = node.exit_status().await;
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(!asleep.is_finished(), "exited only when Redis woke up");
 }
 
 #[test]

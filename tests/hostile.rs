@@ -46,18 +46,19 @@ async fn a_ping_flood_that_never_reads_is_closed_as_a_slow_consumer() {
     bystander
         .send(json!({"type":"message","roomId":"calm","content":"unaffected"}))
         .await;
-    assert_eq!(
-        bystander.next_room_message().await["content"],
-        "unaffected"
-    );
+    assert_eq!(bystander.next_room_message().await["content"], "unaffected");
 }
 
 #[tokio::test]
 async fn unmasked_client_frames_are_closed_with_1002() {
     let server = start(|_| {}).await;
     let mut raw = RawWs::connect(server.local_addr()).await;
-    raw.send(&RawWs::frame(0x1, br#"{"type":"join","roomId":"r"}"#, false))
-        .await;
+    raw.send(&RawWs::frame(
+        0x1,
+        br#"{"type":"join","roomId":"r"}"#,
+        false,
+    ))
+    .await;
     assert_eq!(
         raw.expect_close().await,
         (1002, "client frames must be masked".to_string())

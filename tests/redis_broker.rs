@@ -376,7 +376,11 @@ async fn publishes_past_the_outage_buffer_are_refused_and_nothing_taken_is_dropp
             _ => {}
         }
     }
-    assert_eq!(taken.len(), 3, "the bound is redis.outage_buffer: {taken:?}");
+    assert_eq!(
+        taken.len(),
+        3,
+        "the bound is redis.outage_buffer: {taken:?}"
+    );
 
     let redis = RedisServer::start_on(port).await;
     redis.wait_numsub("room:r", 2).await;

@@ -63,7 +63,11 @@ async fn a_long_outage_holds_publishes_until_the_other_nodes_resubscribe() {
         .send(json!({"type":"message","roomId":"fresh","content":"end"}))
         .await;
     let seqs = seqs_until_end(&mut remote).await;
-    assert_eq!(seqs, (0..24).collect::<Vec<_>>(), "every held publish, once, in order");
+    assert_eq!(
+        seqs,
+        (0..24).collect::<Vec<_>>(),
+        "every held publish, once, in order"
+    );
     let h = health(one.local_addr()).await;
     assert_eq!(h["redis_dropped_publishes"], 0, "{h}");
     drop(redis);
@@ -79,19 +83,16 @@ async fn a_seven_second_redis_stall_neither_duplicates_nor_reorders() {
     redis.wait_numsub("room:r", 1).await;
     let mut publisher = Client::connect(one.local_addr()).await;
 
-    let stall = {
-        let mut conn = redis.conn().await;
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            // Longer than the 5 s reply timeout of the publish connection.
-            let _: redis::RedisResult<()> = redis::cmd("DEBUG")
-                .arg("SLEEP")
-                .arg(7)
-                .query_async(&mut conn)
-                .await;
-        })
-    };
     let mut sent = 0u64;
+    for _ in 0..10 {
+        publisher
+            .send(json!({"type":"message","roomId":"r","content":{"seq":sent}}))
+            .await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Longer than the 5 s reply timeout of the publish connection.
+    let stall = redis.stall(7).await;
     while !stall.is_finished() {
         publisher
             .send(json!({"type":"message","roomId":"r","content":{"seq":sent}}))
@@ -104,9 +105,13 @@ async fn a_seven_second_redis_stall_neither_duplicates_nor_reorders() {
         .send(json!({"type":"message","roomId":"r","content":"end"}))
         .await;
     let seqs = seqs_until_end(&mut remote).await;
-    assert!(strictly_increasing(&seqs), "duplicated or reordered: {seqs:?}");
+    assert!(
+        strictly_increasing(&seqs),
+        "duplicated or reordered: {seqs:?}"
+    );
     let h = health(one.local_addr()).await;
     let unconfirmed = h["redis_unconfirmed_publishes"].as_u64().unwrap();
+    assert!(sent > 100, "published through the whole stall: {sent}");
     assert!(
         seqs.len() as u64 + unconfirmed >= sent,
         "{} of {sent} arrived, {unconfirmed} counted unconfirmed: {h}",
@@ -136,7 +141,11 @@ async fn ready_means_subscribed_after_a_restart() {
     })
     .await
     .expect("never ready again");
-    assert_eq!(redis.numsub("room:r").await, 1, "ready while deaf to room:r");
+    assert_eq!(
+        redis.numsub("room:r").await,
+        1,
+        "ready while deaf to room:r"
+    );
     assert_eq!(redis.numsub("volley:probe:one").await, 1);
 }
 
@@ -176,12 +185,7 @@ async fn oversized_envelopes_from_other_programs_are_dropped_and_counted() {
     c.join("r").await;
     redis.wait_numsub("room:r", 1).await;
     let mut conn = redis.conn().await;
-    let publish = |message: String| {
-        redis::cmd("PUBLISH")
-            .arg("room:r")
-            .arg(message)
-            .to_owned()
-    };
+    let publish = |message: String| redis::cmd("PUBLISH").arg("room:r").arg(message).to_owned();
     // One 10 MB message: would overflow every subscriber's outbox.
     let huge = format!(
         r#"{{"serverId":"other","payload":{{"pad":"{}"}}}}"#,
@@ -244,7 +248,11 @@ async fn notices_for_a_room_nobody_else_is_in_stay_off_redis() {
     })
     .await
     .expect("the 200 notices were not skipped");
-    assert_eq!(published(&h), before + 1, "only the message went to Redis: {h}");
+    assert_eq!(
+        published(&h),
+        before + 1,
+        "only the message went to Redis: {h}"
+    );
 }
 
 #[tokio::test]
@@ -295,7 +303,10 @@ async fn a_join_storm_never_costs_another_publisher_an_accepted_message() {
         .send(json!({"type":"message","roomId":"r","content":"end"}))
         .await;
     let seqs = seqs_until_end(&mut remote).await;
-    assert_eq!(seqs, accepted, "every accepted publish arrived, once, in order");
+    assert_eq!(
+        seqs, accepted,
+        "every accepted publish arrived, once, in order"
+    );
     let h = health(one.local_addr()).await;
     assert_eq!(h["redis_dropped_publishes"], 0, "{h}");
 }

@@ -109,7 +109,10 @@ async fn client_broadcasts_are_forbidden_by_default() {
         .await;
     let err = forger.expect_error("forbidden").await;
     assert!(
-        err["message"].as_str().unwrap().contains("limits.client_broadcast"),
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.client_broadcast"),
         "{err}"
     );
     // The victim saw nothing of it: its next frame is the real one.
@@ -259,7 +262,10 @@ async fn notices_stop_in_rooms_over_notices_max_members() {
         .await;
     for client in [&mut a, &mut b, &mut c] {
         let m = client.next_message().await;
-        assert_eq!(m["type"], "message", "no notice in a room over the limit: {m}");
+        assert_eq!(
+            m["type"], "message",
+            "no notice in a room over the limit: {m}"
+        );
         assert_eq!(m["content"], 0);
     }
     // Leaving a room of three: still over the limit, no notice.

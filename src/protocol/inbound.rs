@@ -147,7 +147,8 @@ pub fn check_content(raw: &RawValue, field: &str, max_depth: usize) -> Result<()
             b']' | b'}' => depth = depth.saturating_sub(1),
             b'-' | b'0'..=b'9' => {
                 let start = i;
-                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
                     i += 1;
                 }
                 let number = &b[start..i];
@@ -354,7 +355,10 @@ mod tests {
         };
         assert!(check(r#"{"a":[{"b":"[[[[[[\"]]]"}]}"#).is_ok());
         assert!(check(r#"[[[1]]]"#).is_ok());
-        assert_eq!(check(r#"[[[[1]]]]"#).unwrap_err().code, ErrorCode::InvalidField);
+        assert_eq!(
+            check(r#"[[[[1]]]]"#).unwrap_err().code,
+            ErrorCode::InvalidField
+        );
         assert!(check(r#"[-1.5e300, 12345678901234567890, 0.1]"#).is_ok());
         assert!(check("1e400").is_err());
         assert!(check(&"9".repeat(5000)).is_err());

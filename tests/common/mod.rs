@@ -371,6 +371,31 @@ impl RedisServer {
             .expect("connect to test redis")
     }
 
+    /// Stalls the server with `DEBUG SLEEP secs` from a connection of its own; the handle
+    /// finishes when Redis answers again, so `is_finished()` says whether it still sleeps.
+    pub async fn stall(&self, secs: u64) -> tokio::task::JoinHandle<()> {
+        // The default reply timeout (500 ms) would end the wait long before Redis wakes.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut conn = self
+            .client()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .expect("connect to test redis");
+        let handle = tokio::spawn(async move {
+            let answer = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(secs)
+                .query_async::<()>(&mut conn)
+                .await;
+            assert!(answer.is_ok(), "DEBUG SLEEP failed: {answer:?}");
+        });
+        // Let the command go out before the caller's next step.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        handle
+    }
+
     /// Kills the server process (SIGKILL: no goodbye to its clients) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

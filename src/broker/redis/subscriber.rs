@@ -248,7 +248,9 @@ fn on_push(shared: &Shared, subscriptions: &Subscriptions, info: PushInfo) {
         }
         PushKind::Disconnection => {
             if shared.subscriber_ok.swap(false, Relaxed) {
-                tracing::warn!("Redis subscriber connection lost; it reconnects and subscribes again");
+                tracing::warn!(
+                    "Redis subscriber connection lost; it reconnects and subscribes again"
+                );
             }
             shared.resubscribe.store(true, Relaxed);
             subscriptions.changed.notify_one();
