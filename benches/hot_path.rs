@@ -25,6 +25,17 @@ fn inbound_parse(c: &mut Criterion) {
     group.bench_function("parse_message", |b| {
         b.iter(|| black_box(protocol::parse(black_box(frame)).is_ok()))
     });
+    // The ingress check every published content goes through (depth, numbers).
+    group.bench_function("parse_and_check_message", |b| {
+        b.iter(|| {
+            black_box(match protocol::parse(black_box(frame)) {
+                Ok(protocol::ClientFrame::Message { content, .. }) => {
+                    protocol::check_content(content, "content", 32).is_ok()
+                }
+                _ => false,
+            })
+        })
+    });
     group.finish();
 }
 

@@ -19,6 +19,7 @@
 //! | [`server`] | listener, WebSocket upgrade, graceful shutdown |
 //! | [`metrics`] | counters and histograms; Prometheus text |
 //! | [`cluster`] | per-node reports in Redis (`metrics:<serverId>`), read by `/api/cluster` |
+//! | `throttle` | log lines that repeat under pressure, at most once per interval |
 //!
 //! ## One message's way
 //!

@@ -337,8 +337,13 @@ impl Stats {
             ErrorCode::ALL.map(|c| (c.as_str(), self.errors[c as usize].load(Relaxed))),
         );
         for &(name, value) in extra.broker_figures {
-            let metric = format!("volley_{name}_total");
-            counter(&mut out, &metric, &broker_help(name), value);
+            if BROKER_GAUGES.contains(&name) {
+                let metric = format!("volley_{name}");
+                gauge(&mut out, &metric, &broker_help(name), &format!(" {value}"));
+            } else {
+                let metric = format!("volley_{name}_total");
+                counter(&mut out, &metric, &broker_help(name), value);
+            }
         }
         self.batch_messages.render(
             &mut out,
@@ -397,9 +402,23 @@ fn gauge(out: &mut String, name: &str, help: &str, sample: &str) {
     );
 }
 
+/// Broker figures that are levels, not counts.
+const BROKER_GAUGES: &[&str] = &["redis_peers"];
+
 fn broker_help(name: &str) -> String {
     match name {
-        "redis_dropped_publishes" => "Publishes dropped because the outage buffer was full.".into(),
+        "redis_dropped_publishes" => {
+            "Publishes dropped at shutdown: Redis unreachable, or the drain timeout reached.".into()
+        }
+        "redis_unconfirmed_publishes" => {
+            "Publishes in pipelines Redis may or may not have run (a reply timeout, a broken connection); never sent again.".into()
+        }
+        "redis_oversized_payloads" => "Messages from Redis over limits.max_frame_bytes, dropped.".into(),
+        "redis_bad_envelopes" => {
+            "Messages from Redis that are not envelopes or carry over redis.max_envelope_messages, dropped.".into()
+        }
+        "redis_notices_skipped" => "Membership notices not published: no other node was in the room.".into(),
+        "redis_peers" => "Other live nodes this node saw at its last probe.".into(),
         "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
         "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),
         other => format!("Broker figure {other}."),

@@ -166,19 +166,22 @@ async fn an_unreachable_redis_at_start_is_logged() {
     assert!(node.exit_status().await.success());
 }
 
-#[tokio::test]
-async fn shutdown_keeps_to_the_drain_timeout_while_redis_hangs() {
-    let redis = RedisServer::start().await;
+/// A node whose Redis sleeps for 8 s with one of the node's publishes in a pipeline it
+/// will not answer; returns the node and the stall (finished once Redis wakes).
+async fn node_with_a_hung_redis(
+    redis: &RedisServer,
+    drain_timeout_ms: u64,
+) -> (Running, tokio::task::JoinHandle<()>) {
+    let drain = format!("server.drain_timeout_ms={drain_timeout_ms}");
     let node = Running::start(volley().env("REDIS_URL", redis.url()).args([
         "--set",
-        "server.drain_timeout_ms=1000",
+        &drain,
         "--set",
         "api.key=k",
     ]))
     .await;
     wait_status(node.addr, "/readyz", 200).await;
     let asleep = redis.stall(8).await;
-    // A publish waits in a pipeline Redis will not answer for 8 s.
     let (status, _) = http(
         node.addr,
         "POST",
@@ -188,6 +191,13 @@ async fn shutdown_keeps_to_the_drain_timeout_while_redis_hangs() {
     )
     .await;
     assert_eq!(status, 200);
+    (node, asleep)
+}
+
+#[tokio::test]
+async fn shutdown_keeps_to_the_drain_timeout_while_redis_hangs() {
+    let redis = RedisServer::start().await;
+    let (node, asleep) = node_with_a_hung_redis(&redis, 1000).await;
     node.signal(libc::SIGTERM);
     let status = node.exit_status().await;
     assert!(status.success(), "{status:?}");
@@ -197,141 +207,11 @@ async fn shutdown_keeps_to_the_drain_timeout_while_redis_hangs() {
 #[tokio::test]
 async fn a_second_signal_exits_at_once() {
     let redis = RedisServer::start().await;
-    let mut node = Running::start(volley().env("REDIS_URL", redis.url()).args([
-        "--set",
-        "server.drain_timeout_ms=60000",
-        "--set",
-        "api.key=k",
-    ]))
-    .await;
-    wait_status(node.addr, "/readyz", 200).await;
-    let asleep = redis.stall(8).await;
-    let (status, _) = http(
-        node.addr,
-        "POST",
-        "/api/publish",
-        &[("Authorization", "apikey k")],
-        br#"{"roomId":"r","content":1}"#,
-    )
-    .await;
-    assert_eq!(status, 200);
+    let (mut node, asleep) = node_with_a_hung_redis(&redis, 60_000).await;
     node.signal(libc::SIGTERM);
     node.wait_line("shutting down").await;
     node.signal(libc::SIGTERM);
     let status = node.exit_status().await;
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(!asleep.is_finished(), "exited only when Redis woke up");
-}
-
-#[test]
-fn print_config_shows_flags_over_env_over_defaults() {
-    let out = volley()
-        .args([
-            "--print-config",
-            "--set",
-            "batch.delivery_window_ms=7",
-            "--node-id",
-            "edge-1",
-        ])
-        .env("VOLLEY_LIMITS_MAX_ROOMS_PER_SOCKET", "9")
-        .env("VOLLEY_BATCH_DELIVERY_WINDOW_MS", "3")
-        .env("PORT", "9100")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("delivery_window_ms = 7"), "{text}");
-    assert!(text.contains("max_rooms_per_socket = 9"), "{text}");
-    assert!(text.contains(r#"node_id = "edge-1""#), "{text}");
-    assert!(text.contains(r#"listen = "0.0.0.0:9100""#), "{text}");
-}
-
-#[test]
-fn a_bad_config_value_is_an_error_naming_the_key() {
-    let out = volley()
-        .args(["--print-config"])
-        .env("VOLLEY_BATCH_DELIVERY_WINDOW_MS", "soon")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(err.contains("batch.delivery_window_ms"), "{err}");
-    assert!(
-        err.contains("volley_"),
-        "says where the value came from: {err}"
-    );
-
-    let dir = std::env::temp_dir().join(format!("volley-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("volley.toml");
-    std::fs::write(&file, "[limits]\nmax_outbox_bytes = 10\n").unwrap();
-    let out = volley()
-        .arg("--config")
-        .arg(&file)
-        .arg("--print-config")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("limits.max_outbox_bytes"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[tokio::test]
-async fn sigterm_flushes_and_closes_sockets_with_1001() {
-    let mut child = volley()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "info",
-            "--delivery-window-ms",
-            "50",
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The node logs the address it bound; that line is the signal it is ready.
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(addr_tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-            {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        }
-    });
-    let addr: std::net::SocketAddr = tokio::time::timeout(WAIT, addr_rx)
-        .await
-        .expect("volley did not report its address")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut client = Client::connect(addr).await;
-    client.join("r").await;
-
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: sending a signal to the child process this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    assert_eq!(
-        client.expect_close().await,
-        (1001, "server shutting down".to_string())
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
 }

@@ -369,9 +369,12 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Takes everything queued, reusing the vectors in `into`.
+    /// Takes everything queued, reusing the vectors in `into`; the caller owns it from
+    /// here, so it no longer counts against the bound.
     pub fn drain(&self, into: &mut Drained) {
-        take(&mut self.state.lock(), into);
+        let mut state = self.state.lock();
+        take(&mut state, into);
+        release(&mut state);
     }
 
     pub fn is_closing(&self) -> bool {

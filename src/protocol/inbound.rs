@@ -152,11 +152,14 @@ pub fn check_content(raw: &RawValue, field: &str, max_depth: usize) -> Result<()
                     i += 1;
                 }
                 let number = &b[start..i];
+                // Without an exponent, 40 characters stay far below a double's 1.8e308;
+                // only an exponent can overflow, so only then is the value worked out.
                 let fits = number.len() <= MAX_NUMBER_CHARS
-                    && std::str::from_utf8(number)
-                        .ok()
-                        .and_then(|n| n.parse::<f64>().ok())
-                        .is_some_and(f64::is_finite);
+                    && (!number.iter().any(|c| matches!(c, b'e' | b'E'))
+                        || std::str::from_utf8(number)
+                            .ok()
+                            .and_then(|n| n.parse::<f64>().ok())
+                            .is_some_and(f64::is_finite));
                 if !fits {
                     return Err(ProtocolError::new(
                         ErrorCode::InvalidField,

@@ -47,9 +47,17 @@ enum Scenario {
     Ticker,
 }
 
-/// End-to-end load for volley nodes.
+/// volley-bench: end-to-end load for volley nodes.
+///
+/// Opens N WebSocket sockets spread round-robin over the node URLs, joins each to R of K
+/// rooms, publishes at a total rate from P publishers (sockets or the HTTP API), and
+/// reports what arrived: published / expected / delivered, loss, duplicates and
+/// out-of-order per publisher and room, latency percentiles from the send time in each
+/// message, frames per socket per second, and, with --pid and --redis-url, server CPU
+/// per delivery and Redis commands per second. Targets are 127.0.0.1 nodes you started
+/// (benches/e2e.sh starts a Redis and two nodes and runs this).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Node WebSocket URL; repeat for several nodes (sockets are spread round-robin).
     #[arg(long = "url", default_value = "ws://127.0.0.1:8080/ws")]
@@ -57,10 +65,13 @@ struct Args {
     /// A preset; the flags below override its values.
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
+    /// Subscriber sockets in all.
     #[arg(long)]
     sockets: Option<usize>,
+    /// Rooms in all (`<room-prefix>-0` ...).
     #[arg(long)]
     rooms: Option<usize>,
+    /// Rooms each subscriber socket joins.
     #[arg(long)]
     rooms_per_socket: Option<usize>,
     /// Publishers (sockets that join no room, or HTTP connections with --via api).

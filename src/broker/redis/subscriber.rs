@@ -58,7 +58,7 @@ pub(super) async fn run(
         if shared.resubscribe.swap(false, Relaxed) {
             current.clear();
         }
-        let fresh = current.is_empty();
+        let fresh = current.is_empty() || conn.is_none();
         if let Err(e) = reconcile(&shared, &subscriptions, &client, &mut conn, &mut current).await {
             if shared.subscriber_ok.swap(false, Relaxed) {
                 tracing::warn!(error = %e, "Redis subscriber unavailable; retrying");
