@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
-use volley::metrics::Source;
+use volley::node::Source;
 use volley::{Config, Server};
 
 struct Received {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
+use volley::bench::Drained;
 use volley::broker::redis::{decode, EnvelopeWriter};
 use volley::broker::{Broker, RedisBroker};
-use volley::connection::outbox::Drained;
 use volley::protocol::outbound;
 use volley::{Config, Node};
 

@@ -8,13 +8,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
-use volley::batch::delivery::batch_frame;
-use volley::batch::DeliveryWindow;
+use volley::bench::{batch_frame, DeliveryWindow, Drained, Hub, Outbox};
 use volley::config::BatchConfig;
-use volley::connection::outbox::Drained;
-use volley::connection::Outbox;
-use volley::hub::Hub;
-use volley::metrics::Stats;
 use volley::protocol::{self, outbound, Encoded};
 
 fn inbound_parse(c: &mut Criterion) {
@@ -82,10 +77,9 @@ fn batch_assembly(c: &mut Criterion) {
             &items,
             |b, items| {
                 let mut out = Vec::new();
-                let stats = Stats::default();
                 b.iter(|| {
                     out.clear();
-                    window.frames(items, &mut out, &stats);
+                    window.frames(items, &mut out, |_, _| {});
                     black_box(out.len())
                 })
             },
@@ -111,6 +105,7 @@ fn hub_fan_out(c: &mut Criterion) {
                     id,
                     usize::MAX / 2,
                     window.clone(),
+                    Arc::default(),
                     Arc::default(),
                 ))
             })
@@ -157,7 +152,13 @@ fn outbox_push_drain(c: &mut Criterion) {
         delivery_window_ms: 0,
         ..BatchConfig::default()
     }));
-    let outbox = Arc::new(Outbox::new(1, 1 << 30, window, Arc::default()));
+    let outbox: Arc<Outbox> = Arc::new(Outbox::new(
+        1,
+        1 << 30,
+        window,
+        Arc::default(),
+        Arc::default(),
+    ));
     let mut drained = Drained::default();
     group.bench_function("push_16_then_drain", |b| {
         b.iter(|| {

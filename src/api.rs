@@ -11,11 +11,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::broker::BrokerState;
+use crate::cluster::Cluster;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::check_content;
@@ -23,7 +24,7 @@ use crate::protocol::inbound::{parse_publish_request, PublishRequest};
 
 pub type Body = Full<Bytes>;
 
-pub async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) -> Response<Body> {
     // HEAD is GET without the body; hyper leaves the body out of the response.
     let method = match req.method() {
         &Method::HEAD => &Method::GET,
@@ -42,12 +43,18 @@ pub async fn route(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
             .body(Body::from(node.prometheus()))
             .unwrap_or_default(),
-        (&Method::GET, "/api/cluster") => cluster(node).await,
+        (&Method::GET, "/api/cluster") => cluster_figures(cluster).await,
         (&Method::GET, "/api/demo") => {
             json_response(StatusCode::OK, &crate::demo::catalog(&node.config().demo))
         }
-        (&Method::GET, path) => crate::web::asset(path)
-            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such route")),
+        (&Method::GET, path) => match crate::web::asset(path) {
+            Some(asset) => Response::builder()
+                .header(CONTENT_TYPE, asset.content_type)
+                .header(CACHE_CONTROL, "no-cache")
+                .body(Body::from(asset.body))
+                .unwrap_or_default(),
+            None => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        },
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }
@@ -137,8 +144,8 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// Every live node's figures (`{"nodes":[...]}`), or 503 when Redis cannot be read.
-async fn cluster(node: &Arc<Node>) -> Response<Body> {
-    match node.cluster().nodes().await {
+async fn cluster_figures(cluster: &Cluster) -> Response<Body> {
+    match cluster.nodes().await {
         Ok(nodes) => json_response(StatusCode::OK, &json!({ "nodes": nodes })),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -9,13 +9,14 @@
 //! are removed from the set as they are found. Without Redis the cluster is this node.
 
 use std::collections::VecDeque;
-use std::sync::Weak;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::Snapshot;
@@ -220,17 +221,18 @@ struct Previous {
     publish: (u64, u64),
 }
 
-/// Reports every `metrics.report_s` until the node is dropped.
-pub async fn run(node: Weak<Node>, every: Duration) {
+/// Reports every `metrics.report_s` until `stop` is cancelled.
+pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken) {
+    let every = Duration::from_secs(node.config().metrics.report_s);
     let mut previous: Option<Previous> = None;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        ticker.tick().await;
-        let Some(node) = node.upgrade() else {
-            return;
-        };
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
         let stats = node.stats();
         let now = Instant::now();
         let totals = stats.snapshot();
@@ -238,7 +240,6 @@ pub async fn run(node: Weak<Node>, every: Duration) {
         let publish = stats.publish_latency.sum_count();
         if let Some(prev) = &previous {
             let sample = sample(&node, prev, now, &totals, &latency);
-            let cluster = node.cluster();
             cluster.remember(sample.clone());
             if !cluster.redis_url.is_empty() {
                 let (sum, count) = (publish.0 - prev.publish.0, publish.1 - prev.publish.1);
@@ -247,7 +248,11 @@ pub async fn run(node: Weak<Node>, every: Duration) {
                 } else {
                     sum as f64 / count as f64 / 1000.0
                 };
-                match cluster.publish(&sample, &totals, publish_avg_ms).await {
+                let written = tokio::select! {
+                    written = cluster.publish(&sample, &totals, publish_avg_ms) => written,
+                    _ = stop.cancelled() => return,
+                };
+                match written {
                     Ok(()) if failing => {
                         failing = false;
                         tracing::info!("cluster report written again");

@@ -6,11 +6,13 @@
 //! `ticker:<symbol>`: a random walk, `demo.ticker_rate` updates per second on average,
 //! in bursts (a quiet tick, then several updates at once), which is what batching is for.
 
-use std::sync::Weak;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DemoConfig;
 use crate::metrics::Source;
@@ -128,7 +130,8 @@ struct Ticker {
 }
 
 /// Runs the feed until the node is dropped.
-pub async fn run(node: Weak<Node>, config: DemoConfig) {
+/// Publishes the feed until `stop` is cancelled.
+pub async fn run(node: Arc<Node>, config: DemoConfig, stop: CancellationToken) {
     let catalog = catalog(&config);
     let mut rng = fastrand::Rng::new();
     let mut matches: Vec<Match> = catalog
@@ -162,10 +165,10 @@ pub async fn run(node: Weak<Node>, config: DemoConfig) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned = false;
     loop {
-        interval.tick().await;
-        let Some(node) = node.upgrade() else {
-            return;
-        };
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.cancelled() => return,
+        }
         let mut out: Vec<(String, String)> = Vec::new();
         for m in &mut matches {
             step_match(

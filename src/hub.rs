@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
-use crate::connection::{ConnId, Outbox, Pushed};
+use crate::outbox::{with_scratch, ConnId, Outbox, Pushed};
 use crate::protocol::Encoded;
 
 /// Shards for the room map; more than the default keeps unrelated rooms apart on big nodes.
@@ -90,13 +90,7 @@ fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
     thread_local! {
         static DUE: RefCell<Vec<Arc<Outbox>>> = const { RefCell::new(Vec::new()) };
     }
-    DUE.with(|cell| {
-        let mut fresh = Vec::new();
-        let mut borrowed = cell.try_borrow_mut();
-        let due = match borrowed.as_mut() {
-            Ok(due) => &mut **due,
-            Err(_) => &mut fresh,
-        };
+    with_scratch(&DUE, |due| {
         let out = fan_out(due);
         for outbox in due.drain(..) {
             outbox.flush();
@@ -271,6 +265,7 @@ mod tests {
             id,
             1 << 20,
             Arc::new(crate::batch::DeliveryWindow::new(&immediate)),
+            Arc::default(),
             Arc::default(),
         ))
     }

@@ -30,21 +30,35 @@
 //! thread that finds it due writes one frame (the message, or a `batch`) with one
 //! non-blocking vectored write; only what would block goes to the socket's writer task.
 
-pub mod api;
-pub mod batch;
+// The public API: what an embedder needs to run a node and plug in a broker.
 pub mod broker;
-pub mod cluster;
 pub mod config;
-pub mod connection;
-pub mod demo;
-pub mod hub;
-pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod server;
+
+mod api;
+mod batch;
+mod cluster;
+mod connection;
+mod demo;
+mod features;
+mod hub;
+mod metrics;
+mod outbox;
 mod throttle;
-pub mod web;
+mod web;
 
 pub use config::Config;
 pub use node::Node;
 pub use server::{Server, ShutdownReport};
+
+/// Internals the criterion benches measure directly; not part of the API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::batch::delivery::batch_frame;
+    pub use crate::batch::DeliveryWindow;
+    pub use crate::hub::Hub;
+    pub use crate::metrics::Stats;
+    pub use crate::outbox::{Drained, DueList, Outbox};
+}

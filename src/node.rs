@@ -15,11 +15,13 @@ use serde_json::value::RawValue;
 
 use crate::batch::DeliveryWindow;
 use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
-use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::connection::{CloseReason, ConnId, Outbox};
-use crate::hub::{FanOut, Hub, Joined, Left};
-use crate::metrics::{Snapshot, Source, Stats};
+use crate::hub::{Hub, Joined, Left};
+use crate::metrics::{Snapshot, Stats};
+
+pub use crate::hub::FanOut;
+pub use crate::metrics::Source;
+use crate::outbox::{CloseReason, ConnId, DueList, Outbox};
 use crate::protocol::outbound::{self, Membership};
 use crate::protocol::{now_ms, Encoded};
 use crate::throttle::LogThrottle;
@@ -29,9 +31,10 @@ pub struct Node {
     id: Arc<str>,
     hub: Hub,
     window: Arc<DeliveryWindow>,
+    /// Sockets waiting for the next delivery tick; its tick task is the node's clock.
+    due: Arc<DueList>,
     broker: Arc<dyn Broker>,
     stats: Arc<Stats>,
-    cluster: Cluster,
     next_conn: AtomicU64,
 }
 
@@ -59,15 +62,11 @@ impl Node {
             let stats = Arc::new(Stats::default());
             broker.attach(id.clone(), sink, stats.clone());
             let window = Arc::new(DeliveryWindow::new(&config.batch));
-            tokio::spawn(DeliveryWindow::run_ticks(Arc::downgrade(&window)));
-            let every = Duration::from_secs(config.metrics.report_s);
-            tokio::spawn(cluster::run(me.clone(), every));
-            if config.demo.enabled {
-                tokio::spawn(crate::demo::run(me.clone(), config.demo.clone()));
-            }
+            let due: Arc<DueList> = Arc::new(DueList::default());
+            tokio::spawn(DueList::run_ticks(Arc::downgrade(&due), window.clone()));
             Node {
                 window,
-                cluster: Cluster::new(&config),
+                due,
                 config,
                 id,
                 hub: Hub::new(),
@@ -105,6 +104,7 @@ impl Node {
             id,
             self.config.limits.max_outbox_bytes,
             self.window.clone(),
+            self.due.clone(),
             self.stats.clone(),
         ));
         self.hub.add_socket(outbox.clone());
@@ -234,10 +234,6 @@ impl Node {
 
     pub fn rooms(&self) -> usize {
         self.hub.room_count()
-    }
-
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
     }
 
     pub fn health(&self) -> Health {

@@ -28,8 +28,10 @@ use crate::api::{self, Body};
 use crate::broker::redis::RedisStartError;
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Config;
-use crate::connection::{self, CloseReason};
+use crate::connection;
+use crate::features::Features;
 use crate::node::Node;
+use crate::outbox::CloseReason;
 use crate::throttle::LogThrottle;
 
 /// Why a node could not start serving.
@@ -45,12 +47,14 @@ pub enum ServeError {
 pub struct Server {
     node: Arc<Node>,
     local_addr: SocketAddr,
-    ctx: Arc<Ctx>,
+    shared: Arc<Shared>,
     accept: JoinHandle<()>,
 }
 
-struct Ctx {
+/// What every connection's tasks share.
+struct Shared {
     node: Arc<Node>,
+    features: Features,
     shutdown: CancellationToken,
     /// Upgraded sockets; shutdown waits for these.
     sockets: TaskTracker,
@@ -87,17 +91,18 @@ impl Server {
         let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
         let node = Node::new(config, broker);
-        let ctx = Arc::new(Ctx {
+        let shared = Arc::new(Shared {
+            features: Features::start(&node),
             node: node.clone(),
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
         });
-        let accept = tokio::spawn(accept_loop(listener, ctx.clone()));
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(addr = %local_addr, node = node.id(), "volley listening");
         Ok(Server {
             node,
             local_addr,
-            ctx,
+            shared,
             accept,
         })
     }
@@ -114,16 +119,19 @@ impl Server {
     /// other nodes; all of it within the drain timeout, whatever Redis does.
     pub async fn shutdown(self) -> ShutdownReport {
         let deadline = tokio::time::Instant::now() + self.node.config().drain_timeout();
-        self.ctx.shutdown.cancel();
+        let shared = &self.shared;
+        shared.shutdown.cancel();
         let _ = self.accept.await;
+        // Features first: nothing publishes while sockets drain and the broker flushes.
+        shared.features.stop(deadline).await;
         self.node.close_all_sockets();
-        self.ctx.sockets.close();
-        let drained = tokio::time::timeout_at(deadline, self.ctx.sockets.wait())
+        shared.sockets.close();
+        let drained = tokio::time::timeout_at(deadline, shared.sockets.wait())
             .await
             .is_ok();
         let report = ShutdownReport {
             drained,
-            left_open: self.ctx.sockets.len(),
+            left_open: shared.sockets.len(),
         };
         // Publishes still queued for other nodes go out before the node stops, as far as
         // the deadline allows; what cannot is counted and logged by the broker.
@@ -133,17 +141,17 @@ impl Server {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, _peer)) => {
                 // Frames are already coalesced per window; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_http(stream, ctx.clone()));
+                tokio::spawn(serve_http(stream, shared.clone()));
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning, and log
@@ -158,22 +166,22 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-async fn serve_http(stream: TcpStream, ctx: Arc<Ctx>) {
-    let svc_ctx = ctx.clone();
-    let service = service_fn(move |req| handle(svc_ctx.clone(), req));
+async fn serve_http(stream: TcpStream, shared: Arc<Shared>) {
+    let for_service = shared.clone();
+    let service = service_fn(move |req| handle(for_service.clone(), req));
     // The header timeout also bounds an idle keep-alive connection: hyper starts it
     // whenever it waits for the head of the next request.
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(
-            ctx.node.config().server.header_timeout_ms,
+            shared.node.config().server.header_timeout_ms,
         ))
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = ctx.shutdown.cancelled() => {
+        _ = shared.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -183,17 +191,17 @@ async fn serve_http(stream: TcpStream, ctx: Arc<Ctx>) {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     // Only a GET may become a WebSocket (RFC 6455 section 4.1); a POST with upgrade
     // headers is an ordinary request.
     if req.method() == hyper::Method::GET && fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return Ok(upgrade(&ctx, req));
+        return Ok(upgrade(&shared, req));
     }
-    Ok(api::route(&ctx.node, req).await)
+    Ok(api::route(&shared.node, &shared.features.cluster, req).await)
 }
 
-fn upgrade(ctx: &Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
-    let Some(outbox) = ctx.node.open_socket() else {
+fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(outbox) = shared.node.open_socket() else {
         tracing::warn!("refusing a WebSocket: limits.max_connections reached");
         return api::error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,15 +212,15 @@ fn upgrade(ctx: &Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
-            ctx.node.disconnect(&outbox);
+            shared.node.disconnect(&outbox);
             return api::error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string());
         }
     };
-    if ctx.shutdown.is_cancelled() {
+    if shared.shutdown.is_cancelled() {
         outbox.close(CloseReason::Shutdown);
     }
-    let node = ctx.node.clone();
-    ctx.sockets.spawn(async move {
+    let node = shared.node.clone();
+    shared.sockets.spawn(async move {
         let upgraded = match upgrading.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {

@@ -4,18 +4,19 @@
 //! /dashboard` the cluster dashboard (charts drawn by uPlot 1.6.32, MIT, vendored under
 //! `assets/vendor/` with its licence).
 
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
-use hyper::{Response, StatusCode};
-
-use crate::api::Body;
-
 const DEMO_HTML: &str = include_str!("../assets/demo.html");
 const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
 const UPLOT_JS: &str = include_str!("../assets/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("../assets/vendor/uPlot.min.css");
 
+/// A page or asset: its text and content type.
+pub struct Asset {
+    pub body: &'static str,
+    pub content_type: &'static str,
+}
+
 /// The page or asset at `path`, if there is one.
-pub fn asset(path: &str) -> Option<Response<Body>> {
+pub fn asset(path: &str) -> Option<Asset> {
     let (body, content_type) = match path {
         "/" | "/index.html" => (DEMO_HTML, "text/html; charset=utf-8"),
         "/dashboard" => (DASHBOARD_HTML, "text/html; charset=utf-8"),
@@ -23,10 +24,5 @@ pub fn asset(path: &str) -> Option<Response<Body>> {
         "/assets/uPlot.min.css" => (UPLOT_CSS, "text/css; charset=utf-8"),
         _ => return None,
     };
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(CONTENT_TYPE, content_type)
-        .header(CACHE_CONTROL, "no-cache")
-        .body(Body::from(body))
-        .ok()
+    Some(Asset { body, content_type })
 }

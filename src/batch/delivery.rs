@@ -12,7 +12,6 @@
 //! it lives, and it is emptied every tick, so it never grows past one window's worth.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,8 +19,6 @@ use parking_lot::Mutex;
 
 use super::Clock;
 use crate::config::BatchConfig;
-use crate::connection::Outbox;
-use crate::metrics::Stats;
 use crate::protocol::outbound::Builder;
 use crate::protocol::Encoded;
 
@@ -37,8 +34,6 @@ pub struct DeliveryWindow {
     max_bytes: usize,
     clock: Clock,
     memo: Mutex<Memo>,
-    /// Sockets with messages waiting for the next tick; each is listed once per window.
-    due: Mutex<Vec<Arc<Outbox>>>,
 }
 
 #[derive(Default)]
@@ -65,38 +60,12 @@ impl DeliveryWindow {
             max_bytes: config.max_batch_bytes,
             clock: Clock::delivery(Duration::from_millis(config.delivery_window_ms)),
             memo: Mutex::new(Memo::default()),
-            due: Mutex::new(Vec::new()),
         }
     }
 
-    /// Wakes the writers of the sockets due at each tick, until the window is dropped.
-    /// One task per node replaces a timer per socket per window.
-    pub async fn run_ticks(window: Weak<DeliveryWindow>) {
-        // Window 0 sends everything at once and never schedules: no clock to run (it
-        // would wake every millisecond for nothing).
-        if window.upgrade().is_none_or(|w| w.window.is_zero()) {
-            return;
-        }
-        let mut due = Vec::new();
-        loop {
-            let Some(next) = window.upgrade().map(|w| w.next_tick(Instant::now())) else {
-                return;
-            };
-            tokio::time::sleep_until(next.into()).await;
-            let Some(w) = window.upgrade() else {
-                return;
-            };
-            std::mem::swap(&mut *w.due.lock(), &mut due);
-            drop(w);
-            for outbox in due.drain(..) {
-                outbox.flush();
-            }
-        }
-    }
-
-    /// Lists a socket for the next tick.
-    pub fn schedule(&self, outbox: Arc<Outbox>) {
-        self.due.lock().push(outbox);
+    /// Window 0: every message leaves at once, nothing waits for a tick.
+    pub fn is_immediate(&self) -> bool {
+        self.window.is_zero()
     }
 
     /// Whether a socket that last took messages at `last_flush` sends a new one at once
@@ -121,11 +90,16 @@ impl DeliveryWindow {
 
     /// Appends to `out` the frames that carry `items`, in order: one frame per message
     /// when the window is 0, else as few frames as the batch limits allow.
-    /// Each frame's message count goes to `stats.batch_messages`.
-    pub fn frames(&self, items: &[Encoded], out: &mut Vec<Bytes>, stats: &Stats) {
+    /// `frames_of(messages, n)` hears that `n` frames carried `messages` messages each.
+    pub fn frames(
+        &self,
+        items: &[Encoded],
+        out: &mut Vec<Bytes>,
+        mut frames_of: impl FnMut(usize, usize),
+    ) {
         if self.window.is_zero() {
             out.extend(items.iter().map(|e| e.frame().clone()));
-            stats.batch_messages.record_n(1, items.len() as u64);
+            frames_of(1, items.len());
             return;
         }
         let mut start = 0;
@@ -141,7 +115,7 @@ impl DeliveryWindow {
                 end += 1;
             }
             let group = &items[start..end];
-            stats.batch_messages.record(group.len() as u64);
+            frames_of(group.len(), 1);
             if group.len() == 1 {
                 out.push(group[0].frame().clone());
             } else {
@@ -241,7 +215,7 @@ mod tests {
         let w = window(50, 100, 1 << 20);
         let items = [msg(1), msg(2), msg(3)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out, &Stats::default());
+        w.frames(&items, &mut out, |_, _| {});
         assert_eq!(out.len(), 1);
         assert_eq!(
             body(&out[0]),
@@ -254,7 +228,7 @@ mod tests {
         let w = window(50, 100, 1 << 20);
         let items = [msg(7)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out, &Stats::default());
+        w.frames(&items, &mut out, |_, _| {});
         assert_eq!(out[0].as_ptr(), items[0].frame().as_ptr());
     }
 
@@ -263,7 +237,7 @@ mod tests {
         let w = window(50, 2, 1 << 20);
         let items: Vec<_> = (1..=5).map(msg).collect();
         let mut out = Vec::new();
-        w.frames(&items, &mut out, &Stats::default());
+        w.frames(&items, &mut out, |_, _| {});
         let bodies: Vec<_> = out.iter().map(|f| body(f).to_vec()).collect();
         assert_eq!(
             bodies,
@@ -278,7 +252,7 @@ mod tests {
             .map(|_| Encoded::from_json(&vec![b'1'; 600]))
             .collect();
         let mut out = Vec::new();
-        w.frames(&big, &mut out, &Stats::default());
+        w.frames(&big, &mut out, |_, _| {});
         assert_eq!(
             out.len(),
             3,
@@ -291,8 +265,8 @@ mod tests {
         let w = window(60_000, 100, 1 << 20);
         let items = [msg(1), msg(2)];
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        w.frames(&items, &mut a, &Stats::default());
-        w.frames(&items.clone(), &mut b, &Stats::default());
+        w.frames(&items, &mut a, |_, _| {});
+        w.frames(&items.clone(), &mut b, |_, _| {});
         assert_eq!(
             a[0].as_ptr(),
             b[0].as_ptr(),
@@ -300,7 +274,7 @@ mod tests {
         );
         let other = [msg(1), msg(2)];
         let mut c = Vec::new();
-        w.frames(&other, &mut c, &Stats::default());
+        w.frames(&other, &mut c, |_, _| {});
         assert_ne!(
             a[0].as_ptr(),
             c[0].as_ptr(),
@@ -313,7 +287,7 @@ mod tests {
         let w = window(0, 100, 1 << 20);
         let items = [msg(1), msg(2)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out, &Stats::default());
+        w.frames(&items, &mut out, |_, _| {});
         assert_eq!(out.len(), 2);
         let now = Instant::now();
         assert!(w.sends_at_once(Some(now), now));

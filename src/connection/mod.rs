@@ -1,17 +1,14 @@
-//! One WebSocket connection: its reader, its outbox and its writer.
+//! One WebSocket connection: its reader and its session.
 //!
 //! After the HTTP upgrade the TCP stream is taken back from hyper and split. The reader
-//! (fastwebsockets) turns frames into session actions; fan-out fills the outbox from any
-//! thread, and whichever thread finds messages due (the window's tick, a leading-edge
-//! push) writes them with a non-blocking vectored write; the writer task finishes what
-//! would block, and the close. They meet only at the outbox, whose lock is never held
-//! across an `.await`.
+//! (fastwebsockets) turns frames into session actions; the write half goes to the
+//! socket's `Outbox` (`crate::outbox`), which fan-out fills from any thread and whose
+//! writer task this module starts. They meet only at the outbox, whose lock is never
+//! held across an `.await`.
 
-pub mod outbox;
 mod reader;
 mod rules;
 mod session;
-mod writer;
 
 use std::sync::Arc;
 
@@ -19,9 +16,8 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-pub use outbox::{CloseReason, ConnId, Outbox, Pushed};
-
 use crate::node::Node;
+use crate::outbox::{self, CloseReason, Outbox};
 use session::Session;
 
 /// Serves one upgraded socket until it closes. `early` holds bytes the client sent
@@ -32,7 +28,7 @@ pub async fn serve(node: Arc<Node>, outbox: Arc<Outbox>, stream: TcpStream, earl
     // The writer is a task of its own: waking it must not poll the reader.
     let writer = {
         let outbox = outbox.clone();
-        tokio::spawn(async move { writer::run(&outbox).await })
+        tokio::spawn(async move { outbox::run_writer(&*outbox).await })
     };
     let mut read_half = std::io::Cursor::new(early).chain(read_half);
     let mut session = Session::new(node.clone(), outbox.clone());

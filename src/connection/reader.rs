@@ -13,10 +13,9 @@ use std::time::Duration;
 use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::outbox::{CloseReason, Outbox};
 use super::rules::{FrameRules, Verdict};
 use super::session::Session;
-use super::writer::CLOSE_GRACE;
+use crate::outbox::{CloseReason, Outbox, CLOSE_GRACE};
 use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
 
 /// Reads until the socket closes, for whatever reason, and records that reason.

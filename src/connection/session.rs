@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::outbox::Outbox;
 use crate::broker::PublishError;
 use crate::metrics::Source;
 use crate::node::Node;
+use crate::outbox::Outbox;
 use crate::protocol::{self, outbound, ClientFrame, ErrorCode, ProtocolError};
 
 pub struct Session {

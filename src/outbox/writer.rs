@@ -8,18 +8,17 @@
 //! off, so a stuck reader cannot hold a task forever.
 
 use std::io;
-use std::net::Shutdown;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::tcp::OwnedWriteHalf;
 
-use super::outbox::{write_some, CloseReason, Drained, Outbox};
+use super::write::write_all;
+use super::{CloseReason, Drained, Outbox, SocketWrite};
 
 /// How long a closing socket gets to take its last frames.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-pub async fn run(outbox: &Outbox) {
+pub async fn run<W: SocketWrite>(outbox: &Outbox<W>) {
     let Some(io) = outbox.io() else {
         tracing::error!(conn = outbox.id(), "socket writer started before attach");
         return;
@@ -44,11 +43,11 @@ pub async fn run(outbox: &Outbox) {
                 tracing::debug!(conn = outbox.id(), error = %e, "socket write failed");
                 outbox.writer_done();
                 outbox.close(CloseReason::Gone);
-                shutdown(io);
+                io.shutdown_write();
                 return;
             }
             if close.is_some() {
-                shutdown(io);
+                io.shutdown_write();
                 return;
             }
             if !outbox.writer_done() {
@@ -58,27 +57,7 @@ pub async fn run(outbox: &Outbox) {
     }
 }
 
-/// Ends the sending side (FIN after the last frame); the socket itself closes when the
-/// connection's halves are dropped.
-fn shutdown(io: &OwnedWriteHalf) {
-    let _ = socket2::SockRef::from(io.as_ref()).shutdown(Shutdown::Write);
-}
-
-async fn grace_after_close(outbox: &Outbox) {
+async fn grace_after_close<W: SocketWrite>(outbox: &Outbox<W>) {
     outbox.closed().await;
     tokio::time::sleep(CLOSE_GRACE).await;
-}
-
-/// Writes every frame, in order, waiting for the socket to become writable as needed.
-async fn write_all(io: &OwnedWriteHalf, frames: &mut [Bytes]) -> io::Result<()> {
-    let mut done = 0;
-    while done < frames.len() {
-        match write_some(io, &mut frames[done..]) {
-            Ok(whole) => done += whole,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -1,5 +1,14 @@
 //! One socket's outbox: the bounded queue between fan-out and the socket, and the
-//! write that empties it.
+//! write that empties it. It sits on the fan-out side, below the hub (as rumqttd's
+//! `iobufs`), so the hub pushes into it without knowing about connections.
+//!
+//! | file | job |
+//! | --- | --- |
+//! | `mod.rs` | the queue, its byte bound, and the inline flush |
+//! | `write.rs` | the `SocketWrite` seam and the non-blocking vectored write |
+//! | `writer.rs` | the socket's writer task: what would block, and the close |
+//! | `due.rs` | the node's list of sockets due at the next window tick, and the tick task |
+//! | `scratch.rs` | per-thread reusable buffers for flushing threads |
 //!
 //! Fan-out pushes shared `Encoded` handles under a short `parking_lot` lock (never held
 //! across an `.await`). The byte bound is the slow-consumer rule: a push that would pass
@@ -14,13 +23,16 @@
 //! waits for the socket to become writable. One flag (`busy`) makes sure a single thread
 //! writes a socket at a time, so frames never interleave.
 
-use std::cell::RefCell;
-use std::io::{self, IoSlice};
+mod due;
+mod scratch;
+mod write;
+mod writer;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
@@ -29,8 +41,11 @@ use crate::batch::DeliveryWindow;
 use crate::metrics::Stats;
 use crate::protocol::{close_code, outbound, Encoded};
 
-/// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
-const IOV_CHUNK: usize = 64;
+pub use due::DueList;
+pub use scratch::with_scratch;
+use write::try_write_all;
+pub use write::SocketWrite;
+pub use writer::{run as run_writer, CLOSE_GRACE};
 
 /// Identifies one socket on this node.
 pub type ConnId = u64;
@@ -81,15 +96,19 @@ pub enum Pushed {
     Closed,
 }
 
-pub struct Outbox {
+/// One socket's outbox. Generic over how it writes (`SocketWrite`), so the hot path makes
+/// no dynamic call and unit tests can script a socket; the node's sockets use the default.
+pub struct Outbox<W: SocketWrite = OwnedWriteHalf> {
     id: ConnId,
     max_bytes: usize,
     state: Mutex<State>,
     /// Decides when a queued message may leave: at once, or at the next window tick.
     window: Arc<DeliveryWindow>,
+    /// Where a socket with messages for the next tick is listed.
+    due: Arc<DueList<W>>,
     stats: Arc<Stats>,
     /// The socket's write half, set once the upgrade is done.
-    io: OnceLock<OwnedWriteHalf>,
+    io: OnceLock<W>,
     /// Wakes the writer task: for a close, for bytes the socket would not take at once,
     /// or for messages that became due while another thread was writing.
     wake: Notify,
@@ -118,7 +137,7 @@ struct State {
     /// A thread (a flusher or the writer task) is writing this socket.
     busy: bool,
     /// Messages became due while `busy`: the writing thread takes them when it is done.
-    again: bool,
+    due_while_busy: bool,
     /// What a flush could not write without blocking, for the writer task; the first
     /// frame may be a tail already advanced past its written bytes.
     unsent: Vec<Bytes>,
@@ -134,18 +153,20 @@ pub struct Drained {
     pub close: Option<CloseReason>,
 }
 
-impl Outbox {
+impl<W: SocketWrite> Outbox<W> {
     pub fn new(
         id: ConnId,
         max_bytes: usize,
         window: Arc<DeliveryWindow>,
+        due: Arc<DueList<W>>,
         stats: Arc<Stats>,
-    ) -> Outbox {
+    ) -> Outbox<W> {
         Outbox {
             id,
             max_bytes,
             state: Mutex::new(State::default()),
             window,
+            due,
             stats,
             io: OnceLock::new(),
             wake: Notify::new(),
@@ -159,23 +180,27 @@ impl Outbox {
     }
 
     /// Gives the outbox its socket; writes can start.
-    pub fn attach(&self, io: OwnedWriteHalf) {
+    pub fn attach(&self, io: W) {
         if self.io.set(io).is_err() {
             tracing::error!(conn = self.id, "socket attached twice; second one ignored");
         }
     }
 
-    pub(super) fn io(&self) -> Option<&OwnedWriteHalf> {
+    fn io(&self) -> Option<&W> {
         self.io.get()
     }
 
     /// Appends the frames that carry what was drained: control frames first, then the
     /// messages as the window groups them; counts the write and its oldest message's wait.
-    pub(super) fn frames_for(&self, drained: &mut Drained, frames: &mut Vec<Bytes>) {
+    fn frames_for(&self, drained: &mut Drained, frames: &mut Vec<Bytes>) {
         frames.append(&mut drained.control);
         if !drained.messages.is_empty() {
             let first = frames.len();
-            self.window.frames(&drained.messages, frames, &self.stats);
+            let batch_messages = &self.stats.batch_messages;
+            self.window
+                .frames(&drained.messages, frames, |messages, n| {
+                    batch_messages.record_n(messages as u64, n as u64)
+                });
             self.stats
                 .record_write(drained.messages.len(), frames.len() - first);
             drained.messages.clear();
@@ -216,7 +241,7 @@ impl Outbox {
         if now_ok {
             return Pushed::Due;
         }
-        self.window.schedule(self.clone());
+        self.due.schedule(self.clone());
         Pushed::Queued
     }
 
@@ -268,22 +293,22 @@ impl Outbox {
             self.wake.notify_one();
             return;
         };
-        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-            Ok(mut scratch) => {
-                self.flush_with(io, &mut scratch);
-                scratch.trim();
-            }
-            Err(_) => self.flush_with(io, &mut Scratch::default()),
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+        }
+        with_scratch(&SCRATCH, |scratch| {
+            self.flush_with(io, scratch);
+            scratch.trim();
         });
     }
 
-    fn flush_with(&self, io: &OwnedWriteHalf, scratch: &mut Scratch) {
+    fn flush_with(&self, io: &W, scratch: &mut Scratch) {
         let Scratch { drained, frames } = scratch;
         loop {
             {
                 let mut state = self.state.lock();
                 if state.busy {
-                    state.again = true;
+                    state.due_while_busy = true;
                     return;
                 }
                 if state.close.is_some() {
@@ -302,7 +327,7 @@ impl Outbox {
                 Ok(true) => {
                     state.busy = false;
                     release(&mut state);
-                    if !std::mem::take(&mut state.again) {
+                    if !std::mem::take(&mut state.due_while_busy) {
                         return;
                     }
                 }
@@ -327,10 +352,10 @@ impl Outbox {
 
     /// For the writer task: takes the unsent frames and everything queued, unless a
     /// flush is writing (then that flush takes them when done). Marks the socket busy.
-    pub(super) fn take_for_writer(&self, into: &mut Drained, unsent: &mut Vec<Bytes>) -> bool {
+    fn take_for_writer(&self, into: &mut Drained, unsent: &mut Vec<Bytes>) -> bool {
         let mut state = self.state.lock();
         if state.busy && state.unsent.is_empty() {
-            state.again = true;
+            state.due_while_busy = true;
             return false;
         }
         unsent.append(&mut state.unsent);
@@ -340,11 +365,11 @@ impl Outbox {
     }
 
     /// For the writer task, after a write: clears `busy`; true if more became due.
-    pub(super) fn writer_done(&self) -> bool {
+    fn writer_done(&self) -> bool {
         let mut state = self.state.lock();
         state.busy = false;
         release(&mut state);
-        std::mem::take(&mut state.again)
+        std::mem::take(&mut state.due_while_busy)
     }
 
     /// Asks the writer to close the socket. Returns false if it was already closing.
@@ -375,6 +400,12 @@ impl Outbox {
         let mut state = self.state.lock();
         take(&mut state, into);
         release(&mut state);
+    }
+
+    /// Bytes held for this socket: queued, and taken by a write not yet complete.
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        self.state.lock().bytes
     }
 
     pub fn is_closing(&self) -> bool {
@@ -422,7 +453,7 @@ fn release(state: &mut State) {
 
 /// A flushing thread's reusable buffers.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     drained: Drained,
     frames: Vec<Bytes>,
 }
@@ -445,125 +476,5 @@ impl Scratch {
     }
 }
 
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-/// Writes `frames` in order without blocking. `Ok(true)`: all written and `frames` is
-/// empty; `Ok(false)`: the socket is full and `frames` holds what is left (its first
-/// frame advanced past the bytes written).
-fn try_write_all(io: &OwnedWriteHalf, frames: &mut Vec<Bytes>) -> io::Result<bool> {
-    let mut done = 0;
-    while done < frames.len() {
-        match write_some(io, &mut frames[done..]) {
-            Ok(whole) => done += whole,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                frames.drain(..done);
-                return Ok(false);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    frames.clear();
-    Ok(true)
-}
-
-/// One non-blocking vectored write of up to `IOV_CHUNK` frames from the front of
-/// `frames`. Returns how many went out whole; the next one is advanced past any part
-/// written. `WouldBlock` when the socket takes nothing now.
-pub(super) fn write_some(io: &OwnedWriteHalf, frames: &mut [Bytes]) -> io::Result<usize> {
-    let chunk = &frames[..frames.len().min(IOV_CHUNK)];
-    let mut slices: [IoSlice<'_>; IOV_CHUNK] = [IoSlice::new(&[]); IOV_CHUNK];
-    for (slot, frame) in slices.iter_mut().zip(chunk) {
-        *slot = IoSlice::new(frame);
-    }
-    match io.try_write_vectored(&slices[..chunk.len()])? {
-        0 => Err(io::ErrorKind::WriteZero.into()),
-        n => Ok(advance(frames, n)),
-    }
-}
-
-/// Consumes `n` written bytes from the front of `frames`: returns how many frames were
-/// written whole and advances the next one past its written part.
-fn advance(frames: &mut [Bytes], mut n: usize) -> usize {
-    let mut whole = 0;
-    for frame in frames.iter_mut() {
-        if n >= frame.len() {
-            n -= frame.len();
-            whole += 1;
-        } else {
-            frame.advance(n);
-            break;
-        }
-    }
-    whole
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn immediate() -> Arc<DeliveryWindow> {
-        Arc::new(DeliveryWindow::new(&crate::config::BatchConfig {
-            delivery_window_ms: 0,
-            ..Default::default()
-        }))
-    }
-
-    #[test]
-    fn overflow_closes_as_slow_consumer_and_drops_the_queue() {
-        let outbox = Arc::new(Outbox::new(1, 100, immediate(), Arc::default()));
-        let m = Encoded::from_json(&[b'1'; 40]);
-        assert_eq!(outbox.push(&m), Pushed::Due);
-        assert_eq!(outbox.push(&m), Pushed::Queued);
-        assert_eq!(outbox.push(&m), Pushed::Overflowed);
-        assert_eq!(outbox.push(&m), Pushed::Closed);
-        let mut d = Drained::default();
-        outbox.drain(&mut d);
-        assert!(d.messages.is_empty());
-        assert_eq!(d.close, Some(CloseReason::SlowConsumer));
-        assert!(outbox.is_closing());
-    }
-
-    #[test]
-    fn control_frames_count_against_the_bound() {
-        // Not attached: nothing is written, so every pong stays queued.
-        let outbox = Arc::new(Outbox::new(1, 100, immediate(), Arc::default()));
-        let pong = Bytes::from(vec![0x8a; 30]);
-        for _ in 0..3 {
-            assert_eq!(outbox.push_control(pong.clone()), Pushed::Due);
-        }
-        assert_eq!(outbox.push_control(pong.clone()), Pushed::Overflowed);
-        assert_eq!(outbox.push_control(pong), Pushed::Closed);
-        let mut d = Drained::default();
-        outbox.drain(&mut d);
-        assert!(d.control.is_empty(), "the queued pongs were dropped");
-        assert_eq!(d.close, Some(CloseReason::SlowConsumer));
-    }
-
-    #[test]
-    fn shutdown_keeps_what_is_queued() {
-        let outbox = Arc::new(Outbox::new(1, 1000, immediate(), Arc::default()));
-        let m = Encoded::from_json(b"1");
-        outbox.push(&m);
-        assert!(outbox.close(CloseReason::Shutdown));
-        assert!(!outbox.close(CloseReason::SlowConsumer));
-        let mut d = Drained::default();
-        outbox.drain(&mut d);
-        assert_eq!(d.messages.len(), 1);
-        assert_eq!(d.close, Some(CloseReason::Shutdown));
-    }
-
-    #[test]
-    fn advance_counts_whole_frames_and_cuts_the_next() {
-        let mut frames = vec![
-            Bytes::from_static(b"abc"),
-            Bytes::from_static(b"defg"),
-            Bytes::from_static(b"hi"),
-        ];
-        assert_eq!(advance(&mut frames, 5), 1);
-        assert_eq!(&frames[1][..], b"fg");
-        assert_eq!(advance(&mut frames[1..], 4), 2);
-    }
-}
+mod tests;

@@ -1,0 +1,52 @@
+//! Background features: the cluster reporter and the demo feed (later presence refresh,
+//! history upkeep, a Sentinel watch). The server starts them once the node exists and
+//! stops them first on shutdown, under one cancellation token and task tracker, so none
+//! publishes while sockets drain or the broker flushes. The node itself starts only what
+//! a node is: its delivery clock.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::{self, Cluster};
+use crate::demo;
+use crate::node::Node;
+
+pub struct Features {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// The cluster figures, also read by `/api/cluster`.
+    pub cluster: Arc<Cluster>,
+}
+
+impl Features {
+    pub fn start(node: &Arc<Node>) -> Features {
+        let config = node.config();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let cluster = Arc::new(Cluster::new(config));
+        tasks.spawn(cluster::run(node.clone(), cluster.clone(), stop.clone()));
+        if config.demo.enabled {
+            tasks.spawn(demo::run(node.clone(), config.demo.clone(), stop.clone()));
+        }
+        tasks.close();
+        Features {
+            stop,
+            tasks,
+            cluster,
+        }
+    }
+
+    /// Stops every feature; waits for them until `deadline` at most.
+    pub async fn stop(&self, deadline: Instant) {
+        self.stop.cancel();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a background feature did not stop by the drain deadline");
+        }
+    }
+}
