@@ -43,7 +43,7 @@ pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) 
             .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
             .body(Body::from(node.prometheus()))
             .unwrap_or_default(),
-        (&Method::GET, "/api/cluster") => cluster_figures(cluster).await,
+        (&Method::GET, "/api/cluster") => cluster_reports(cluster).await,
         (&Method::GET, "/api/demo") => {
             json_response(StatusCode::OK, &crate::demo::catalog(&node.config().demo))
         }
@@ -143,14 +143,14 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Every live node's figures (`{"nodes":[...]}`), or 503 when Redis cannot be read.
-async fn cluster_figures(cluster: &Cluster) -> Response<Body> {
+/// Every live node's report (`{"nodes":[...]}`), or 503 when Redis cannot be read.
+async fn cluster_reports(cluster: &Cluster) -> Response<Body> {
     match cluster.nodes().await {
         Ok(nodes) => json_response(StatusCode::OK, &json!({ "nodes": nodes })),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "redis_unavailable",
-            &format!("cannot read the cluster figures from Redis: {e}"),
+            &format!("cannot read the cluster reports from Redis: {e}"),
         ),
     }
 }

@@ -1,10 +1,10 @@
-//! Cluster figures: every node's summary, for `/api/cluster` and `/dashboard`.
+//! Cluster reports: every node's summary, for `/api/cluster` and `/dashboard`.
 //!
 //! Every `metrics.report_s` a node turns its counters into a report (rates over the last
 //! interval, batch size, delivery latency p50/p99 from the histogram's bucket deltas) and
 //! keeps the last `metrics.history` reports. With Redis, it also writes the report to the
-//! hash `metrics:<serverId>` (TTL 300 s, the article's pattern and field names, plus
-//! volley's figures and the history as JSON) and adds its id to the set `volley:nodes`.
+//! hash `metrics:<serverId>` (TTL 300 s, the reference servers' field names, plus
+//! volley's counters and the history as JSON) and adds its id to the set `volley:nodes`.
 //! `/api/cluster` reads that set and the hashes, never `KEYS`; ids whose hash has expired
 //! are removed from the set as they are found. Without Redis the cluster is this node.
 
@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::redis::{manager_config, Keys};
 use crate::config::Config;
-use crate::metrics::Snapshot;
+use crate::metrics::StatsSnapshot;
 use crate::node::Node;
 use crate::protocol::now_ms;
 
@@ -29,7 +30,7 @@ const REPORT_TTL_S: u64 = 300;
 /// One report: what a node did during the last interval.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Sample {
+pub struct Report {
     pub timestamp: u64,
     pub connections: u64,
     pub rooms: u64,
@@ -46,33 +47,27 @@ pub struct Sample {
 /// One node as `/api/cluster` lists it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct NodeFigures {
+pub struct NodeReport {
     pub server_id: String,
     pub updated_at: u64,
-    pub latest: Sample,
-    pub history: Vec<Sample>,
+    pub latest: Report,
+    pub history: Vec<Report>,
 }
 
 pub struct Cluster {
     node_id: String,
     redis_url: String,
-    /// `metrics:` with the configured key prefix; a node's hash is this plus its id.
-    hash_prefix: String,
-    hash_key: String,
-    nodes_key: String,
+    keys: Keys,
     history_len: usize,
-    history: Mutex<VecDeque<Sample>>,
+    history: Mutex<VecDeque<Report>>,
     redis: OnceCell<ConnectionManager>,
 }
 
 impl Cluster {
     pub fn new(config: &Config) -> Cluster {
-        let prefix = &config.redis.key_prefix;
         let node_id = config.server.node_id.clone();
         Cluster {
-            hash_prefix: format!("{prefix}metrics:"),
-            hash_key: format!("{prefix}metrics:{node_id}"),
-            nodes_key: format!("{prefix}volley:nodes"),
+            keys: Keys::new(&config.redis.key_prefix, &node_id),
             node_id,
             redis_url: config.redis.url.clone(),
             history_len: config.metrics.history,
@@ -81,15 +76,15 @@ impl Cluster {
         }
     }
 
-    /// Every live node's figures, sorted by id: from Redis when configured, else this
+    /// Every live node's report, sorted by id: from Redis when configured, else this
     /// node's own.
-    pub async fn nodes(&self) -> Result<Vec<NodeFigures>, redis::RedisError> {
+    pub async fn nodes(&self) -> Result<Vec<NodeReport>, redis::RedisError> {
         if self.redis_url.is_empty() {
             return Ok(vec![self.own()]);
         }
         let mut conn = self.connection().await?;
         let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&self.nodes_key)
+            .arg(&self.keys.nodes)
             .query_async(&mut conn)
             .await?;
         ids.sort();
@@ -98,9 +93,11 @@ impl Cluster {
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET")
-                .arg(format!("{}{id}", self.hash_prefix))
-                .arg(&["updatedAt", "latest", "history"]);
+            pipe.cmd("HMGET").arg(self.keys.metrics_of(id)).arg(&[
+                "updatedAt",
+                "latest",
+                "history",
+            ]);
         }
         let rows: Vec<(Option<u64>, Option<String>, Option<String>)> =
             pipe.query_async(&mut conn).await?;
@@ -108,7 +105,7 @@ impl Cluster {
         let mut gone = Vec::new();
         for (id, row) in ids.into_iter().zip(rows) {
             match row {
-                (Some(updated_at), Some(latest), history) => nodes.push(NodeFigures {
+                (Some(updated_at), Some(latest), history) => nodes.push(NodeReport {
                     latest: serde_json::from_str(&latest).unwrap_or_default(),
                     history: history
                         .and_then(|h| serde_json::from_str(&h).ok())
@@ -122,7 +119,7 @@ impl Cluster {
         if !gone.is_empty() {
             // Their hashes expired: those nodes stopped reporting.
             let _: Result<(), _> = redis::cmd("SREM")
-                .arg(&self.nodes_key)
+                .arg(&self.keys.nodes)
                 .arg(&gone)
                 .query_async(&mut conn)
                 .await;
@@ -130,9 +127,9 @@ impl Cluster {
         Ok(nodes)
     }
 
-    fn own(&self) -> NodeFigures {
-        let history: Vec<Sample> = self.history.lock().iter().cloned().collect();
-        NodeFigures {
+    fn own(&self) -> NodeReport {
+        let history: Vec<Report> = self.history.lock().iter().cloned().collect();
+        NodeReport {
             server_id: self.node_id.clone(),
             updated_at: history.last().map_or(0, |s| s.timestamp),
             latest: history.last().cloned().unwrap_or_default(),
@@ -144,44 +141,42 @@ impl Cluster {
         self.redis
             .get_or_try_init(|| async {
                 let client = redis::Client::open(self.redis_url.as_str())?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
-                    .set_number_of_retries(1);
+                // A report waits at most 2 s: the next one comes an interval later.
+                let config = manager_config().set_response_timeout(Some(Duration::from_secs(2)));
                 ConnectionManager::new_with_config(client, config).await
             })
             .await
             .cloned()
     }
 
-    fn remember(&self, sample: Sample) {
+    fn remember(&self, report: Report) {
         let mut history = self.history.lock();
         if history.len() >= self.history_len {
             history.pop_front();
         }
-        history.push_back(sample);
+        history.push_back(report);
     }
 
-    /// Writes the report to Redis: the article's fields, volley's, and the history.
+    /// Writes the report to Redis: the reference servers' fields, volley's, and the history.
     async fn publish(
         &self,
-        sample: &Sample,
-        totals: &Snapshot,
+        report: &Report,
+        totals: &StatsSnapshot,
         publish_avg_ms: f64,
     ) -> Result<(), redis::RedisError> {
-        let latest = serde_json::to_string(sample).unwrap_or_default();
+        let latest = serde_json::to_string(report).unwrap_or_default();
         let history = serde_json::to_string(&self.own().history).unwrap_or_default();
         let mut conn = self.connection().await?;
         redis::pipe()
             .atomic()
             .cmd("HSET")
-            .arg(&self.hash_key)
+            .arg(&self.keys.metrics)
             .arg("serverId")
             .arg(&self.node_id)
             .arg("timestamp")
-            .arg(sample.timestamp)
+            .arg(report.timestamp)
             .arg("updatedAt")
-            .arg(sample.timestamp)
+            .arg(report.timestamp)
             .arg("messagesPublished")
             .arg(totals.messages_in() - totals.messages_in_broker)
             .arg("messagesReceived")
@@ -189,22 +184,22 @@ impl Cluster {
             .arg("avgPublishLatencyMs")
             .arg(format!("{publish_avg_ms:.2}"))
             .arg("avgDeliveryLatencyMs")
-            .arg(format!("{:.2}", sample.delivery_p50_ms))
+            .arg(format!("{:.2}", report.delivery_p50_ms))
             .arg("errors")
             .arg(totals.protocol_errors)
             .arg("connections")
-            .arg(sample.connections)
+            .arg(report.connections)
             .arg("latest")
             .arg(latest)
             .arg("history")
             .arg(history)
             .ignore()
             .cmd("EXPIRE")
-            .arg(&self.hash_key)
+            .arg(&self.keys.metrics)
             .arg(REPORT_TTL_S)
             .ignore()
             .cmd("SADD")
-            .arg(&self.nodes_key)
+            .arg(&self.keys.nodes)
             .arg(&self.node_id)
             .ignore()
             .query_async::<()>(&mut conn)
@@ -215,7 +210,7 @@ impl Cluster {
 /// What the previous report saw, to turn totals into rates.
 struct Previous {
     at: Instant,
-    totals: Snapshot,
+    totals: StatsSnapshot,
     latency: Vec<u64>,
     /// Publish latency histogram's (sum, count).
     publish: (u64, u64),
@@ -239,8 +234,8 @@ pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken
         let latency = stats.delivery_latency.counts();
         let publish = stats.publish_latency.sum_count();
         if let Some(prev) = &previous {
-            let sample = sample(&node, prev, now, &totals, &latency);
-            cluster.remember(sample.clone());
+            let report = report(&node, prev, now, &totals, &latency);
+            cluster.remember(report.clone());
             if !cluster.redis_url.is_empty() {
                 let (sum, count) = (publish.0 - prev.publish.0, publish.1 - prev.publish.1);
                 let publish_avg_ms = if count == 0 {
@@ -249,7 +244,7 @@ pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken
                     sum as f64 / count as f64 / 1000.0
                 };
                 let written = tokio::select! {
-                    written = cluster.publish(&sample, &totals, publish_avg_ms) => written,
+                    written = cluster.publish(&report, &totals, publish_avg_ms) => written,
                     _ = stop.cancelled() => return,
                 };
                 match written {
@@ -275,13 +270,13 @@ pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken
     }
 }
 
-fn sample(
+fn report(
     node: &Node,
     prev: &Previous,
     now: Instant,
-    totals: &Snapshot,
+    totals: &StatsSnapshot,
     latency: &[u64],
-) -> Sample {
+) -> Report {
     let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
     let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
     let deliveries = totals.deliveries.saturating_sub(prev.totals.deliveries);
@@ -293,7 +288,7 @@ fn sample(
         .collect();
     let h = &node.stats().delivery_latency;
     let ms = |q| h.quantile(&delta, q).map_or(0.0, |us| us / 1000.0);
-    Sample {
+    Report {
         timestamp: now_ms(),
         connections: totals.connections,
         rooms: node.rooms() as u64,

@@ -1,7 +1,7 @@
 //! One typed configuration for a node, read once at start.
 //!
 //! Sources, later ones winning: built-in defaults, a TOML file (`--config FILE`),
-//! the article's environment names (`PORT`, `SERVER_ID`), `VOLLEY_*` environment
+//! the reference servers' environment names (`PORT`, `SERVER_ID`, `REDIS_URL`), `VOLLEY_*` environment
 //! variables, then command-line flags (`--listen`, `--set batch.delivery_window_ms=10`, ...).
 //! A bad value is an error at start that names the key; nothing here is read again
 //! while the node runs, so the hot path never touches this module.
@@ -201,7 +201,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            // Random, not the article's `server-<pid>`: in containers every pid is 1, and
+            // Random, not the reference servers' `server-<pid>`: in containers every pid is 1, and
             // two nodes with one id drop each other's messages as their own echo.
             node_id: format!("volley-{:08x}", fastrand::u32(..)),
             drain_timeout_ms: 5_000,
@@ -284,7 +284,7 @@ impl Config {
         Self::load_with(overrides, |name| std::env::var(name).ok(), std::env::vars())
     }
 
-    /// `load` with the article's environment names read through `var` and no stray
+    /// `load` with the reference servers' environment names read through `var` and no stray
     /// `VOLLEY_*` check (tests pass their own environment).
     pub fn load_from_env(
         overrides: &Overrides,
@@ -293,7 +293,7 @@ impl Config {
         Self::load_with(overrides, var, std::iter::empty())
     }
 
-    /// `load` with the article's names read through `var`, and `vars` checked for
+    /// `load` with the reference servers' names read through `var`, and `vars` checked for
     /// `VOLLEY_*` names that match no key.
     pub fn load_with(
         overrides: &Overrides,
@@ -682,7 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn the_articles_redis_variables_make_a_url() {
+    fn the_reference_servers_redis_variables_make_a_url() {
         let env = |name: &str| match name {
             "REDIS_HOST" => Some("cache.internal".to_string()),
             "REDIS_PORT" => Some("6380".to_string()),

@@ -17,7 +17,7 @@ use crate::node::Node;
 pub struct Features {
     stop: CancellationToken,
     tasks: TaskTracker,
-    /// The cluster figures, also read by `/api/cluster`.
+    /// The cluster reports, also read by `/api/cluster`.
     pub cluster: Arc<Cluster>,
 }
 

@@ -2,6 +2,11 @@
 //!
 //! A WebSocket broadcast engine for live fan-out: rooms, broadcast, many nodes.
 //!
+//! The reference design is the Node.js "scaling WebSockets with Redis" servers (ws +
+//! ioredis): their client protocol, their Redis channels and envelopes, their environment
+//! names. volley speaks all of it, batched, and without their failure modes. "The
+//! reference servers" in the code means those.
+//!
 //! ## Layout
 //!
 //! | module | job |

@@ -1,4 +1,4 @@
-//! Node figures: plain atomic counters and fixed-bucket histograms, cheap enough for the
+//! Node stats: plain atomic counters and fixed-bucket histograms, cheap enough for the
 //! hot path, read by `/healthz`, `/metrics` (Prometheus text format) and the cluster
 //! report.
 //!
@@ -182,7 +182,7 @@ impl Default for Stats {
 
 /// A point-in-time copy of the counters.
 #[derive(Debug, Clone, Serialize)]
-pub struct Snapshot {
+pub struct StatsSnapshot {
     pub connections: u64,
     pub joins: u64,
     pub leaves: u64,
@@ -196,22 +196,13 @@ pub struct Snapshot {
     pub protocol_errors: u64,
 }
 
-impl Snapshot {
+impl StatsSnapshot {
     pub fn messages_in(&self) -> u64 {
         self.messages_in_socket
             + self.messages_in_api
             + self.messages_in_broker
             + self.messages_in_demo
     }
-}
-
-/// Figures `/metrics` adds to the counters: the node's identity, its rooms and its
-/// broker's own counters.
-pub struct Extra<'a> {
-    pub node_id: &'a str,
-    pub broker: &'a str,
-    pub rooms: usize,
-    pub broker_figures: &'a [(&'static str, u64)],
 }
 
 impl Stats {
@@ -249,9 +240,9 @@ impl Stats {
         self.errors[code as usize].fetch_add(1, Relaxed);
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> StatsSnapshot {
         let source = |s: Source| self.messages_in[s as usize].load(Relaxed);
-        Snapshot {
+        StatsSnapshot {
             connections: self.connections.load(Relaxed),
             joins: self.joins.load(Relaxed),
             leaves: self.leaves.load(Relaxed),
@@ -267,18 +258,22 @@ impl Stats {
     }
 
     /// Everything in the Prometheus text exposition format (version 0.0.4).
-    pub fn render_prometheus(&self, extra: &Extra<'_>) -> String {
+    /// `node_id`, `broker` (the engine) and `rooms` name and size the node; the broker's
+    /// own counters follow the node's.
+    pub fn render_prometheus(
+        &self,
+        node_id: &str,
+        broker: &str,
+        rooms: usize,
+        broker_stats: &[(&'static str, u64)],
+    ) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let s = self.snapshot();
         gauge(
             &mut out,
             "volley_node_info",
             "Always 1; labels name this node and its broker engine.",
-            &format!(
-                "{{node=\"{}\",broker=\"{}\"}} 1",
-                escape(extra.node_id),
-                extra.broker
-            ),
+            &format!("{{node=\"{}\",broker=\"{}\"}} 1", escape(node_id), broker),
         );
         gauge(
             &mut out,
@@ -290,7 +285,7 @@ impl Stats {
             &mut out,
             "volley_rooms",
             "Rooms with at least one socket on this node.",
-            &format!(" {}", extra.rooms),
+            &format!(" {rooms}"),
         );
         counter(
             &mut out,
@@ -336,7 +331,7 @@ impl Stats {
             "code",
             ErrorCode::ALL.map(|c| (c.as_str(), self.errors[c as usize].load(Relaxed))),
         );
-        for &(name, value) in extra.broker_figures {
+        for &(name, value) in broker_stats {
             if BROKER_GAUGES.contains(&name) {
                 let metric = format!("volley_{name}");
                 gauge(&mut out, &metric, &broker_help(name), &format!(" {value}"));
@@ -402,7 +397,7 @@ fn gauge(out: &mut String, name: &str, help: &str, sample: &str) {
     );
 }
 
-/// Broker figures that are levels, not counts.
+/// Broker stats that are levels, not counts.
 const BROKER_GAUGES: &[&str] = &["redis_peers"];
 
 fn broker_help(name: &str) -> String {

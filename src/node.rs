@@ -17,7 +17,7 @@ use crate::batch::DeliveryWindow;
 use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
 use crate::config::Config;
 use crate::hub::{Hub, Joined, Left};
-use crate::metrics::{Snapshot, Stats};
+use crate::metrics::{Stats, StatsSnapshot};
 
 pub use crate::hub::FanOut;
 pub use crate::metrics::Source;
@@ -47,10 +47,10 @@ pub struct Health {
     pub broker_state: BrokerState,
     pub rooms: usize,
     #[serde(flatten)]
-    pub stats: Snapshot,
-    /// The broker engine's own figures (pipelines, reconnects, drops...).
+    pub stats: StatsSnapshot,
+    /// The broker engine's own counters (pipelines, reconnects, drops...).
     #[serde(flatten)]
-    pub broker_figures: std::collections::BTreeMap<&'static str, u64>,
+    pub broker_stats: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Node {
@@ -178,7 +178,7 @@ impl Node {
             payload: message.clone(),
             kind: Kind::Message,
         }])?;
-        Ok(self.local(self.hub.fan_out_all(&message)))
+        Ok(self.log_slow_consumers(self.hub.fan_out_all(&message)))
     }
 
     fn send_room(&self, room: &str, message: Encoded, kind: Kind) -> Result<FanOut, PublishError> {
@@ -199,12 +199,12 @@ impl Node {
         if kind == Kind::Message {
             sent?;
         }
-        let fan = self.local(local.map(|r| r.fan_out(&message)).unwrap_or_default());
+        let fan = self.log_slow_consumers(local.map(|r| r.fan_out(&message)).unwrap_or_default());
         sent.map(|()| fan)
     }
 
     /// Logs the slow consumers a fan-out closed (the outbox counted them).
-    fn local(&self, fan: FanOut) -> FanOut {
+    fn log_slow_consumers(&self, fan: FanOut) -> FanOut {
         if fan.overflowed > 0 {
             tracing::warn!(
                 count = fan.overflowed,
@@ -223,13 +223,13 @@ impl Node {
 
     /// `/metrics`: every figure of this node in the Prometheus text format.
     pub fn prometheus(&self) -> String {
-        let figures = self.broker.figures();
-        self.stats.render_prometheus(&crate::metrics::Extra {
-            node_id: &self.id,
-            broker: self.broker.engine(),
-            rooms: self.hub.room_count(),
-            broker_figures: &figures,
-        })
+        let broker_stats = self.broker.stats();
+        self.stats.render_prometheus(
+            &self.id,
+            self.broker.engine(),
+            self.hub.room_count(),
+            &broker_stats,
+        )
     }
 
     pub fn rooms(&self) -> usize {
@@ -244,7 +244,7 @@ impl Node {
             broker_state: self.broker.state(),
             rooms: self.hub.room_count(),
             stats: self.stats.snapshot(),
-            broker_figures: self.broker.figures().into_iter().collect(),
+            broker_stats: self.broker.stats().into_iter().collect(),
         }
     }
 }
@@ -257,8 +257,10 @@ impl EnvelopeSink for Node {
         }
         self.stats.message_in(Source::Broker);
         match &envelope.target {
-            Target::Room(room) => self.local(self.hub.fan_out(room, &envelope.payload)),
-            Target::Broadcast => self.local(self.hub.fan_out_all(&envelope.payload)),
+            Target::Room(room) => {
+                self.log_slow_consumers(self.hub.fan_out(room, &envelope.payload))
+            }
+            Target::Broadcast => self.log_slow_consumers(self.hub.fan_out_all(&envelope.payload)),
         };
     }
 }

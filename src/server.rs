@@ -1,7 +1,7 @@
 //! The listener: accepts TCP, serves HTTP/1.1, upgrades WebSockets, and shuts down
 //! gracefully.
 //!
-//! Any path that asks for a WebSocket upgrade gets one (the article's clients connect to
+//! Any path that asks for a WebSocket upgrade gets one (the reference servers' clients connect to
 //! the root). After the handshake the TCP stream is taken back from hyper so volley's own
 //! writer can send shared, pre-encoded frames with vectored writes.
 //!

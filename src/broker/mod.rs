@@ -22,6 +22,9 @@ use crate::protocol::Encoded;
 pub use self::redis::RedisBroker;
 pub use memory::{MemoryBroker, MemoryBus};
 
+/// An engine's own counters, as `name -> value` (`redis_pipelines`, ...).
+pub type BrokerStats = Vec<(&'static str, u64)>;
+
 /// A publish the broker could not take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
@@ -82,7 +85,7 @@ pub trait Broker: Send + Sync {
     fn engine(&self) -> &'static str;
 
     /// Connects the node that receives this broker's inbound envelopes, and the node's
-    /// figures the engine records into (pipeline sizes, publish latency). Called once.
+    /// stats the engine records into (pipeline sizes, publish latency). Called once.
     fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>);
 
     /// Queues a batch of envelopes for the other nodes, in order: all of them, or none
@@ -97,8 +100,8 @@ pub trait Broker: Send + Sync {
 
     fn state(&self) -> BrokerState;
 
-    /// Figures for `/healthz`, as `name -> value`.
-    fn figures(&self) -> Vec<(&'static str, u64)> {
+    /// The engine's own counters, for `/healthz` and `/metrics`.
+    fn stats(&self) -> BrokerStats {
         Vec::new()
     }
 

@@ -3,7 +3,7 @@
 //! `content` and `payload` are kept as borrowed raw JSON (`&RawValue`): the server frame
 //! is built by splicing those bytes, so a client's JSON is never decoded into a tree or
 //! re-encoded. Room ids arrive as strings or integers and leave as one canonical string,
-//! so `42` and `"42"` are the same room on every node (the article's numeric-`roomId` bug).
+//! so `42` and `"42"` are the same room on every node (the reference servers' numeric-`roomId` bug).
 
 use std::borrow::Cow;
 use std::fmt;

@@ -1,4 +1,5 @@
-//! The Redis wire format, shared with the Node.js servers of the article.
+//! The Redis envelopes, shared with the reference Node.js servers (channel and key
+//! names are in `keys`).
 //!
 //! Out: `{"serverId":S,"payload":P}` (single) or `{"serverId":S,"batch":[P1,...]}` (batch),
 //! written by splicing the already-encoded frames P between fixed bytes: no payload is
@@ -9,51 +10,6 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-
-/// Channel names, with the configured prefix.
-#[derive(Debug, Clone)]
-pub struct Channels {
-    room_prefix: String,
-    probe_prefix: String,
-    pub broadcast: String,
-    /// This node's probe channel.
-    pub probe: String,
-    /// Sorted set of live node ids, scored by when each stops counting as alive.
-    pub alive: String,
-}
-
-impl Channels {
-    pub fn new(prefix: &str, node_id: &str) -> Channels {
-        let probe_prefix = format!("{prefix}volley:probe:");
-        Channels {
-            room_prefix: format!("{prefix}room:"),
-            broadcast: format!("{prefix}websocket:broadcast"),
-            probe: format!("{probe_prefix}{node_id}"),
-            alive: format!("{prefix}volley:alive"),
-            probe_prefix,
-        }
-    }
-
-    /// Another node's probe channel.
-    pub fn probe_of(&self, node_id: &str) -> String {
-        format!("{}{node_id}", self.probe_prefix)
-    }
-
-    pub fn room(&self, room: &str) -> String {
-        let mut name = String::with_capacity(self.room_prefix.len() + room.len());
-        name.push_str(&self.room_prefix);
-        name.push_str(room);
-        name
-    }
-
-    /// The room of a `room:<id>` channel.
-    pub fn room_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
-        channel
-            .strip_prefix(self.room_prefix.as_bytes())
-            .and_then(|room| std::str::from_utf8(room).ok())
-            .filter(|room| !room.is_empty())
-    }
-}
 
 /// Writes envelopes for one node.
 #[derive(Debug, Clone)]
@@ -165,9 +121,9 @@ mod tests {
 
     #[test]
     fn foreign_and_broken_envelopes() {
-        let article = br#"{"serverId":"server-4242","payload":{"type":"user_joined","roomId":"7","timestamp":5}}"#;
+        let reference = br#"{"serverId":"server-4242","payload":{"type":"user_joined","roomId":"7","timestamp":5}}"#;
         assert_eq!(
-            decode(article, 10).unwrap().server_id.as_deref(),
+            decode(reference, 10).unwrap().server_id.as_deref(),
             Some("server-4242")
         );
         assert!(decode(b"not json", 10).is_err());
@@ -175,14 +131,5 @@ mod tests {
         assert!(decode(br#"{"serverId":"a","payload":1,"batch":[2]}"#, 10).is_err());
         assert!(decode(br#"{"serverId":"a","batch":[1,2,3]}"#, 3).is_ok());
         assert!(decode(br#"{"serverId":"a","batch":[1,2,3,4]}"#, 3).is_err());
-    }
-
-    #[test]
-    fn room_channels_keep_their_prefix() {
-        let c = Channels::new("app1:", "n1");
-        assert_eq!(c.room("42"), "app1:room:42");
-        assert_eq!(c.room_of(b"app1:room:42"), Some("42"));
-        assert_eq!(c.room_of(b"room:42"), None);
-        assert_eq!(c.broadcast, "app1:websocket:broadcast");
     }
 }

@@ -15,10 +15,12 @@
 //! while another live node uses its id.
 
 mod envelope;
+mod keys;
 mod publisher;
 mod subscriber;
 
-pub use envelope::{decode, Channels, EnvelopeWriter, Inbound};
+pub use envelope::{decode, EnvelopeWriter, Inbound};
+pub use keys::Keys;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,7 +34,7 @@ use redis::{Client, IntoConnectionInfo, ProtocolVersion};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
+use super::{Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, Kind, PublishError, Target};
 use crate::config::Config;
 use crate::metrics::Stats;
 use crate::protocol::{now_ms, Encoded};
@@ -69,9 +71,9 @@ pub enum RedisStartError {
 /// State shared by the engine's tasks and the subscriber's push handler.
 struct Shared {
     node_id: Arc<str>,
-    channels: Channels,
+    keys: Keys,
     sink: OnceLock<Weak<dyn EnvelopeSink>>,
-    /// The node's figures, for pipeline sizes and publish latency.
+    /// The node's stats, for pipeline sizes and publish latency.
     stats: OnceLock<Arc<Stats>>,
     publisher_ok: AtomicBool,
     subscriber_ok: AtomicBool,
@@ -94,7 +96,7 @@ struct Shared {
     inbound: InboundLimits,
     /// Set by `shutdown`: the last pipeline must be answered by then.
     shutdown_deadline: Mutex<Option<Instant>>,
-    figures: Figures,
+    counters: RedisStats,
 }
 
 /// Bounds on envelopes received from Redis: they come from any program that can publish.
@@ -107,7 +109,7 @@ struct InboundLimits {
 }
 
 #[derive(Default)]
-struct Figures {
+struct RedisStats {
     pipelines: AtomicU64,
     published_messages: AtomicU64,
     publish_commands: AtomicU64,
@@ -204,7 +206,7 @@ impl RedisBroker {
 
         let node_id: Arc<str> = Arc::from(config.server.node_id.as_str());
         let shared = Arc::new(Shared {
-            channels: Channels::new(&config.redis.key_prefix, &node_id),
+            keys: Keys::new(&config.redis.key_prefix, &node_id),
             node_id,
             sink: OnceLock::new(),
             stats: OnceLock::new(),
@@ -224,7 +226,7 @@ impl RedisBroker {
                 max_payload_bytes: config.limits.max_frame_bytes + 512,
             },
             shutdown_deadline: Mutex::new(None),
-            figures: Figures::default(),
+            counters: RedisStats::default(),
         });
         let queue = Arc::new(PublishQueue {
             items: Mutex::new(Queued::default()),
@@ -272,9 +274,10 @@ impl RedisBroker {
     }
 }
 
-/// Reconnect quickly and give up on a single attempt fast: volley retries on its own
-/// schedule and keeps serving local sockets meanwhile.
-fn manager_config() -> ConnectionManagerConfig {
+/// The one recipe for volley's Redis connections (the engine's, the cluster
+/// reporter's): reconnect quickly and give up on a single attempt fast, since volley
+/// retries on its own schedule and keeps serving local sockets meanwhile.
+pub(crate) fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(5)))
@@ -301,13 +304,13 @@ impl Shared {
 
     /// One message from a subscribed channel.
     fn on_message(&self, channel: &[u8], message: &[u8]) {
-        if channel == self.channels.probe.as_bytes() {
+        if channel == self.keys.probe.as_bytes() {
             self.on_probe(message);
             return;
         }
-        let target = if channel == self.channels.broadcast.as_bytes() {
+        let target = if channel == self.keys.broadcast.as_bytes() {
             Target::Broadcast
-        } else if let Some(room) = self.channels.room_of(channel) {
+        } else if let Some(room) = self.keys.room_of(channel) {
             Target::Room(Arc::from(room))
         } else {
             return;
@@ -315,7 +318,7 @@ impl Shared {
         let inbound = match decode(message, self.inbound.max_messages) {
             Ok(inbound) => inbound,
             Err(e) => {
-                self.figures.bad_envelopes.fetch_add(1, Relaxed);
+                self.counters.bad_envelopes.fetch_add(1, Relaxed);
                 static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
                 if let Some(held_back) = LOG.allow() {
                     tracing::warn!(channel = %String::from_utf8_lossy(channel), held_back, "dropping a message from Redis: {e}");
@@ -327,7 +330,7 @@ impl Shared {
         if inbound.server_id.as_deref() == Some(&*self.node_id) {
             return;
         }
-        self.figures.received_envelopes.fetch_add(1, Relaxed);
+        self.counters.received_envelopes.fetch_add(1, Relaxed);
         let Some(sink) = self.sink.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -335,7 +338,7 @@ impl Shared {
         for payload in inbound.payloads {
             let json = payload.get().as_bytes();
             if json.len() > self.inbound.max_payload_bytes {
-                self.figures.oversized_payloads.fetch_add(1, Relaxed);
+                self.counters.oversized_payloads.fetch_add(1, Relaxed);
                 static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
                 if let Some(held_back) = LOG.allow() {
                     tracing::warn!(
@@ -413,14 +416,14 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, room: &Arc<str>) {
-        let channel = self.shared.channels.room(room);
+        let channel = self.shared.keys.room(room);
         if self.subscriptions.rooms.lock().insert(channel) {
             self.subscriptions.changed.notify_one();
         }
     }
 
     fn unsubscribe(&self, room: &str) {
-        let channel = self.shared.channels.room(room);
+        let channel = self.shared.keys.room(room);
         if self.subscriptions.rooms.lock().remove(&channel) {
             self.subscriptions.changed.notify_one();
         }
@@ -430,8 +433,8 @@ impl Broker for RedisBroker {
         self.shared.state()
     }
 
-    fn figures(&self) -> Vec<(&'static str, u64)> {
-        let f = &self.shared.figures;
+    fn stats(&self) -> BrokerStats {
+        let f = &self.shared.counters;
         vec![
             ("redis_pipelines", f.pipelines.load(Relaxed)),
             ("redis_publish_commands", f.publish_commands.load(Relaxed)),

@@ -145,7 +145,7 @@ impl Publisher {
         let probes: Vec<String> = recovery
             .peers
             .iter()
-            .map(|peer| self.shared.channels.probe_of(peer))
+            .map(|peer| self.shared.keys.probe_of(peer))
             .collect();
         let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
             .arg("NUMSUB")
@@ -162,8 +162,8 @@ impl Publisher {
 
     fn channel(&self, envelope: &Envelope) -> String {
         match &envelope.target {
-            Target::Room(room) => self.shared.channels.room(room),
-            Target::Broadcast => self.shared.channels.broadcast.clone(),
+            Target::Room(room) => self.shared.keys.room(room),
+            Target::Broadcast => self.shared.keys.broadcast.clone(),
         }
     }
 
@@ -182,7 +182,7 @@ impl Publisher {
         let skipped = before - incoming.len();
         if skipped > 0 {
             self.shared
-                .figures
+                .counters
                 .notices_skipped
                 .fetch_add(skipped as u64, Relaxed);
         }
@@ -259,7 +259,7 @@ impl Publisher {
         if n == 0 {
             return;
         }
-        let f = &self.shared.figures;
+        let f = &self.shared.counters;
         let total = f.dropped_publishes.fetch_add(n as u64, Relaxed) + n as u64;
         tracing::warn!(dropped = n, total, "{why}");
     }
@@ -338,7 +338,7 @@ pub(super) async fn run(mut p: Publisher) {
                     Ok(result) => result,
                     Err(_) => {
                         p.shared
-                            .figures
+                            .counters
                             .unconfirmed_publishes
                             .fetch_add(used as u64, Relaxed);
                         p.drop_held(
@@ -366,7 +366,7 @@ pub(super) async fn run(mut p: Publisher) {
                 if pending.is_empty() {
                     pending_since = None;
                 }
-                let f = &p.shared.figures;
+                let f = &p.shared.counters;
                 f.pipelines.fetch_add(1, Relaxed);
                 f.publish_commands.fetch_add(channels.len() as u64, Relaxed);
                 f.published_messages.fetch_add(used as u64, Relaxed);
@@ -377,13 +377,13 @@ pub(super) async fn run(mut p: Publisher) {
                 backoff = BACKOFF.start();
             }
             Err(e) => {
-                p.shared.figures.publish_failures.fetch_add(1, Relaxed);
+                p.shared.counters.publish_failures.fetch_add(1, Relaxed);
                 if let Failure::Unconfirmed = classify(&e) {
                     pending.drain(..used);
                     p.queue.held.store(pending.len(), Relaxed);
                     let total = p
                         .shared
-                        .figures
+                        .counters
                         .unconfirmed_publishes
                         .fetch_add(used as u64, Relaxed)
                         + used as u64;

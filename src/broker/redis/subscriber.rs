@@ -105,7 +105,7 @@ pub(super) async fn run(
                 if misses >= MISSES_BEFORE_RESTART {
                     tracing::warn!(misses, "Redis subscriber stopped delivering probes; reconnecting it");
                     shared.subscriber_ok.store(false, Relaxed);
-                    shared.figures.subscriber_restarts.fetch_add(1, Relaxed);
+                    shared.counters.subscriber_restarts.fetch_add(1, Relaxed);
                     shared.generation.fetch_add(1, Relaxed);
                     if let Some(mut old) = conn.take() {
                         // Best effort: a deaf connection should not stay subscribed.
@@ -132,7 +132,7 @@ pub(super) async fn run(
                         // After the subscription check above, so a restarted Redis never
                         // reads as ready for a moment.
                         if !shared.publisher_ok.swap(true, Relaxed) {
-                            shared.figures.reconnects.fetch_add(1, Relaxed);
+                            shared.counters.reconnects.fetch_add(1, Relaxed);
                             tracing::info!("Redis reachable");
                         }
                     }
@@ -164,9 +164,9 @@ async fn probe(
         shared.instance
     );
     let now = now_ms();
-    let alive = &shared.channels.alive;
+    let alive = &shared.keys.alive;
     let (receivers, live): (i64, Vec<String>) = redis::pipe()
-        .publish(&shared.channels.probe, message)
+        .publish(&shared.keys.probe, message)
         .zadd(alive, &*shared.node_id, now + alive_for_ms)
         .ignore()
         .zrembyscore(alive, "-inf", now)
@@ -194,8 +194,8 @@ async fn reconcile(
         return Ok(());
     };
     let mut wanted = subscriptions.rooms.lock().clone();
-    wanted.insert(shared.channels.broadcast.clone());
-    let probe = &shared.channels.probe;
+    wanted.insert(shared.keys.broadcast.clone());
+    let probe = &shared.keys.probe;
     let add: Vec<String> = wanted.difference(current).cloned().collect();
     let remove: Vec<String> = current
         .difference(&wanted)
