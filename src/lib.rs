@@ -9,22 +9,29 @@
 //!
 //! ## Layout
 //!
+//! Imports point down this table, never up (`tests/layering.rs` checks it): the core runs
+//! `protocol` <- `batch` <- `outbox` <- `hub` <- `node` <- `connection` / `server` / `api`;
+//! `config`, `metrics` and `throttle` are leaves anyone may use; `broker` sits beside the
+//! hub (the node owns both, and neither sees the other); the features sit on the node.
+//!
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | one typed config from file, env and flags |
-//! | [`protocol`] | client frames in (parsed once), server frames out (encoded once) |
-//! | [`connection`] | one socket: reader, outbox, writer, close codes |
-//! | [`hub`] | sharded room -> local subscribers map; local fan-out |
-//! | [`batch`] | delivery windows: many messages, one frame per socket per window |
-//! | [`broker`] | the seam to other nodes: `memory` engine (default) and `redis` (pub/sub, pipelined publish windows) |
-//! | [`node`] | owns hub, broker, window; where a message enters and fans out |
-//! | [`api`] | HTTP routes: health, publish API, `/metrics`, `/api/cluster`, the pages |
-//! | [`web`] | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
-//! | [`demo`] | the built-in feed: simulated matches and a ticker (`--demo`) |
-//! | [`server`] | listener, WebSocket upgrade, graceful shutdown |
-//! | [`metrics`] | counters and histograms; Prometheus text |
-//! | [`cluster`] | per-node reports in Redis (`metrics:<serverId>`), read by `/api/cluster` |
+//! | `metrics` | node stats: counters and histograms; Prometheus text |
 //! | `throttle` | log lines that repeat under pressure, at most once per interval |
+//! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
+//! | `batch` | delivery-window policy: window clock, leading edge, batch frames, shared-batch memo |
+//! | `outbox` | one socket's bounded queue and its writes (inline, writer task); the due list and its tick task |
+//! | `hub` | sharded room -> local subscribers map; local fan-out into outboxes |
+//! | [`broker`] | the seam to other nodes: `memory` engine (default) and `redis` (pub/sub, pipelined publish windows, keys) |
+//! | [`node`] | owns hub, broker, delivery window and due list; where a message enters and fans out |
+//! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits) |
+//! | `cluster` | feature: per-node reports in Redis (`metrics:<serverId>`), read by `/api/cluster` |
+//! | `demo` | feature: the built-in feed, simulated matches and a ticker (`--demo`) |
+//! | `features` | starts the features for the server, stops them first on shutdown |
+//! | `web` | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
+//! | `api` | HTTP routes: health, publish API, `/metrics`, `/api/cluster`, the pages |
+//! | [`server`] | listener, timeouts, WebSocket upgrade, features, graceful shutdown |
 //!
 //! ## One message's way
 //!

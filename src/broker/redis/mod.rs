@@ -17,14 +17,17 @@
 mod envelope;
 mod keys;
 mod publisher;
+mod queue;
 mod subscriber;
 
 pub use envelope::{decode, EnvelopeWriter, Inbound};
 pub use keys::Keys;
+#[doc(hidden)]
+pub use queue::PublishQueue;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -127,51 +130,6 @@ struct RedisStats {
     notices_skipped: AtomicU64,
 }
 
-/// The publish queue between callers and the publisher task.
-struct PublishQueue {
-    items: Mutex<Queued>,
-    /// `redis.outage_buffer`: most publishes queued here and held by the publisher
-    /// together. A publish past it is refused, so nothing accepted is ever dropped for
-    /// room.
-    capacity: usize,
-    /// Publishes the publisher task holds (taken, not yet sent).
-    held: AtomicUsize,
-    ready: tokio::sync::Notify,
-}
-
-impl PublishQueue {
-    fn push(&self, batch: &[Envelope]) -> Result<(), PublishError> {
-        let mut queued = self.items.lock();
-        if queued.items.len() + self.held.load(Relaxed) + batch.len() > self.capacity {
-            return Err(PublishError::Overloaded);
-        }
-        let was_empty = queued.items.is_empty();
-        queued.items.extend_from_slice(batch);
-        if was_empty {
-            queued.since = Some(Instant::now());
-        }
-        drop(queued);
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Ok(())
-    }
-
-    /// Takes everything queued; returns when the oldest of it was queued.
-    fn take(&self, into: &mut Vec<Envelope>) -> Option<Instant> {
-        let mut queued = self.items.lock();
-        std::mem::swap(&mut queued.items, into);
-        queued.since.take()
-    }
-}
-
-#[derive(Default)]
-struct Queued {
-    items: Vec<Envelope>,
-    /// When the oldest queued item was queued; for the publish latency histogram.
-    since: Option<Instant>,
-}
-
 /// Rooms the node wants; the subscriber task makes Redis agree.
 struct Subscriptions {
     rooms: Mutex<std::collections::HashSet<String>>,
@@ -228,12 +186,7 @@ impl RedisBroker {
             shutdown_deadline: Mutex::new(None),
             counters: RedisStats::default(),
         });
-        let queue = Arc::new(PublishQueue {
-            items: Mutex::new(Queued::default()),
-            capacity: config.redis.outage_buffer,
-            held: AtomicUsize::new(0),
-            ready: tokio::sync::Notify::new(),
-        });
+        let queue = Arc::new(PublishQueue::new(config.redis.outage_buffer));
         let subscriptions = Arc::new(Subscriptions {
             rooms: Mutex::new(Default::default()),
             changed: tokio::sync::Notify::new(),
