@@ -1,0 +1,381 @@
+//! The load's clients: subscriber sockets that count what arrives, and publishers (sockets
+//! or the HTTP API) that send at a steady rate. They share one `Run`: the measuring clock
+//! and the counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BenchError;
+use crate::plan::Plan;
+use crate::scan::{self, Scanner};
+
+/// How publishers publish.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum Via {
+    /// Publisher sockets sending `message` frames.
+    Socket,
+    /// `POST /api/publish` on keep-alive HTTP connections (needs --api-key).
+    Api,
+}
+
+/// Shared clock and counters.
+pub struct Run {
+    /// Messages sent at or after this time (µs since the epoch) count; MAX = not yet.
+    pub measure_from_us: AtomicU64,
+    /// Messages sent at or after this time do not count.
+    pub measure_until_us: AtomicU64,
+    pub published: AtomicU64,
+    pub expected: AtomicU64,
+    /// Frames with counted messages so far: shows when in-flight traffic has drained.
+    pub progress: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Run {
+    pub fn new() -> Run {
+        Run {
+            measure_from_us: AtomicU64::new(u64::MAX),
+            measure_until_us: AtomicU64::new(u64::MAX),
+            published: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    fn counts(&self, sent_us: u64) -> bool {
+        sent_us >= self.measure_from_us.load(Relaxed)
+            && sent_us < self.measure_until_us.load(Relaxed)
+    }
+}
+
+/// What one subscriber socket counted.
+#[derive(Default)]
+pub struct SubscriberResult {
+    pub frames: u64,
+    pub delivered: u64,
+    pub disordered: u64,
+    pub latency: Option<Histogram<u64>>,
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+type Socket = WebSocket<TokioIo<Upgraded>>;
+
+struct SpawnExecutor;
+
+impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
+where
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn execute(&self, fut: Fut) {
+        tokio::spawn(fut);
+    }
+}
+
+/// A node URL's host and port.
+fn host_port(url: &str) -> Result<(String, u16), BenchError> {
+    let bad = |reason: String| BenchError::Url {
+        url: url.to_string(),
+        reason,
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| bad(format!("{e}")))?;
+    let host = uri.host().ok_or_else(|| bad("no host".into()))?;
+    Ok((host.to_string(), uri.port_u16().unwrap_or(80)))
+}
+
+async fn tcp(url: &str) -> Result<TcpStream, BenchError> {
+    let (host, port) = host_port(url)?;
+    let stream = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|source| BenchError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect(url: &str) -> Result<Socket, BenchError> {
+    let (host, port) = host_port(url)?;
+    let uri: hyper::Uri = url.parse().map_err(|e| BenchError::Url {
+        url: url.to_string(),
+        reason: format!("{e}"),
+    })?;
+    let stream = tcp(url).await?;
+    let handshake = |reason: String| BenchError::Handshake {
+        url: url.to_string(),
+        reason,
+    };
+    let request = Request::builder()
+        .method("GET")
+        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header(HOST, format!("{host}:{port}"))
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| handshake(e.to_string()))?;
+    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
+        .await
+        .map_err(|e| handshake(e.to_string()))?;
+    Ok(ws)
+}
+
+async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
+    Ok(ws
+        .write_frame(Frame::text(Payload::Owned(text.into_bytes())))
+        .await?)
+}
+
+/// Connects, joins, waits for its own join notices, then counts until `stop`.
+pub async fn subscriber(
+    url: String,
+    rooms: Vec<String>,
+    run: Arc<Run>,
+    ready: tokio::sync::mpsc::Sender<()>,
+    stop: CancellationToken,
+) -> Result<SubscriberResult, BenchError> {
+    let mut ws = connect(&url).await?;
+    ws.set_auto_pong(true);
+    for room in &rooms {
+        send_text(
+            &mut ws,
+            serde_json::json!({"type":"join","roomId":room}).to_string(),
+        )
+        .await?;
+    }
+    // The first user_joined of a room proves this socket's join took effect.
+    let mut waiting: std::collections::HashSet<String> = rooms.iter().cloned().collect();
+    while !waiting.is_empty() {
+        let frame = ws.read_frame().await?;
+        if frame.opcode != OpCode::Text {
+            continue;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&frame.payload) else {
+            continue;
+        };
+        let messages = match value["type"].as_str() {
+            Some("batch") => value["messages"].as_array().cloned().unwrap_or_default(),
+            _ => vec![value],
+        };
+        for m in messages {
+            if m["type"] == "user_joined" {
+                if let Some(room) = m["roomId"].as_str() {
+                    waiting.remove(room);
+                }
+            }
+        }
+    }
+    let _ = ready.send(()).await;
+
+    let scanner = Scanner::new();
+    let mut result = SubscriberResult {
+        latency: Histogram::new_with_bounds(1, 120_000_000, 3).ok(),
+        ..SubscriberResult::default()
+    };
+    let mut last_seq: HashMap<(u32, u32), u64> = HashMap::new();
+    loop {
+        let frame = tokio::select! {
+            frame = ws.read_frame() => frame?,
+            _ = stop.cancelled() => return Ok(result),
+        };
+        if frame.opcode == OpCode::Close {
+            return Err(BenchError::Closed);
+        }
+        if frame.opcode != OpCode::Text {
+            continue;
+        }
+        let arrived = now_us();
+        let mut counted_frame = false;
+        scanner.scan(&frame.payload, |m| {
+            if !run.counts(m.sent_us) {
+                return;
+            }
+            counted_frame = true;
+            result.delivered += 1;
+            if let Some(h) = result.latency.as_mut() {
+                let _ = h.record(arrived.saturating_sub(m.sent_us).max(1));
+            }
+            let last = last_seq.entry((m.publisher, m.room)).or_insert(0);
+            if m.seq <= *last {
+                result.disordered += 1;
+            }
+            *last = m.seq;
+        });
+        if counted_frame {
+            result.frames += 1;
+            run.progress.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Where a publisher sends its messages.
+enum Sink {
+    Socket(fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<TokioIo<Upgraded>>>),
+    Api {
+        sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+        host: String,
+        key: String,
+    },
+}
+
+impl Sink {
+    async fn send(&mut self, room: &str, content: String, run: &Run) -> Result<(), BenchError> {
+        match self {
+            Sink::Socket(tx) => {
+                let frame =
+                    format!(r#"{{"type":"message","roomId":"{room}","content":{content}}}"#);
+                Ok(tx
+                    .write_frame(Frame::text(Payload::Owned(frame.into_bytes())))
+                    .await?)
+            }
+            Sink::Api { sender, host, key } => {
+                let body = format!(r#"{{"roomId":"{room}","content":{content}}}"#);
+                let request = Request::post("/api/publish")
+                    .header(HOST, host.as_str())
+                    .header(hyper::header::AUTHORIZATION, format!("apikey {key}"))
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(http_body_util::Full::new(Bytes::from(body)))
+                    .map_err(|e| BenchError::Http(e.to_string()))?;
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .map_err(|e| BenchError::Http(e.to_string()))?;
+                if !response.status().is_success() && run.errors.fetch_add(1, Relaxed) == 0 {
+                    eprintln!("volley-bench: publish API answered {}", response.status());
+                }
+                // Read the small body so the connection can be reused.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn api_sink(url: &str, key: String) -> Result<Sink, BenchError> {
+    let (host, port) = host_port(url)?;
+    let stream = tcp(url).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| BenchError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    Ok(Sink::Api {
+        sender,
+        host: format!("{host}:{port}"),
+        key,
+    })
+}
+
+async fn socket_sink(
+    url: &str,
+    run: Arc<Run>,
+) -> Result<(Sink, tokio::task::JoinHandle<()>), BenchError> {
+    let ws = connect(url).await?;
+    let (mut rx, tx) = ws.split(tokio::io::split);
+    // The publisher joins nothing: whatever comes back is an error frame.
+    let reader = tokio::spawn(async move {
+        let mut ignore = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
+        while let Ok(frame) = rx.read_frame(&mut ignore).await {
+            if frame.opcode != OpCode::Text {
+                continue;
+            }
+            // A batch frame may carry many errors: count each.
+            let errors =
+                memchr::memmem::find_iter(&frame.payload, br#""type":"error""#).count() as u64;
+            if errors > 0 && run.errors.fetch_add(errors, Relaxed) == 0 {
+                let text = String::from_utf8_lossy(&frame.payload);
+                let first: String = text.chars().take(200).collect();
+                eprintln!("volley-bench: server error (first shown): {first}");
+            }
+        }
+    });
+    Ok((Sink::Socket(tx), reader))
+}
+
+/// One publisher's setup.
+pub struct Publisher {
+    pub url: String,
+    pub index: usize,
+    pub plan: Arc<Plan>,
+    pub rooms: Arc<Vec<String>>,
+    pub subscribers_per_room: Arc<Vec<u64>>,
+    pub run: Arc<Run>,
+    pub via: Via,
+    pub api_key: String,
+    pub stop: CancellationToken,
+}
+
+/// Publishes at its share of the rate to its share of rooms until `stop`.
+pub async fn publisher(p: Publisher) -> Result<(), BenchError> {
+    let Publisher {
+        url,
+        index,
+        plan,
+        rooms,
+        subscribers_per_room,
+        run,
+        via,
+        api_key,
+        stop,
+    } = p;
+    let (mut sink, reader) = match via {
+        Via::Socket => {
+            let (sink, reader) = socket_sink(&url, run.clone()).await?;
+            (sink, Some(reader))
+        }
+        Via::Api => (api_sink(&url, api_key).await?, None),
+    };
+    let rate = plan.rate / plan.publishers as f64;
+    let mut seqs = vec![0u64; rooms.len()];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            let room = (sent as usize * plan.publishers + index) % rooms.len();
+            seqs[room] += 1;
+            let t = now_us();
+            let content = scan::content(index as u32, room as u32, seqs[room], t, plan.payload);
+            sink.send(&rooms[room], content, &run).await?;
+            if run.counts(t) {
+                run.published.fetch_add(1, Relaxed);
+                run.expected.fetch_add(subscribers_per_room[room], Relaxed);
+            }
+            sent += 1;
+        }
+    }
+    if let Some(reader) = reader {
+        reader.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! The measurement: runs the clients through warm-up, the measured seconds and the drain,
+//! and reads what the servers did meanwhile (CPU from `/proc`, Redis `INFO`, the nodes'
+//! pipeline counters from `/healthz`), outside the servers' own CPU time.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::Empty;
+use hyper::header::HOST;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::{now_us, publisher, subscriber, Publisher, Run};
+use crate::error::BenchError;
+use crate::plan::{node_of, Plan};
+use crate::report::{Latency, Report};
+use crate::Args;
+
+/// Runs the plan: connect and join, warm up, measure, drain, and report.
+pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
+    let run = Arc::new(Run::new());
+    let rooms: Arc<Vec<String>> = Arc::new(
+        (0..plan.rooms)
+            .map(|r| format!("{}-{r}", args.room_prefix))
+            .collect(),
+    );
+    let per_room = Arc::new(plan.subscribers_per_room());
+    let stop_subscribers = CancellationToken::new();
+    let stop_publishers = CancellationToken::new();
+
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(plan.sockets.max(1));
+    let mut subscribers = JoinSet::new();
+    for s in 0..plan.sockets {
+        let url = args.urls[node_of(s, args.urls.len())].clone();
+        let my_rooms = plan
+            .rooms_of(s)
+            .into_iter()
+            .map(|r| rooms[r].clone())
+            .collect();
+        subscribers.spawn(subscriber(
+            url,
+            my_rooms,
+            run.clone(),
+            ready_tx.clone(),
+            stop_subscribers.clone(),
+        ));
+        if s % 100 == 99 {
+            // Let the accept queue breathe while thousands of sockets connect.
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(ready_tx);
+    for joined in 0..plan.sockets {
+        if tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            let reason = match subscribers.try_join_next() {
+                Some(Ok(Err(e))) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            return Err(BenchError::NotJoined {
+                joined,
+                total: plan.sockets,
+                reason,
+            });
+        }
+    }
+
+    let mut publishers = JoinSet::new();
+    for p in 0..plan.publishers {
+        let url = args.urls[p % args.urls.len()].clone();
+        publishers.spawn(publisher(Publisher {
+            url,
+            index: p,
+            plan: plan.clone(),
+            rooms: rooms.clone(),
+            subscribers_per_room: per_room.clone(),
+            run: run.clone(),
+            via: args.via,
+            api_key: args.api_key.clone(),
+            stop: stop_publishers.clone(),
+        }));
+    }
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(((args.warmup + args.duration) * 10.0) as u64)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let ticker = {
+        let (progress, run) = (progress.clone(), run.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                progress.inc(1);
+                let phase = if run.measure_from_us.load(Relaxed) == u64::MAX {
+                    "warm-up"
+                } else {
+                    "measuring"
+                };
+                progress.set_message(format!(
+                    "{phase}: {} published, {} expected deliveries",
+                    run.published.load(Relaxed),
+                    run.expected.load(Relaxed)
+                ));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    let counters_before = server_counters(args).await;
+    let cpu_before = total_cpu(&args.pids);
+    let started = Instant::now();
+    run.measure_from_us.store(now_us(), Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    run.measure_until_us.store(now_us(), Relaxed);
+    let counters_after = server_counters(args).await;
+    let counted_secs = started.elapsed().as_secs_f64();
+    ticker.abort();
+    progress.finish_and_clear();
+    let measured = started.elapsed().as_secs_f64();
+    stop_publishers.cancel();
+    while let Some(result) = publishers.join_next().await {
+        if let Ok(Err(e)) = result {
+            return Err(BenchError::Publisher(Box::new(e)));
+        }
+    }
+    // Wait for what is in flight: until deliveries stop growing (at most 10 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = run.progress.load(Relaxed);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = run.progress.load(Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let cpu_after = total_cpu(&args.pids);
+    stop_subscribers.cancel();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
+        .map_err(|e| BenchError::Histogram(e.to_string()))?;
+    let (mut frames, mut delivered, mut disordered, mut failed) = (0u64, 0u64, 0u64, 0usize);
+    while let Some(result) = subscribers.join_next().await {
+        match result {
+            Ok(Ok(r)) => {
+                frames += r.frames;
+                delivered += r.delivered;
+                disordered += r.disordered;
+                if let Some(h) = r.latency {
+                    let _ = latency.add(h);
+                }
+            }
+            _ => failed += 1,
+        }
+    }
+    let expected = run.expected.load(Relaxed);
+    let cpu = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let ms = |us: u64| us as f64 / 1000.0;
+    Ok(Report {
+        sockets: plan.sockets,
+        rooms: plan.rooms,
+        rooms_per_socket: plan.rooms_per_socket,
+        publishers: plan.publishers,
+        rate: plan.rate,
+        payload_bytes: plan.payload,
+        seconds: measured,
+        published: run.published.load(Relaxed),
+        expected,
+        delivered,
+        lost: expected.saturating_sub(delivered),
+        disordered_or_duplicate: disordered,
+        failed_sockets: failed,
+        error_frames: run.errors.load(Relaxed),
+        delivered_per_s: delivered as f64 / measured,
+        frames_per_socket_per_s: frames as f64 / measured / plan.sockets.max(1) as f64,
+        latency_ms: Latency {
+            p50: ms(latency.value_at_quantile(0.50)),
+            p99: ms(latency.value_at_quantile(0.99)),
+            p999: ms(latency.value_at_quantile(0.999)),
+            max: ms(latency.max()),
+        },
+        server_cpu_s: cpu,
+        redis_commands_per_s: rate(
+            counters_before.redis_commands,
+            counters_after.redis_commands,
+            counted_secs,
+        ),
+        redis_publish_per_s: rate(
+            counters_before.redis_publish,
+            counters_after.redis_publish,
+            counted_secs,
+        ),
+        publish_pipelines_per_s: rate(
+            counters_before.pipelines,
+            counters_after.pipelines,
+            counted_secs,
+        ),
+        server_cpu_us_per_delivery: cpu
+            .filter(|_| delivered > 0)
+            .map(|s| s * 1e6 / delivered as f64),
+    })
+}
+
+/// Counters read at the start and the end of the measurement, outside the servers' CPU.
+#[derive(Default, Clone, Copy)]
+struct ServerCounters {
+    redis_commands: Option<f64>,
+    redis_publish: Option<f64>,
+    pipelines: Option<f64>,
+}
+
+async fn redis_counters(url: &str) -> Option<(f64, f64)> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let stats: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let commands: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let total = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let publish = commands
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Some((total, publish))
+}
+
+/// Sum of the nodes' `redis_pipelines` counters, from `/healthz` on each node's address.
+async fn pipelines(urls: &[String]) -> Option<f64> {
+    let mut total = 0.0;
+    for url in urls {
+        let uri: hyper::Uri = url.parse().ok()?;
+        let (host, port) = (uri.host()?.to_string(), uri.port_u16().unwrap_or(80));
+        let stream = TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let request = Request::get("/healthz")
+            .header(HOST, format!("{host}:{port}"))
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        let health: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        total += health["redis_pipelines"].as_f64()?;
+    }
+    Some(total)
+}
+
+async fn server_counters(args: &Args) -> ServerCounters {
+    let redis = match &args.redis_url {
+        Some(url) => redis_counters(url).await,
+        None => None,
+    };
+    ServerCounters {
+        redis_commands: redis.map(|r| r.0),
+        redis_publish: redis.map(|r| r.1),
+        pipelines: if args.redis_url.is_some() {
+            pipelines(&args.urls).await
+        } else {
+            None
+        },
+    }
+}
+
+fn rate(before: Option<f64>, after: Option<f64>, seconds: f64) -> Option<f64> {
+    before.zip(after).map(|(a, b)| (b - a) / seconds)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+fn total_cpu(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}

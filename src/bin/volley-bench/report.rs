@@ -1,0 +1,80 @@
+//! The run's results: one typed report, printed as a table or as one JSON line (the same
+//! fields; `benches/e2e.sh` and `benches/tuning.py` read the JSON).
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub sockets: usize,
+    pub rooms: usize,
+    pub rooms_per_socket: usize,
+    pub publishers: usize,
+    pub rate: f64,
+    pub payload_bytes: usize,
+    pub seconds: f64,
+    pub published: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub disordered_or_duplicate: u64,
+    pub failed_sockets: usize,
+    pub error_frames: u64,
+    pub delivered_per_s: f64,
+    pub frames_per_socket_per_s: f64,
+    pub latency_ms: Latency,
+    pub server_cpu_s: Option<f64>,
+    pub redis_commands_per_s: Option<f64>,
+    pub redis_publish_per_s: Option<f64>,
+    pub publish_pipelines_per_s: Option<f64>,
+    pub server_cpu_us_per_delivery: Option<f64>,
+}
+
+/// End-to-end latency percentiles, from the send time carried in each message.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Report {
+    pub fn print_json(&self) {
+        match serde_json::to_string(self) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("volley-bench: cannot write the report: {e}"),
+        }
+    }
+
+    pub fn print_table(&self) {
+        println!(
+            "{} sockets, {} rooms ({} per socket), {} publishers at {} msg/s, {}-byte payloads, {:.1} s measured",
+            self.sockets, self.rooms, self.rooms_per_socket, self.publishers, self.rate, self.payload_bytes, self.seconds
+        );
+        println!(
+            "published {}  expected {}  delivered {}  lost {}  dup/out-of-order {}  failed sockets {}  error frames {}",
+            self.published, self.expected, self.delivered, self.lost, self.disordered_or_duplicate, self.failed_sockets, self.error_frames
+        );
+        println!(
+            "delivered/s {:.0}  frames/socket/s {:.2}",
+            self.delivered_per_s, self.frames_per_socket_per_s
+        );
+        let l = &self.latency_ms;
+        println!(
+            "latency ms  p50 {}  p99 {}  p99.9 {}  max {}",
+            l.p50, l.p99, l.p999, l.max
+        );
+        if let Some(commands) = self.redis_commands_per_s {
+            println!(
+                "redis commands/s {:.0} (PUBLISH {:.0})  publish pipelines/s {:.1}",
+                commands,
+                self.redis_publish_per_s.unwrap_or(0.0),
+                self.publish_pipelines_per_s.unwrap_or(0.0)
+            );
+        }
+        match (self.server_cpu_us_per_delivery, self.server_cpu_s) {
+            (Some(us), Some(s)) => println!("server CPU {s:.2} s  = {us:.2} µs per delivery"),
+            _ => println!("server CPU: pass --pid PID for each server process"),
+        }
+    }
+}
