@@ -29,6 +29,87 @@ pub struct Config {
     pub redis: RedisConfig,
     pub metrics: MetricsConfig,
     pub demo: DemoConfig,
+    /// Room classes, `[[rooms]]` in the file: the first whose `match` glob matches a room
+    /// id gives that room its options; rooms matching none are plain.
+    pub rooms: Vec<RoomClass>,
+}
+
+/// One `[[rooms]]` entry: a glob on room ids and the options of the rooms it matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomClass {
+    /// Glob on the room id (`scores:*`, `ticker:??`, `lobby`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Messages kept per room; 0 = not durable (plain, at-most-once).
+    #[serde(default)]
+    pub history_size: usize,
+    /// The history expires this long after the room's last message.
+    #[serde(default = "default_history_ttl_s")]
+    pub history_ttl_s: u64,
+}
+
+fn default_history_ttl_s() -> u64 {
+    86_400
+}
+
+/// What a durable room keeps: its class's history options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    pub history_size: usize,
+    pub ttl: Duration,
+}
+
+/// The room classes, compiled once: which class (if any) a room id belongs to.
+#[derive(Debug, Clone, Default)]
+pub struct RoomClasses {
+    classes: Vec<RoomClass>,
+    globs: Vec<globset::GlobMatcher>,
+}
+
+impl RoomClasses {
+    /// Compiles the classes; a bad pattern names its entry.
+    pub fn new(classes: &[RoomClass]) -> Result<RoomClasses, ConfigError> {
+        let globs = classes
+            .iter()
+            .enumerate()
+            .map(|(i, class)| {
+                globset::Glob::new(&class.pattern)
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| ConfigError::Room {
+                        index: i,
+                        reason: format!("match = {:?} is not a glob: {e}", class.pattern),
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(RoomClasses {
+            classes: classes.to_vec(),
+            globs,
+        })
+    }
+
+    /// The first class whose pattern matches `room`.
+    pub fn class_of(&self, room: &str) -> Option<&RoomClass> {
+        self.globs
+            .iter()
+            .position(|g| g.is_match(room))
+            .map(|i| &self.classes[i])
+    }
+
+    /// The history a room keeps, if it is durable.
+    pub fn durability(&self, room: &str) -> Option<Durability> {
+        self.class_of(room)
+            .filter(|c| c.history_size > 0)
+            .map(|c| Durability {
+                history_size: c.history_size,
+                ttl: Duration::from_secs(c.history_ttl_s),
+            })
+    }
+
+    /// Whether any class keeps history.
+    pub fn any_durable(&self) -> bool {
+        self.classes.iter().any(|c| c.history_size > 0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +337,8 @@ pub enum ConfigError {
     BadSet(String),
     #[error("invalid value for {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error("invalid [[rooms]] entry {index} (counting from 0): {reason}")]
+    Room { index: usize, reason: String },
     #[error("{given_by} sets {key}, which is not a config key; did you mean {nearest}?")]
     UnknownKey {
         given_by: String,
@@ -354,13 +437,60 @@ impl Config {
             check_key(key.trim(), || format!("--set {pair}"))?;
             figment = figment.merge((key.trim(), parse_toml_value(value.trim())));
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if config.demo.enabled {
+            config.add_demo_rooms();
+        }
         config.validate()?;
         Ok(config)
     }
 
+    /// In `--demo` mode the demo's rooms are durable (the page shows the current score and
+    /// price at once), unless a class already covers them.
+    fn add_demo_rooms(&mut self) {
+        // Durable rooms are on the embedded engine so far (see validate).
+        if !self.redis.url.is_empty() {
+            return;
+        }
+        let Ok(classes) = RoomClasses::new(&self.rooms) else {
+            return; // validate() names the bad entry
+        };
+        for (pattern, sample) in [("scores:*", "scores:m1"), ("ticker:*", "ticker:ACME")] {
+            if classes.class_of(sample).is_none() {
+                self.rooms.push(RoomClass {
+                    pattern: pattern.into(),
+                    history_size: 100,
+                    history_ttl_s: default_history_ttl_s(),
+                });
+            }
+        }
+    }
+
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let classes = RoomClasses::new(&self.rooms)?;
+        if classes.any_durable() && !self.redis.url.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "rooms",
+                reason: "durable rooms (history_size > 0) run on the embedded engine only in \
+                         this version; the Redis engine's streams are not built yet"
+                    .into(),
+            });
+        }
+        for (index, class) in self.rooms.iter().enumerate() {
+            if class.history_size > 100_000 {
+                return Err(ConfigError::Room {
+                    index,
+                    reason: "history_size must be at most 100000".into(),
+                });
+            }
+            if class.history_size > 0 && class.history_ttl_s < 1 {
+                return Err(ConfigError::Room {
+                    index,
+                    reason: "history_ttl_s must be at least 1 for a durable class".into(),
+                });
+            }
+        }
         let invalid = |key, reason: &str| {
             Err(ConfigError::Invalid {
                 key,

@@ -35,9 +35,31 @@ struct Room {
 struct Members {
     /// Insertion-ordered for fast iteration; `swap_remove` keeps leave O(1).
     by_id: IndexMap<ConnId, Arc<Outbox>>,
+    /// Sockets joining with a replay: what arrives meanwhile waits here, so that it can
+    /// follow the history frame (see `Hub::finish_replay`).
+    replaying: Vec<Replaying>,
     /// Set when the room is being removed from the map; joiners must look again.
     dead: bool,
 }
+
+struct Replaying {
+    outbox: Arc<Outbox>,
+    held: Vec<Encoded>,
+}
+
+impl Members {
+    fn count(&self) -> usize {
+        self.by_id.len() + self.replaying.len()
+    }
+
+    fn contains(&self, id: ConnId) -> bool {
+        self.by_id.contains_key(&id) || self.replaying.iter().any(|r| r.outbox.id() == id)
+    }
+}
+
+/// Most messages held for a socket while its replay is read; a room that outruns that
+/// closes the socket as a slow consumer rather than hold more.
+const MAX_HELD_FOR_REPLAY: usize = 10_000;
 
 /// What a join changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,9 +135,19 @@ impl RoomRef {
     pub fn fan_out(&self, message: &Encoded) -> FanOut {
         with_due(|due| {
             let mut out = FanOut::default();
-            let members = self.0.members.lock();
+            let mut members = self.0.members.lock();
             for outbox in members.by_id.values() {
                 out.count(outbox.push(message), outbox, due);
+            }
+            for joiner in &mut members.replaying {
+                if joiner.held.len() < MAX_HELD_FOR_REPLAY {
+                    joiner.held.push(message.clone());
+                } else if joiner
+                    .outbox
+                    .close(crate::outbox::CloseReason::SlowConsumer)
+                {
+                    out.overflowed += 1;
+                }
             }
             drop(members);
             out
@@ -154,6 +186,55 @@ impl Hub {
         outbox: &Arc<Outbox>,
         on_first: impl FnOnce(&Arc<str>),
     ) -> Joined {
+        self.join_as(room, outbox, false, on_first)
+    }
+
+    /// Adds the socket to `room` as a replaying joiner: messages for it are held until
+    /// `finish_replay` puts the history in front of them.
+    pub fn join_replaying(
+        &self,
+        room: &str,
+        outbox: &Arc<Outbox>,
+        on_first: impl FnOnce(&Arc<str>),
+    ) -> Joined {
+        self.join_as(room, outbox, true, on_first)
+    }
+
+    /// Ends a replaying join under the room's lock, so no message can come between: writes
+    /// `first` (the history frame), then the held messages the history did not already
+    /// carry (those with an offset above `after`; plain messages have none and all go),
+    /// and makes the socket an ordinary member.
+    pub fn finish_replay(&self, room: &str, id: ConnId, first: &Encoded, after: u64) -> FanOut {
+        let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
+            return FanOut::default();
+        };
+        with_due(|due| {
+            let mut out = FanOut::default();
+            let mut members = entry.members.lock();
+            let Some(at) = members.replaying.iter().position(|r| r.outbox.id() == id) else {
+                return out;
+            };
+            let Replaying { outbox, held } = members.replaying.swap_remove(at);
+            out.count(outbox.push(first), &outbox, due);
+            for message in &held {
+                let newer = crate::protocol::outbound::offset_of(message.json())
+                    .is_none_or(|offset| offset > after);
+                if newer {
+                    out.count(outbox.push(message), &outbox, due);
+                }
+            }
+            members.by_id.insert(id, outbox);
+            out
+        })
+    }
+
+    fn join_as(
+        &self,
+        room: &str,
+        outbox: &Arc<Outbox>,
+        replaying: bool,
+        on_first: impl FnOnce(&Arc<str>),
+    ) -> Joined {
         loop {
             let entry = match self.rooms.get(room) {
                 Some(found) => found.value().clone(),
@@ -178,16 +259,24 @@ impl Hub {
                 std::thread::yield_now();
                 continue;
             }
-            let first = members.by_id.is_empty();
-            if members.by_id.insert(outbox.id(), outbox.clone()).is_some() {
+            if members.contains(outbox.id()) {
                 return Joined::Already;
+            }
+            let first = members.count() == 0;
+            if replaying {
+                members.replaying.push(Replaying {
+                    outbox: outbox.clone(),
+                    held: Vec::new(),
+                });
+            } else {
+                members.by_id.insert(outbox.id(), outbox.clone());
             }
             if first {
                 on_first(&entry.name);
             }
             return Joined::New {
                 first,
-                members: members.by_id.len(),
+                members: members.count(),
             };
         }
     }
@@ -200,12 +289,15 @@ impl Hub {
         };
         let mut members = entry.members.lock();
         if members.by_id.swap_remove(&id).is_none() {
-            return Left::NotMember;
+            let Some(at) = members.replaying.iter().position(|r| r.outbox.id() == id) else {
+                return Left::NotMember;
+            };
+            members.replaying.swap_remove(at);
         }
-        if !members.by_id.is_empty() {
+        if members.count() > 0 {
             return Left::Gone {
                 last: false,
-                members: members.by_id.len(),
+                members: members.count(),
             };
         }
         on_last(room);

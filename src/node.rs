@@ -15,9 +15,11 @@ use serde_json::value::RawValue;
 
 use crate::batch::DeliveryWindow;
 use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
-use crate::config::Config;
+use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
 use crate::metrics::{Stats, StatsSnapshot};
+use crate::protocol::inbound::Replay;
+use crate::protocol::{ErrorCode, ProtocolError};
 
 pub use crate::hub::FanOut;
 pub use crate::metrics::Source;
@@ -33,6 +35,8 @@ pub struct Node {
     window: Arc<DeliveryWindow>,
     /// Sockets waiting for the next delivery tick; its tick task is the node's clock.
     due: Arc<DueList>,
+    /// Which rooms are durable, from `[[rooms]]`.
+    classes: RoomClasses,
     broker: Arc<dyn Broker>,
     stats: Arc<Stats>,
     next_conn: AtomicU64,
@@ -64,9 +68,12 @@ impl Node {
             let window = Arc::new(DeliveryWindow::new(&config.batch));
             let due: Arc<DueList> = Arc::new(DueList::default());
             tokio::spawn(DueList::run_ticks(Arc::downgrade(&due), window.clone()));
+            // Server::bind validated the classes; a hand-built bad config gets none.
+            let classes = RoomClasses::new(&config.rooms).unwrap_or_default();
             Node {
                 window,
                 due,
+                classes,
                 config,
                 id,
                 hub: Hub::new(),
@@ -165,7 +172,67 @@ impl Node {
     ) -> Result<FanOut, PublishError> {
         self.stats.message_in(source);
         let message = outbound::room_message(room, content, now_ms());
-        self.send_room(room, message, Kind::Message)
+        match self.classes.durability(room) {
+            // The engine gives it its offset and delivers it here too, in the room's order.
+            Some(durability) => {
+                self.broker.publish(&[Envelope {
+                    origin: self.id.clone(),
+                    target: Target::Room(Arc::from(room)),
+                    payload: message,
+                    kind: Kind::Durable(durability),
+                }])?;
+                Ok(FanOut::default())
+            }
+            None => self.send_room(room, message, Kind::Message),
+        }
+    }
+
+    /// Puts a socket in a room with a replay of its history: the `history` frame (or an
+    /// `error` if the history cannot be read), then every later message, none twice and
+    /// none missed, then live. A plain room has no history: its frame is empty, and a
+    /// `since` join learns `"recovered":false`.
+    pub async fn join_replaying(&self, outbox: &Arc<Outbox>, room: &str, replay: &Replay) {
+        let joined = self
+            .hub
+            .join_replaying(room, outbox, |name| self.broker.subscribe(name));
+        let Joined::New { members, .. } = joined else {
+            return;
+        };
+        self.stats.joined();
+        let since = match replay {
+            Replay::Since { offset, .. } => Some(*offset),
+            Replay::Last(_) => None,
+        };
+        let (first, after) = match self.classes.durability(room) {
+            None => (outbound::history(room, "", &[], since.map(|_| false)), 0),
+            Some(durability) => {
+                let read = self.broker.history(room, replay, durability);
+                match tokio::time::timeout(HISTORY_WAIT, read).await {
+                    Ok(Ok(history)) => {
+                        let newest = history
+                            .messages
+                            .last()
+                            .and_then(|m| outbound::offset_of(m.json()));
+                        let after = match (newest, history.recovered, since) {
+                            (Some(offset), _, _) => offset,
+                            (None, Some(true), Some(offset)) => offset,
+                            _ => 0,
+                        };
+                        let frame = outbound::history(
+                            room,
+                            &history.epoch,
+                            &history.messages,
+                            history.recovered,
+                        );
+                        (frame, after)
+                    }
+                    Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0),
+                    Err(_) => (history_unavailable(room, "timed out reading it"), 0),
+                }
+            }
+        };
+        self.log_slow_consumers(self.hub.finish_replay(room, outbox.id(), &first, after));
+        self.notify_room(room, Membership::Joined, members);
     }
 
     /// Sends `payload`, as given, to every socket on every node; returns the local fan-out.
@@ -251,8 +318,9 @@ impl Node {
 
 impl EnvelopeSink for Node {
     fn deliver(&self, envelope: Envelope) {
-        // Our own envelopes were delivered locally when they were published.
-        if envelope.origin == self.id {
+        // Our own envelopes were delivered locally when they were published; durable ones
+        // were not: they come back with their offsets, in the room's order.
+        if envelope.origin == self.id && !matches!(envelope.kind, Kind::Durable(_)) {
             return;
         }
         self.stats.message_in(Source::Broker);
@@ -263,4 +331,14 @@ impl EnvelopeSink for Node {
             Target::Broadcast => self.log_slow_consumers(self.hub.fan_out_all(&envelope.payload)),
         };
     }
+}
+
+/// How long a join waits for a room's history before it answers `history_unavailable`.
+const HISTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn history_unavailable(room: &str, why: &str) -> crate::protocol::Encoded {
+    outbound::error(&ProtocolError::new(
+        ErrorCode::HistoryUnavailable,
+        format!("the history of room {room:?} could not be read ({why}); live messages follow"),
+    ))
 }

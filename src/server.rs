@@ -41,6 +41,8 @@ pub enum ServeError {
     Listen { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Redis(#[from] RedisStartError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running node and its listener.
@@ -86,6 +88,7 @@ impl Server {
         config: Config,
         broker: Arc<dyn Broker>,
     ) -> Result<Server, ServeError> {
+        config.validate()?;
         let addr = config.server.listen;
         let listen_error = |source| ServeError::Listen { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(listen_error)?;

@@ -5,19 +5,69 @@
 //! nodes on one Redis: envelopes go to the other nodes subscribed to the room (or to all,
 //! for broadcasts), never back to their origin, and carry the already-encoded frame, so
 //! nothing is serialized on the way.
+//!
+//! Durable rooms keep their history in a `Ring` per room on the bus, shared by its nodes
+//! as a Redis stream would be: a durable message gets its offset there and is delivered,
+//! under the ring's lock, to every node in the room (its origin too), so all see one
+//! order, and a history query sees exactly what was delivered before it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{Broker, BrokerState, Envelope, EnvelopeSink, PublishError, Target};
+use super::ring::Ring;
+use super::{
+    Broker, BrokerState, Envelope, EnvelopeSink, History, HistoryError, Kind, PublishError, Target,
+};
+use crate::config::Durability;
 use crate::metrics::Stats;
+use crate::protocol::inbound::Replay;
 
 /// An in-process message bus shared by the nodes built on it.
 #[derive(Default)]
 pub struct MemoryBus {
     members: RwLock<Vec<Arc<Member>>>,
+    /// Durable rooms' histories.
+    rings: Mutex<HashMap<Arc<str>, Arc<Mutex<Ring>>>>,
+}
+
+impl MemoryBus {
+    /// The room's ring, started anew when it is missing or its history expired.
+    fn ring(&self, room: &Arc<str>, durability: Durability, now: Instant) -> Arc<Mutex<Ring>> {
+        let mut rings = self.rings.lock();
+        let ring = rings
+            .entry(room.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(Ring::new(durability, now))));
+        if ring.lock().expired(now) {
+            *ring = Arc::new(Mutex::new(Ring::new(durability, now)));
+        }
+        ring.clone()
+    }
+
+    /// Gives a durable message its offset and delivers it to every node in the room.
+    fn publish_durable(&self, envelope: &Envelope, durability: Durability) {
+        let Target::Room(room) = &envelope.target else {
+            return;
+        };
+        let ring = self.ring(room, durability, Instant::now());
+        let mut ring = ring.lock();
+        let message = ring.append(&envelope.payload, Instant::now());
+        let delivered = Envelope {
+            payload: message,
+            ..envelope.clone()
+        };
+        for member in self.members.read().iter() {
+            if member.rooms.lock().contains(room) {
+                if let Some(sink) = member.sink.upgrade() {
+                    sink.deliver(delivered.clone());
+                }
+            }
+        }
+    }
 }
 
 struct Member {
@@ -73,11 +123,16 @@ impl Broker for MemoryBroker {
     }
 
     fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError> {
+        for envelope in batch {
+            if let Kind::Durable(durability) = envelope.kind {
+                self.bus.publish_durable(envelope, durability);
+            }
+        }
         let members = self.bus.members.read();
         if members.len() < 2 {
             return Ok(());
         }
-        for envelope in batch {
+        for envelope in batch.iter().filter(|e| !matches!(e.kind, Kind::Durable(_))) {
             for member in members.iter() {
                 if member.node_id == envelope.origin {
                     continue;
@@ -110,6 +165,17 @@ impl Broker for MemoryBroker {
 
     fn state(&self) -> BrokerState {
         BrokerState::Connected
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        replay: &'a Replay,
+        durability: Durability,
+    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+        let ring = self.bus.ring(&Arc::from(room), durability, Instant::now());
+        let history = ring.lock().query(replay);
+        Box::pin(std::future::ready(Ok(history)))
     }
 }
 

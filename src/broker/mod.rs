@@ -10,13 +10,16 @@
 
 pub mod memory;
 pub mod redis;
+mod ring;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+use crate::config::Durability;
 use crate::metrics::Stats;
+use crate::protocol::inbound::Replay;
 use crate::protocol::Encoded;
 
 pub use self::redis::RedisBroker;
@@ -51,6 +54,28 @@ pub enum Kind {
     /// A membership notice (`user_joined`, `user_left`): an engine may skip it when it
     /// knows no other node is in the room.
     Notice,
+    /// A message of a durable room. The engine gives it the room's next offset, keeps it
+    /// in the room's history, and delivers it to every node in the room, its origin too
+    /// (which did not deliver it locally): one order for all.
+    Durable(Durability),
+}
+
+/// A durable room's history, as a join asked for it.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The room's epoch: changes whenever its history was lost and started again.
+    pub epoch: Arc<str>,
+    /// Message frames (with their offsets), oldest first.
+    pub messages: Vec<Encoded>,
+    /// For a `since` join: whether everything after the position could be served.
+    pub recovered: Option<bool>,
+}
+
+/// Why an engine could not answer a history query.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HistoryError {
+    #[error("room history is not available: {0}")]
+    Unavailable(String),
 }
 
 /// One published message on its way between nodes.
@@ -99,6 +124,19 @@ pub trait Broker: Send + Sync {
     fn unsubscribe(&self, room: &str);
 
     fn state(&self) -> BrokerState;
+
+    /// A durable room's history: the last N messages, or everything after a position.
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        replay: &'a Replay,
+        durability: Durability,
+    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+        let _ = (room, replay, durability);
+        Box::pin(std::future::ready(Err(HistoryError::Unavailable(
+            "this engine keeps no history".into(),
+        ))))
+    }
 
     /// The engine's own counters, for `/healthz` and `/metrics`.
     fn stats(&self) -> BrokerStats {

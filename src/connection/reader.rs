@@ -113,7 +113,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                     );
                 }
                 if frame.fin {
-                    deliver(session, frame.opcode, &frame.payload);
+                    deliver(session, frame.opcode, &frame.payload).await;
                 } else {
                     fragments = Some((frame.opcode, frame.payload.to_vec()));
                 }
@@ -140,7 +140,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
                             "text message is not UTF-8",
                         );
                     }
-                    deliver(session, opcode, &message);
+                    deliver(session, opcode, &message).await;
                 }
             }
         }
@@ -165,14 +165,14 @@ fn answer_close(outbox: &Outbox, payload: &[u8]) -> Ended {
     Ended::Clean
 }
 
-fn deliver(session: &mut Session, opcode: OpCode, payload: &[u8]) {
+async fn deliver(session: &mut Session, opcode: OpCode, payload: &[u8]) {
     if opcode == OpCode::Binary {
         session.reply_error(&ProtocolError::new(
             ErrorCode::BinaryNotSupported,
             "binary frames are not supported; send JSON text frames",
         ));
     } else {
-        session.on_text(payload);
+        session.on_text(payload).await;
     }
 }
 

@@ -12,6 +12,7 @@ use crate::broker::PublishError;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::outbox::Outbox;
+use crate::protocol::inbound::Replay;
 use crate::protocol::{self, outbound, ClientFrame, ErrorCode, ProtocolError};
 
 pub struct Session {
@@ -40,10 +41,15 @@ impl Session {
         }
     }
 
-    /// Answers one complete text message from the client.
-    pub fn on_text(&mut self, text: &[u8]) {
-        if let Err(e) = self.dispatch(text) {
-            self.reply_error(&e);
+    /// Answers one complete text message from the client. A join with a replay waits
+    /// for the room's history here: the socket's next frames are read after it.
+    pub async fn on_text(&mut self, text: &[u8]) {
+        match self.dispatch(text) {
+            Ok(Some((room, replay))) => {
+                self.node.join_replaying(&self.outbox, &room, &replay).await
+            }
+            Ok(None) => {}
+            Err(e) => self.reply_error(&e),
         }
     }
 
@@ -58,11 +64,12 @@ impl Session {
         self.outbox.send(&outbound::error(e));
     }
 
-    fn dispatch(&mut self, text: &[u8]) -> Result<(), ProtocolError> {
+    /// Handles a frame; a join with a replay is returned for `on_text` to wait on.
+    fn dispatch(&mut self, text: &[u8]) -> Result<Option<(Box<str>, Replay)>, ProtocolError> {
         match protocol::parse(text)? {
-            ClientFrame::Join { room } => {
+            ClientFrame::Join { room, replay } => {
                 if self.rooms.contains(&*room) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if self.rooms.len() >= self.max_rooms {
                     return Err(ProtocolError::new(
@@ -72,8 +79,12 @@ impl Session {
                 }
                 // Joins cost Redis work (subscriptions, notices): charged like publishes.
                 self.joins.spend()?;
-                self.node.join(&self.outbox, &room);
-                self.rooms.insert(room.into());
+                let room: Box<str> = room.into();
+                self.rooms.insert(room.clone());
+                match replay {
+                    Some(replay) => return Ok(Some((room, replay))),
+                    None => self.node.join(&self.outbox, &room),
+                }
             }
             ClientFrame::Leave { room } => {
                 if !self.rooms.remove(&*room) {
@@ -105,7 +116,7 @@ impl Session {
                     .map_err(overloaded)?;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Leaves every room, as when the socket closes.

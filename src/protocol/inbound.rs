@@ -19,6 +19,8 @@ use super::{ErrorCode, ProtocolError, MAX_ROOM_ID_BYTES};
 pub enum ClientFrame<'a> {
     Join {
         room: Cow<'a, str>,
+        /// What the joiner asks of a durable room's history, if anything.
+        replay: Option<Replay>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -30,6 +32,15 @@ pub enum ClientFrame<'a> {
     Broadcast {
         payload: &'a RawValue,
     },
+}
+
+/// What a join asks of a durable room's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// `"history":N`: the last N messages (`1`: the current value).
+    Last(usize),
+    /// `"since":{"offset":O,"epoch":E}`: everything after O, if the room is still in epoch E.
+    Since { offset: u64, epoch: String },
 }
 
 /// A body of `POST /api/publish`.
@@ -83,6 +94,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
     match &*ty {
         "join" => Ok(ClientFrame::Join {
             room: room_id(fields.room_id, "join")?,
+            replay: replay(fields.history, fields.since)?,
         }),
         "leave" => Ok(ClientFrame::Leave {
             room: room_id(fields.room_id, "leave")?,
@@ -175,6 +187,41 @@ pub fn check_content(raw: &RawValue, field: &str, max_depth: usize) -> Result<()
     Ok(())
 }
 
+/// `history` (a count) or `since` (a position), not both.
+fn replay(
+    history: Option<&RawValue>,
+    since: Option<&RawValue>,
+) -> Result<Option<Replay>, ProtocolError> {
+    let invalid = |message: &str| ProtocolError::new(ErrorCode::InvalidField, message);
+    match (history, since) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(invalid("give either history or since, not both")),
+        (Some(n), None) => n
+            .get()
+            .parse::<usize>()
+            .map(|n| Some(Replay::Last(n)))
+            .map_err(|_| invalid("history must be a whole number of messages")),
+        (None, Some(since)) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Since {
+                offset: u64,
+                epoch: String,
+            }
+            serde_json::from_str::<Since>(since.get())
+                .map(|s| {
+                    Some(Replay::Since {
+                        offset: s.offset,
+                        epoch: s.epoch,
+                    })
+                })
+                .map_err(|_| {
+                    invalid(r#"since must be {"offset":O,"epoch":E}, as a history frame or message gave them"#)
+                })
+        }
+    }
+}
+
 fn missing(field: &str, frame: &str) -> ProtocolError {
     ProtocolError::new(
         ErrorCode::MissingField,
@@ -241,6 +288,8 @@ fn truncate(s: &str, max: usize) -> &str {
 #[derive(Default)]
 struct Fields<'a> {
     ty: Option<&'a RawValue>,
+    history: Option<&'a RawValue>,
+    since: Option<&'a RawValue>,
     room_id: Option<&'a RawValue>,
     content: Option<&'a RawValue>,
     payload: Option<&'a RawValue>,
@@ -249,6 +298,8 @@ struct Fields<'a> {
 
 enum Key {
     Type,
+    History,
+    Since,
     RoomId,
     Content,
     Payload,
@@ -267,6 +318,8 @@ impl<'de> Deserialize<'de> for Key {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
                 Ok(match v {
                     "type" => Key::Type,
+                    "history" => Key::History,
+                    "since" => Key::Since,
                     "roomId" => Key::RoomId,
                     "content" => Key::Content,
                     "payload" => Key::Payload,
@@ -292,6 +345,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                 while let Some(key) = map.next_key::<Key>()? {
                     let slot = match key {
                         Key::Type => &mut fields.ty,
+                        Key::History => &mut fields.history,
+                        Key::Since => &mut fields.since,
                         Key::RoomId => &mut fields.room_id,
                         Key::Content => &mut fields.content,
                         Key::Payload => &mut fields.payload,
@@ -333,12 +388,43 @@ mod tests {
     #[test]
     fn numeric_room_ids_are_their_decimal_string() {
         match parse(br#"{"type":"join","roomId":42}"#).unwrap() {
-            ClientFrame::Join { room } => assert_eq!(room, "42"),
+            ClientFrame::Join { room, replay } => {
+                assert_eq!(room, "42");
+                assert_eq!(replay, None);
+            }
             other => panic!("unexpected {other:?}"),
         }
         match parse(br#"{"type":"join","roomId":"r\u00e9"}"#).unwrap() {
-            ClientFrame::Join { room } => assert_eq!(room, "ré"),
+            ClientFrame::Join { room, .. } => assert_eq!(room, "ré"),
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn joins_ask_for_history_or_a_position() {
+        let replay = |text: &str| match parse(text.as_bytes()) {
+            Ok(ClientFrame::Join { replay, .. }) => Ok(replay),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => Err(e.code),
+        };
+        assert_eq!(
+            replay(r#"{"type":"join","roomId":"r","history":1}"#),
+            Ok(Some(Replay::Last(1)))
+        );
+        assert_eq!(
+            replay(r#"{"type":"join","roomId":"r","since":{"offset":7,"epoch":"e1"}}"#),
+            Ok(Some(Replay::Since {
+                offset: 7,
+                epoch: "e1".into()
+            }))
+        );
+        for bad in [
+            r#"{"type":"join","roomId":"r","history":-1}"#,
+            r#"{"type":"join","roomId":"r","history":"all"}"#,
+            r#"{"type":"join","roomId":"r","since":{"offset":7}}"#,
+            r#"{"type":"join","roomId":"r","history":1,"since":{"offset":7,"epoch":"e"}}"#,
+        ] {
+            assert_eq!(replay(bad), Err(ErrorCode::InvalidField), "{bad}");
         }
     }
 

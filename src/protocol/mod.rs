@@ -45,11 +45,13 @@ pub enum ErrorCode {
     Overloaded,
     /// The node's configuration does not allow this frame from a client.
     Forbidden,
+    /// A durable room's history could not be read; the join stands, live messages follow.
+    HistoryUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -60,6 +62,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Overloaded,
         ErrorCode::Forbidden,
+        ErrorCode::HistoryUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::HistoryUnavailable => "history_unavailable",
         }
     }
 }

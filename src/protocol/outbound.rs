@@ -124,6 +124,52 @@ pub fn room_message(room: &str, content: &RawValue, timestamp_ms: u64) -> Encode
     b.finish()
 }
 
+/// A durable room's message: the frame with `"offset":O` added as its last field.
+/// `frame` must be a JSON object (a room message frame always is).
+pub fn with_offset(frame: &Encoded, offset: u64) -> Encoded {
+    let json = frame.json();
+    let body = json.strip_suffix(b"}").unwrap_or(json);
+    let mut b = Builder::with_capacity(body.len() + 32);
+    b.raw(body).raw(br#","offset":"#).number(offset).raw(b"}");
+    b.finish()
+}
+
+/// The offset `with_offset` gave a frame: read from its end, no parse.
+pub fn offset_of(json: &[u8]) -> Option<u64> {
+    let body = json.strip_suffix(b"}")?;
+    let digits = body.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    let (head, number) = body.split_at(body.len() - digits);
+    if digits == 0 || !head.ends_with(br#","offset":"#) {
+        return None;
+    }
+    std::str::from_utf8(number).ok()?.parse().ok()
+}
+
+/// `{"type":"history","roomId":R,"epoch":E,"messages":[M1,...]}`, with `"recovered":B`
+/// when the join asked to recover from a position.
+pub fn history(room: &str, epoch: &str, messages: &[Encoded], recovered: Option<bool>) -> Encoded {
+    let body: usize = messages.iter().map(|m| m.json().len() + 1).sum();
+    let mut b = Builder::with_capacity(80 + room.len() + epoch.len() + body);
+    b.raw(br#"{"type":"history","roomId":"#)
+        .string(room)
+        .raw(br#","epoch":"#)
+        .string(epoch)
+        .raw(br#","messages":["#);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            b.raw(b",");
+        }
+        b.raw(m.json());
+    }
+    b.raw(b"]");
+    match recovered {
+        Some(true) => b.raw(br#","recovered":true}"#),
+        Some(false) => b.raw(br#","recovered":false}"#),
+        None => b.raw(b"}"),
+    };
+    b.finish()
+}
+
 /// Whether a socket entered or left a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -206,6 +252,24 @@ mod tests {
         assert_eq!(e.json().len(), 70_000);
         let mid = Encoded::from_json(&big[..300]);
         assert_eq!(&mid.frame()[..4], &[0x81, 126, 1, 44]);
+    }
+
+    #[test]
+    fn offsets_are_added_last_and_read_back_from_the_end() {
+        let content = RawValue::from_string("{\"offset\":3}".into()).unwrap();
+        let m = room_message("r", &content, 5);
+        let durable = with_offset(&m, 42);
+        assert_eq!(
+            durable.json(),
+            br#"{"type":"message","roomId":"r","content":{"offset":3},"timestamp":5,"offset":42}"#
+        );
+        assert_eq!(offset_of(durable.json()), Some(42));
+        assert_eq!(offset_of(m.json()), None, "a plain frame has no offset");
+        let h = history("r", "e1", &[durable], Some(false));
+        assert_eq!(
+            h.json(),
+            br#"{"type":"history","roomId":"r","epoch":"e1","messages":[{"type":"message","roomId":"r","content":{"offset":3},"timestamp":5,"offset":42}],"recovered":false}"#
+        );
     }
 
     #[test]

@@ -1,0 +1,254 @@
+//! Durable rooms on the embedded engine: offsets that count up by one in one order on
+//! every node, the history on join before any live message, recovery from a position
+//! with nothing missed and nothing twice, and `recovered:false` when it cannot be whole.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use volley::broker::MemoryBus;
+use volley::config::RoomClass;
+use volley::Config;
+
+fn durable(pattern: &str, size: usize) -> impl Fn(&mut Config) {
+    let pattern = pattern.to_string();
+    move |c: &mut Config| {
+        c.limits.publish_rate = 0;
+        c.rooms = vec![RoomClass {
+            pattern: pattern.clone(),
+            history_size: size,
+            history_ttl_s: 3600,
+        }];
+    }
+}
+
+/// Sends a join with a replay and returns the history frame (the first thing back).
+async fn join_with(client: &mut Client, room: &str, replay: Value) -> Value {
+    let mut join = json!({"type":"join","roomId":room});
+    for (k, v) in replay.as_object().unwrap() {
+        join[k] = v.clone();
+    }
+    client.send(join).await;
+    client.expect_type("history").await
+}
+
+fn offsets(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().expect("an offset"))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_node_sees_one_order_with_offsets_counting_up_by_one() {
+    let bus = MemoryBus::new();
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        let tweak = durable("scores:*", 1000);
+        nodes.push(
+            start_with_broker(
+                |c| {
+                    tweak(c);
+                    c.server.node_id = id.into();
+                },
+                Arc::new(bus.broker()),
+            )
+            .await,
+        );
+    }
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        let mut c = Client::connect(node.local_addr()).await;
+        c.join("scores:final").await;
+        subscribers.push(c);
+    }
+    let mut publishers = Vec::new();
+    for node in &nodes {
+        publishers.push(Client::connect(node.local_addr()).await);
+    }
+    for (p, publisher) in publishers.iter_mut().enumerate() {
+        let frames: Vec<Value> = (0..30)
+            .map(
+                |seq| json!({"type":"message","roomId":"scores:final","content":{"p":p,"seq":seq}}),
+            )
+            .collect();
+        publisher.send_burst(&frames).await;
+    }
+    let mut sequences = Vec::new();
+    for sub in &mut subscribers {
+        let mut seen = Vec::new();
+        while seen.len() < 90 {
+            let m = sub.next_room_message().await;
+            seen.push((m["offset"].as_u64().unwrap(), m["content"].clone()));
+        }
+        let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (1..=90).collect::<Vec<_>>(),
+            "offsets count up by one"
+        );
+        sequences.push(seen);
+    }
+    assert!(
+        sequences.windows(2).all(|w| w[0] == w[1]),
+        "every subscriber saw the same order"
+    );
+}
+
+#[tokio::test]
+async fn the_history_comes_first_then_live_messages() {
+    let server = start(durable("scores:*", 100)).await;
+    let addr = server.local_addr();
+    for goal in 1..=5 {
+        api_publish(
+            addr,
+            &json!({"roomId":"scores:m1","content":{"goals":goal}}),
+        )
+        .await;
+    }
+    let mut late = Client::connect(addr).await;
+    let history = join_with(&mut late, "scores:m1", json!({"history":3})).await;
+    assert_eq!(offsets(&history["messages"]), vec![3, 4, 5]);
+    assert_eq!(history["messages"][2]["content"], json!({"goals":5}));
+    let epoch = history["epoch"].as_str().unwrap().to_string();
+    assert!(!epoch.is_empty());
+    assert!(
+        history.get("recovered").is_none(),
+        "only a since join is told"
+    );
+    api_publish(addr, &json!({"roomId":"scores:m1","content":{"goals":6}})).await;
+    let live = late.next_room_message().await;
+    assert_eq!(
+        (live["offset"].as_u64(), live["content"].clone()),
+        (Some(6), json!({"goals":6}))
+    );
+
+    // history: 1 is the current value.
+    let mut now = Client::connect(addr).await;
+    let current = join_with(&mut now, "scores:m1", json!({"history":1})).await;
+    assert_eq!(offsets(&current["messages"]), vec![6]);
+    assert_eq!(current["epoch"], epoch.as_str());
+}
+
+#[tokio::test]
+async fn since_replays_everything_missed_while_publishing_goes_on() {
+    let server = start(durable("ticker:*", 10_000)).await;
+    let addr = server.local_addr();
+    let mut first = Client::connect(addr).await;
+    let history = join_with(&mut first, "ticker:ACME", json!({"history":1})).await;
+    let epoch = history["epoch"].as_str().unwrap().to_string();
+    // A feed publishes 300 prices, paced, while a client leaves and comes back.
+    let feed = tokio::spawn(async move {
+        let mut publisher = Client::connect(addr).await;
+        for seq in 0..300u64 {
+            publisher
+                .send(json!({"type":"message","roomId":"ticker:ACME","content":{"seq":seq}}))
+                .await;
+            if seq % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        publisher
+            .send(json!({"type":"message","roomId":"ticker:ACME","content":"end"}))
+            .await;
+    });
+    let mut last = 0;
+    while last < 50 {
+        last = first.next_room_message().await["offset"].as_u64().unwrap();
+    }
+    drop(first);
+    let mut back = Client::connect(addr).await;
+    let replay = join_with(
+        &mut back,
+        "ticker:ACME",
+        json!({"since":{"offset":last,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(replay["recovered"], true, "{replay}");
+    let mut seen = offsets(&replay["messages"]);
+    loop {
+        let m = back.next_room_message().await;
+        seen.push(m["offset"].as_u64().unwrap());
+        if m["content"] == "end" {
+            break;
+        }
+    }
+    feed.await.unwrap();
+    assert_eq!(
+        seen,
+        (last + 1..=301).collect::<Vec<_>>(),
+        "every message after the position, once, in order"
+    );
+}
+
+#[tokio::test]
+async fn a_position_that_cannot_be_served_whole_says_recovered_false() {
+    let server = start(durable("scores:*", 5)).await;
+    let addr = server.local_addr();
+    for n in 1..=20 {
+        api_publish(addr, &json!({"roomId":"scores:x","content":n})).await;
+    }
+    let mut c = Client::connect(addr).await;
+    let h = join_with(&mut c, "scores:x", json!({"history":1})).await;
+    let epoch = h["epoch"].as_str().unwrap().to_string();
+    // Trimmed past the position: the latest kept instead, and told so.
+    let mut trimmed = Client::connect(addr).await;
+    let h = join_with(
+        &mut trimmed,
+        "scores:x",
+        json!({"since":{"offset":2,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(h["recovered"], false);
+    assert_eq!(offsets(&h["messages"]), vec![16, 17, 18, 19, 20]);
+    // Another epoch: the history the client knew is gone.
+    let mut stale = Client::connect(addr).await;
+    let h = join_with(
+        &mut stale,
+        "scores:x",
+        json!({"since":{"offset":19,"epoch":"an-old-epoch"}}),
+    )
+    .await;
+    assert_eq!(h["recovered"], false);
+    assert_eq!(h["epoch"], epoch.as_str());
+}
+
+#[tokio::test]
+async fn plain_rooms_keep_their_frames_and_say_they_keep_nothing() {
+    let server = start(durable("scores:*", 100)).await;
+    let addr = server.local_addr();
+    let mut c = Client::connect(addr).await;
+    c.join("lobby").await;
+    c.send(json!({"type":"message","roomId":"lobby","content":"hi"}))
+        .await;
+    let m = without_timestamp(c.next_room_message().await);
+    assert_eq!(m, json!({"type":"message","roomId":"lobby","content":"hi"}));
+    let mut late = Client::connect(addr).await;
+    let h = join_with(
+        &mut late,
+        "lobby",
+        json!({"since":{"offset":1,"epoch":"e"}}),
+    )
+    .await;
+    assert_eq!(
+        h,
+        json!({"type":"history","roomId":"lobby","epoch":"","messages":[],"recovered":false})
+    );
+}
+
+#[tokio::test]
+async fn a_bad_room_class_stops_the_node_naming_the_entry() {
+    let mut config = config();
+    config.rooms = vec![RoomClass {
+        pattern: "scores:[".into(),
+        history_size: 10,
+        history_ttl_s: 60,
+    }];
+    let err = volley::Server::bind(config).await.err().expect("refused");
+    assert!(err.to_string().contains("[[rooms]] entry 0"), "{err}");
+}
