@@ -105,11 +105,6 @@ impl RoomClasses {
                 ttl: Duration::from_secs(c.history_ttl_s),
             })
     }
-
-    /// Whether any class keeps history.
-    pub fn any_durable(&self) -> bool {
-        self.classes.iter().any(|c| c.history_size > 0)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -448,10 +443,6 @@ impl Config {
     /// In `--demo` mode the demo's rooms are durable (the page shows the current score and
     /// price at once), unless a class already covers them.
     fn add_demo_rooms(&mut self) {
-        // Durable rooms are on the embedded engine so far (see validate).
-        if !self.redis.url.is_empty() {
-            return;
-        }
         let Ok(classes) = RoomClasses::new(&self.rooms) else {
             return; // validate() names the bad entry
         };
@@ -468,15 +459,7 @@ impl Config {
 
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let classes = RoomClasses::new(&self.rooms)?;
-        if classes.any_durable() && !self.redis.url.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "rooms",
-                reason: "durable rooms (history_size > 0) run on the embedded engine only in \
-                         this version; the Redis engine's streams are not built yet"
-                    .into(),
-            });
-        }
+        RoomClasses::new(&self.rooms)?;
         for (index, class) in self.rooms.iter().enumerate() {
             if class.history_size > 100_000 {
                 return Err(ConfigError::Room {

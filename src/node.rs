@@ -320,7 +320,7 @@ impl EnvelopeSink for Node {
     fn deliver(&self, envelope: Envelope) {
         // Our own envelopes were delivered locally when they were published; durable ones
         // were not: they come back with their offsets, in the room's order.
-        if envelope.origin == self.id && !matches!(envelope.kind, Kind::Durable(_)) {
+        if envelope.origin == self.id && outbound::offset_of(envelope.payload.json()).is_none() {
             return;
         }
         self.stats.message_in(Source::Broker);

@@ -27,6 +27,11 @@ impl EnvelopeWriter {
         EnvelopeWriter { head }
     }
 
+    /// `{"serverId":S,`: what every envelope of this node starts with.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
     /// `{"serverId":S,"payload":P}`
     pub fn single(&self, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.head.len() + 12 + payload.len());

@@ -12,6 +12,7 @@ pub struct Keys {
     /// Sorted set of live node ids, scored by when each stops counting as alive.
     pub alive: String,
     metrics_prefix: String,
+    stream_prefix: String,
     /// This node's cluster report hash (`metrics:<serverId>`).
     pub metrics: String,
     /// Set of the ids of nodes that write cluster reports.
@@ -29,8 +30,19 @@ impl Keys {
             probe_prefix,
             metrics: format!("{prefix}metrics:{node_id}"),
             metrics_prefix: format!("{prefix}metrics:"),
+            stream_prefix: format!("{prefix}stream:"),
             nodes: format!("{prefix}volley:nodes"),
         }
+    }
+
+    /// A durable room's stream (`stream:<roomId>`, field `data`, the reference servers' key).
+    pub fn stream(&self, room: &str) -> String {
+        format!("{}{room}", self.stream_prefix)
+    }
+
+    /// A durable room's position hash (`offset`, `epoch`), beside its stream.
+    pub fn position(&self, room: &str) -> String {
+        format!("{}{room}:position", self.stream_prefix)
     }
 
     /// Another node's cluster report hash.

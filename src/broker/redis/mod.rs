@@ -14,6 +14,7 @@
 //! The node is ready only while publishing works and its own probe comes back, and never
 //! while another live node uses its id.
 
+mod durable;
 mod envelope;
 mod keys;
 mod publisher;
@@ -37,10 +38,15 @@ use redis::{Client, IntoConnectionInfo, ProtocolVersion};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, Kind, PublishError, Target};
+use super::{
+    Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError, Kind,
+    PublishError, Target,
+};
 use crate::config::Config;
+use crate::config::Durability;
 use crate::metrics::Stats;
-use crate::protocol::{now_ms, Encoded};
+use crate::protocol::inbound::Replay;
+use crate::protocol::{now_ms, outbound, Encoded};
 use crate::throttle::LogThrottle;
 
 /// Reconnect backoff of the engine's tasks: doubling from 100 ms to 2 s.
@@ -99,6 +105,13 @@ struct Shared {
     inbound: InboundLimits,
     /// Set by `shutdown`: the last pipeline must be answered by then.
     shutdown_deadline: Mutex<Option<Instant>>,
+    /// Durable rooms: the last offset delivered here, and repairs.
+    positions: durable::Positions,
+    /// For history reads and repairs (a handle on the publisher's connection).
+    reader: OnceLock<ConnectionManager>,
+    /// The channels Redis has confirmed subscribed, for reads that must not start before.
+    subscribed: Mutex<std::collections::HashSet<String>>,
+    subscribed_changed: tokio::sync::Notify,
     counters: RedisStats,
 }
 
@@ -128,6 +141,10 @@ struct RedisStats {
     oversized_payloads: AtomicU64,
     /// Membership notices not published: no other node was in the room.
     notices_skipped: AtomicU64,
+    /// Durable rooms' missed ranges read back from their streams.
+    repairs: AtomicU64,
+    /// Repairs that could not read the stream.
+    repair_failures: AtomicU64,
 }
 
 /// Rooms the node wants; the subscriber task makes Redis agree.
@@ -184,6 +201,10 @@ impl RedisBroker {
                 max_payload_bytes: config.limits.max_frame_bytes + 512,
             },
             shutdown_deadline: Mutex::new(None),
+            positions: durable::Positions::default(),
+            reader: OnceLock::new(),
+            subscribed: Mutex::new(Default::default()),
+            subscribed_changed: tokio::sync::Notify::new(),
             counters: RedisStats::default(),
         });
         let queue = Arc::new(PublishQueue::new(config.redis.outage_buffer));
@@ -201,6 +222,7 @@ impl RedisBroker {
             manager_config().set_number_of_retries(0),
         )
         .map_err(RedisStartError::BadUrl)?;
+        let _ = shared.reader.set(publisher_conn.clone());
         let publisher = tokio::spawn(publisher::run(publisher::Publisher::new(
             shared.clone(),
             queue.clone(),
@@ -255,8 +277,26 @@ impl Shared {
         *self.shutdown_deadline.lock()
     }
 
+    /// Waits (bounded) until Redis has confirmed the subscription to `channel`.
+    async fn until_subscribed(&self, channel: &str) -> bool {
+        let wait = async {
+            loop {
+                let changed = self.subscribed_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.subscribed.lock().contains(channel) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_ok()
+    }
+
     /// One message from a subscribed channel.
-    fn on_message(&self, channel: &[u8], message: &[u8]) {
+    fn on_message(self: &Arc<Self>, channel: &[u8], message: &[u8]) {
         if channel == self.keys.probe.as_bytes() {
             self.on_probe(message);
             return;
@@ -279,8 +319,14 @@ impl Shared {
                 return;
             }
         };
-        // Our own envelopes were delivered locally when they were published.
-        if inbound.server_id.as_deref() == Some(&*self.node_id) {
+        // Our own envelopes were delivered locally when they were published; durable
+        // messages (they carry offsets) come back to their origin too.
+        let own = inbound.server_id.as_deref() == Some(&*self.node_id);
+        let durable = inbound
+            .payloads
+            .first()
+            .is_some_and(|p| outbound::offset_of(p.get().as_bytes()).is_some());
+        if own && !durable {
             return;
         }
         self.counters.received_envelopes.fetch_add(1, Relaxed);
@@ -304,12 +350,18 @@ impl Shared {
                 }
                 continue;
             }
-            sink.deliver(Envelope {
-                origin: origin.clone(),
-                target: target.clone(),
-                payload: Encoded::from_json(json),
-                kind: Kind::Message,
-            });
+            let payload = Encoded::from_json(json);
+            match (&target, outbound::offset_of(json)) {
+                (Target::Room(room), Some(offset)) if offset > 0 => {
+                    self.positions.receive(self, room, &origin, offset, payload)
+                }
+                _ => sink.deliver(Envelope {
+                    origin: origin.clone(),
+                    target: target.clone(),
+                    payload,
+                    kind: Kind::Message,
+                }),
+            }
         }
     }
 
@@ -376,6 +428,7 @@ impl Broker for RedisBroker {
     }
 
     fn unsubscribe(&self, room: &str) {
+        self.shared.positions.forget(room);
         let channel = self.shared.keys.room(room);
         if self.subscriptions.rooms.lock().remove(&channel) {
             self.subscriptions.changed.notify_one();
@@ -384,6 +437,28 @@ impl Broker for RedisBroker {
 
     fn state(&self) -> BrokerState {
         self.shared.state()
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        replay: &'a Replay,
+        durability: Durability,
+    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+        Box::pin(async move {
+            // Subscribed first, read second: what is published meanwhile arrives live and
+            // the join drops what the history already carried.
+            let channel = self.shared.keys.room(room);
+            if !self.shared.until_subscribed(&channel).await {
+                return Err(HistoryError::Unavailable(
+                    "not subscribed to the room yet".into(),
+                ));
+            }
+            let Some(conn) = self.shared.reader.get() else {
+                return Err(HistoryError::Unavailable("no Redis connection".into()));
+            };
+            durable::history(&self.shared, conn.clone(), room, replay, durability).await
+        })
     }
 
     fn stats(&self) -> BrokerStats {
@@ -417,6 +492,8 @@ impl Broker for RedisBroker {
             ),
             ("redis_notices_skipped", f.notices_skipped.load(Relaxed)),
             ("redis_peers", self.shared.peers.lock().len() as u64),
+            ("redis_repairs", f.repairs.load(Relaxed)),
+            ("redis_repair_failures", f.repair_failures.load(Relaxed)),
         ]
     }
 

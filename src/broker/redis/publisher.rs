@@ -33,10 +33,10 @@ use redis::aio::ConnectionManager;
 use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
-use super::{EnvelopeWriter, PublishQueue, Shared, Subscriptions, BACKOFF};
+use super::{durable, EnvelopeWriter, PublishQueue, Shared, Subscriptions, BACKOFF};
 use crate::batch::Clock;
 use crate::broker::{Envelope, Kind, Target};
-use crate::config::{Config, EnvelopeMode};
+use crate::config::{Config, Durability, EnvelopeMode};
 
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
 /// Channels whose subscriber counts are remembered (for recovery and notices).
@@ -189,54 +189,67 @@ impl Publisher {
     }
 
     /// One pipeline from the front of `pending`: the pipeline, the channel of each of its
-    /// commands, and how many envelopes it carries.
+    /// commands, and how many envelopes it carries. Plain messages: one `PUBLISH` per
+    /// channel (per `max_envelope_messages`) in `batch` mode, one per message in `single`
+    /// mode. A durable room's messages: one script call per room per window (see
+    /// `durable`), which publishes them in either shape.
     fn build(&self, pending: &VecDeque<Envelope>) -> (redis::Pipeline, Vec<String>, usize) {
         let mut pipe = redis::pipe();
-        match self.mode {
-            EnvelopeMode::Single => {
-                let used = pending.len().min(self.max_pipeline);
-                let mut channels = Vec::with_capacity(used);
-                for envelope in pending.iter().take(used) {
-                    let channel = self.channel(envelope);
-                    pipe.publish(&channel, self.writer.single(envelope.payload.json()));
-                    channels.push(channel);
+        let single = self.mode == EnvelopeMode::Single;
+        // Groups in order of first appearance, messages in publish order within each.
+        let mut groups: IndexMap<(String, bool), Vec<usize>> = IndexMap::new();
+        let mut commands = 0;
+        let mut used = 0;
+        for (i, envelope) in pending.iter().enumerate() {
+            let key = (self.channel(envelope), durability(envelope).is_some());
+            let group = groups.get(&key).map_or(0, Vec::len);
+            let new_command = if single && !key.1 {
+                true
+            } else {
+                group % self.max_envelope_messages == 0
+            };
+            if new_command {
+                if commands == self.max_pipeline {
+                    break;
                 }
-                (pipe, channels, used)
+                commands += 1;
             }
-            EnvelopeMode::Batch => {
-                // One PUBLISH per channel (per `max_envelope_messages` messages), channels
-                // in order of first appearance, messages in publish order within each.
-                let mut groups: IndexMap<String, Vec<usize>> = IndexMap::new();
-                let mut commands = 0;
-                let mut used = 0;
-                for (i, envelope) in pending.iter().enumerate() {
-                    let channel = self.channel(envelope);
-                    let group = groups.get(&channel).map_or(0, Vec::len);
-                    if group % self.max_envelope_messages == 0 {
-                        if commands == self.max_pipeline {
-                            break;
-                        }
-                        commands += 1;
+            groups.entry(key).or_default().push(i);
+            used = i + 1;
+        }
+        let mut channels = Vec::with_capacity(commands);
+        for ((channel, _), indices) in groups {
+            let per_command = if single && durability(&pending[indices[0]]).is_none() {
+                1
+            } else {
+                self.max_envelope_messages
+            };
+            for chunk in indices.chunks(per_command) {
+                let first = &pending[chunk[0]];
+                match (durability(first), &first.target) {
+                    (Some(durability), Target::Room(room)) => durable::add_publish(
+                        &mut pipe,
+                        &self.shared,
+                        room,
+                        durability,
+                        self.writer.head(),
+                        single,
+                        chunk.iter().map(|&i| pending[i].payload.json().to_vec()),
+                    ),
+                    _ if chunk.len() == 1 => {
+                        pipe.publish(&channel, self.writer.single(first.payload.json()));
                     }
-                    groups.entry(channel).or_default().push(i);
-                    used = i + 1;
-                }
-                let mut channels = Vec::with_capacity(commands);
-                for (channel, indices) in groups {
-                    for chunk in indices.chunks(self.max_envelope_messages) {
-                        let message = if chunk.len() == 1 {
-                            self.writer.single(pending[chunk[0]].payload.json())
-                        } else {
-                            self.writer
-                                .batch(chunk.iter().map(|&i| pending[i].payload.json()))
-                        };
+                    _ => {
+                        let message = self
+                            .writer
+                            .batch(chunk.iter().map(|&i| pending[i].payload.json()));
                         pipe.publish(&channel, message);
-                        channels.push(channel.clone());
                     }
                 }
-                (pipe, channels, used)
+                channels.push(channel.clone());
             }
         }
+        (pipe, channels, used)
     }
 
     fn remember(&mut self, channels: &[String], receivers: Vec<i64>) {
@@ -414,5 +427,12 @@ pub(super) async fn run(mut p: Publisher) {
                 backoff = BACKOFF.next(backoff);
             }
         }
+    }
+}
+
+fn durability(envelope: &Envelope) -> Option<Durability> {
+    match envelope.kind {
+        Kind::Durable(durability) => Some(durability),
+        _ => None,
     }
 }

@@ -58,6 +58,10 @@ pub(super) async fn run(
         if shared.resubscribe.swap(false, Relaxed) {
             current.clear();
         }
+        // Before: reads that wait for a subscription must not trust a dropped one.
+        if current.is_empty() || conn.is_none() {
+            shared.subscribed.lock().clear();
+        }
         let fresh = current.is_empty() || conn.is_none();
         if let Err(e) = reconcile(&shared, &subscriptions, &client, &mut conn, &mut current).await {
             if shared.subscriber_ok.swap(false, Relaxed) {
@@ -80,6 +84,10 @@ pub(super) async fn run(
         ever_connected = true;
         if fresh {
             subscribed_after = probe_sent;
+        }
+        if *shared.subscribed.lock() != current {
+            *shared.subscribed.lock() = current.clone();
+            shared.subscribed_changed.notify_waiters();
         }
         backoff = BACKOFF.start();
         tokio::select! {
@@ -129,6 +137,7 @@ pub(super) async fn run(
                         }
                         let peers: Vec<String> = alive.into_iter().filter(|id| *id != *shared.node_id).collect();
                         *shared.peers.lock() = peers;
+                        check_positions(&shared, &mut probe_conn).await;
                         // After the subscription check above, so a restarted Redis never
                         // reads as ready for a moment.
                         if !shared.publisher_ok.swap(true, Relaxed) {
@@ -146,6 +155,28 @@ pub(super) async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Compares each durable room's stream offset with what was delivered here, and repairs
+/// a room that is behind: a message lost without a later one to show the gap (a pub/sub
+/// connection that dropped, or went deaf for a while).
+async fn check_positions(shared: &Arc<Shared>, conn: &mut ConnectionManager) {
+    let rooms = shared.positions.snapshot();
+    if rooms.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for (room, _) in &rooms {
+        pipe.hget(shared.keys.position(room), "offset");
+    }
+    let Ok(tops) = pipe.query_async::<Vec<Option<u64>>>(conn).await else {
+        return;
+    };
+    for ((room, last), top) in rooms.iter().zip(tops) {
+        if let Some(top) = top {
+            shared.positions.behind(shared, room, *last, top);
         }
     }
 }
@@ -239,7 +270,7 @@ async fn connect(
     ConnectionManager::new_with_config(client.clone(), config).await
 }
 
-fn on_push(shared: &Shared, subscriptions: &Subscriptions, info: PushInfo) {
+fn on_push(shared: &Arc<Shared>, subscriptions: &Subscriptions, info: PushInfo) {
     match info.kind {
         PushKind::Message => {
             if let [Value::BulkString(channel), Value::BulkString(message)] = &info.data[..] {
