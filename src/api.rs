@@ -19,8 +19,9 @@ use crate::broker::BrokerState;
 use crate::cluster::Cluster;
 use crate::metrics::Source;
 use crate::node::Node;
-use crate::protocol::check_content;
+use crate::protocol::inbound::Replay;
 use crate::protocol::inbound::{parse_publish_request, PublishRequest};
+use crate::protocol::{check_content, outbound};
 
 pub type Body = Full<Bytes>;
 
@@ -34,6 +35,7 @@ pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) 
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &node.health()),
         (&Method::GET, "/readyz") => ready(node),
         (&Method::POST, "/api/publish") => publish(node, req).await,
+        (&Method::GET, path) if path.starts_with("/api/history/") => history(node, req).await,
         (_, "/api/publish") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -59,14 +61,15 @@ pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) 
     }
 }
 
-async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+/// Checks the API key; the error response when it is missing or wrong.
+fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), Response<Body>> {
     let key = &node.config().api.key;
     if key.is_empty() {
-        return error(
+        return Err(error(
             StatusCode::FORBIDDEN,
             "api_disabled",
-            "the publish API is off: set api.key to enable it",
-        );
+            "the API is off: set api.key to enable it",
+        ));
     }
     // The scheme is case-insensitive (RFC 9110 section 11.1): `ApiKey KEY` works too.
     let given = req
@@ -77,11 +80,85 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("apikey"))
         .map_or("", |(_, key)| key.trim());
     if !same_secret(given.as_bytes(), key.as_bytes()) {
-        return error(
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "send the header Authorization: apikey <api.key>",
-        );
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /api/history/{roomId}?limit=N` (the last N) or `?since=O[&epoch=E]` (everything
+/// after offset O; without an epoch, the room's current one): the history frame a join
+/// would get.
+async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(refused) = authorize(node, &req) {
+        return refused;
+    }
+    let encoded = req.uri().path().trim_start_matches("/api/history/");
+    let room = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+    let (mut limit, mut since, mut epoch) = (None, None, None);
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+        let number = || value.parse::<u64>().ok();
+        match name {
+            "limit" => limit = Some(number()),
+            "since" => since = Some(number()),
+            "epoch" => epoch = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    let bad = |message: &str| error(StatusCode::BAD_REQUEST, "invalid_field", message);
+    let replay = match (since, limit) {
+        (Some(None), _) => return bad("since must be an offset"),
+        (_, Some(None)) => return bad("limit must be a number of messages"),
+        (Some(Some(offset)), _) => {
+            let epoch = match epoch {
+                Some(epoch) => epoch,
+                // No epoch given: the room's current one.
+                None => match node.history(&room, &Replay::Last(0)).await {
+                    Ok(Some(h)) => h.epoch.to_string(),
+                    Ok(None) => String::new(),
+                    Err(e) => return unavailable(&e.to_string()),
+                },
+            };
+            Replay::Since { offset, epoch }
+        }
+        (None, Some(Some(n))) => Replay::Last(n as usize),
+        (None, None) => Replay::Last(usize::MAX),
+    };
+    match node.history(&room, &replay).await {
+        Ok(Some(h)) => {
+            let frame = outbound::history(&room, &h.epoch, &h.messages, h.recovered);
+            Response::builder()
+                .header(CONTENT_TYPE, "application/json")
+                .body(Body::from(Bytes::copy_from_slice(frame.json())))
+                .unwrap_or_default()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_durable",
+            &format!("room {room:?} keeps no history: no [[rooms]] class with history_size > 0 matches it"),
+        ),
+        Err(e) => unavailable(&e.to_string()),
+    }
+}
+
+fn unavailable(why: &str) -> Response<Body> {
+    error(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", why)
+}
+
+async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(refused) = authorize(node, &req) {
+        return refused;
     }
     let limit = node.config().limits.max_frame_bytes;
     let too_large = || {

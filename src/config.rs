@@ -621,16 +621,15 @@ fn seed_redis_url(var: &impl Fn(&str) -> Option<String>) -> Result<Option<String
     Ok(Some(format!("redis://{auth}{}:{port}", host.trim())))
 }
 
-/// Escapes what a URL's userinfo part cannot hold as is.
+/// Escapes what a URL's userinfo part cannot hold as is (all but RFC 3986's unreserved).
 fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const USERINFO: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    utf8_percent_encode(s, USERINFO).to_string()
 }
 
 /// `VOLLEY_BATCH_DELIVERY_WINDOW_MS` -> `batch.delivery_window_ms`.

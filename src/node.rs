@@ -187,6 +187,24 @@ impl Node {
         }
     }
 
+    /// A durable room's history, for the HTTP API; `None` for a plain room.
+    pub async fn history(
+        &self,
+        room: &str,
+        replay: &Replay,
+    ) -> Result<Option<crate::broker::History>, crate::broker::HistoryError> {
+        let Some(durability) = self.classes.durability(room) else {
+            return Ok(None);
+        };
+        let read = self.broker.history(room, replay, durability);
+        match tokio::time::timeout(HISTORY_WAIT, read).await {
+            Ok(history) => history.map(Some),
+            Err(_) => Err(crate::broker::HistoryError::Unavailable(
+                "timed out reading it".into(),
+            )),
+        }
+    }
+
     /// Puts a socket in a room with a replay of its history: the `history` frame (or an
     /// `error` if the history cannot be read), then every later message, none twice and
     /// none missed, then live. A plain room has no history: its frame is empty, and a

@@ -252,3 +252,42 @@ async fn a_bad_room_class_stops_the_node_naming_the_entry() {
     let err = volley::Server::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("[[rooms]] entry 0"), "{err}");
 }
+
+#[tokio::test]
+async fn the_history_api_reads_what_a_join_would_get() {
+    let server = start(durable("scores:*", 100)).await;
+    let addr = server.local_addr();
+    for n in 1..=5 {
+        api_publish(addr, &json!({"roomId":"scores:m 1","content":n})).await;
+    }
+    let get = |path: &str| {
+        let path = path.to_string();
+        async move {
+            let (status, body) = http(
+                addr,
+                "GET",
+                &path,
+                &[("Authorization", "apikey test-key")],
+                b"",
+            )
+            .await;
+            (
+                status,
+                serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, h) = get("/api/history/scores%3Am%201?limit=2").await;
+    assert_eq!(status, 200, "{h}");
+    assert_eq!(h["roomId"], "scores:m 1");
+    assert_eq!(offsets(&h["messages"]), vec![4, 5]);
+    let (_, h) = get("/api/history/scores%3Am%201?since=3").await;
+    assert_eq!(
+        (offsets(&h["messages"]), h["recovered"].clone()),
+        (vec![4, 5], json!(true))
+    );
+    let (status, h) = get("/api/history/lobby").await;
+    assert_eq!((status, h["error"].clone()), (404, json!("not_durable")));
+    let (status, _) = http(addr, "GET", "/api/history/scores%3Am%201", &[], b"").await;
+    assert_eq!(status, 401);
+}

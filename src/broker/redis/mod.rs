@@ -446,10 +446,12 @@ impl Broker for RedisBroker {
         durability: Durability,
     ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
         Box::pin(async move {
-            // Subscribed first, read second: what is published meanwhile arrives live and
-            // the join drops what the history already carried.
+            // For a join: subscribed first, read second, so what is published meanwhile
+            // arrives live and the join drops what the history already carried. A read
+            // with no local socket in the room (the HTTP API) needs no subscription.
             let channel = self.shared.keys.room(room);
-            if !self.shared.until_subscribed(&channel).await {
+            let joining = self.subscriptions.rooms.lock().contains(&channel);
+            if joining && !self.shared.until_subscribed(&channel).await {
                 return Err(HistoryError::Unavailable(
                     "not subscribed to the room yet".into(),
                 ));
