@@ -442,7 +442,7 @@ impl Config {
 
     /// In `--demo` mode the demo's rooms are durable (the page shows the current score and
     /// price at once), unless a class already covers them.
-    fn add_demo_rooms(&mut self) {
+    pub fn add_demo_rooms(&mut self) {
         let Ok(classes) = RoomClasses::new(&self.rooms) else {
             return; // validate() names the bad entry
         };

@@ -85,9 +85,12 @@ impl Server {
 
     /// Binds `server.listen` and serves with the given broker engine.
     pub async fn bind_with_broker(
-        config: Config,
+        mut config: Config,
         broker: Arc<dyn Broker>,
     ) -> Result<Server, ServeError> {
+        if config.demo.enabled {
+            config.add_demo_rooms();
+        }
         config.validate()?;
         let addr = config.server.listen;
         let listen_error = |source| ServeError::Listen { addr, source };

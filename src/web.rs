@@ -1,11 +1,12 @@
 //! The pages, embedded in the binary: no build step, no CDN.
 //!
 //! `GET /` is the demo page (a live scoreboard and ticker over one WebSocket), `GET
-//! /dashboard` the cluster dashboard (charts drawn by uPlot 1.6.32, MIT, vendored under
+//! /dashboard` the cluster dashboard, `GET /volley.js` the browser client (an ES module) (charts drawn by uPlot 1.6.32, MIT, vendored under
 //! `assets/vendor/` with its licence).
 
 const DEMO_HTML: &str = include_str!("../assets/demo.html");
 const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+const VOLLEY_JS: &str = include_str!("../assets/volley.js");
 const UPLOT_JS: &str = include_str!("../assets/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("../assets/vendor/uPlot.min.css");
 
@@ -20,6 +21,7 @@ pub fn asset(path: &str) -> Option<Asset> {
     let (body, content_type) = match path {
         "/" | "/index.html" => (DEMO_HTML, "text/html; charset=utf-8"),
         "/dashboard" => (DASHBOARD_HTML, "text/html; charset=utf-8"),
+        "/volley.js" => (VOLLEY_JS, "text/javascript; charset=utf-8"),
         "/assets/uPlot.min.js" => (UPLOT_JS, "text/javascript; charset=utf-8"),
         "/assets/uPlot.min.css" => (UPLOT_CSS, "text/css; charset=utf-8"),
         _ => return None,

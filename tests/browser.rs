@@ -360,3 +360,49 @@ async fn dashboard_draws_charts_with_live_figures() {
     browser.screenshot(&tab, "dashboard").await;
     browser.assert_no_page_errors();
 }
+
+#[tokio::test]
+async fn the_demo_page_shows_the_current_state_at_once_from_history() {
+    // No feed runs: whatever the page shows on load came from the rooms' history.
+    let server = start(|c| {
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "*".into(),
+            history_size: 10,
+            history_ttl_s: 3600,
+        }];
+    })
+    .await;
+    let addr = server.local_addr();
+    let catalog: Value =
+        serde_json::from_str(&http(addr, "GET", "/api/demo", &[], b"").await.1).unwrap();
+    for m in catalog["matches"].as_array().unwrap() {
+        let room = format!("scores:{}", m["id"].as_str().unwrap());
+        let content = json!({"homeScore":2,"awayScore":1,"minute":67,"status":"live"});
+        assert_eq!(
+            api_publish(addr, &json!({"roomId":room,"content":content}))
+                .await
+                .0,
+            200
+        );
+    }
+    for s in catalog["symbols"].as_array().unwrap() {
+        let room = format!("ticker:{}", s.as_str().unwrap());
+        let content = json!({"price":101.5,"change":1.5,"changePct":1.5});
+        assert_eq!(
+            api_publish(addr, &json!({"roomId":room,"content":content}))
+                .await
+                .0,
+            200
+        );
+    }
+    let mut browser = Browser::launch().await;
+    let tab = browser.open(&format!("http://{addr}/")).await;
+    browser
+        .wait_for(&tab, "(s => s.length === 12 && s.every(e => e.textContent !== '0'))([...document.querySelectorAll('.score')]) && (m => m.length === 6 && m.every(e => e.textContent === \"67'\"))([...document.querySelectorAll('.minute')])")
+        .await;
+    browser
+        .wait_for(&tab, "(p => p.length === 24 && p.every(td => td.textContent === '101.50'))([...document.querySelectorAll('#ticker tr td:nth-child(2)')])")
+        .await;
+    browser.screenshot(&tab, "demo-from-history").await;
+    browser.assert_no_page_errors();
+}
