@@ -61,11 +61,11 @@ pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) 
     }
 }
 
-/// Checks the API key; the error response when it is missing or wrong.
-fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), Response<Body>> {
+/// Checks the API key: the refusal when it is missing or wrong, else `None`.
+fn refusal<B>(node: &Node, req: &Request<B>) -> Option<Response<Body>> {
     let key = &node.config().api.key;
     if key.is_empty() {
-        return Err(error(
+        return Some(error(
             StatusCode::FORBIDDEN,
             "api_disabled",
             "the API is off: set api.key to enable it",
@@ -80,20 +80,20 @@ fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), Response<Body>> {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("apikey"))
         .map_or("", |(_, key)| key.trim());
     if !same_secret(given.as_bytes(), key.as_bytes()) {
-        return Err(error(
+        return Some(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "send the header Authorization: apikey <api.key>",
         ));
     }
-    Ok(())
+    None
 }
 
 /// `GET /api/history/{roomId}?limit=N` (the last N) or `?since=O[&epoch=E]` (everything
 /// after offset O; without an epoch, the room's current one): the history frame a join
 /// would get.
 async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    if let Err(refused) = authorize(node, &req) {
+    if let Some(refused) = refusal(node, &req) {
         return refused;
     }
     let encoded = req.uri().path().trim_start_matches("/api/history/");
@@ -157,7 +157,7 @@ fn unavailable(why: &str) -> Response<Body> {
 }
 
 async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    if let Err(refused) = authorize(node, &req) {
+    if let Some(refused) = refusal(node, &req) {
         return refused;
     }
     let limit = node.config().limits.max_frame_bytes;
