@@ -55,9 +55,10 @@ if [ "$nodes" -gt 1 ]; then
   rport=$(free_port)
   redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
   pids+=($!)
+  redis_pid=$!
   for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
   redis_args=(--set "redis.url=redis://127.0.0.1:$rport")
-  bench_redis=(--redis-url "redis://127.0.0.1:$rport")
+  bench_redis=(--redis-url "redis://127.0.0.1:$rport" --redis-pid "$redis_pid")
 fi
 
 urls=(); node_pids=(); node_http=(); perf_pids=()

@@ -86,6 +86,9 @@ pub struct Args {
     /// Server process ids whose CPU time is measured; repeat for several.
     #[arg(long = "pid")]
     pids: Vec<u32>,
+    /// The Redis server's process id: its CPU time during the measurement is reported.
+    #[arg(long)]
+    redis_pid: Option<u32>,
     /// The Redis the nodes share: its command rates during the measurement are reported.
     #[arg(long)]
     redis_url: Option<String>,

@@ -122,6 +122,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let counters_before = server_counters(args).await;
     let cpu_before = total_cpu(&args.pids);
+    let redis_cpu_before = args.redis_pid.and_then(cpu_seconds);
     let started = Instant::now();
     run.measure_from_us.store(now_us(), Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
@@ -149,6 +150,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
         last = now;
     }
     let cpu_after = total_cpu(&args.pids);
+    let redis_cpu_after = args.redis_pid.and_then(cpu_seconds);
     stop_subscribers.cancel();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
         .map_err(|e| BenchError::Histogram(e.to_string()))?;
@@ -211,6 +213,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
         server_cpu_us_per_delivery: cpu
             .filter(|_| delivered > 0)
             .map(|s| s * 1e6 / delivered as f64),
+        redis_cpu_s: redis_cpu_before.zip(redis_cpu_after).map(|(a, b)| b - a),
     })
 }
 

@@ -27,6 +27,8 @@ pub struct Report {
     pub redis_publish_per_s: Option<f64>,
     pub publish_pipelines_per_s: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// With --redis-pid: the Redis server's CPU seconds over the same span.
+    pub redis_cpu_s: Option<f64>,
 }
 
 /// End-to-end latency percentiles, from the send time carried in each message.
@@ -71,6 +73,9 @@ impl Report {
                 self.redis_publish_per_s.unwrap_or(0.0),
                 self.publish_pipelines_per_s.unwrap_or(0.0)
             );
+        }
+        if let Some(s) = self.redis_cpu_s {
+            println!("redis CPU {s:.2} s");
         }
         match (self.server_cpu_us_per_delivery, self.server_cpu_s) {
             (Some(us), Some(s)) => println!("server CPU {s:.2} s  = {us:.2} µs per delivery"),
