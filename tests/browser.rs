@@ -406,3 +406,59 @@ async fn the_demo_page_shows_the_current_state_at_once_from_history() {
     browser.screenshot(&tab, "demo-from-history").await;
     browser.assert_no_page_errors();
 }
+
+#[tokio::test]
+async fn the_demo_page_recovers_what_it_missed_while_its_node_restarted() {
+    let redis = RedisServer::start().await;
+    let every_room_durable = |c: &mut volley::Config| {
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "*".into(),
+            history_size: 100,
+            history_ttl_s: 3600,
+        }];
+    };
+    let page_node = start_on_redis(&redis, "page", every_room_durable).await;
+    let addr = page_node.local_addr();
+    let other = start_on_redis(&redis, "other", every_room_durable).await;
+    let price =
+        |p: f64| json!({"roomId":"ticker:ACME","content":{"price":p,"change":0.0,"changePct":0.0}});
+    assert_eq!(api_publish(other.local_addr(), &price(100.0)).await.0, 200);
+    let mut browser = Browser::launch().await;
+    let tab = browser.open(&format!("http://{addr}/")).await;
+    const ACME: &str =
+        "document.querySelector('[data-symbol=\"ACME\"] td:nth-child(2)')?.textContent";
+    browser
+        .wait_for(&tab, &format!("{ACME} === '100.00'"))
+        .await;
+
+    let before = browser
+        .eval(&tab, "volleyDemo.messages")
+        .await
+        .as_u64()
+        .unwrap();
+    // The page's node goes away; the price moves twice on the other node meanwhile.
+    page_node.shutdown().await;
+    browser
+        .wait_for(&tab, "volleyDemo.connected === false")
+        .await;
+    assert_eq!(api_publish(other.local_addr(), &price(200.0)).await.0, 200);
+    assert_eq!(api_publish(other.local_addr(), &price(300.0)).await.0, 200);
+    let again = start_on_redis(&redis, "page", move |c| {
+        every_room_durable(c);
+        c.server.listen = addr;
+    })
+    .await;
+    // Back, the page asks for what came after the last price it showed: it shows the
+    // latest without waiting for another update, and nothing was unrecoverable.
+    browser
+        .wait_for(&tab, &format!("{ACME} === '300.00'"))
+        .await;
+    assert_eq!(browser.eval(&tab, "volleyDemo.unrecovered").await, json!(0));
+    // Both missed prices were replayed, not just the latest.
+    assert_eq!(
+        browser.eval(&tab, "volleyDemo.messages").await,
+        json!(before + 2)
+    );
+    drop(again);
+    browser.assert_no_page_errors();
+}
