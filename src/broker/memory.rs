@@ -39,6 +39,11 @@ impl MemoryBus {
     /// The room's ring, started anew when it is missing or its history expired.
     fn ring(&self, room: &Arc<str>, durability: Durability, now: Instant) -> Arc<Mutex<Ring>> {
         let mut rings = self.rings.lock();
+        // Expired histories of rooms nobody touches again are dropped now and then, so
+        // many short-lived rooms do not add up (Redis expires its keys the same way).
+        if !rings.contains_key(room) && rings.len() >= 1024 && rings.len().is_power_of_two() {
+            rings.retain(|_, ring| !ring.lock().expired(now));
+        }
         let ring = rings
             .entry(room.clone())
             .or_insert_with(|| Arc::new(Mutex::new(Ring::new(durability, now))));
