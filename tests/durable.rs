@@ -25,25 +25,6 @@ fn durable(pattern: &str, size: usize) -> impl Fn(&mut Config) {
     }
 }
 
-/// Sends a join with a replay and returns the history frame (the first thing back).
-async fn join_with(client: &mut Client, room: &str, replay: Value) -> Value {
-    let mut join = json!({"type":"join","roomId":room});
-    for (k, v) in replay.as_object().unwrap() {
-        join[k] = v.clone();
-    }
-    client.send(join).await;
-    client.expect_type("history").await
-}
-
-fn offsets(messages: &Value) -> Vec<u64> {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().expect("an offset"))
-        .collect()
-}
-
 #[tokio::test]
 async fn every_node_sees_one_order_with_offsets_counting_up_by_one() {
     let bus = MemoryBus::new();

@@ -24,24 +24,6 @@ fn durable(size: usize) -> impl Fn(&mut Config) + Clone {
     }
 }
 
-async fn join_with(client: &mut Client, room: &str, replay: Value) -> Value {
-    let mut join = json!({"type":"join","roomId":room});
-    for (k, v) in replay.as_object().unwrap() {
-        join[k] = v.clone();
-    }
-    client.send(join).await;
-    client.expect_type("history").await
-}
-
-fn offsets(messages: &Value) -> Vec<u64> {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().expect("an offset"))
-        .collect()
-}
-
 #[tokio::test]
 async fn three_nodes_see_one_order_with_offsets_counting_up_by_one() {
     let redis = RedisServer::start().await;

@@ -594,3 +594,24 @@ pub async fn expect_hangup(stream: &mut TcpStream) -> Vec<u8> {
     .expect("the node never closed the connection");
     seen
 }
+
+/// Sends a join with a replay (`{"history":N}` or `{"since":{...}}`) and returns the
+/// history frame, the first thing back.
+pub async fn join_with(client: &mut Client, room: &str, replay: Value) -> Value {
+    let mut join = serde_json::json!({"type":"join","roomId":room});
+    for (k, v) in replay.as_object().expect("a replay object") {
+        join[k] = v.clone();
+    }
+    client.send(join).await;
+    client.expect_type("history").await
+}
+
+/// The offsets of a history frame's messages.
+pub fn offsets(messages: &Value) -> Vec<u64> {
+    messages
+        .as_array()
+        .expect("a message list")
+        .iter()
+        .map(|m| m["offset"].as_u64().expect("an offset"))
+        .collect()
+}
