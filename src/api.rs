@@ -247,7 +247,7 @@ fn ready(node: &Arc<Node>) -> Response<Body> {
 }
 
 /// Compares secrets in time that does not depend on where they first differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

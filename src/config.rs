@@ -15,8 +15,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 7] = [
-    "server", "batch", "limits", "api", "redis", "metrics", "demo",
+const SECTIONS: [&str; 8] = [
+    "server", "batch", "limits", "api", "auth", "redis", "metrics", "demo",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -26,6 +26,7 @@ pub struct Config {
     pub batch: BatchConfig,
     pub limits: LimitsConfig,
     pub api: ApiConfig,
+    pub auth: AuthConfig,
     pub redis: RedisConfig,
     pub metrics: MetricsConfig,
     pub demo: DemoConfig,
@@ -157,6 +158,11 @@ pub struct LimitsConfig {
     pub publish_rate: u32,
     /// Publishes a socket may make in a burst above the steady rate.
     pub publish_burst: u32,
+    /// Who may publish from a socket: `any`, `authenticated`, `none`.
+    pub client_publish: ClientPublish,
+    /// Publishes per second for a trusted socket (a token with a `publish` claim, or the
+    /// API key on its upgrade); 0 = unlimited.
+    pub trusted_publish_rate: u32,
     /// Whether a client's `broadcast` frame is accepted. Off by default: a broadcast goes
     /// as-is to every socket on every node, so any browser could forge frames for all.
     pub client_broadcast: bool,
@@ -251,6 +257,44 @@ impl Default for DemoConfig {
     }
 }
 
+/// Who may publish from a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientPublish {
+    /// Every socket (the reference servers' behaviour).
+    Any,
+    /// Only sockets with an identity (`auth`).
+    Authenticated,
+    /// No socket: publishing is for backends, through the HTTP API.
+    None,
+}
+
+/// Identity: JWTs checked with a secret or a public key; without either, the reference
+/// servers' `{"type":"auth","userId":U}`, which trusts the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret.
+    pub jwt_secret: String,
+    /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key.
+    pub jwt_public_key: String,
+    /// Every frame but `auth` is refused (`unauthenticated`) until the socket has an identity.
+    pub required: bool,
+    /// After its token expires, how long a socket has to send a fresh one before it is closed.
+    pub expiry_grace_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: String::new(),
+            jwt_public_key: String::new(),
+            required: false,
+            expiry_grace_s: 30,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
@@ -309,6 +353,8 @@ impl Default for LimitsConfig {
             max_outbox_bytes: 4 * 1024 * 1024,
             publish_rate: 100,
             publish_burst: 200,
+            client_publish: ClientPublish::Any,
+            trusted_publish_rate: 0,
             client_broadcast: false,
             join_rate: 20,
             join_burst: 200,

@@ -50,6 +50,7 @@ pub mod protocol;
 pub mod server;
 
 mod api;
+mod auth;
 mod batch;
 mod cluster;
 mod connection;

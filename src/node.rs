@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::auth::Authenticator;
 use crate::batch::DeliveryWindow;
 use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
 use crate::config::{Config, RoomClasses};
@@ -37,6 +38,8 @@ pub struct Node {
     due: Arc<DueList>,
     /// Which rooms are durable, from `[[rooms]]`.
     classes: RoomClasses,
+    /// Checks tokens (or trusts `userId` where no key is configured).
+    auth: Authenticator,
     broker: Arc<dyn Broker>,
     stats: Arc<Stats>,
     next_conn: AtomicU64,
@@ -70,10 +73,14 @@ impl Node {
             tokio::spawn(DueList::run_ticks(Arc::downgrade(&due), window.clone()));
             // Server::bind validated the classes; a hand-built bad config gets none.
             let classes = RoomClasses::new(&config.rooms).unwrap_or_default();
+            // Server::bind refused a key that cannot be loaded; here nothing is trusted.
+            let auth =
+                Authenticator::new(&config.auth).unwrap_or_else(|_| Authenticator::refusing());
             Node {
                 window,
                 due,
                 classes,
+                auth,
                 config,
                 id,
                 hub: Hub::new(),
@@ -82,6 +89,10 @@ impl Node {
                 next_conn: AtomicU64::new(1),
             }
         })
+    }
+
+    pub(crate) fn auth(&self) -> &Authenticator {
+        &self.auth
     }
 
     pub fn config(&self) -> &Config {

@@ -92,6 +92,7 @@ impl Server {
             config.add_demo_rooms();
         }
         config.validate()?;
+        crate::auth::Authenticator::new(&config.auth)?;
         let addr = config.server.listen;
         let listen_error = |source| ServeError::Listen { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
@@ -215,6 +216,7 @@ fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
             "this node is at limits.max_connections",
         );
     };
+    let credentials = upgrade_credentials(&shared.node, &req);
     let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -237,7 +239,14 @@ fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
         };
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                connection::serve(node, outbox, parts.io.into_inner(), parts.read_buf).await
+                connection::serve(
+                    node,
+                    outbox,
+                    parts.io.into_inner(),
+                    parts.read_buf,
+                    credentials,
+                )
+                .await
             }
             Err(_) => {
                 tracing::error!("upgraded connection is not a TCP stream");
@@ -246,4 +255,40 @@ fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
         }
     });
     response.map(|_| Body::default())
+}
+
+/// A token (`?token=` or `Authorization: Bearer`) or the API key (`Authorization: apikey`)
+/// on the upgrade request.
+fn upgrade_credentials(node: &Node, req: &Request<Incoming>) -> connection::UpgradeAuth {
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .map(|(scheme, value)| (scheme.to_ascii_lowercase(), value.trim().to_string()));
+    let query_token = req.uri().query().and_then(|q| {
+        q.split('&').find_map(|pair| {
+            let value = pair.strip_prefix("token=")?;
+            Some(
+                percent_encoding::percent_decode_str(value)
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            )
+        })
+    });
+    let key = &node.config().api.key;
+    match authorization {
+        Some((scheme, value)) if scheme == "bearer" => connection::UpgradeAuth {
+            token: Some(value),
+            api_key: false,
+        },
+        Some((scheme, value)) if scheme == "apikey" => connection::UpgradeAuth {
+            token: query_token,
+            api_key: !key.is_empty() && crate::api::same_secret(value.as_bytes(), key.as_bytes()),
+        },
+        _ => connection::UpgradeAuth {
+            token: query_token,
+            api_key: false,
+        },
+    }
 }

@@ -50,7 +50,7 @@ async fn a_slow_reader_is_closed_while_a_fast_one_keeps_receiving() {
         .await;
         assert_eq!(status, 200);
         published += 1;
-        if published % 16 == 0 && health(addr).await["slow_consumers_closed"] == 1 {
+        if published.is_multiple_of(16) && health(addr).await["slow_consumers_closed"] == 1 {
             break true;
         }
         if published == 8_000 {

@@ -6,9 +6,12 @@
 //! writer task this module starts. They meet only at the outbox, whose lock is never
 //! held across an `.await`.
 
+mod access;
 mod reader;
 mod rules;
 mod session;
+
+pub use access::UpgradeAuth;
 
 use std::sync::Arc;
 
@@ -22,7 +25,13 @@ use session::Session;
 
 /// Serves one upgraded socket until it closes. `early` holds bytes the client sent
 /// right after the handshake, already read by the HTTP layer.
-pub async fn serve(node: Arc<Node>, outbox: Arc<Outbox>, stream: TcpStream, early: Bytes) {
+pub async fn serve(
+    node: Arc<Node>,
+    outbox: Arc<Outbox>,
+    stream: TcpStream,
+    early: Bytes,
+    upgrade: UpgradeAuth,
+) {
     let (read_half, write_half) = stream.into_split();
     outbox.attach(write_half);
     // The writer is a task of its own: waking it must not poll the reader.
@@ -31,7 +40,7 @@ pub async fn serve(node: Arc<Node>, outbox: Arc<Outbox>, stream: TcpStream, earl
         tokio::spawn(async move { outbox::run_writer(&*outbox).await })
     };
     let mut read_half = std::io::Cursor::new(early).chain(read_half);
-    let mut session = Session::new(node.clone(), outbox.clone());
+    let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
     let max_bytes = node.config().limits.max_frame_bytes;
     reader::run(&mut read_half, &outbox, &mut session, max_bytes).await;
     // Normally left already, when the close began; this covers every other way out.

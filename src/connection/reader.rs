@@ -81,8 +81,15 @@ async fn read_frames<R: AsyncRead + Unpin>(
     loop {
         // The grace timer and the close signal are only polled when they matter: this
         // loop runs once per inbound frame.
+        let deadline = session.deadline();
         let frame = tokio::select! {
             frame = ws.read_frame(&mut no_obligations) => frame,
+            _ = sleep_until_some(deadline), if deadline.is_some() && !closing => {
+                if !session.on_deadline() {
+                    return protocol_close(close_code::POLICY, "token expired");
+                }
+                continue;
+            }
             _ = outbox.closed(), if !closing => {
                 closing = true;
                 session.leave_all();
@@ -144,6 +151,12 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 }
             }
         }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<std::time::Instant>) {
+    if let Some(at) = deadline {
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::access::{Access, Expiry, UpgradeAuth};
 use crate::broker::PublishError;
 use crate::metrics::Source;
 use crate::node::Node;
@@ -21,23 +22,69 @@ pub struct Session {
     rooms: HashSet<Box<str>>,
     max_rooms: usize,
     max_json_depth: usize,
-    client_broadcast: bool,
+    access: Access,
     publishes: Budget,
+    /// For a trusted publisher: `limits.trusted_publish_rate`.
+    trusted_publishes: Budget,
     joins: Budget,
 }
 
 impl Session {
-    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>) -> Session {
-        let limits = &node.config().limits;
-        Session {
+    pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, upgrade: UpgradeAuth) -> Session {
+        let config = node.config();
+        let limits = &config.limits;
+        let trusted_rate = limits.trusted_publish_rate;
+        let mut session = Session {
             max_rooms: limits.max_rooms_per_socket,
             max_json_depth: limits.max_json_depth,
-            client_broadcast: limits.client_broadcast,
+            access: Access::new(config, node.auth().checks_tokens(), upgrade.api_key),
             publishes: Budget::new(limits.publish_rate, limits.publish_burst, "publishing"),
+            trusted_publishes: Budget::new(trusted_rate, trusted_rate.max(1), "publishing"),
             joins: Budget::new(limits.join_rate, limits.join_burst, "joining rooms"),
-            node,
+            node: node.clone(),
             outbox,
             rooms: HashSet::new(),
+        };
+        if let Some(token) = upgrade.token {
+            if let Err(e) = session.authenticate(Some(&token), None) {
+                session.reply_error(&e);
+            }
+        }
+        session
+    }
+
+    fn authenticate(
+        &mut self,
+        token: Option<&str>,
+        user_id: Option<&str>,
+    ) -> Result<(), ProtocolError> {
+        let identity = self.access.authenticate(&self.node, token, user_id)?;
+        let answer = outbound::authenticated(&identity.user_id);
+        self.outbox.send(&answer);
+        Ok(())
+    }
+
+    /// When the token's expiry next needs the reader's attention.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.access.deadline()
+    }
+
+    /// The token's deadline passed: warn the client, or tell the reader to close.
+    pub fn on_deadline(&mut self) -> bool {
+        match self.access.expired() {
+            Expiry::Warn(e) => {
+                self.reply_error(&e);
+                true
+            }
+            Expiry::Close => false,
+        }
+    }
+
+    fn spend_publish(&mut self) -> Result<(), ProtocolError> {
+        if self.access.trusted() {
+            self.trusted_publishes.spend()
+        } else {
+            self.publishes.spend()
         }
     }
 
@@ -66,11 +113,19 @@ impl Session {
 
     /// Handles a frame; a join with a replay is returned for `on_text` to wait on.
     fn dispatch(&mut self, text: &[u8]) -> Result<Option<(Box<str>, Replay)>, ProtocolError> {
-        match protocol::parse(text)? {
+        let frame = protocol::parse(text)?;
+        if let ClientFrame::Auth { token, user_id } = &frame {
+            self.authenticate(token.as_deref(), user_id.as_deref())?;
+            return Ok(None);
+        }
+        self.access.check_authenticated()?;
+        match frame {
+            ClientFrame::Auth { .. } => {}
             ClientFrame::Join { room, replay } => {
                 if self.rooms.contains(&*room) {
                     return Ok(None);
                 }
+                self.access.may_join(&room)?;
                 if self.rooms.len() >= self.max_rooms {
                     return Err(ProtocolError::new(
                         ErrorCode::TooManyRooms,
@@ -96,21 +151,17 @@ impl Session {
                 self.node.leave(self.outbox.id(), &room);
             }
             ClientFrame::Message { room, content } => {
+                self.access.may_publish(&room)?;
                 protocol::check_content(content, "content", self.max_json_depth)?;
-                self.publishes.spend()?;
+                self.spend_publish()?;
                 self.node
                     .publish(&room, content, Source::Socket)
                     .map_err(overloaded)?;
             }
             ClientFrame::Broadcast { payload } => {
-                if !self.client_broadcast {
-                    return Err(ProtocolError::new(
-                        ErrorCode::Forbidden,
-                        "client broadcasts are off (limits.client_broadcast = false): a broadcast reaches every socket as sent; publish it through POST /api/publish",
-                    ));
-                }
+                self.access.may_broadcast()?;
                 protocol::check_content(payload, "payload", self.max_json_depth)?;
-                self.publishes.spend()?;
+                self.spend_publish()?;
                 self.node
                     .broadcast(payload, Source::Socket)
                     .map_err(overloaded)?;

@@ -32,6 +32,11 @@ pub enum ClientFrame<'a> {
     Broadcast {
         payload: &'a RawValue,
     },
+    /// `{"type":"auth","token":JWT}` or, without a key configured, `{"type":"auth","userId":U}`.
+    Auth {
+        token: Option<Cow<'a, str>>,
+        user_id: Option<Cow<'a, str>>,
+    },
 }
 
 /// What a join asks of a durable room's history.
@@ -106,6 +111,22 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
                 .ok_or_else(|| missing("content", "message"))?;
             Ok(ClientFrame::Message { room, content })
         }
+        "auth" => {
+            let token = fields.token.map(|t| string_field(t, "token")).transpose()?;
+            let user_id = match fields.user_id {
+                Some(raw) if raw.get().starts_with('"') => Some(string_field(raw, "userId")?),
+                Some(raw) => Some(room_id(Some(raw), "auth")?),
+                None => None,
+            };
+            match (&token, &user_id) {
+                (None, None) => Err(missing("token", "auth (or userId where no key is configured)")),
+                (Some(_), Some(_)) => Err(ProtocolError::new(
+                    ErrorCode::InvalidField,
+                    "give either token or userId, not both",
+                )),
+                _ => Ok(ClientFrame::Auth { token, user_id }),
+            }
+        }
         "broadcast" => Ok(ClientFrame::Broadcast {
             payload: fields
                 .payload
@@ -114,7 +135,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             format!(
-                "unknown frame type {:?}; this node understands join, leave, message, broadcast",
+                "unknown frame type {:?}; this node understands join, leave, message, broadcast, auth",
                 truncate(other, 64)
             ),
         )),
@@ -290,6 +311,8 @@ struct Fields<'a> {
     ty: Option<&'a RawValue>,
     history: Option<&'a RawValue>,
     since: Option<&'a RawValue>,
+    token: Option<&'a RawValue>,
+    user_id: Option<&'a RawValue>,
     room_id: Option<&'a RawValue>,
     content: Option<&'a RawValue>,
     payload: Option<&'a RawValue>,
@@ -300,6 +323,8 @@ enum Key {
     Type,
     History,
     Since,
+    Token,
+    UserId,
     RoomId,
     Content,
     Payload,
@@ -320,6 +345,8 @@ impl<'de> Deserialize<'de> for Key {
                     "type" => Key::Type,
                     "history" => Key::History,
                     "since" => Key::Since,
+                    "token" => Key::Token,
+                    "userId" => Key::UserId,
                     "roomId" => Key::RoomId,
                     "content" => Key::Content,
                     "payload" => Key::Payload,
@@ -347,6 +374,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         Key::Type => &mut fields.ty,
                         Key::History => &mut fields.history,
                         Key::Since => &mut fields.since,
+                        Key::Token => &mut fields.token,
+                        Key::UserId => &mut fields.user_id,
                         Key::RoomId => &mut fields.room_id,
                         Key::Content => &mut fields.content,
                         Key::Payload => &mut fields.payload,

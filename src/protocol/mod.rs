@@ -47,11 +47,17 @@ pub enum ErrorCode {
     Forbidden,
     /// A durable room's history could not be read; the join stands, live messages follow.
     HistoryUnavailable,
+    /// `auth.required`: this frame needs an identity first.
+    Unauthenticated,
+    /// The token (or `userId`) gives no identity.
+    InvalidToken,
+    /// The socket's token expired: send a fresh one before the grace period ends.
+    TokenExpired,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -63,6 +69,9 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::Forbidden,
         ErrorCode::HistoryUnavailable,
+        ErrorCode::Unauthenticated,
+        ErrorCode::InvalidToken,
+        ErrorCode::TokenExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +87,9 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::HistoryUnavailable => "history_unavailable",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenExpired => "token_expired",
         }
     }
 }

@@ -170,6 +170,15 @@ pub fn history(room: &str, epoch: &str, messages: &[Encoded], recovered: Option<
     b.finish()
 }
 
+/// `{"type":"authenticated","userId":U}`: the answer to a good `auth`.
+pub fn authenticated(user_id: &str) -> Encoded {
+    let mut b = Builder::with_capacity(40 + user_id.len());
+    b.raw(br#"{"type":"authenticated","userId":"#)
+        .string(user_id)
+        .raw(b"}");
+    b.finish()
+}
+
 /// Whether a socket entered or left a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {

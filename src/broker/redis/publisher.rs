@@ -206,7 +206,7 @@ impl Publisher {
             let new_command = if single && !key.1 {
                 true
             } else {
-                group % self.max_envelope_messages == 0
+                group.is_multiple_of(self.max_envelope_messages)
             };
             if new_command {
                 if commands == self.max_pipeline {
