@@ -101,7 +101,7 @@ fn inbound_fan_out(c: &mut Criterion) {
                 b.iter(|| {
                     broker.inject(b"room:ticker:ACME", &wire);
                     i += 1;
-                    if i % 32 == 0 {
+                    if i.is_multiple_of(32) {
                         for outbox in &outboxes {
                             outbox.drain(&mut drained);
                             drained.messages.clear();

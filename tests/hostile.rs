@@ -29,7 +29,7 @@ async fn a_ping_flood_that_never_reads_is_closed_as_a_slow_consumer() {
             break health(addr).await["slow_consumers_closed"] == 1;
         }
         sent += 512;
-        if sent % (512 * 16) == 0 && health(addr).await["slow_consumers_closed"] == 1 {
+        if sent.is_multiple_of(512 * 16) && health(addr).await["slow_consumers_closed"] == 1 {
             break true;
         }
         // 2 million pings, 250 MB of pongs owed: far past any bound.
