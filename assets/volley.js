@@ -19,6 +19,7 @@
  * @param {(roomId: string, recovered: boolean) => void} [options.onRecovery] after a
  *   rejoin with `since`: whether everything missed was replayed
  * @param {(up: boolean) => void} [options.onStatus] connected or not
+ * @param {string} [options.token] a JWT, sent first on every connection (see `auth`)
  * @param {number} [options.minDelay] first reconnect delay bound, ms (250)
  * @param {number} [options.maxDelay] largest reconnect delay bound, ms (10000)
  */
@@ -31,10 +32,17 @@ export class VolleyClient {
     this.url = url;
     this.options = options;
     this.rooms = new Map();
+    this.token = options.token ?? null;
     this.attempt = 0;
     this.closed = false;
     this.ws = null;
     this.open();
+  }
+
+  /** Identifies the socket with a JWT; sent again after every reconnect. */
+  auth(token) {
+    this.token = token;
+    this.send({ type: "auth", token });
   }
 
   /** Joins a room. `history: N` asks a durable room for its last N messages first. */
@@ -75,6 +83,7 @@ export class VolleyClient {
     ws.onopen = () => {
       this.attempt = 0;
       this.options.onStatus?.(true);
+      if (this.token) this.send({ type: "auth", token: this.token });
       for (const [roomId, room] of this.rooms) this.sendJoin(roomId, room);
     };
     ws.onmessage = (event) => {
