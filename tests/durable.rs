@@ -48,37 +48,8 @@ async fn every_node_sees_one_order_with_offsets_counting_up_by_one() {
         c.join("scores:final").await;
         subscribers.push(c);
     }
-    let mut publishers = Vec::new();
-    for node in &nodes {
-        publishers.push(Client::connect(node.local_addr()).await);
-    }
-    for (p, publisher) in publishers.iter_mut().enumerate() {
-        let frames: Vec<Value> = (0..30)
-            .map(
-                |seq| json!({"type":"message","roomId":"scores:final","content":{"p":p,"seq":seq}}),
-            )
-            .collect();
-        publisher.send_burst(&frames).await;
-    }
-    let mut sequences = Vec::new();
-    for sub in &mut subscribers {
-        let mut seen = Vec::new();
-        while seen.len() < 90 {
-            let m = sub.next_room_message().await;
-            seen.push((m["offset"].as_u64().unwrap(), m["content"].clone()));
-        }
-        let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
-        assert_eq!(
-            offsets,
-            (1..=90).collect::<Vec<_>>(),
-            "offsets count up by one"
-        );
-        sequences.push(seen);
-    }
-    assert!(
-        sequences.windows(2).all(|w| w[0] == w[1]),
-        "every subscriber saw the same order"
-    );
+    let addrs: Vec<_> = nodes.iter().map(|n| n.local_addr()).collect();
+    publish_and_expect_one_order(&addrs, &mut subscribers, "scores:final").await;
 }
 
 #[tokio::test]

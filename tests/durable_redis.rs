@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use volley::config::RoomClass;
 use volley::Config;
 
@@ -38,33 +38,8 @@ async fn three_nodes_see_one_order_with_offsets_counting_up_by_one() {
         subscribers.push(c);
     }
     redis.wait_numsub("room:scores:final", 3).await;
-    let mut publishers = Vec::new();
-    for node in &nodes {
-        publishers.push(Client::connect(node.local_addr()).await);
-    }
-    for (p, publisher) in publishers.iter_mut().enumerate() {
-        let frames: Vec<Value> = (0..30)
-            .map(
-                |seq| json!({"type":"message","roomId":"scores:final","content":{"p":p,"seq":seq}}),
-            )
-            .collect();
-        publisher.send_burst(&frames).await;
-    }
-    let mut sequences = Vec::new();
-    for sub in &mut subscribers {
-        let mut seen = Vec::new();
-        while seen.len() < 90 {
-            let m = sub.next_room_message().await;
-            seen.push((m["offset"].as_u64().unwrap(), m["content"].clone()));
-        }
-        let got: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
-        assert_eq!(got, (1..=90).collect::<Vec<_>>());
-        sequences.push(seen);
-    }
-    assert!(
-        sequences.windows(2).all(|w| w[0] == w[1]),
-        "one order for all"
-    );
+    let addrs: Vec<_> = nodes.iter().map(|n| n.local_addr()).collect();
+    publish_and_expect_one_order(&addrs, &mut subscribers, "scores:final").await;
     // The stream holds the same frames, under the reference servers' key and field.
     let mut conn = redis.conn().await;
     let len: u64 = redis::cmd("XLEN")

@@ -615,3 +615,45 @@ pub fn offsets(messages: &Value) -> Vec<u64> {
         .map(|m| m["offset"].as_u64().expect("an offset"))
         .collect()
 }
+
+/// One publisher per node sends 30 messages in a burst to a durable `room` that every
+/// subscriber is in; every subscriber must see offsets 1..=90 and the same sequence.
+pub async fn publish_and_expect_one_order(
+    addrs: &[SocketAddr],
+    subscribers: &mut [Client],
+    room: &str,
+) {
+    let mut publishers = Vec::new();
+    for addr in addrs {
+        publishers.push(Client::connect(*addr).await);
+    }
+    for (p, publisher) in publishers.iter_mut().enumerate() {
+        let frames: Vec<Value> = (0..30)
+            .map(|seq| serde_json::json!({"type":"message","roomId":room,"content":{"p":p,"seq":seq}}))
+            .collect();
+        publisher.send_burst(&frames).await;
+    }
+    let total = 30 * addrs.len();
+    let mut sequences = Vec::new();
+    for sub in subscribers.iter_mut() {
+        let mut seen = Vec::new();
+        while seen.len() < total {
+            let m = sub.next_room_message().await;
+            seen.push((
+                m["offset"].as_u64().expect("an offset"),
+                m["content"].clone(),
+            ));
+        }
+        let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "offsets count up by one"
+        );
+        sequences.push(seen);
+    }
+    assert!(
+        sequences.windows(2).all(|w| w[0] == w[1]),
+        "every subscriber saw the same order"
+    );
+}
