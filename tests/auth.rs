@@ -111,6 +111,19 @@ async fn the_token_may_come_with_the_upgrade() {
         by_query.next_message().await,
         json!({"type":"authenticated","userId":"carol"})
     );
+    // Authorization: Bearer, as a backend's WebSocket client sends it.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    use futures_util::StreamExt;
+    let first = ws.next().await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(first.to_text().unwrap()).unwrap(),
+        json!({"type":"authenticated","userId":"carol"})
+    );
 }
 
 #[tokio::test]
