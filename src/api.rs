@@ -36,6 +36,9 @@ pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) 
         (&Method::GET, "/readyz") => ready(node),
         (&Method::POST, "/api/publish") => publish(node, req).await,
         (&Method::GET, path) if path.starts_with("/api/history/") => history(node, req).await,
+        (&Method::GET, path) if path == "/api/presence" || path.starts_with("/api/presence/") => {
+            presence(node, req).await
+        }
         (_, "/api/publish") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -152,6 +155,33 @@ async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// `GET /api/presence` (who is online, as `online_users`) and `GET /api/presence/{userId}`.
+async fn presence(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(refused) = refusal(node, &req) {
+        return refused;
+    }
+    let presence_unavailable =
+        |why: &str| error(StatusCode::SERVICE_UNAVAILABLE, "presence_unavailable", why);
+    match req.uri().path().strip_prefix("/api/presence/") {
+        Some(encoded) => {
+            let user = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+            match node.presence_of(&user).await {
+                Ok(Some(p)) => json_response(StatusCode::OK, &p),
+                Ok(None) => error(
+                    StatusCode::NOT_FOUND,
+                    "user_offline",
+                    &format!("user {user:?} has no socket on any node"),
+                ),
+                Err(e) => presence_unavailable(&e.to_string()),
+            }
+        }
+        None => match node.online_users().await {
+            Ok(users) => json_response(StatusCode::OK, &users),
+            Err(e) => presence_unavailable(&e.to_string()),
+        },
+    }
+}
+
 fn unavailable(why: &str) -> Response<Body> {
     error(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", why)
 }
@@ -201,6 +231,21 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             .map(|()| node.publish(&room, content, Source::Api)),
         Ok(PublishRequest::Broadcast { payload }) => check_content(payload, "broadcast", max_depth)
             .map(|()| node.broadcast(payload, Source::Api)),
+        Ok(PublishRequest::User { user, content }) => {
+            if let Err(e) = check_content(content, "content", max_depth) {
+                return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+            }
+            return match node.direct_message(None, &user, content).await {
+                Ok(fan) => json_response(
+                    StatusCode::OK,
+                    &json!({ "ok": true, "delivered": fan.queued }),
+                ),
+                Err(e) if e.code == crate::protocol::ErrorCode::UserOffline => {
+                    error(StatusCode::NOT_FOUND, e.code.as_str(), &e.message)
+                }
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.code.as_str(), &e.message),
+            };
+        }
         Err(e) => Err(e),
     };
     let published = match published {

@@ -15,8 +15,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 8] = [
-    "server", "batch", "limits", "api", "auth", "redis", "metrics", "demo",
+const SECTIONS: [&str; 9] = [
+    "server", "batch", "limits", "api", "auth", "presence", "redis", "metrics", "demo",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -27,6 +27,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
+    pub presence: PresenceConfig,
     pub redis: RedisConfig,
     pub metrics: MetricsConfig,
     pub demo: DemoConfig,
@@ -253,6 +254,28 @@ impl Default for DemoConfig {
             symbols: 24,
             ticker_rate: 40,
             clock_speed: 60,
+        }
+    }
+}
+
+/// Who is online: the reference servers' `presence:<userId>` hashes, kept fresh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// A user's presence expires this long after the last refresh (a node that died).
+    pub ttl_s: u64,
+    /// How often a node refreshes its users' presence (one pipeline for all of them).
+    pub refresh_s: u64,
+    /// Most users one `get_online_users` lists (`truncated` says there are more).
+    pub max_users: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            ttl_s: 60,
+            refresh_s: 25,
+            max_users: 1000,
         }
     }
 }
@@ -506,6 +529,12 @@ impl Config {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         RoomClasses::new(&self.rooms)?;
+        if self.presence.refresh_s < 1 || self.presence.refresh_s >= self.presence.ttl_s {
+            return Err(ConfigError::Invalid {
+                key: "presence.refresh_s",
+                reason: "must be at least 1 and below presence.ttl_s".into(),
+            });
+        }
         for (index, class) in self.rooms.iter().enumerate() {
             if class.history_size > 100_000 {
                 return Err(ConfigError::Room {

@@ -24,6 +24,10 @@ pub struct Hub {
     rooms: DashMap<Arc<str>, Arc<Room>>,
     /// Every socket on this node, for broadcasts and shutdown.
     sockets: DashMap<ConnId, Arc<Outbox>>,
+    /// Each identified user's sockets on this node, for direct messages.
+    users: DashMap<Arc<str>, IndexMap<ConnId, Arc<Outbox>>>,
+    /// Sockets that asked for presence events.
+    watchers: DashMap<ConnId, Arc<Outbox>>,
 }
 
 struct Room {
@@ -166,7 +170,79 @@ impl Hub {
         Hub {
             rooms: DashMap::with_shard_amount(ROOM_SHARDS),
             sockets: DashMap::new(),
+            users: DashMap::new(),
+            watchers: DashMap::new(),
         }
+    }
+
+    /// Adds a socket of `user`; `on_first` runs, under the user's entry lock, when it is
+    /// the user's first socket on this node (so online and offline keep their order).
+    pub fn add_user(
+        &self,
+        user: &Arc<str>,
+        outbox: &Arc<Outbox>,
+        on_first: impl FnOnce(&Arc<str>),
+    ) {
+        let mut sockets = self.users.entry(user.clone()).or_default();
+        sockets.insert(outbox.id(), outbox.clone());
+        if sockets.len() == 1 {
+            on_first(user);
+        }
+    }
+
+    /// Removes a socket of `user`; `on_last` runs when the user has none left here.
+    pub fn remove_user(&self, user: &Arc<str>, id: ConnId, on_last: impl FnOnce(&Arc<str>)) {
+        let gone = match self.users.get_mut(user) {
+            Some(mut sockets) => sockets.swap_remove(&id).is_some() && sockets.is_empty(),
+            None => false,
+        };
+        if gone {
+            // Removed only if still empty: a socket added meanwhile keeps the entry.
+            if self
+                .users
+                .remove_if(user, |_, sockets| sockets.is_empty())
+                .is_some()
+            {
+                on_last(user);
+            }
+        }
+    }
+
+    /// Queues `message` for every local socket of `user`.
+    pub fn fan_out_user(&self, user: &str, message: &Encoded) -> FanOut {
+        with_due(|due| {
+            let mut out = FanOut::default();
+            if let Some(sockets) = self.users.get(user) {
+                for outbox in sockets.values() {
+                    out.count(outbox.push(message), outbox, due);
+                }
+            }
+            out
+        })
+    }
+
+    /// Whether `user` has a socket on this node.
+    pub fn has_user(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    pub fn watch_presence(&self, outbox: &Arc<Outbox>, watch: bool) {
+        if watch {
+            self.watchers.insert(outbox.id(), outbox.clone());
+        } else {
+            self.watchers.remove(&outbox.id());
+        }
+    }
+
+    /// Queues a presence event for every socket that asked for them.
+    pub fn fan_out_watchers(&self, message: &Encoded) -> FanOut {
+        with_due(|due| {
+            let mut out = FanOut::default();
+            for watcher in self.watchers.iter() {
+                out.count(watcher.value().push(message), watcher.value(), due);
+            }
+            out
+        })
     }
 
     pub fn add_socket(&self, outbox: Arc<Outbox>) {

@@ -15,7 +15,10 @@ use serde_json::value::RawValue;
 
 use crate::auth::Authenticator;
 use crate::batch::DeliveryWindow;
-use crate::broker::{Broker, BrokerState, Envelope, EnvelopeSink, Kind, PublishError, Target};
+use crate::broker::{
+    Broker, BrokerState, Envelope, EnvelopeSink, Kind, OnlineUsers, PresenceError, PresenceEvent,
+    PublishError, Target, UserPresence,
+};
 use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
 use crate::metrics::{Stats, StatsSnapshot};
@@ -198,6 +201,73 @@ impl Node {
         }
     }
 
+    /// A socket identified as `user`: its user's first socket here puts the user online
+    /// on this node and subscribes their direct messages.
+    pub(crate) fn identify(&self, outbox: &Arc<Outbox>, user: &Arc<str>) {
+        self.hub
+            .add_user(user, outbox, |user| self.broker.user_online(user));
+    }
+
+    /// A socket of `user` closed; the user's last one here takes them offline here.
+    pub(crate) fn forget_user(&self, user: &Arc<str>, id: ConnId) {
+        self.hub
+            .remove_user(user, id, |user| self.broker.user_offline(user));
+    }
+
+    /// Starts or stops presence events for a socket.
+    pub(crate) fn watch_presence(&self, outbox: &Arc<Outbox>, watch: bool) {
+        self.hub.watch_presence(outbox, watch);
+    }
+
+    /// Who is online on any node, at most `presence.max_users`.
+    pub async fn online_users(&self) -> Result<OnlineUsers, PresenceError> {
+        let read = self.broker.online_users(self.config.presence.max_users);
+        tokio::time::timeout(HISTORY_WAIT, read)
+            .await
+            .unwrap_or_else(|_| Err(PresenceError::Unavailable("timed out".into())))
+    }
+
+    /// One user's presence, if online anywhere.
+    pub async fn presence_of(&self, user: &str) -> Result<Option<UserPresence>, PresenceError> {
+        let read = self.broker.presence_of(user);
+        tokio::time::timeout(HISTORY_WAIT, read)
+            .await
+            .unwrap_or_else(|_| Err(PresenceError::Unavailable("timed out".into())))
+    }
+
+    /// A direct message to every socket of `to`, on any node; `from` is the sender's
+    /// identity (`None` from a backend). Refused when the user is online nowhere.
+    pub async fn direct_message(
+        &self,
+        from: Option<&str>,
+        to: &str,
+        content: &RawValue,
+    ) -> Result<FanOut, ProtocolError> {
+        let local = self.hub.has_user(to);
+        if !local {
+            match self.presence_of(to).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::UserOffline,
+                        format!("user {to:?} has no socket on any node"),
+                    ))
+                }
+                Err(e) => return Err(ProtocolError::new(ErrorCode::Overloaded, e.to_string())),
+            }
+        }
+        let frame = outbound::direct_message(from, content);
+        self.broker
+            .publish(&[Envelope {
+                origin: self.id.clone(),
+                target: Target::User(Arc::from(to)),
+                payload: frame.clone(),
+                kind: Kind::Message,
+            }])
+            .map_err(|e| ProtocolError::new(ErrorCode::Overloaded, e.to_string()))?;
+        Ok(self.log_slow_consumers(self.hub.fan_out_user(to, &frame)))
+    }
+
     /// A durable room's history, for the HTTP API; `None` for a plain room.
     pub async fn history(
         &self,
@@ -358,7 +428,15 @@ impl EnvelopeSink for Node {
                 self.log_slow_consumers(self.hub.fan_out(room, &envelope.payload))
             }
             Target::Broadcast => self.log_slow_consumers(self.hub.fan_out_all(&envelope.payload)),
+            Target::User(user) => {
+                self.log_slow_consumers(self.hub.fan_out_user(user, &envelope.payload))
+            }
         };
+    }
+
+    fn presence(&self, event: PresenceEvent) {
+        let frame = outbound::presence(event.connected, &event.user_id, &event.server_id);
+        self.log_slow_consumers(self.hub.fan_out_watchers(&frame));
     }
 }
 

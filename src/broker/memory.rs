@@ -21,7 +21,8 @@ use parking_lot::{Mutex, RwLock};
 
 use super::ring::Ring;
 use super::{
-    Broker, BrokerState, Envelope, EnvelopeSink, History, HistoryError, Kind, PublishError, Target,
+    Broker, BrokerState, Envelope, EnvelopeSink, History, HistoryError, Kind, OnlineUsers,
+    PresenceError, PresenceEvent, PublishError, Target, UserPresence,
 };
 use crate::config::Durability;
 use crate::metrics::Stats;
@@ -79,6 +80,8 @@ struct Member {
     node_id: Arc<str>,
     sink: Weak<dyn EnvelopeSink>,
     rooms: Mutex<HashSet<Arc<str>>>,
+    /// Users with a socket on this node, and since when.
+    users: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 impl MemoryBus {
@@ -122,6 +125,7 @@ impl Broker for MemoryBroker {
             node_id,
             sink,
             rooms: Mutex::new(HashSet::new()),
+            users: Mutex::new(HashMap::new()),
         });
         self.bus.members.write().push(member.clone());
         *self.me.lock() = Some(member);
@@ -145,6 +149,7 @@ impl Broker for MemoryBroker {
                 let wanted = match &envelope.target {
                     Target::Broadcast => true,
                     Target::Room(room) => member.rooms.lock().contains(room),
+                    Target::User(user) => member.users.lock().contains_key(user),
                 };
                 if wanted {
                     if let Some(sink) = member.sink.upgrade() {
@@ -172,6 +177,61 @@ impl Broker for MemoryBroker {
         BrokerState::Connected
     }
 
+    fn user_online(&self, user: &Arc<str>) {
+        let Some(me) = self.me() else {
+            return;
+        };
+        let members = self.bus.members.read();
+        let first = !members.iter().any(|m| m.users.lock().contains_key(user));
+        me.users
+            .lock()
+            .insert(user.clone(), crate::protocol::now_ms());
+        if first {
+            announce(&members, true, user, &me.node_id);
+        }
+    }
+
+    fn user_offline(&self, user: &Arc<str>) {
+        let Some(me) = self.me() else {
+            return;
+        };
+        let members = self.bus.members.read();
+        me.users.lock().remove(user);
+        if !members.iter().any(|m| m.users.lock().contains_key(user)) {
+            announce(&members, false, user, &me.node_id);
+        }
+    }
+
+    fn online_users(
+        &self,
+        max: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+        let mut users: Vec<UserPresence> = Vec::new();
+        for member in self.bus.members.read().iter() {
+            for (user, since) in member.users.lock().iter() {
+                if !users.iter().any(|u| *u.user_id == **user) {
+                    users.push(presence(user, &member.node_id, *since));
+                }
+            }
+        }
+        users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        let truncated = users.len() > max;
+        users.truncate(max);
+        Box::pin(std::future::ready(Ok(OnlineUsers { users, truncated })))
+    }
+
+    fn presence_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
+    {
+        let found = self.bus.members.read().iter().find_map(|member| {
+            let since = member.users.lock().get(user).copied()?;
+            Some(presence(user, &member.node_id, since))
+        });
+        Box::pin(std::future::ready(Ok(found)))
+    }
+
     fn history<'a>(
         &'a self,
         room: &'a str,
@@ -181,6 +241,28 @@ impl Broker for MemoryBroker {
         let ring = self.bus.ring(&Arc::from(room), durability, Instant::now());
         let history = ring.lock().query(replay);
         Box::pin(std::future::ready(Ok(history)))
+    }
+}
+
+/// Tells every node on the bus of a presence change.
+fn announce(members: &[Arc<Member>], connected: bool, user: &Arc<str>, node: &Arc<str>) {
+    for member in members {
+        if let Some(sink) = member.sink.upgrade() {
+            sink.presence(PresenceEvent {
+                connected,
+                user_id: user.clone(),
+                server_id: node.clone(),
+            });
+        }
+    }
+}
+
+fn presence(user: &str, node: &str, since: u64) -> UserPresence {
+    UserPresence {
+        user_id: user.to_string(),
+        server_id: node.to_string(),
+        connected_at: since,
+        last_seen: crate::protocol::now_ms(),
     }
 }
 

@@ -44,6 +44,42 @@ pub enum Target {
     Room(Arc<str>),
     /// Every socket on every node (channel `websocket:broadcast`).
     Broadcast,
+    /// Every socket of one user, on every node (channel `user:<id>`).
+    User(Arc<str>),
+}
+
+/// One user online, as the presence index has it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserPresence {
+    pub user_id: String,
+    /// A node the user has a socket on.
+    pub server_id: String,
+    pub connected_at: u64,
+    pub last_seen: u64,
+}
+
+/// An answer to "who is online", at most the asked-for number.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OnlineUsers {
+    pub users: Vec<UserPresence>,
+    /// More users are online than were listed.
+    pub truncated: bool,
+}
+
+/// A user's first socket anywhere appeared, or their last one went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEvent {
+    pub connected: bool,
+    pub user_id: Arc<str>,
+    pub server_id: Arc<str>,
+}
+
+/// Why a presence query could not be answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PresenceError {
+    #[error("presence is not available: {0}")]
+    Unavailable(String),
 }
 
 /// What an envelope carries, for an engine that can tell who is listening.
@@ -92,6 +128,11 @@ pub struct Envelope {
 /// The receiving side of a broker: a node.
 pub trait EnvelopeSink: Send + Sync {
     fn deliver(&self, envelope: Envelope);
+
+    /// A presence change anywhere (this node's own included).
+    fn presence(&self, event: PresenceEvent) {
+        let _ = event;
+    }
 }
 
 /// How a broker is doing, for `/healthz`.
@@ -136,6 +177,36 @@ pub trait Broker: Send + Sync {
         Box::pin(std::future::ready(Err(HistoryError::Unavailable(
             "this engine keeps no history".into(),
         ))))
+    }
+
+    /// A user's first socket on this node appeared: the user is online here; their
+    /// direct messages are wanted here.
+    fn user_online(&self, user: &Arc<str>) {
+        let _ = user;
+    }
+
+    /// A user's last socket on this node went.
+    fn user_offline(&self, user: &Arc<str>) {
+        let _ = user;
+    }
+
+    /// Who is online anywhere, at most `max` of them.
+    fn online_users(
+        &self,
+        max: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+        let _ = max;
+        Box::pin(std::future::ready(Ok(OnlineUsers::default())))
+    }
+
+    /// One user's presence, if online anywhere.
+    fn presence_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
+    {
+        let _ = user;
+        Box::pin(std::future::ready(Ok(None)))
     }
 
     /// The engine's own counters, for `/healthz` and `/metrics`.

@@ -43,8 +43,9 @@ pub async fn serve(
     let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
     let max_bytes = node.config().limits.max_frame_bytes;
     reader::run(&mut read_half, &outbox, &mut session, max_bytes).await;
-    // Normally left already, when the close began; this covers every other way out.
-    session.leave_all();
+    // Rooms were normally left already, when the close began; this covers every other
+    // way out, and the socket's user and presence watch.
+    session.end();
     outbox.close(CloseReason::Gone);
     if writer.await.is_err() {
         tracing::error!(conn = outbox.id(), "socket writer panicked");

@@ -23,6 +23,8 @@ pub struct Session {
     max_rooms: usize,
     max_json_depth: usize,
     access: Access,
+    /// The user this socket is identified as on the node (presence, direct messages).
+    user: Option<Arc<str>>,
     publishes: Budget,
     /// For a trusted publisher: `limits.trusted_publish_rate`.
     trusted_publishes: Budget,
@@ -44,6 +46,7 @@ impl Session {
             node: node.clone(),
             outbox,
             rooms: HashSet::new(),
+            user: None,
         };
         if let Some(token) = upgrade.token {
             if let Err(e) = session.authenticate(Some(&token), None) {
@@ -59,8 +62,12 @@ impl Session {
         user_id: Option<&str>,
     ) -> Result<(), ProtocolError> {
         let identity = self.access.authenticate(&self.node, token, user_id)?;
-        let answer = outbound::authenticated(&identity.user_id);
-        self.outbox.send(&answer);
+        let user = identity.user_id.clone();
+        self.outbox.send(&outbound::authenticated(&user));
+        if self.user.is_none() {
+            self.node.identify(&self.outbox, &user);
+            self.user = Some(user);
+        }
         Ok(())
     }
 
@@ -88,15 +95,34 @@ impl Session {
         }
     }
 
-    /// Answers one complete text message from the client. A join with a replay waits
-    /// for the room's history here: the socket's next frames are read after it.
+    /// Answers one complete text message from the client. What needs another node or
+    /// Redis (a join's history, who is online, a direct message's target) is waited for
+    /// here: the socket's next frames are read after it.
     pub async fn on_text(&mut self, text: &[u8]) {
-        match self.dispatch(text) {
-            Ok(Some((room, replay))) => {
-                self.node.join_replaying(&self.outbox, &room, &replay).await
+        let answered = match self.dispatch(text) {
+            Ok(Some(Later::Replay(room, replay))) => {
+                self.node.join_replaying(&self.outbox, &room, &replay).await;
+                Ok(())
             }
-            Ok(None) => {}
-            Err(e) => self.reply_error(&e),
+            Ok(Some(Later::OnlineUsers)) => match self.node.online_users().await {
+                Ok(users) => {
+                    self.outbox.send(&outbound::online_users(&users));
+                    Ok(())
+                }
+                Err(e) => Err(ProtocolError::new(ErrorCode::Overloaded, e.to_string())),
+            },
+            Ok(Some(Later::Direct { to, content })) => {
+                let from = self.user.clone();
+                self.node
+                    .direct_message(from.as_deref(), &to, &content)
+                    .await
+                    .map(|_| ())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = answered {
+            self.reply_error(&e);
         }
     }
 
@@ -111,8 +137,8 @@ impl Session {
         self.outbox.send(&outbound::error(e));
     }
 
-    /// Handles a frame; a join with a replay is returned for `on_text` to wait on.
-    fn dispatch(&mut self, text: &[u8]) -> Result<Option<(Box<str>, Replay)>, ProtocolError> {
+    /// Handles a frame; what must be waited for is returned for `on_text`.
+    fn dispatch(&mut self, text: &[u8]) -> Result<Option<Later>, ProtocolError> {
         let frame = protocol::parse(text)?;
         if let ClientFrame::Auth { token, user_id } = &frame {
             self.authenticate(token.as_deref(), user_id.as_deref())?;
@@ -121,6 +147,24 @@ impl Session {
         self.access.check_authenticated()?;
         match frame {
             ClientFrame::Auth { .. } => {}
+            ClientFrame::GetOnlineUsers => return Ok(Some(Later::OnlineUsers)),
+            ClientFrame::Presence { subscribe } => {
+                self.node.watch_presence(&self.outbox, subscribe);
+            }
+            ClientFrame::DirectMessage { to, content } => {
+                if self.user.is_none() {
+                    return Err(ProtocolError::new(
+                        ErrorCode::Unauthenticated,
+                        "a direct message needs an identity: send auth first",
+                    ));
+                }
+                protocol::check_content(content, "content", self.max_json_depth)?;
+                self.spend_publish()?;
+                return Ok(Some(Later::Direct {
+                    to: to.into(),
+                    content: content.to_owned(),
+                }));
+            }
             ClientFrame::Join { room, replay } => {
                 if self.rooms.contains(&*room) {
                     return Ok(None);
@@ -137,7 +181,7 @@ impl Session {
                 let room: Box<str> = room.into();
                 self.rooms.insert(room.clone());
                 match replay {
-                    Some(replay) => return Ok(Some((room, replay))),
+                    Some(replay) => return Ok(Some(Later::Replay(room, replay))),
                     None => self.node.join(&self.outbox, &room),
                 }
             }
@@ -176,6 +220,25 @@ impl Session {
             self.node.leave(self.outbox.id(), &room);
         }
     }
+
+    /// The socket is gone: out of its rooms, its user's sockets and presence watchers.
+    pub fn end(&mut self) {
+        self.leave_all();
+        self.node.watch_presence(&self.outbox, false);
+        if let Some(user) = self.user.take() {
+            self.node.forget_user(&user, self.outbox.id());
+        }
+    }
+}
+
+/// Work a frame leaves for `on_text` to wait on.
+enum Later {
+    Replay(Box<str>, Replay),
+    OnlineUsers,
+    Direct {
+        to: Box<str>,
+        content: Box<serde_json::value::RawValue>,
+    },
 }
 
 fn overloaded(e: PublishError) -> ProtocolError {

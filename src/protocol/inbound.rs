@@ -37,6 +37,17 @@ pub enum ClientFrame<'a> {
         token: Option<Cow<'a, str>>,
         user_id: Option<Cow<'a, str>>,
     },
+    /// `{"type":"get_online_users"}`
+    GetOnlineUsers,
+    /// `{"type":"subscribe_presence"}` / `unsubscribe_presence`
+    Presence {
+        subscribe: bool,
+    },
+    /// `{"type":"direct_message","toUserId":U,"content":ANY}`
+    DirectMessage {
+        to: Cow<'a, str>,
+        content: &'a RawValue,
+    },
 }
 
 /// What a join asks of a durable room's history.
@@ -58,9 +69,14 @@ pub enum PublishRequest<'a> {
     Broadcast {
         payload: &'a RawValue,
     },
+    /// `{"userId":U,"content":ANY}`: a direct message from the backend.
+    User {
+        user: Cow<'a, str>,
+        content: &'a RawValue,
+    },
 }
 
-/// Parses `{"roomId":R,"content":ANY}` or `{"broadcast":ANY}`.
+/// Parses `{"roomId":R,"content":ANY}`, `{"userId":U,"content":ANY}` or `{"broadcast":ANY}`.
 pub fn parse_publish_request(body: &[u8]) -> Result<PublishRequest<'_>, ProtocolError> {
     let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
         ProtocolError::new(
@@ -76,6 +92,20 @@ pub fn parse_publish_request(body: &[u8]) -> Result<PublishRequest<'_>, Protocol
             ));
         }
         return Ok(PublishRequest::Broadcast { payload });
+    }
+    if fields.user_id.is_some() {
+        if fields.room_id.is_some() {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "give either roomId or userId, not both",
+            ));
+        }
+        let user = room_id(fields.user_id, "a direct message")
+            .map_err(|e| ProtocolError::new(e.code, e.message.replace("roomId", "userId")))?;
+        let content = fields
+            .content
+            .ok_or_else(|| missing("content", "a direct message"))?;
+        return Ok(PublishRequest::User { user, content });
     }
     let room = room_id(fields.room_id, "a publish request without broadcast")?;
     let content = fields
@@ -127,6 +157,16 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
                 _ => Ok(ClientFrame::Auth { token, user_id }),
             }
         }
+        "get_online_users" => Ok(ClientFrame::GetOnlineUsers),
+        "subscribe_presence" => Ok(ClientFrame::Presence { subscribe: true }),
+        "unsubscribe_presence" => Ok(ClientFrame::Presence { subscribe: false }),
+        "direct_message" => Ok(ClientFrame::DirectMessage {
+            to: room_id(fields.to_user_id, "direct_message")
+                .map_err(|e| ProtocolError::new(e.code, e.message.replace("roomId", "toUserId")))?,
+            content: fields
+                .content
+                .ok_or_else(|| missing("content", "direct_message"))?,
+        }),
         "broadcast" => Ok(ClientFrame::Broadcast {
             payload: fields
                 .payload
@@ -135,7 +175,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
         other => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             format!(
-                "unknown frame type {:?}; this node understands join, leave, message, broadcast, auth",
+                "unknown frame type {:?}; this node understands join, leave, message, broadcast, auth, get_online_users, subscribe_presence, unsubscribe_presence, direct_message",
                 truncate(other, 64)
             ),
         )),
@@ -313,6 +353,7 @@ struct Fields<'a> {
     since: Option<&'a RawValue>,
     token: Option<&'a RawValue>,
     user_id: Option<&'a RawValue>,
+    to_user_id: Option<&'a RawValue>,
     room_id: Option<&'a RawValue>,
     content: Option<&'a RawValue>,
     payload: Option<&'a RawValue>,
@@ -325,6 +366,7 @@ enum Key {
     Since,
     Token,
     UserId,
+    ToUserId,
     RoomId,
     Content,
     Payload,
@@ -347,6 +389,7 @@ impl<'de> Deserialize<'de> for Key {
                     "since" => Key::Since,
                     "token" => Key::Token,
                     "userId" => Key::UserId,
+                    "toUserId" => Key::ToUserId,
                     "roomId" => Key::RoomId,
                     "content" => Key::Content,
                     "payload" => Key::Payload,
@@ -376,6 +419,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         Key::Since => &mut fields.since,
                         Key::Token => &mut fields.token,
                         Key::UserId => &mut fields.user_id,
+                        Key::ToUserId => &mut fields.to_user_id,
                         Key::RoomId => &mut fields.room_id,
                         Key::Content => &mut fields.content,
                         Key::Payload => &mut fields.payload,

@@ -53,11 +53,13 @@ pub enum ErrorCode {
     InvalidToken,
     /// The socket's token expired: send a fresh one before the grace period ends.
     TokenExpired,
+    /// A direct message to a user with no socket on any node.
+    UserOffline,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -72,6 +74,7 @@ impl ErrorCode {
         ErrorCode::Unauthenticated,
         ErrorCode::InvalidToken,
         ErrorCode::TokenExpired,
+        ErrorCode::UserOffline,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +93,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::UserOffline => "user_offline",
         }
     }
 }

@@ -179,6 +179,41 @@ pub fn authenticated(user_id: &str) -> Encoded {
     b.finish()
 }
 
+/// `{"type":"direct_message","fromUserId":U,"content":C}`; a backend's has no `fromUserId`.
+pub fn direct_message(from: Option<&str>, content: &RawValue) -> Encoded {
+    let content = content.get().as_bytes();
+    let mut b = Builder::with_capacity(64 + content.len());
+    b.raw(br#"{"type":"direct_message","#);
+    if let Some(from) = from {
+        b.raw(br#""fromUserId":"#).string(from).raw(b",");
+    }
+    b.raw(br#""content":"#).raw(content).raw(b"}");
+    b.finish()
+}
+
+/// `{"type":"presence","event":"connected"|"disconnected","userId":U,"serverId":S}`
+pub fn presence(connected: bool, user_id: &str, server_id: &str) -> Encoded {
+    let mut b = Builder::with_capacity(80 + user_id.len() + server_id.len());
+    b.raw(if connected {
+        br#"{"type":"presence","event":"connected","userId":"#.as_slice()
+    } else {
+        br#"{"type":"presence","event":"disconnected","userId":"#.as_slice()
+    })
+    .string(user_id)
+    .raw(br#","serverId":"#)
+    .string(server_id)
+    .raw(b"}");
+    b.finish()
+}
+
+/// `{"type":"online_users","users":[...],"truncated":B}`: not on the hot path, so
+/// serialized with serde.
+pub fn online_users(users: &impl serde::Serialize) -> Encoded {
+    let mut value = serde_json::to_value(users).unwrap_or_default();
+    value["type"] = serde_json::Value::from("online_users");
+    Encoded::from_json(&serde_json::to_vec(&value).unwrap_or_default())
+}
+
 /// Whether a socket entered or left a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {

@@ -11,6 +11,11 @@ pub struct Keys {
     pub probe: String,
     /// Sorted set of live node ids, scored by when each stops counting as alive.
     pub alive: String,
+    /// Sorted set of online users, scored by when each entry expires.
+    pub presence_index: String,
+    /// Channel of presence changes (`connected` / `disconnected`).
+    pub presence_updates: String,
+    prefix: String,
     metrics_prefix: String,
     stream_prefix: String,
     /// This node's cluster report hash (`metrics:<serverId>`).
@@ -27,12 +32,39 @@ impl Keys {
             broadcast: format!("{prefix}websocket:broadcast"),
             probe: format!("{probe_prefix}{node_id}"),
             alive: format!("{prefix}volley:alive"),
+            presence_index: format!("{prefix}presence:online"),
+            presence_updates: format!("{prefix}presence:updates"),
+            prefix: prefix.to_string(),
             probe_prefix,
             metrics: format!("{prefix}metrics:{node_id}"),
             metrics_prefix: format!("{prefix}metrics:"),
             stream_prefix: format!("{prefix}stream:"),
             nodes: format!("{prefix}volley:nodes"),
         }
+    }
+
+    /// A user's presence hash (`serverId`, `connectedAt`, `lastSeen`).
+    pub fn presence(&self, user: &str) -> String {
+        format!("{}presence:{user}", self.prefix)
+    }
+
+    /// The nodes a user has sockets on (sorted set, scored by when each entry expires).
+    pub fn presence_nodes(&self, user: &str) -> String {
+        format!("{}presence:{user}:nodes", self.prefix)
+    }
+
+    /// A user's direct-message channel.
+    pub fn user(&self, user: &str) -> String {
+        format!("{}user:{user}", self.prefix)
+    }
+
+    /// The user of a `user:<id>` channel.
+    pub fn user_of<'a>(&self, channel: &'a [u8]) -> Option<&'a str> {
+        channel
+            .strip_prefix(self.prefix.as_bytes())
+            .and_then(|c| c.strip_prefix(b"user:"))
+            .and_then(|user| std::str::from_utf8(user).ok())
+            .filter(|user| !user.is_empty())
     }
 
     /// A durable room's stream (`stream:<roomId>`, field `data`, the reference servers' key).

@@ -17,6 +17,7 @@
 mod durable;
 mod envelope;
 mod keys;
+mod presence;
 mod publisher;
 mod queue;
 mod subscriber;
@@ -40,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError, Kind,
-    PublishError, Target,
+    OnlineUsers, PresenceError, PublishError, Target, UserPresence,
 };
 use crate::config::Config;
 use crate::config::Durability;
@@ -155,6 +156,8 @@ struct Subscriptions {
 
 pub struct RedisBroker {
     shared: Arc<Shared>,
+    /// This node's presence changes, applied in order by the presence task.
+    presence: tokio::sync::mpsc::UnboundedSender<presence::Change>,
     queue: Arc<PublishQueue>,
     subscriptions: Arc<Subscriptions>,
     stop: CancellationToken,
@@ -231,6 +234,14 @@ impl RedisBroker {
             config,
             stop.clone(),
         )));
+        let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
+        let presence = tokio::spawn(presence::run(
+            shared.clone(),
+            publisher_conn.clone(),
+            presence_rx,
+            config.presence.clone(),
+            stop.clone(),
+        ));
         let subscriber = tokio::spawn(subscriber::run(
             shared.clone(),
             subscriptions.clone(),
@@ -241,10 +252,11 @@ impl RedisBroker {
         ));
         Ok(Arc::new(RedisBroker {
             shared,
+            presence: presence_tx,
             queue,
             subscriptions,
             stop,
-            tasks: Mutex::new(vec![publisher, subscriber]),
+            tasks: Mutex::new(vec![publisher, subscriber, presence]),
         }))
     }
 }
@@ -301,10 +313,21 @@ impl Shared {
             self.on_probe(message);
             return;
         }
+        if channel == self.keys.presence_updates.as_bytes() {
+            if let (Some(event), Some(sink)) = (
+                presence::event(message),
+                self.sink.get().and_then(Weak::upgrade),
+            ) {
+                sink.presence(event);
+            }
+            return;
+        }
         let target = if channel == self.keys.broadcast.as_bytes() {
             Target::Broadcast
         } else if let Some(room) = self.keys.room_of(channel) {
             Target::Room(Arc::from(room))
+        } else if let Some(user) = self.keys.user_of(channel) {
+            Target::User(Arc::from(user))
         } else {
             return;
         };
@@ -437,6 +460,61 @@ impl Broker for RedisBroker {
 
     fn state(&self) -> BrokerState {
         self.shared.state()
+    }
+
+    fn user_online(&self, user: &Arc<str>) {
+        let _ = self.presence.send(presence::Change::Online(user.clone()));
+        if self
+            .subscriptions
+            .rooms
+            .lock()
+            .insert(self.shared.keys.user(user))
+        {
+            self.subscriptions.changed.notify_one();
+        }
+    }
+
+    fn user_offline(&self, user: &Arc<str>) {
+        let _ = self.presence.send(presence::Change::Offline(user.clone()));
+        if self
+            .subscriptions
+            .rooms
+            .lock()
+            .remove(&self.shared.keys.user(user))
+        {
+            self.subscriptions.changed.notify_one();
+        }
+    }
+
+    fn online_users(
+        &self,
+        max: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+        Box::pin(async move {
+            let conn = self
+                .shared
+                .reader
+                .get()
+                .cloned()
+                .ok_or_else(|| PresenceError::Unavailable("no Redis connection".into()))?;
+            presence::online_users(&self.shared, conn, max).await
+        })
+    }
+
+    fn presence_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let conn = self
+                .shared
+                .reader
+                .get()
+                .cloned()
+                .ok_or_else(|| PresenceError::Unavailable("no Redis connection".into()))?;
+            presence::presence_of(&self.shared, conn, user).await
+        })
     }
 
     fn history<'a>(

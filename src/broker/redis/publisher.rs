@@ -164,6 +164,7 @@ impl Publisher {
         match &envelope.target {
             Target::Room(room) => self.shared.keys.room(room),
             Target::Broadcast => self.shared.keys.broadcast.clone(),
+            Target::User(user) => self.shared.keys.user(user),
         }
     }
 

@@ -226,6 +226,7 @@ async fn reconcile(
     };
     let mut wanted = subscriptions.rooms.lock().clone();
     wanted.insert(shared.keys.broadcast.clone());
+    wanted.insert(shared.keys.presence_updates.clone());
     let probe = &shared.keys.probe;
     let add: Vec<String> = wanted.difference(current).cloned().collect();
     let remove: Vec<String> = current
