@@ -20,6 +20,10 @@
  *   rejoin with `since`: whether everything missed was replayed
  * @param {(up: boolean) => void} [options.onStatus] connected or not
  * @param {string} [options.token] a JWT, sent first on every connection (see `auth`)
+ * @param {(event: object) => void} [options.onPresence] presence events, after `subscribePresence()`
+ * @param {(answer: object) => void} [options.onOnlineUsers] answers to `getOnlineUsers()`
+ * @param {(message: object) => void} [options.onDirectMessage] direct messages to this user
+ * @param {(userId: string) => void} [options.onAuthenticated] the identity the node took
  * @param {number} [options.minDelay] first reconnect delay bound, ms (250)
  * @param {number} [options.maxDelay] largest reconnect delay bound, ms (10000)
  */
@@ -50,6 +54,22 @@ export class VolleyClient {
     const room = { history, onMessage, offset: null, epoch: null };
     this.rooms.set(roomId, room);
     this.sendJoin(roomId, room);
+  }
+
+  /** Presence events (`{type:"presence",event,userId,serverId}`) to `options.onPresence`. */
+  subscribePresence() {
+    this.presence = true;
+    this.send({ type: "subscribe_presence" });
+  }
+
+  /** Asks who is online; the answer (`{type:"online_users",users,truncated}`) comes to `options.onOnlineUsers`. */
+  getOnlineUsers() {
+    this.send({ type: "get_online_users" });
+  }
+
+  /** A direct message to every socket of `userId` (needs an identity: `auth`). */
+  directMessage(userId, content) {
+    this.send({ type: "direct_message", toUserId: userId, content });
   }
 
   leave(roomId) {
@@ -84,6 +104,7 @@ export class VolleyClient {
       this.attempt = 0;
       this.options.onStatus?.(true);
       if (this.token) this.send({ type: "auth", token: this.token });
+      if (this.presence) this.send({ type: "subscribe_presence" });
       for (const [roomId, room] of this.rooms) this.sendJoin(roomId, room);
     };
     ws.onmessage = (event) => {
@@ -107,6 +128,10 @@ export class VolleyClient {
       this.options.onError?.(message);
       return;
     }
+    if (message.type === "presence") return this.options.onPresence?.(message);
+    if (message.type === "online_users") return this.options.onOnlineUsers?.(message);
+    if (message.type === "direct_message") return this.options.onDirectMessage?.(message);
+    if (message.type === "authenticated") return this.options.onAuthenticated?.(message.userId);
     const room = this.rooms.get(message.roomId);
     if (!room) return;
     if (message.type === "history") {
