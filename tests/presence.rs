@@ -271,3 +271,66 @@ async fn the_embedded_engine_keeps_presence_and_direct_messages_too() {
         (json!("disconnected"), json!("u3"))
     );
 }
+
+/// Calls of one command so far, from Redis' own statistics.
+async fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let mut conn = redis.conn().await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn listing_5000_users_reads_an_index_never_the_keyspace() {
+    let redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "one", |c| c.presence.max_users = 10_000).await;
+    // 5 000 users online on some other node, written as the presence task writes them.
+    let mut conn = redis.conn().await;
+    let expires = now_ms() + 60_000;
+    let mut pipe = redis::pipe();
+    for i in 0..5000 {
+        let user = format!("user-{i:04}");
+        pipe.zadd("presence:online", &user, expires).ignore();
+        pipe.hset_multiple(
+            format!("presence:{user}"),
+            &[
+                ("serverId", "elsewhere"),
+                ("connectedAt", "1"),
+                ("lastSeen", "2"),
+            ],
+        )
+        .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let mut asker = Client::connect(node.local_addr()).await;
+    let (zrange, hmget) = (calls(&redis, "zrange").await, calls(&redis, "hmget").await);
+    let listed = online(&mut asker).await;
+    assert_eq!(listed["users"].as_array().unwrap().len(), 5000);
+    assert_eq!(listed["users"][0]["serverId"], "elsewhere");
+    assert_eq!(
+        calls(&redis, "zrange").await - zrange,
+        1,
+        "one read of the index"
+    );
+    assert_eq!(
+        calls(&redis, "hmget").await - hmget,
+        5000,
+        "one pipeline of hashes"
+    );
+    assert_eq!(calls(&redis, "keys").await + calls(&redis, "scan").await, 0);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
