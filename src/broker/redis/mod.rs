@@ -289,6 +289,14 @@ impl Shared {
         *self.shutdown_deadline.lock()
     }
 
+    /// The connection presence queries read with.
+    fn reader_for_presence(&self) -> Result<ConnectionManager, PresenceError> {
+        self.reader
+            .get()
+            .cloned()
+            .ok_or_else(|| PresenceError::Unavailable("no Redis connection".into()))
+    }
+
     /// Waits (bounded) until Redis has confirmed the subscription to `channel`.
     async fn until_subscribed(&self, channel: &str) -> bool {
         let wait = async {
@@ -491,12 +499,7 @@ impl Broker for RedisBroker {
         max: usize,
     ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
         Box::pin(async move {
-            let conn = self
-                .shared
-                .reader
-                .get()
-                .cloned()
-                .ok_or_else(|| PresenceError::Unavailable("no Redis connection".into()))?;
+            let conn = self.shared.reader_for_presence()?;
             presence::online_users(&self.shared, conn, max).await
         })
     }
@@ -507,12 +510,7 @@ impl Broker for RedisBroker {
     ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
     {
         Box::pin(async move {
-            let conn = self
-                .shared
-                .reader
-                .get()
-                .cloned()
-                .ok_or_else(|| PresenceError::Unavailable("no Redis connection".into()))?;
+            let conn = self.shared.reader_for_presence()?;
             presence::presence_of(&self.shared, conn, user).await
         })
     }
