@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command of README.md: installs what the suite needs, then runs it.
+# The test command of README.md: installs what the suite needs (Debian's redis-server,
+# chromium and nginx-light), then runs it.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
 # nothing here touches a system Redis on 6379. The browser tests drive Debian's
 # chromium headless against nodes on 127.0.0.1 (screenshots in target/test-output/).
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]} (Debian packages)"
   as_root=""

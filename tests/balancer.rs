@@ -1,0 +1,137 @@
+//! Several nodes behind Debian's nginx, configured as README shows: clients connected
+//! through the balancer get every message whichever node they landed on, and clients of
+//! a node that is taken out reconnect through the balancer to the other.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// nginx on its own port, in front of the given nodes; stopped when dropped.
+struct Nginx {
+    port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    async fn start(upstreams: &[std::net::SocketAddr]) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("volley-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("    server {a} max_fails=1 fail_timeout=5s;\n"))
+            .collect();
+        let d = dir.display();
+        let conf = format!(
+            r#"daemon off;
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+{}
+}}
+"#,
+            README_SITE
+                .replace("VOLLEY_UPSTREAMS\n", &servers)
+                .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let nginx = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nginx");
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx must be installed (bash tests/run.sh installs nginx-light)");
+        let addr = format!("127.0.0.1:{port}");
+        tokio::time::timeout(WAIT, async {
+            while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("nginx did not start");
+        Nginx { port, child, dir }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The site block of README's "Behind a load balancer", with the upstream servers and the
+/// listen line left to fill in.
+const README_SITE: &str = include_str!("../deploy/nginx-volley.conf");
+
+#[tokio::test]
+async fn clients_behind_nginx_get_everything_and_move_when_a_node_leaves() {
+    let redis = RedisServer::start().await;
+    let a = start_on_redis(&redis, "a", |_| {}).await;
+    let b = start_on_redis(&redis, "b", |_| {}).await;
+    let nginx = Nginx::start(&[a.local_addr(), b.local_addr()]).await;
+    let lb = nginx.addr();
+
+    // Round robin: the two clients land on different nodes.
+    let mut first = Client::connect(lb).await;
+    first.join("match").await;
+    let mut second = Client::connect(lb).await;
+    second.join("match").await;
+    redis.wait_numsub("room:match", 2).await;
+    let (status, _) = api_publish(lb, &json!({"roomId":"match","content":"kick-off"})).await;
+    assert_eq!(status, 200);
+    for client in [&mut first, &mut second] {
+        assert_eq!(client.next_room_message().await["content"], "kick-off");
+    }
+
+    // Node a is taken out: its client is told (1001) and comes back through nginx, to b.
+    a.shutdown().await;
+    let mut seen = Vec::new();
+    for client in [&mut first, &mut second] {
+        // The client on b may hear nothing (or a user_left): bounded, not a failure.
+        let next = tokio::time::timeout(Duration::from_secs(2), client.next_event()).await;
+        seen.push(next.ok());
+    }
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, Some(Event::Close(1001, _)))),
+        "one client was on the node that left: {seen:?}"
+    );
+    let mut again = Client::connect(lb).await;
+    again.join("match").await;
+    let (status, _) = api_publish(lb, &json!({"roomId":"match","content":"second half"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(again.next_room_message().await["content"], "second half");
+    assert_eq!(health(lb).await["node_id"], "b");
+}
