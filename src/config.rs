@@ -209,6 +209,9 @@ pub struct RedisConfig {
     pub recovery_wait_ms: u64,
     /// Most messages in one envelope, sent or received; bigger received ones are dropped.
     pub max_envelope_messages: usize,
+    /// Independent Redis servers to spread rooms over (instead of `redis.url`): each
+    /// room lives on one shard, chosen by rendezvous hashing of its id.
+    pub shards: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,6 +339,7 @@ impl Default for RedisConfig {
             probe_interval_ms: 1000,
             recovery_wait_ms: 10_000,
             max_envelope_messages: 1000,
+            shards: Vec::new(),
         }
     }
 }
@@ -596,6 +600,26 @@ impl Config {
             use redis::IntoConnectionInfo;
             if let Err(e) = self.redis.url.as_str().into_connection_info() {
                 return invalid("redis.url", &format!("not a usable Redis URL: {e}"));
+            }
+        }
+        if !self.redis.shards.is_empty() {
+            use redis::IntoConnectionInfo;
+            if !self.redis.url.is_empty() {
+                return invalid(
+                    "redis.shards",
+                    "give either redis.url or redis.shards, not both",
+                );
+            }
+            for url in &self.redis.shards {
+                if !url.starts_with("redis://") {
+                    return invalid("redis.shards", &format!("{url}: must start with redis://"));
+                }
+                if let Err(e) = url.as_str().into_connection_info() {
+                    return invalid(
+                        "redis.shards",
+                        &format!("{url}: not a usable Redis URL: {e}"),
+                    );
+                }
             }
         }
         if self.redis.outage_buffer < 1 {

@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod redis;
 mod ring;
+pub mod sharded;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +25,7 @@ use crate::protocol::Encoded;
 
 pub use self::redis::RedisBroker;
 pub use memory::{MemoryBroker, MemoryBus};
+pub use sharded::ShardedBroker;
 
 /// An engine's own counters, as `name -> value` (`redis_pipelines`, ...).
 pub type BrokerStats = Vec<(&'static str, u64)>;

@@ -168,10 +168,12 @@ impl RedisBroker {
     /// Starts the engine's tasks; connections are made (and remade) in the background,
     /// so a node starts even while Redis is down and reports it through `/readyz`.
     pub fn start(config: &Config) -> Result<Arc<RedisBroker>, RedisStartError> {
-        let info = config
-            .redis
-            .url
-            .as_str()
+        Self::start_on(config, &config.redis.url)
+    }
+
+    /// Starts the engine on the Redis at `url` (one of `redis.shards`, or `redis.url`).
+    pub fn start_on(config: &Config, url: &str) -> Result<Arc<RedisBroker>, RedisStartError> {
+        let info = url
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
         let resp3 = info
