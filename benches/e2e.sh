@@ -3,6 +3,7 @@
 #
 #   benches/e2e.sh SCENARIO [--set KEY=VALUE ...]      SCENARIO: scoreboard | ticker | saturate
 #   NODES=1 benches/e2e.sh ticker                      one node on the embedded broker
+#   SHARDS=3 benches/e2e.sh ticker                     three independent Redis (redis.shards)
 #   WARMUP=3 DURATION=10 benches/e2e.sh scoreboard     seconds
 #   BENCH_ARGS="--rate 4000" benches/e2e.sh ticker     extra volley-bench flags
 #   PREBUILT=DIR benches/e2e.sh ticker               use DIR/volley, DIR/volley-bench (no build)
@@ -50,16 +51,29 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-redis_args=(); bench_redis=()
+redis_args=(); bench_redis=(); shard_pids=()
 if [ "$nodes" -gt 1 ]; then
-  rport=$(free_port)
-  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-  pids+=($!)
-  redis_pid=$!
-  for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
-  redis_args=(--set "redis.url=redis://127.0.0.1:$rport")
-  bench_redis=(--redis-url "redis://127.0.0.1:$rport" --redis-pid "$redis_pid")
+  # SHARDS=N: N independent Redis servers (redis.shards) instead of one (redis.url).
+  shard_urls=()
+  for _ in $(seq "${SHARDS:-1}"); do
+    rport=$(free_port)
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+    pids+=($!); shard_pids+=($!)
+    for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
+    shard_urls+=("redis://127.0.0.1:$rport")
+  done
+  redis_pid=${shard_pids[0]}
+  if [ "${SHARDS:-1}" -gt 1 ]; then
+    list=$(printf '"%s",' "${shard_urls[@]}")
+    redis_args=(--set "redis.shards=[${list%,}]")
+  else
+    redis_args=(--set "redis.url=${shard_urls[0]}")
+  fi
+  # The bench reads the first Redis' command rates and CPU; per-shard CPU is printed below.
+  bench_redis=(--redis-url "${shard_urls[0]}" --redis-pid "$redis_pid")
 fi
+shard_cpu() { for p in "${shard_pids[@]}"; do awk '{print $14+$15}' "/proc/$p/stat"; done | paste -sd' '; }
+cpu_before=$(shard_cpu)
 
 urls=(); node_pids=(); node_http=(); perf_pids=()
 for i in $(seq "$nodes"); do
@@ -107,6 +121,11 @@ else
   # shellcheck disable=SC2086
   "$bin/volley-bench" --scenario "$scenario" "${urls[@]}" "${pid_args[@]}" "${bench_redis[@]}" \
     --warmup "$warmup" --duration "$duration" ${BENCH_ARGS:-}
+fi
+
+if [ "${SHARDS:-1}" -gt 1 ]; then
+  # CPU ticks each shard used over the whole run (start-up and warm-up included).
+  echo "redis shard CPU ticks: before [$cpu_before] after [$(shard_cpu)]" >&2
 fi
 
 if [ -n "${FLAMEGRAPH:-}" ]; then
