@@ -95,6 +95,11 @@ async fn a_valid_token_gives_its_subject_and_bad_ones_give_nothing() {
         let answer = auth(&mut c, &token).await;
         assert_eq!(answer["code"], "invalid_token", "{token}: {answer}");
     }
+    // An exp too far away to count down to is taken as no expiry, not a crash.
+    let mut far = Client::connect(server.local_addr()).await;
+    let forever = hs256(json!({"sub":"zoe","exp": u64::MAX}));
+    assert_eq!(auth(&mut far, &forever).await["userId"], "zoe");
+    far.join("r").await;
     // Without a key, the client's word is not taken.
     let mut c = Client::connect(server.local_addr()).await;
     c.send(json!({"type":"auth","userId":"admin"})).await;

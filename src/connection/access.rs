@@ -77,9 +77,10 @@ impl Access {
                 ));
             }
         }
-        self.expires = identity.expires_at.map(|exp| {
-            let left_ms = (exp * 1000).saturating_sub(now_ms());
-            Instant::now() + Duration::from_millis(left_ms)
+        // An `exp` too far away to represent is as good as none.
+        self.expires = identity.expires_at.and_then(|exp| {
+            let left_ms = exp.saturating_mul(1000).saturating_sub(now_ms());
+            Instant::now().checked_add(Duration::from_millis(left_ms))
         });
         self.grace_until = None;
         Ok(self.identity.insert(identity))
