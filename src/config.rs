@@ -212,6 +212,14 @@ pub struct RedisConfig {
     /// Independent Redis servers to spread rooms over (instead of `redis.url`): each
     /// room lives on one shard, chosen by rendezvous hashing of its id.
     pub shards: Vec<String>,
+    /// Sentinels (`host:port`) that name the master of `redis.master_name` (instead of
+    /// `redis.url`); the node follows every failover.
+    pub sentinels: Vec<String>,
+    pub master_name: String,
+    /// Password of the master and replicas, when Sentinel names them.
+    pub master_password: String,
+    /// Password of the sentinels themselves.
+    pub sentinel_password: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,6 +348,10 @@ impl Default for RedisConfig {
             recovery_wait_ms: 10_000,
             max_envelope_messages: 1000,
             shards: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: String::new(),
+            master_password: String::new(),
+            sentinel_password: String::new(),
         }
     }
 }
@@ -600,6 +612,29 @@ impl Config {
             use redis::IntoConnectionInfo;
             if let Err(e) = self.redis.url.as_str().into_connection_info() {
                 return invalid("redis.url", &format!("not a usable Redis URL: {e}"));
+            }
+        }
+        if !self.redis.sentinels.is_empty() {
+            if !self.redis.url.is_empty() || !self.redis.shards.is_empty() {
+                return invalid(
+                    "redis.sentinels",
+                    "give one of redis.url, redis.shards or redis.sentinels",
+                );
+            }
+            if self.redis.master_name.is_empty() {
+                return invalid("redis.master_name", "is required with redis.sentinels");
+            }
+            for sentinel in &self.redis.sentinels {
+                if sentinel
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return invalid(
+                        "redis.sentinels",
+                        &format!("{sentinel}: expected host:port"),
+                    );
+                }
             }
         }
         if !self.redis.shards.is_empty() {

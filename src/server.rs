@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, Body};
 use crate::broker::redis::RedisStartError;
-use crate::broker::{Broker, MemoryBroker, RedisBroker, ShardedBroker};
+use crate::broker::{Broker, MemoryBroker, RedisBroker, SentinelBroker, ShardedBroker};
 use crate::config::Config;
 use crate::connection;
 use crate::features::Features;
@@ -75,7 +75,9 @@ impl Server {
     /// Binds `server.listen` and serves with the broker the config asks for: Redis when
     /// `redis.url` is set, else the embedded memory broker.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
-        let broker: Arc<dyn Broker> = if !config.redis.shards.is_empty() {
+        let broker: Arc<dyn Broker> = if !config.redis.sentinels.is_empty() {
+            SentinelBroker::start(&config)?
+        } else if !config.redis.shards.is_empty() {
             ShardedBroker::start(&config)?
         } else if config.redis.url.is_empty() {
             Arc::new(MemoryBroker::standalone())

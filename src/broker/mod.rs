@@ -11,6 +11,7 @@
 pub mod memory;
 pub mod redis;
 mod ring;
+pub mod sentinel;
 pub mod sharded;
 
 use std::future::Future;
@@ -25,6 +26,7 @@ use crate::protocol::Encoded;
 
 pub use self::redis::RedisBroker;
 pub use memory::{MemoryBroker, MemoryBus};
+pub use sentinel::SentinelBroker;
 pub use sharded::ShardedBroker;
 
 /// An engine's own counters, as `name -> value` (`redis_pipelines`, ...).

@@ -301,6 +301,7 @@ pub fn without_timestamp(mut m: Value) -> Value {
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
 }
 
 impl RedisServer {
@@ -315,6 +316,16 @@ impl RedisServer {
 
     /// Starts (again) on a given port, with nothing persisted.
     pub async fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &[]).await
+    }
+
+    /// Starts on `port` with extra arguments (`--replicaof HOST PORT`, ...).
+    pub async fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        // A directory of its own: a replica writes the master's snapshot to its working
+        // directory, and any redis-server loads a dump.rdb it finds there at start.
+        let dir = std::env::temp_dir().join(format!("volley-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("redis dir");
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -329,12 +340,16 @@ impl RedisServer {
                 "--enable-debug-command",
                 "yes",
             ])
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (bash tests/run.sh installs it)");
         let server = RedisServer {
             port,
             child: Some(child),
+            dir,
         };
         // Ready when it answers PING.
         tokio::time::timeout(WAIT, async {
@@ -435,6 +450,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,0 +1,236 @@
+//! Redis behind Sentinel (`redis.sentinels` + `redis.master_name`): the node asks the
+//! sentinels which server is the master, runs the Redis engine on it, and follows every
+//! failover. A watch asks again every half second; when the sentinels name another
+//! master, a new engine starts on it, takes over this node's room subscriptions and online
+//! users, and replaces the old one, which is shut down (what it still held is counted
+//! and logged like any publish Redis may not have run). Durable rooms then repair any gap
+//! from the new master's streams, as after any reconnect.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use super::redis::RedisStartError;
+use super::{
+    Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError, OnlineUsers,
+    PresenceError, PublishError, RedisBroker, UserPresence,
+};
+use crate::config::{Config, Durability};
+use crate::metrics::Stats;
+use crate::protocol::inbound::Replay;
+
+/// How often the sentinels are asked who the master is.
+const WATCH: Duration = Duration::from_millis(500);
+/// A master nobody has named yet: the engine waits on it, unreachable, until one is.
+const NO_MASTER: &str = "redis://127.0.0.1:1";
+
+/// What `attach` handed over, kept so every new engine can be attached the same way.
+type Attached = (Arc<str>, Weak<dyn EnvelopeSink>, Arc<Stats>);
+
+pub struct SentinelBroker {
+    config: Config,
+    current: RwLock<Arc<RedisBroker>>,
+    master: Mutex<String>,
+    attached: OnceLock<Attached>,
+    /// What the next engine must take over.
+    rooms: Mutex<HashSet<Arc<str>>>,
+    users: Mutex<HashSet<Arc<str>>>,
+    failovers: AtomicU64,
+    stop: CancellationToken,
+}
+
+impl SentinelBroker {
+    /// Starts on whatever the sentinels name (or nothing yet) and watches them.
+    pub fn start(config: &Config) -> Result<Arc<SentinelBroker>, RedisStartError> {
+        let engine = RedisBroker::start_on(config, NO_MASTER)?;
+        let broker = Arc::new(SentinelBroker {
+            config: config.clone(),
+            current: RwLock::new(engine),
+            master: Mutex::new(NO_MASTER.to_string()),
+            attached: OnceLock::new(),
+            rooms: Mutex::new(HashSet::new()),
+            users: Mutex::new(HashSet::new()),
+            failovers: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(watch(Arc::downgrade(&broker), broker.stop.clone()));
+        Ok(broker)
+    }
+
+    fn engine(&self) -> Arc<RedisBroker> {
+        self.current.read().clone()
+    }
+
+    /// Moves to the master at `url`: a new engine with this node's subscriptions.
+    fn switch(&self, url: String) {
+        let engine = match RedisBroker::start_on(&self.config, &url) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::error!(master = %url, error = %e, "cannot start on the master Sentinel named");
+                return;
+            }
+        };
+        if let Some((id, sink, stats)) = self.attached.get() {
+            engine.attach(id.clone(), sink.clone(), stats.clone());
+        }
+        for room in self.rooms.lock().iter() {
+            engine.subscribe(room);
+        }
+        for user in self.users.lock().iter() {
+            engine.user_online(user);
+        }
+        let old = std::mem::replace(&mut *self.current.write(), engine);
+        let was = std::mem::replace(&mut *self.master.lock(), url.clone());
+        if was != NO_MASTER {
+            self.failovers.fetch_add(1, Relaxed);
+            tracing::warn!(from = %was, to = %url, "Redis master changed (Sentinel failover); following it");
+        } else {
+            tracing::info!(master = %url, "Redis master named by Sentinel");
+        }
+        tokio::spawn(async move {
+            old.shutdown(Instant::now() + Duration::from_secs(1)).await;
+        });
+    }
+
+    /// The master's URL, as the first sentinel that answers names it.
+    async fn ask(&self) -> Option<String> {
+        let redis = &self.config.redis;
+        for sentinel in &redis.sentinels {
+            let auth = if redis.sentinel_password.is_empty() {
+                String::new()
+            } else {
+                format!(":{}@", percent(&redis.sentinel_password))
+            };
+            let Ok(client) = redis::Client::open(format!("redis://{auth}{sentinel}")) else {
+                continue;
+            };
+            let asked = async {
+                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&redis.master_name)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            if let Ok(Some((host, port))) = tokio::time::timeout(WATCH, asked).await {
+                let auth = if redis.master_password.is_empty() {
+                    String::new()
+                } else {
+                    format!(":{}@", percent(&redis.master_password))
+                };
+                return Some(format!("redis://{auth}{host}:{port}"));
+            }
+        }
+        None
+    }
+}
+
+fn percent(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+async fn watch(broker: Weak<SentinelBroker>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(WATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        if let Some(url) = broker.ask().await {
+            if *broker.master.lock() != url {
+                broker.switch(url);
+            }
+        }
+    }
+}
+
+impl Broker for SentinelBroker {
+    fn engine(&self) -> &'static str {
+        "redis-sentinel"
+    }
+
+    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>) {
+        self.engine()
+            .attach(node_id.clone(), sink.clone(), stats.clone());
+        let _ = self.attached.set((node_id, sink, stats));
+    }
+
+    fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError> {
+        self.engine().publish(batch)
+    }
+
+    fn subscribe(&self, room: &Arc<str>) {
+        self.rooms.lock().insert(room.clone());
+        self.engine().subscribe(room);
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        self.rooms.lock().remove(room);
+        self.engine().unsubscribe(room);
+    }
+
+    fn state(&self) -> BrokerState {
+        self.engine().state()
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        replay: &'a Replay,
+        durability: Durability,
+    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+        let engine = self.engine();
+        Box::pin(async move { engine.history(room, replay, durability).await })
+    }
+
+    fn user_online(&self, user: &Arc<str>) {
+        self.users.lock().insert(user.clone());
+        self.engine().user_online(user);
+    }
+
+    fn user_offline(&self, user: &Arc<str>) {
+        self.users.lock().remove(user);
+        self.engine().user_offline(user);
+    }
+
+    fn online_users(
+        &self,
+        max: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+        let engine = self.engine();
+        Box::pin(async move { engine.online_users(max).await })
+    }
+
+    fn presence_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
+    {
+        let engine = self.engine();
+        Box::pin(async move { engine.presence_of(user).await })
+    }
+
+    fn stats(&self) -> BrokerStats {
+        let mut stats = self.engine().stats();
+        stats.push(("redis_failovers", self.failovers.load(Relaxed)));
+        stats
+    }
+
+    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.stop.cancel();
+        let engine = self.engine();
+        Box::pin(async move { engine.shutdown(deadline).await })
+    }
+}
