@@ -416,6 +416,7 @@ fn broker_help(name: &str) -> String {
         "redis_peers" => "Other live nodes this node saw at its last probe.".into(),
         "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
         "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),
+        "redis_failovers" => "Times the node moved to a new master that Sentinel named.".into(),
         other => format!("Broker figure {other}."),
     }
 }
