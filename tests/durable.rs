@@ -95,41 +95,13 @@ async fn since_replays_everything_missed_while_publishing_goes_on() {
     let history = join_with(&mut first, "ticker:ACME", json!({"history":1})).await;
     let epoch = history["epoch"].as_str().unwrap().to_string();
     // A feed publishes 300 prices, paced, while a client leaves and comes back.
-    let feed = tokio::spawn(async move {
-        let mut publisher = Client::connect(addr).await;
-        for seq in 0..300u64 {
-            publisher
-                .send(json!({"type":"message","roomId":"ticker:ACME","content":{"seq":seq}}))
-                .await;
-            if seq % 10 == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        publisher
-            .send(json!({"type":"message","roomId":"ticker:ACME","content":"end"}))
-            .await;
-    });
+    let feed = spawn_paced_feed(addr, "ticker:ACME", 300, Duration::from_millis(5));
     let mut last = 0;
     while last < 50 {
         last = first.next_room_message().await["offset"].as_u64().unwrap();
     }
     drop(first);
-    let mut back = Client::connect(addr).await;
-    let replay = join_with(
-        &mut back,
-        "ticker:ACME",
-        json!({"since":{"offset":last,"epoch":epoch}}),
-    )
-    .await;
-    assert_eq!(replay["recovered"], true, "{replay}");
-    let mut seen = offsets(&replay["messages"]);
-    loop {
-        let m = back.next_room_message().await;
-        seen.push(m["offset"].as_u64().unwrap());
-        if m["content"] == "end" {
-            break;
-        }
-    }
+    let seen = come_back_until_end(addr, "ticker:ACME", last, &epoch).await;
     feed.await.unwrap();
     assert_eq!(
         seen,

@@ -77,20 +77,7 @@ async fn history_then_live_and_recovery_while_publishing_goes_on() {
     assert_eq!(h["epoch"], epoch.as_str());
 
     // A feed publishes on node one while a client of node two leaves and comes back.
-    let feed = tokio::spawn(async move {
-        let mut publisher = Client::connect(addr).await;
-        for seq in 0..200u64 {
-            publisher
-                .send(json!({"type":"message","roomId":"scores:m1","content":{"seq":seq}}))
-                .await;
-            if seq % 10 == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        publisher
-            .send(json!({"type":"message","roomId":"scores:m1","content":"end"}))
-            .await;
-    });
+    let feed = spawn_paced_feed(addr, "scores:m1", 200, Duration::from_millis(10));
     let mut last = 0;
     while last < 40 {
         last = watcher.next_room_message().await["offset"]
@@ -98,22 +85,7 @@ async fn history_then_live_and_recovery_while_publishing_goes_on() {
             .unwrap();
     }
     drop(watcher);
-    let mut back = Client::connect(two.local_addr()).await;
-    let replay = join_with(
-        &mut back,
-        "scores:m1",
-        json!({"since":{"offset":last,"epoch":epoch}}),
-    )
-    .await;
-    assert_eq!(replay["recovered"], true, "{replay}");
-    let mut seen = offsets(&replay["messages"]);
-    loop {
-        let m = back.next_room_message().await;
-        seen.push(m["offset"].as_u64().unwrap());
-        if m["content"] == "end" {
-            break;
-        }
-    }
+    let seen = come_back_until_end(two.local_addr(), "scores:m1", last, &epoch).await;
     feed.await.unwrap();
     assert_eq!(seen, (last + 1..=206).collect::<Vec<_>>());
 }
@@ -185,14 +157,7 @@ async fn killed_pubsub_connections_lose_nothing_of_a_durable_room() {
         seen.push(m["offset"].as_u64().unwrap());
         if seen.len() == 50 && !killed {
             killed = true;
-            let mut conn = redis.conn().await;
-            let n: i64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("pubsub")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let n = redis.kill_pubsub_clients().await;
             assert!(n >= 2, "killed {n} pub/sub connections");
         }
     }

@@ -310,14 +310,7 @@ async fn a_killed_pubsub_connection_is_recovered() {
     b.join("r").await;
     redis.wait_numsub("room:r", 2).await;
 
-    let mut conn = redis.conn().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let killed = redis.kill_pubsub_clients().await;
     assert!(killed >= 2, "killed {killed} pub/sub connections");
     redis.wait_numsub("room:r", 2).await;
     a.send(json!({"type":"message","roomId":"r","content":"still connected"}))

@@ -12,8 +12,6 @@
 //! order, and a history query sees exactly what was delivered before it.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -21,8 +19,8 @@ use parking_lot::{Mutex, RwLock};
 
 use super::ring::Ring;
 use super::{
-    Broker, BrokerState, Envelope, EnvelopeSink, History, HistoryError, Kind, OnlineUsers,
-    PresenceError, PresenceEvent, PublishError, Target, UserPresence,
+    BoxFuture, Broker, BrokerState, Envelope, EnvelopeSink, History, HistoryError, Kind,
+    OnlineUsers, PresenceError, PresenceEvent, PublishError, Target, UserPresence,
 };
 use crate::config::Durability;
 use crate::metrics::Stats;
@@ -202,10 +200,7 @@ impl Broker for MemoryBroker {
         }
     }
 
-    fn online_users(
-        &self,
-        max: usize,
-    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         let mut users: Vec<UserPresence> = Vec::new();
         for member in self.bus.members.read().iter() {
             for (user, since) in member.users.lock().iter() {
@@ -223,8 +218,7 @@ impl Broker for MemoryBroker {
     fn presence_of<'a>(
         &'a self,
         user: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
         let found = self.bus.members.read().iter().find_map(|member| {
             let since = member.users.lock().get(user).copied()?;
             Some(presence(user, &member.node_id, since))
@@ -237,7 +231,7 @@ impl Broker for MemoryBroker {
         room: &'a str,
         replay: &'a Replay,
         durability: Durability,
-    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<History, HistoryError>> {
         let ring = self.bus.ring(&Arc::from(room), durability, Instant::now());
         let history = ring.lock().query(replay);
         Box::pin(std::future::ready(Ok(history)))

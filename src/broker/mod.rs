@@ -150,6 +150,9 @@ pub enum BrokerState {
     DuplicateNodeId,
 }
 
+/// The future a `Broker` query returns (the trait must stay object safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 pub trait Broker: Send + Sync {
     /// The engine's name, as configured (`memory`, `redis`).
     fn engine(&self) -> &'static str;
@@ -176,7 +179,7 @@ pub trait Broker: Send + Sync {
         room: &'a str,
         replay: &'a Replay,
         durability: Durability,
-    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<History, HistoryError>> {
         let _ = (room, replay, durability);
         Box::pin(std::future::ready(Err(HistoryError::Unavailable(
             "this engine keeps no history".into(),
@@ -195,10 +198,7 @@ pub trait Broker: Send + Sync {
     }
 
     /// Who is online anywhere, at most `max` of them.
-    fn online_users(
-        &self,
-        max: usize,
-    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         let _ = max;
         Box::pin(std::future::ready(Ok(OnlineUsers::default())))
     }
@@ -207,8 +207,7 @@ pub trait Broker: Send + Sync {
     fn presence_of<'a>(
         &'a self,
         user: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
         let _ = user;
         Box::pin(std::future::ready(Ok(None)))
     }
@@ -220,7 +219,7 @@ pub trait Broker: Send + Sync {
 
     /// Sends what is still queued, then stops the engine's tasks, by `deadline` at the
     /// latest: what is still unsent then is counted as dropped and logged.
-    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ()> {
         let _ = deadline;
         Box::pin(std::future::ready(()))
     }

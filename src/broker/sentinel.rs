@@ -7,8 +7,6 @@
 //! from the new master's streams, as after any reconnect.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -18,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::redis::RedisStartError;
 use super::{
-    Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError, OnlineUsers,
-    PresenceError, PublishError, RedisBroker, UserPresence,
+    BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
+    OnlineUsers, PresenceError, PublishError, RedisBroker, UserPresence,
 };
 use crate::config::{Config, Durability};
 use crate::metrics::Stats;
@@ -190,7 +188,7 @@ impl Broker for SentinelBroker {
         room: &'a str,
         replay: &'a Replay,
         durability: Durability,
-    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<History, HistoryError>> {
         let engine = self.engine();
         Box::pin(async move { engine.history(room, replay, durability).await })
     }
@@ -205,10 +203,7 @@ impl Broker for SentinelBroker {
         self.engine().user_offline(user);
     }
 
-    fn online_users(
-        &self,
-        max: usize,
-    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         let engine = self.engine();
         Box::pin(async move { engine.online_users(max).await })
     }
@@ -216,8 +211,7 @@ impl Broker for SentinelBroker {
     fn presence_of<'a>(
         &'a self,
         user: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
         let engine = self.engine();
         Box::pin(async move { engine.presence_of(user).await })
     }
@@ -228,7 +222,7 @@ impl Broker for SentinelBroker {
         stats
     }
 
-    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ()> {
         self.stop.cancel();
         let engine = self.engine();
         Box::pin(async move { engine.shutdown(deadline).await })

@@ -8,14 +8,12 @@
 //! presence and direct messages on the shard their user id hashes to; the listing of
 //! online users is gathered from all shards.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use super::{
-    Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError, OnlineUsers,
-    PresenceError, PublishError, RedisBroker, Target, UserPresence,
+    BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
+    OnlineUsers, PresenceError, PublishError, RedisBroker, Target, UserPresence,
 };
 use crate::config::{Config, Durability};
 use crate::metrics::Stats;
@@ -129,7 +127,7 @@ impl Broker for ShardedBroker {
         room: &'a str,
         replay: &'a Replay,
         durability: Durability,
-    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<History, HistoryError>> {
         self.shard_of(room).history(room, replay, durability)
     }
 
@@ -141,10 +139,7 @@ impl Broker for ShardedBroker {
         self.shard_of(user).user_offline(user);
     }
 
-    fn online_users(
-        &self,
-        max: usize,
-    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         Box::pin(async move {
             let mut all = OnlineUsers::default();
             for shard in &self.shards {
@@ -162,8 +157,7 @@ impl Broker for ShardedBroker {
     fn presence_of<'a>(
         &'a self,
         user: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
         self.shard_of(user).presence_of(user)
     }
 
@@ -181,7 +175,7 @@ impl Broker for ShardedBroker {
         total
     }
 
-    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             for shard in &self.shards {
                 shard.shutdown(deadline).await;

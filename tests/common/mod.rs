@@ -431,6 +431,17 @@ impl RedisServer {
         counts[0].1
     }
 
+    /// Kills every pub/sub connection (`CLIENT KILL TYPE pubsub`); returns how many.
+    pub async fn kill_pubsub_clients(&self) -> i64 {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut self.conn().await)
+            .await
+            .expect("CLIENT KILL TYPE pubsub")
+    }
+
     /// Waits until `channel` has exactly `n` subscribers.
     pub async fn wait_numsub(&self, channel: &str, n: i64) {
         let waited = tokio::time::timeout(WAIT, async {
@@ -630,6 +641,51 @@ pub fn offsets(messages: &Value) -> Vec<u64> {
         .iter()
         .map(|m| m["offset"].as_u64().expect("an offset"))
         .collect()
+}
+
+/// A feed on its own connection: publishes `{"seq":0}` .. `{"seq":count-1}` to `room`,
+/// resting `pause` after every tenth, then `"end"`.
+pub fn spawn_paced_feed(
+    addr: SocketAddr,
+    room: &'static str,
+    count: u64,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut publisher = Client::connect(addr).await;
+        for seq in 0..count {
+            publisher
+                .send(serde_json::json!({"type":"message","roomId":room,"content":{"seq":seq}}))
+                .await;
+            if seq % 10 == 0 {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        publisher
+            .send(serde_json::json!({"type":"message","roomId":room,"content":"end"}))
+            .await;
+    })
+}
+
+/// Comes back to `room` on `addr` from position `last` of `epoch`: asserts the replay is
+/// `recovered` and returns every offset received, replayed then live, up to `"end"`.
+pub async fn come_back_until_end(addr: SocketAddr, room: &str, last: u64, epoch: &str) -> Vec<u64> {
+    let mut back = Client::connect(addr).await;
+    let replay = join_with(
+        &mut back,
+        room,
+        serde_json::json!({"since":{"offset":last,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(replay["recovered"], true, "{replay}");
+    let mut seen = offsets(&replay["messages"]);
+    loop {
+        let m = back.next_room_message().await;
+        seen.push(m["offset"].as_u64().expect("an offset"));
+        if m["content"] == "end" {
+            return seen;
+        }
+    }
 }
 
 /// One publisher per node sends 30 messages in a burst to a durable `room` that every

@@ -27,8 +27,6 @@ pub use keys::Keys;
 #[doc(hidden)]
 pub use queue::PublishQueue;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -40,8 +38,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError, Kind,
-    OnlineUsers, PresenceError, PublishError, Target, UserPresence,
+    BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
+    Kind, OnlineUsers, PresenceError, PublishError, Target, UserPresence,
 };
 use crate::config::Config;
 use crate::config::Durability;
@@ -496,10 +494,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn online_users(
-        &self,
-        max: usize,
-    ) -> Pin<Box<dyn Future<Output = Result<OnlineUsers, PresenceError>> + Send + '_>> {
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         Box::pin(async move {
             let conn = self.shared.reader_for_presence()?;
             presence::online_users(&self.shared, conn, max).await
@@ -509,8 +504,7 @@ impl Broker for RedisBroker {
     fn presence_of<'a>(
         &'a self,
         user: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<UserPresence>, PresenceError>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
         Box::pin(async move {
             let conn = self.shared.reader_for_presence()?;
             presence::presence_of(&self.shared, conn, user).await
@@ -522,7 +516,7 @@ impl Broker for RedisBroker {
         room: &'a str,
         replay: &'a Replay,
         durability: Durability,
-    ) -> Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send + 'a>> {
+    ) -> BoxFuture<'a, Result<History, HistoryError>> {
         Box::pin(async move {
             // For a join: subscribed first, read second, so what is published meanwhile
             // arrives live and the join drops what the history already carried. A read
@@ -577,7 +571,7 @@ impl Broker for RedisBroker {
         ]
     }
 
-    fn shutdown(&self, deadline: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             *self.shared.shutdown_deadline.lock() = Some(deadline);
             self.stop.cancel();
