@@ -2,8 +2,8 @@
 //! sentinels which server is the master, runs the Redis engine on it, and follows every
 //! failover. A watch asks again every half second; when the sentinels name another
 //! master, a new engine starts on it, takes over this node's room subscriptions and online
-//! users, and replaces the old one, which is shut down (what it still held is counted
-//! and logged like any publish Redis may not have run). Durable rooms then repair any gap
+//! users, and replaces the old one, which is shut down (publishes it still held get one
+//! second to reach the old master, then are dropped and counted). Durable rooms then repair any gap
 //! from the new master's streams, as after any reconnect.
 
 use std::collections::HashSet;
@@ -77,13 +77,18 @@ impl SentinelBroker {
         if let Some((id, sink, stats)) = self.attached.get() {
             engine.attach(id.clone(), sink.clone(), stats.clone());
         }
-        for room in self.rooms.lock().iter() {
+        // Holding both sets until the swap: a join or a user arriving meanwhile waits and
+        // then reaches the new engine (their calls take the set's lock, then `current`).
+        let rooms = self.rooms.lock();
+        let users = self.users.lock();
+        for room in rooms.iter() {
             engine.subscribe(room);
         }
-        for user in self.users.lock().iter() {
+        for user in users.iter() {
             engine.user_online(user);
         }
         let old = std::mem::replace(&mut *self.current.write(), engine);
+        drop((rooms, users));
         let was = std::mem::replace(&mut *self.master.lock(), url.clone());
         if was != NO_MASTER {
             self.failovers.fetch_add(1, Relaxed);
@@ -166,17 +171,19 @@ impl Broker for SentinelBroker {
     }
 
     fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError> {
-        self.engine().publish(batch)
+        self.current.read().publish(batch)
     }
 
     fn subscribe(&self, room: &Arc<str>) {
-        self.rooms.lock().insert(room.clone());
-        self.engine().subscribe(room);
+        let mut rooms = self.rooms.lock();
+        rooms.insert(room.clone());
+        self.current.read().subscribe(room);
     }
 
     fn unsubscribe(&self, room: &str) {
-        self.rooms.lock().remove(room);
-        self.engine().unsubscribe(room);
+        let mut rooms = self.rooms.lock();
+        rooms.remove(room);
+        self.current.read().unsubscribe(room);
     }
 
     fn state(&self) -> BrokerState {
@@ -194,13 +201,15 @@ impl Broker for SentinelBroker {
     }
 
     fn user_online(&self, user: &Arc<str>) {
-        self.users.lock().insert(user.clone());
-        self.engine().user_online(user);
+        let mut users = self.users.lock();
+        users.insert(user.clone());
+        self.current.read().user_online(user);
     }
 
     fn user_offline(&self, user: &Arc<str>) {
-        self.users.lock().remove(user);
-        self.engine().user_offline(user);
+        let mut users = self.users.lock();
+        users.remove(user);
+        self.current.read().user_offline(user);
     }
 
     fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
