@@ -3,8 +3,9 @@
 //! fastwebsockets parses frames from the read half only, behind `FrameRules` (the
 //! RFC 6455 checks it lacks); the replies owed to the peer (pongs, the close echo) are
 //! made here and go to the socket's outbox, so the writer stays the one owner of the
-//! write half, and every byte queued for the peer counts against the outbox bound. Fragments are reassembled here, under the same size limit as a
-//! single frame, because the library's collector has no limit of its own.
+//! write half, and every byte queued for the peer counts against the outbox bound.
+//! Fragments are reassembled here, under the same size limit as a single frame, because
+//! the library's collector has no limit of its own.
 
 use std::convert::Infallible;
 use std::future::ready;
