@@ -212,6 +212,9 @@ pub struct RedisConfig {
     /// Independent Redis servers to spread rooms over (instead of `redis.url`): each
     /// room lives on one shard, chosen by rendezvous hashing of its id.
     pub shards: Vec<String>,
+    /// Some nodes of a Redis Cluster (`redis://host:port`, credentials in the first
+    /// apply to all): rooms use sharded pub/sub on the master that owns their slot.
+    pub cluster_nodes: Vec<String>,
     /// Sentinels (`host:port`) that name the master of `redis.master_name` (instead of
     /// `redis.url`); the node follows every failover.
     pub sentinels: Vec<String>,
@@ -348,6 +351,7 @@ impl Default for RedisConfig {
             recovery_wait_ms: 10_000,
             max_envelope_messages: 1000,
             shards: Vec::new(),
+            cluster_nodes: Vec::new(),
             sentinels: Vec::new(),
             master_name: String::new(),
             master_password: String::new(),
@@ -614,13 +618,40 @@ impl Config {
                 return invalid("redis.url", &format!("not a usable Redis URL: {e}"));
             }
         }
-        if !self.redis.sentinels.is_empty() {
-            if !self.redis.url.is_empty() || !self.redis.shards.is_empty() {
+        let topologies = [
+            !self.redis.url.is_empty(),
+            !self.redis.shards.is_empty(),
+            !self.redis.sentinels.is_empty(),
+            !self.redis.cluster_nodes.is_empty(),
+        ];
+        if topologies.iter().filter(|given| **given).count() > 1 {
+            return invalid(
+                "redis",
+                "give one of redis.url, redis.shards, redis.sentinels or redis.cluster_nodes",
+            );
+        }
+        for url in &self.redis.cluster_nodes {
+            use redis::IntoConnectionInfo;
+            if !url.starts_with("redis://") {
                 return invalid(
-                    "redis.sentinels",
-                    "give one of redis.url, redis.shards or redis.sentinels",
+                    "redis.cluster_nodes",
+                    &format!("{url}: must start with redis://"),
                 );
             }
+            if let Err(e) = url.as_str().into_connection_info() {
+                return invalid(
+                    "redis.cluster_nodes",
+                    &format!("{url}: not a usable Redis URL: {e}"),
+                );
+            }
+        }
+        if !self.redis.cluster_nodes.is_empty() && self.redis.key_prefix.contains(['{', '}']) {
+            return invalid(
+                "redis.key_prefix",
+                "must not contain { or } with redis.cluster_nodes (it would pin every key to one hash slot)",
+            );
+        }
+        if !self.redis.sentinels.is_empty() {
             if self.redis.master_name.is_empty() {
                 return invalid("redis.master_name", "is required with redis.sentinels");
             }
@@ -639,12 +670,6 @@ impl Config {
         }
         if !self.redis.shards.is_empty() {
             use redis::IntoConnectionInfo;
-            if !self.redis.url.is_empty() {
-                return invalid(
-                    "redis.shards",
-                    "give either redis.url or redis.shards, not both",
-                );
-            }
             for url in &self.redis.shards {
                 if !url.starts_with("redis://") {
                     return invalid("redis.shards", &format!("{url}: must start with redis://"));

@@ -398,12 +398,12 @@ fn gauge(out: &mut String, name: &str, help: &str, sample: &str) {
 }
 
 /// Broker stats that are levels, not counts.
-const BROKER_GAUGES: &[&str] = &["redis_peers"];
+pub(crate) const BROKER_GAUGES: &[&str] = &["redis_peers"];
 
 fn broker_help(name: &str) -> String {
     match name {
         "redis_dropped_publishes" => {
-            "Publishes dropped at shutdown: Redis unreachable, or the drain timeout reached.".into()
+            "Publishes dropped: at shutdown with Redis unreachable or the drain timeout reached, or refused by Redis with an error.".into()
         }
         "redis_unconfirmed_publishes" => {
             "Publishes in pipelines Redis may or may not have run (a reply timeout, a broken connection); never sent again.".into()
@@ -417,6 +417,10 @@ fn broker_help(name: &str) -> String {
         "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
         "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),
         "redis_failovers" => "Times the node moved to a new master that Sentinel named.".into(),
+        "redis_cluster_changes" => "Times the node followed a new Redis Cluster slot map (slots moved, masters added, removed or failed over).".into(),
+        "redis_redirected_publishes" => {
+            "Publishes a cluster master refused to run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), routed again by the slot map.".into()
+        }
         other => format!("Broker figure {other}."),
     }
 }

@@ -26,7 +26,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, Body};
 use crate::broker::redis::RedisStartError;
-use crate::broker::{Broker, MemoryBroker, RedisBroker, SentinelBroker, ShardedBroker};
+use crate::broker::{
+    Broker, ClusterBroker, MemoryBroker, RedisBroker, SentinelBroker, ShardedBroker,
+};
 use crate::config::Config;
 use crate::connection;
 use crate::features::Features;
@@ -79,6 +81,8 @@ impl Server {
             SentinelBroker::start(&config)?
         } else if !config.redis.shards.is_empty() {
             ShardedBroker::start(&config)?
+        } else if !config.redis.cluster_nodes.is_empty() {
+            ClusterBroker::start(&config)?
         } else if config.redis.url.is_empty() {
             Arc::new(MemoryBroker::standalone())
         } else {

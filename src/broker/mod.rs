@@ -10,6 +10,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod redis_cluster;
 mod ring;
 pub mod sentinel;
 pub mod sharded;
@@ -26,6 +27,7 @@ use crate::protocol::Encoded;
 
 pub use self::redis::RedisBroker;
 pub use memory::{MemoryBroker, MemoryBus};
+pub use redis_cluster::ClusterBroker;
 pub use sentinel::SentinelBroker;
 pub use sharded::ShardedBroker;
 
@@ -148,6 +150,32 @@ pub enum BrokerState {
     /// Another live node reports this node's id: the two would drop each other's
     /// messages as their own echo, so neither may count as ready.
     DuplicateNodeId,
+}
+
+impl BrokerState {
+    /// Several engines together (shards, cluster masters): connected only while every
+    /// one is, since a node that cannot reach one cannot serve that one's rooms.
+    pub fn all(states: impl IntoIterator<Item = BrokerState>) -> BrokerState {
+        let mut all = BrokerState::Connected;
+        for state in states {
+            match state {
+                BrokerState::DuplicateNodeId => return BrokerState::DuplicateNodeId,
+                BrokerState::Reconnecting => all = BrokerState::Reconnecting,
+                BrokerState::Connected => {}
+            }
+        }
+        all
+    }
+}
+
+/// Adds an engine's counters into `total`, by name.
+pub fn add_stats(total: &mut BrokerStats, more: BrokerStats) {
+    for (name, value) in more {
+        match total.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, sum)) => *sum += value,
+            None => total.push((name, value)),
+        }
+    }
 }
 
 /// The future a `Broker` query returns (the trait must stay object safe).

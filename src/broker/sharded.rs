@@ -12,8 +12,8 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use super::{
-    BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
-    OnlineUsers, PresenceError, PublishError, RedisBroker, Target, UserPresence,
+    add_stats, BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History,
+    HistoryError, OnlineUsers, PresenceError, PublishError, RedisBroker, Target, UserPresence,
 };
 use crate::config::{Config, Durability};
 use crate::metrics::Stats;
@@ -109,17 +109,8 @@ impl Broker for ShardedBroker {
         self.shard_of(room).unsubscribe(room);
     }
 
-    /// Connected only while every shard is: a node that cannot reach one shard cannot
-    /// serve that shard's rooms.
     fn state(&self) -> BrokerState {
-        let states: Vec<BrokerState> = self.shards.iter().map(|s| s.state()).collect();
-        if states.contains(&BrokerState::DuplicateNodeId) {
-            BrokerState::DuplicateNodeId
-        } else if states.iter().all(|s| *s == BrokerState::Connected) {
-            BrokerState::Connected
-        } else {
-            BrokerState::Reconnecting
-        }
+        BrokerState::all(self.shards.iter().map(|s| s.state()))
     }
 
     fn history<'a>(
@@ -165,12 +156,7 @@ impl Broker for ShardedBroker {
     fn stats(&self) -> BrokerStats {
         let mut total: BrokerStats = Vec::new();
         for shard in &self.shards {
-            for (name, value) in shard.stats() {
-                match total.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, sum)) => *sum += value,
-                    None => total.push((name, value)),
-                }
-            }
+            add_stats(&mut total, shard.stats());
         }
         total
     }

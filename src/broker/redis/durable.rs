@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -105,6 +106,9 @@ for i = 1, #rows do out[#out + 1] = rows[i][2][2] end
 return out
 "#;
 
+/// The same in a Redis Cluster.
+static PUBLISH_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(PUBLISH));
+
 /// How long a history read or a repair may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
 
@@ -120,7 +124,11 @@ pub(super) fn add_publish(
 ) {
     let cmd = pipe
         .cmd("EVAL")
-        .arg(PUBLISH)
+        .arg(if shared.sharded() {
+            PUBLISH_SHARDED.as_str()
+        } else {
+            PUBLISH
+        })
         .arg(2)
         .arg(shared.keys.stream(room))
         .arg(shared.keys.position(room))
@@ -228,6 +236,21 @@ impl Positions {
             .filter(|(_, p)| p.held.is_none())
             .map(|(room, p)| (room.clone(), p.last))
             .collect()
+    }
+
+    /// The last offset delivered here of a durable room.
+    pub(super) fn last(&self, room: &str) -> Option<u64> {
+        self.rooms.lock().get(room).map(|p| p.last)
+    }
+
+    /// Continues a room delivered up to `last` elsewhere (another engine), so the first
+    /// message here after a gap is repaired instead of taken as the start.
+    pub(super) fn resume(&self, room: &Arc<str>, last: u64) {
+        self.rooms.lock().entry(room.clone()).or_insert(Position {
+            last,
+            held: None,
+            behind: None,
+        });
     }
 
     /// Forgets a room this node no longer subscribes to.

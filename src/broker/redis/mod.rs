@@ -23,7 +23,7 @@ mod queue;
 mod subscriber;
 
 pub use envelope::{decode, EnvelopeWriter, Inbound};
-pub use keys::Keys;
+pub use keys::{slot, Keys, HOME_TAG};
 #[doc(hidden)]
 pub use queue::PublishQueue;
 
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion};
+use redis::{Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -76,10 +76,49 @@ pub enum RedisStartError {
     BadUrl(redis::RedisError),
 }
 
+/// Publishes a cluster master refused to run (`MOVED`, `ASK`, `TRYAGAIN`,
+/// `CLUSTERDOWN`: their slot is moving or lives on another master), handed back to the
+/// cluster engine to route again. Redis did not run them, so sending them again
+/// duplicates nothing.
+#[derive(Default)]
+pub struct Redirected {
+    envelopes: Mutex<Vec<Envelope>>,
+    /// Wakes the cluster engine: read the slot map again.
+    pub notify: tokio::sync::Notify,
+}
+
+impl Redirected {
+    pub fn hand_back(&self, envelopes: impl IntoIterator<Item = Envelope>) {
+        self.envelopes.lock().extend(envelopes);
+        self.notify.notify_one();
+    }
+
+    /// Takes every envelope handed back, oldest first.
+    pub fn take(&self) -> Vec<Envelope> {
+        std::mem::take(&mut *self.envelopes.lock())
+    }
+
+    pub fn len(&self) -> usize {
+        self.envelopes.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// State shared by the engine's tasks and the subscriber's push handler.
 struct Shared {
     node_id: Arc<str>,
     keys: Keys,
+    /// In a Redis Cluster this engine is one of several, one per master: its channels
+    /// are sharded (`SPUBLISH` / `SSUBSCRIBE`), and what its master refuses goes back to
+    /// the cluster engine. `None` for a standalone Redis.
+    redirected: Option<Arc<Redirected>>,
+    /// Whether this engine subscribes the node-wide channels (broadcasts, presence
+    /// changes): always on a standalone Redis; in a cluster only the engine on the
+    /// master of the home slot.
+    home: AtomicBool,
     sink: OnceLock<Weak<dyn EnvelopeSink>>,
     /// The node's stats, for pipeline sizes and publish latency.
     stats: OnceLock<Arc<Stats>>,
@@ -111,6 +150,8 @@ struct Shared {
     /// The channels Redis has confirmed subscribed, for reads that must not start before.
     subscribed: Mutex<std::collections::HashSet<String>>,
     subscribed_changed: tokio::sync::Notify,
+    /// Sharded channels the server unsubscribed by itself (their slot moved away).
+    moved_channels: Mutex<Vec<String>>,
     counters: RedisStats,
 }
 
@@ -174,6 +215,45 @@ impl RedisBroker {
         let info = url
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
+        let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
+        Self::start_with(config, info, keys, None)
+    }
+
+    /// Starts the engine for one master of a Redis Cluster: sharded pub/sub, names with
+    /// hash tags (its probe channel and live-node set tagged `probe_tag`, a tag whose
+    /// slot the master serves), refused publishes handed back to `redirected`. It
+    /// subscribes the node-wide channels only after `set_home(true)`.
+    pub fn start_member(
+        config: &Config,
+        info: ConnectionInfo,
+        probe_tag: &str,
+        redirected: Arc<Redirected>,
+    ) -> Result<Arc<RedisBroker>, RedisStartError> {
+        let keys = Keys::cluster(&config.redis.key_prefix, &config.server.node_id, probe_tag);
+        Self::start_with(config, info, keys, Some(redirected))
+    }
+
+    /// Moves a durable room's delivered position from `from` (the engine the room
+    /// leaves) to this one: what was missed between is repaired from the stream.
+    pub fn take_position(&self, from: &RedisBroker, room: &Arc<str>) {
+        if let Some(last) = from.shared.positions.last(room) {
+            self.shared.positions.resume(room, last);
+        }
+    }
+
+    /// Whether this cluster engine subscribes the node-wide channels.
+    pub fn set_home(&self, home: bool) {
+        if self.shared.home.swap(home, Relaxed) != home {
+            self.subscriptions.changed.notify_one();
+        }
+    }
+
+    fn start_with(
+        config: &Config,
+        info: ConnectionInfo,
+        keys: Keys,
+        redirected: Option<Arc<Redirected>>,
+    ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let resp3 = info
             .redis_settings()
             .clone()
@@ -184,8 +264,10 @@ impl RedisBroker {
 
         let node_id: Arc<str> = Arc::from(config.server.node_id.as_str());
         let shared = Arc::new(Shared {
-            keys: Keys::new(&config.redis.key_prefix, &node_id),
+            keys,
             node_id,
+            home: AtomicBool::new(redirected.is_none()),
+            redirected,
             sink: OnceLock::new(),
             stats: OnceLock::new(),
             publisher_ok: AtomicBool::new(false),
@@ -208,6 +290,7 @@ impl RedisBroker {
             reader: OnceLock::new(),
             subscribed: Mutex::new(Default::default()),
             subscribed_changed: tokio::sync::Notify::new(),
+            moved_channels: Mutex::new(Vec::new()),
             counters: RedisStats::default(),
         });
         let queue = Arc::new(PublishQueue::new(config.redis.outage_buffer));
@@ -261,6 +344,11 @@ impl RedisBroker {
     }
 }
 
+/// A script with its `PUBLISH` calls made `SPUBLISH`, for a Redis Cluster.
+fn sharded_script(script: &str) -> String {
+    script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+}
+
 /// The one recipe for volley's Redis connections (the engine's, the cluster
 /// reporter's): reconnect quickly and give up on a single attempt fast, since volley
 /// retries on its own schedule and keeps serving local sockets meanwhile.
@@ -274,6 +362,20 @@ pub(crate) fn manager_config() -> ConnectionManagerConfig {
 }
 
 impl Shared {
+    /// Whether channels are sharded (a Redis Cluster).
+    fn sharded(&self) -> bool {
+        self.redirected.is_some()
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` in a cluster.
+    fn publish_command(&self) -> &'static str {
+        if self.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
     fn state(&self) -> BrokerState {
         let duplicate = self.duplicate_seen_ms.load(Relaxed);
         if duplicate != 0 && now_ms().saturating_sub(duplicate) < self.duplicate_hold_ms {

@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -50,6 +51,10 @@ redis.call('PUBLISH', ARGV[4], cjson.encode({type = 'disconnected', userId = ARG
 return 1
 "#;
 
+/// The same in a Redis Cluster.
+static ONLINE_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(ONLINE));
+static OFFLINE_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(OFFLINE));
+
 pub(super) enum Change {
     Online(Arc<str>),
     Offline(Arc<str>),
@@ -77,7 +82,12 @@ pub(super) async fn run(
                     Change::Offline(user) => (user, false),
                 };
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(if online { ONLINE } else { OFFLINE })
+                cmd.arg(match (online, shared.sharded()) {
+                    (true, false) => ONLINE,
+                    (false, false) => OFFLINE,
+                    (true, true) => ONLINE_SHARDED.as_str(),
+                    (false, true) => OFFLINE_SHARDED.as_str(),
+                })
                     .arg(3)
                     .arg(shared.keys.presence(&user))
                     .arg(shared.keys.presence_nodes(&user))

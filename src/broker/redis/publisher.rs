@@ -24,19 +24,21 @@
 //!   from the moment Redis answers again.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use redis::aio::ConnectionManager;
-use redis::RedisError;
+use redis::{ErrorKind, RedisError, ServerErrorKind};
 use tokio_util::sync::CancellationToken;
 
 use super::{durable, EnvelopeWriter, PublishQueue, Shared, Subscriptions, BACKOFF};
 use crate::batch::Clock;
 use crate::broker::{Envelope, Kind, Target};
 use crate::config::{Config, Durability, EnvelopeMode};
+use crate::throttle::LogThrottle;
 
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
 /// Channels whose subscriber counts are remembered (for recovery and notices).
@@ -94,6 +96,25 @@ enum Failure {
     Unconfirmed,
 }
 
+/// One window's pipeline and which envelopes each of its commands carries.
+struct Built {
+    pipe: redis::Pipeline,
+    /// Each command's channel.
+    channels: Vec<String>,
+    /// Indices into `pending`, command after command.
+    members: Vec<usize>,
+    /// Each command's part of `members`.
+    spans: Vec<Range<usize>>,
+    /// The envelopes at the front of `pending` the pipeline carries.
+    used: usize,
+}
+
+/// Whether Redis answered an error that means the command did not run, and would run
+/// elsewhere or later: a demoted master (`READONLY`), a cluster redirection.
+fn not_run(e: &RedisError) -> bool {
+    e.is_cluster_error() || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
 fn classify(e: &RedisError) -> Failure {
     // A refused connection happens before anything is written; every other error may
     // come after the pipeline was written (a reply timeout, a connection reset).
@@ -148,7 +169,11 @@ impl Publisher {
             .map(|peer| self.shared.keys.probe_of(peer))
             .collect();
         let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
+            .arg(if self.shared.sharded() {
+                "SHARDNUMSUB"
+            } else {
+                "NUMSUB"
+            })
             .arg(&probes)
             .arg(&channels)
             .query_async(&mut self.conn)
@@ -194,8 +219,11 @@ impl Publisher {
     /// channel (per `max_envelope_messages`) in `batch` mode, one per message in `single`
     /// mode. A durable room's messages: one script call per room per window (see
     /// `durable`), which publishes them in either shape.
-    fn build(&self, pending: &VecDeque<Envelope>) -> (redis::Pipeline, Vec<String>, usize) {
+    fn build(&self, pending: &VecDeque<Envelope>) -> Built {
         let mut pipe = redis::pipe();
+        // Each command's reply on its own: a command Redis refused did not run and can be
+        // kept (or handed back in a cluster) while the others count as sent.
+        pipe.ignore_errors();
         let single = self.mode == EnvelopeMode::Single;
         // Groups in order of first appearance, messages in publish order within each.
         let mut groups: IndexMap<(String, bool), Vec<usize>> = IndexMap::new();
@@ -219,6 +247,8 @@ impl Publisher {
             used = i + 1;
         }
         let mut channels = Vec::with_capacity(commands);
+        let mut members = Vec::with_capacity(used);
+        let mut spans = Vec::with_capacity(commands);
         for ((channel, _), indices) in groups {
             let per_command = if single && durability(&pending[indices[0]]).is_none() {
                 1
@@ -238,33 +268,102 @@ impl Publisher {
                         chunk.iter().map(|&i| pending[i].payload.json().to_vec()),
                     ),
                     _ if chunk.len() == 1 => {
-                        pipe.publish(&channel, self.writer.single(first.payload.json()));
+                        pipe.cmd(self.shared.publish_command())
+                            .arg(&channel)
+                            .arg(self.writer.single(first.payload.json()));
                     }
                     _ => {
                         let message = self
                             .writer
                             .batch(chunk.iter().map(|&i| pending[i].payload.json()));
-                        pipe.publish(&channel, message);
+                        pipe.cmd(self.shared.publish_command())
+                            .arg(&channel)
+                            .arg(message);
                     }
                 }
                 channels.push(channel.clone());
+                spans.push(members.len()..members.len() + chunk.len());
+                members.extend_from_slice(chunk);
             }
         }
-        (pipe, channels, used)
+        Built {
+            pipe,
+            channels,
+            members,
+            spans,
+            used,
+        }
     }
 
-    fn remember(&mut self, channels: &[String], receivers: Vec<i64>) {
+    fn remember(&mut self, channels: &[String], replies: &[redis::RedisResult<i64>]) {
         if self.listeners.len() > MAX_REMEMBERED_CHANNELS {
             // Only a hint for recovery and notices: forgetting it is safe.
             self.listeners.clear();
         }
         let at = Instant::now();
         let wanted = self.subscriptions.rooms.lock();
-        for (channel, all) in channels.iter().zip(receivers) {
+        for (channel, reply) in channels.iter().zip(replies) {
+            let Ok(&all) = reply.as_ref() else { continue };
             let own = i64::from(wanted.contains(channel));
             let others = all - own;
             self.listeners
                 .insert(channel.clone(), Listeners { all, others, at });
+        }
+    }
+
+    /// Sorts out a pipeline some of whose commands Redis refused. Refused commands that
+    /// did not run (`READONLY`, a cluster redirection) are kept: at the front of `pending`
+    /// in order, or in a cluster handed back to be routed again. Other refusals are
+    /// counted and dropped. Returns whether any were kept here, to retry after a pause.
+    fn sort_refusals(
+        &self,
+        pending: &mut VecDeque<Envelope>,
+        built: &Built,
+        replies: &[redis::RedisResult<i64>],
+    ) -> bool {
+        let mut keep = vec![false; built.used];
+        let mut refused = 0;
+        for (span, reply) in built.spans.iter().zip(replies) {
+            match reply {
+                Ok(_) => {}
+                Err(e) if not_run(e) => {
+                    for &i in &built.members[span.clone()] {
+                        keep[i] = true;
+                    }
+                }
+                Err(e) => {
+                    refused += span.len();
+                    static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                    if let Some(held_back) = LOG.allow() {
+                        tracing::warn!(error = %e, messages = span.len(), held_back, "Redis refused a publish; dropped");
+                    }
+                }
+            }
+        }
+        if refused > 0 {
+            self.shared
+                .counters
+                .dropped_publishes
+                .fetch_add(refused as u64, Relaxed);
+        }
+        let mut kept: Vec<Envelope> = Vec::new();
+        for (i, envelope) in pending.drain(..built.used).enumerate() {
+            if keep[i] {
+                kept.push(envelope);
+            }
+        }
+        match &self.shared.redirected {
+            Some(redirected) if !kept.is_empty() => {
+                redirected.hand_back(kept);
+                false
+            }
+            _ => {
+                let any = !kept.is_empty();
+                for envelope in kept.into_iter().rev() {
+                    pending.push_front(envelope);
+                }
+                any
+            }
         }
     }
 
@@ -344,10 +443,12 @@ pub(super) async fn run(mut p: Publisher) {
                 continue;
             }
         }
-        let (pipe, channels, used) = p.build(&pending);
+        let built = p.build(&pending);
+        let (channels, used) = (&built.channels, built.used);
         let sent = match p.shared.shutdown_deadline().filter(|_| stopping) {
             Some(deadline) => {
-                match tokio::time::timeout_at(deadline.into(), pipe.query_async(&mut p.conn)).await
+                match tokio::time::timeout_at(deadline.into(), built.pipe.query_async(&mut p.conn))
+                    .await
                 {
                     Ok(result) => result,
                     Err(_) => {
@@ -363,13 +464,47 @@ pub(super) async fn run(mut p: Publisher) {
                     }
                 }
             }
-            None => pipe.query_async::<Vec<i64>>(&mut p.conn).await,
+            None => {
+                built
+                    .pipe
+                    .query_async::<Vec<redis::RedisResult<i64>>>(&mut p.conn)
+                    .await
+            }
         };
         match sent {
-            Ok(receivers) => {
-                pending.drain(..used);
+            Ok(replies) => {
+                let kept_here = if replies.iter().all(Result::is_ok) {
+                    pending.drain(..used);
+                    false
+                } else {
+                    p.sort_refusals(&mut pending, &built, &replies)
+                };
                 p.queue.held.store(pending.len(), Relaxed);
-                p.remember(&channels, receivers);
+                p.remember(channels, &replies);
+                if kept_here {
+                    // A demoted master: hold everything until Redis (or the Sentinel
+                    // engine's switch to the new master) lets publishes run again.
+                    p.shared.counters.publish_failures.fetch_add(1, Relaxed);
+                    if p.shared.publisher_ok.swap(false, Relaxed) {
+                        tracing::warn!(
+                            held = pending.len(),
+                            "Redis refuses publishes (READONLY); holding them"
+                        );
+                    }
+                    if stopping {
+                        p.drop_held(
+                            pending.len(),
+                            "shutting down with Redis refusing publishes: publishes dropped",
+                        );
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = p.stop.cancelled() => stopping = true,
+                    }
+                    backoff = BACKOFF.next(backoff);
+                    continue;
+                }
                 if let Some(stats) = p.shared.stats.get() {
                     stats.pipeline_commands.record(channels.len() as u64);
                     if let Some(since) = pending_since {

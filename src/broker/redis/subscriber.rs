@@ -197,7 +197,9 @@ async fn probe(
     let now = now_ms();
     let alive = &shared.keys.alive;
     let (receivers, live): (i64, Vec<String>) = redis::pipe()
-        .publish(&shared.keys.probe, message)
+        .cmd(shared.publish_command())
+        .arg(&shared.keys.probe)
+        .arg(message)
         .zadd(alive, &*shared.node_id, now + alive_for_ms)
         .ignore()
         .zrembyscore(alive, "-inf", now)
@@ -224,9 +226,14 @@ async fn reconcile(
     let Some(conn) = conn.as_mut() else {
         return Ok(());
     };
+    for channel in std::mem::take(&mut *shared.moved_channels.lock()) {
+        current.remove(&channel);
+    }
     let mut wanted = subscriptions.rooms.lock().clone();
-    wanted.insert(shared.keys.broadcast.clone());
-    wanted.insert(shared.keys.presence_updates.clone());
+    if shared.home.load(Relaxed) {
+        wanted.insert(shared.keys.broadcast.clone());
+        wanted.insert(shared.keys.presence_updates.clone());
+    }
     let probe = &shared.keys.probe;
     let add: Vec<String> = wanted.difference(current).cloned().collect();
     let remove: Vec<String> = current
@@ -234,6 +241,9 @@ async fn reconcile(
         .filter(|c| *c != probe)
         .cloned()
         .collect();
+    if shared.sharded() {
+        return reconcile_sharded(shared, conn, current, add, remove).await;
+    }
     if !add.is_empty() {
         conn.subscribe(&add).await?;
         current.extend(add);
@@ -244,6 +254,60 @@ async fn reconcile(
     }
     if !remove.is_empty() {
         conn.unsubscribe(&remove).await?;
+        for channel in &remove {
+            current.remove(channel);
+        }
+    }
+    Ok(())
+}
+
+/// The same in a Redis Cluster: one `SSUBSCRIBE` per channel (a command's channels must
+/// share a slot), all in one pipeline. A channel the master refuses (`MOVED`: its slot
+/// lives elsewhere now) stays unsubscribed here and wakes the cluster engine, which
+/// moves the room to the engine of its new master.
+async fn reconcile_sharded(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    current: &mut HashSet<String>,
+    mut add: Vec<String>,
+    remove: Vec<String>,
+) -> redis::RedisResult<()> {
+    let probe = &shared.keys.probe;
+    if !current.contains(probe) {
+        // Last, as outside a cluster: the probe channel vouches for every room.
+        add.push(probe.clone());
+    }
+    if !add.is_empty() {
+        let mut pipe = redis::pipe();
+        for channel in &add {
+            pipe.cmd("SSUBSCRIBE").arg(channel);
+        }
+        let replies: Vec<redis::RedisResult<Value>> =
+            pipe.ignore_errors().query_async(conn).await?;
+        let mut refused = 0;
+        for (channel, reply) in add.into_iter().zip(replies) {
+            match reply {
+                Ok(_) => {
+                    current.insert(channel);
+                }
+                Err(e) if e.is_cluster_error() => refused += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        if refused > 0 {
+            tracing::debug!(refused, "sharded channels live on another master now");
+            if let Some(redirected) = &shared.redirected {
+                redirected.notify.notify_one();
+            }
+        }
+    }
+    if !remove.is_empty() {
+        let mut pipe = redis::pipe();
+        for channel in &remove {
+            pipe.cmd("SUNSUBSCRIBE").arg(channel);
+        }
+        // A channel whose slot moved away is unsubscribed already; the errors say so.
+        let _: Vec<redis::RedisResult<Value>> = pipe.ignore_errors().query_async(conn).await?;
         for channel in &remove {
             current.remove(channel);
         }
@@ -273,9 +337,25 @@ async fn connect(
 
 fn on_push(shared: &Arc<Shared>, subscriptions: &Subscriptions, info: PushInfo) {
     match info.kind {
-        PushKind::Message => {
+        PushKind::Message | PushKind::SMessage => {
             if let [Value::BulkString(channel), Value::BulkString(message)] = &info.data[..] {
                 shared.on_message(channel, message);
+            }
+        }
+        PushKind::SUnsubscribe => {
+            // For a channel still wanted, the server's own: its slot moved to another
+            // master. (For one not wanted, the answer to this task's SUNSUBSCRIBE.)
+            if let Some(Value::BulkString(channel)) = info.data.first() {
+                let Ok(channel) = std::str::from_utf8(channel) else {
+                    return;
+                };
+                if subscriptions.rooms.lock().contains(channel) {
+                    shared.moved_channels.lock().push(channel.to_string());
+                    subscriptions.changed.notify_one();
+                    if let Some(redirected) = &shared.redirected {
+                        redirected.notify.notify_one();
+                    }
+                }
             }
         }
         PushKind::Disconnection => {

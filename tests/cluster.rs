@@ -1,0 +1,480 @@
+//! Redis Cluster (`redis.cluster_nodes`): a real 3-master cluster (`redis-server
+//! --cluster-enabled yes` x3 + `redis-cli --cluster create`). Rooms on all three shards
+//! cross volley nodes through sharded pub/sub on their own master only; durable rooms
+//! keep their stream on their slot's master; a resharding of a room's slot during
+//! traffic keeps delivering.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use redis::Value;
+use serde_json::{json, Value as Value2};
+use volley::broker::redis::Keys;
+use volley::config::RoomClass;
+use volley::{Config, Server};
+
+/// Three cluster-enabled redis-servers joined into one cluster, slots split evenly.
+struct Cluster {
+    masters: Vec<RedisServer>,
+    ids: Vec<String>,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let mut masters = Vec::new();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            masters.push(
+                RedisServer::start_with(
+                    port,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
+                )
+                .await,
+            );
+        }
+        let addrs: Vec<String> = masters
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.port))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed (bash tests/run.sh installs it)");
+        assert!(
+            created.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let mut ids = Vec::new();
+        for master in &masters {
+            ids.push(
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query_async::<String>(&mut master.conn().await)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let cluster = Cluster { masters, ids };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Until every master says `cluster_state:ok` and knows the whole slot map.
+    async fn wait_ok(&self) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            'again: loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for master in &self.masters {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut master.conn().await)
+                        .await
+                        .unwrap();
+                    if !info.contains("cluster_state:ok") || !info.contains("cluster_known_nodes:3")
+                    {
+                        continue 'again;
+                    }
+                }
+                return;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the cluster never became ok");
+    }
+
+    fn urls(&self) -> Vec<String> {
+        vec![self.masters[0].url()]
+    }
+
+    /// Which master (index) serves `slot`, as the first master sees the map.
+    async fn owner(&self, slot: u16) -> usize {
+        let map: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.masters[0].conn().await)
+            .await
+            .unwrap();
+        let Value::Array(ranges) = map else {
+            panic!("CLUSTER SLOTS: {map:?}")
+        };
+        for range in ranges {
+            let Value::Array(parts) = range else { continue };
+            let (Value::Int(first), Value::Int(last), Value::Array(node)) =
+                (&parts[0], &parts[1], &parts[2])
+            else {
+                continue;
+            };
+            if (*first..=*last).contains(&i64::from(slot)) {
+                let Value::Int(port) = node[1] else {
+                    panic!("port")
+                };
+                return self
+                    .masters
+                    .iter()
+                    .position(|m| i64::from(m.port) == port)
+                    .expect("a master of ours");
+            }
+        }
+        panic!("slot {slot} unserved")
+    }
+
+    /// One room name per master, `<stem>-<n>`, and the slot of each.
+    async fn one_room_per_master(&self, stem: &str) -> Vec<(String, u16)> {
+        let keys = Keys::cluster("", "test", "");
+        let mut rooms: Vec<Option<(String, u16)>> = vec![None; 3];
+        for n in 0.. {
+            let room = format!("{stem}-{n}");
+            let slot = keys.room_slot(&room);
+            let owner = self.owner(slot).await;
+            if rooms[owner].is_none() {
+                rooms[owner] = Some((room, slot));
+            }
+            if rooms.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        rooms.into_iter().flatten().collect()
+    }
+
+    /// `PUBSUB SHARDCHANNELS` on one master: the sharded channels it has subscribers for.
+    async fn shard_channels(&self, master: usize, pattern: &str) -> Vec<String> {
+        let mut channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .arg(pattern)
+            .query_async(&mut self.masters[master].conn().await)
+            .await
+            .unwrap();
+        channels.sort();
+        channels
+    }
+
+    /// Calls of one command on one master (`INFO commandstats`).
+    async fn calls(&self, master: usize, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.masters[master].conn().await)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Moves one slot (and its keys) from one master to another, the way
+    /// `redis-cli --cluster reshard` does it.
+    async fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        let mut src = self.masters[from].conn().await;
+        let mut dst = self.masters[to].conn().await;
+        let _: () = setslot("IMPORTING", &self.ids[from])
+            .query_async(&mut dst)
+            .await
+            .unwrap();
+        let _: () = setslot("MIGRATING", &self.ids[to])
+            .query_async(&mut src)
+            .await
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query_async(&mut src)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.masters[to].port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut src)
+                .await
+                .unwrap();
+        }
+        for master in [to, from] {
+            let _: () = setslot("NODE", &self.ids[to])
+                .query_async(&mut self.masters[master].conn().await)
+                .await
+                .unwrap();
+        }
+        let third = 3 - from - to;
+        let _: () = setslot("NODE", &self.ids[to])
+            .query_async(&mut self.masters[third].conn().await)
+            .await
+            .unwrap();
+    }
+}
+
+fn on_cluster(cluster: &Cluster, id: &'static str) -> impl FnOnce(&mut Config) {
+    let urls = cluster.urls();
+    move |c: &mut Config| {
+        c.redis.cluster_nodes = urls;
+        c.server.node_id = id.into();
+        c.redis.probe_interval_ms = 100;
+        c.limits.publish_rate = 0;
+        c.rooms = vec![RoomClass {
+            pattern: "ledger-*".into(),
+            history_size: 10_000,
+            history_ttl_s: 3600,
+        }];
+    }
+}
+
+async fn two_nodes(cluster: &Cluster) -> (Server, Server) {
+    let one = start(on_cluster(cluster, "one")).await;
+    let two = start(on_cluster(cluster, "two")).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    (one, two)
+}
+
+#[tokio::test]
+async fn rooms_on_all_three_shards_cross_nodes_through_their_own_master_only() {
+    let cluster = Cluster::start().await;
+    let (one, two) = two_nodes(&cluster).await;
+    let plain = cluster.one_room_per_master("match").await;
+    let durable = cluster.one_room_per_master("ledger").await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    for (room, _) in &plain {
+        remote.join(room).await;
+    }
+    for (room, _) in &durable {
+        let history = join_with(&mut remote, room, json!({"history": 10})).await;
+        assert_eq!(history["messages"], json!([]), "{history}");
+        remote.expect_type("user_joined").await;
+    }
+    // Each master has exactly its own rooms' channels subscribed.
+    for master in 0..3 {
+        let expected: Vec<String> = {
+            let mut v = vec![
+                format!("room:{{{}}}", durable[master].0),
+                format!("room:{{{}}}", plain[master].0),
+            ];
+            v.sort();
+            v
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if cluster.shard_channels(master, "room:*").await == expected {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "master {master}: {:?}, want {expected:?}",
+            cluster.shard_channels(master, "room:*").await
+        );
+    }
+    let publishes_before: Vec<u64> = {
+        let mut v = Vec::new();
+        for master in 0..3 {
+            v.push(cluster.calls(master, "publish").await);
+        }
+        v
+    };
+
+    let mut publisher = Client::connect(one.local_addr()).await;
+    for (room, _) in plain.iter().chain(&durable) {
+        for seq in 0..3 {
+            publisher
+                .send(json!({"type":"message","roomId":room,"content":{"seq":seq}}))
+                .await;
+        }
+    }
+    // Order holds per room (rooms on different masters interleave).
+    let mut by_room: std::collections::BTreeMap<String, Vec<(Value2, Value2)>> = Default::default();
+    for _ in 0..18 {
+        let m = remote.next_room_message().await;
+        let room = m["roomId"].as_str().expect("a room").to_string();
+        by_room
+            .entry(room)
+            .or_default()
+            .push((m["content"].clone(), m["offset"].clone()));
+    }
+    for (room, _) in plain.iter().chain(&durable) {
+        let want: Vec<(Value2, Value2)> = (0..3u64)
+            .map(|seq| {
+                let offset = if room.starts_with("ledger") {
+                    json!(seq + 1)
+                } else {
+                    Value2::Null
+                };
+                (json!({"seq":seq}), offset)
+            })
+            .collect();
+        assert_eq!(by_room.get(room), Some(&want), "{room}");
+    }
+    // A durable room's stream lives on its slot's master, whole.
+    for (master, (room, _)) in durable.iter().enumerate() {
+        let len: u64 = redis::cmd("XLEN")
+            .arg(format!("stream:{{{room}}}"))
+            .query_async(&mut cluster.masters[master].conn().await)
+            .await
+            .unwrap();
+        assert_eq!(len, 3, "{room} on master {master}");
+    }
+    // No plain PUBLISH (which a cluster copies to every node) carried any of it.
+    for (master, before) in publishes_before.iter().enumerate() {
+        assert_eq!(
+            cluster.calls(master, "publish").await,
+            *before,
+            "master {master}"
+        );
+        assert!(
+            cluster.calls(master, "spublish").await > 0,
+            "master {master}"
+        );
+    }
+
+    // Broadcasts and presence have their home master, and reach the other node.
+    let (status, _) = api_publish(one.local_addr(), &json!({"broadcast":{"notice":"all"}})).await;
+    assert_eq!(status, 200);
+    assert_eq!(remote.next_frame().await, r#"{"notice":"all"}"#);
+    let metrics = http(two.local_addr(), "GET", "/metrics", &[], b"").await.1;
+    assert!(
+        metrics.contains("volley_redis_cluster_changes_total 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_resharding_during_traffic_keeps_delivering() {
+    let cluster = Cluster::start().await;
+    let (one, two) = two_nodes(&cluster).await;
+    // A plain and a durable room on master 0, both moved to master 1 mid-feed.
+    let plain = cluster.one_room_per_master("ticker").await.remove(0);
+    let durable = cluster.one_room_per_master("ledger").await.remove(0);
+    let mut remote = Client::connect(two.local_addr()).await;
+    remote.join(&plain.0).await;
+    let history = join_with(&mut remote, &durable.0, json!({"history": 10})).await;
+    assert_eq!(history["messages"], json!([]));
+    for (room, _) in [&plain, &durable] {
+        let channel = format!("room:{{{room}}}");
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while cluster.shard_channels(0, &channel).await.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "{channel} never subscribed on master 0");
+    }
+
+    let count = 300u64;
+    let plain_room: &'static str = Box::leak(plain.0.clone().into_boxed_str());
+    let durable_room: &'static str = Box::leak(durable.0.clone().into_boxed_str());
+    let feeds = [
+        spawn_paced_feed(
+            one.local_addr(),
+            plain_room,
+            count,
+            Duration::from_millis(30),
+        ),
+        spawn_paced_feed(
+            one.local_addr(),
+            durable_room,
+            count,
+            Duration::from_millis(30),
+        ),
+    ];
+    // Let traffic flow, then move both slots while it goes on.
+    let mut plain_seen = Vec::new();
+    let mut durable_seen = Vec::new();
+    let mut ends = 0;
+    let mut moved = false;
+    let received = tokio::time::timeout(Duration::from_secs(30), async {
+        while ends < 2 {
+            let m = remote.next_room_message().await;
+            let seen = if m["roomId"] == json!(plain_room) {
+                &mut plain_seen
+            } else {
+                &mut durable_seen
+            };
+            if m["content"] == "end" {
+                ends += 1;
+                continue;
+            }
+            seen.push(m["content"]["seq"].as_u64().expect("a seq"));
+            if !moved && durable_seen.len() >= 60 {
+                moved = true;
+                cluster.move_slot(plain.1, 0, 1).await;
+                cluster.move_slot(durable.1, 0, 1).await;
+            }
+        }
+    })
+    .await;
+    assert!(
+        received.is_ok(),
+        "delivery stopped after the move: plain {} durable {} of {count}",
+        plain_seen.len(),
+        durable_seen.len()
+    );
+    for feed in feeds {
+        feed.await.unwrap();
+    }
+    assert!(moved, "the slots were never moved");
+    // The durable room lost nothing and repeated nothing.
+    let mut sorted = durable_seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, (0..count).collect::<Vec<_>>(), "durable room");
+    assert_eq!(durable_seen.len() as u64, count, "no duplicates");
+    // The plain room kept delivering after the move, without duplicates.
+    let mut unique = plain_seen.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        plain_seen.len(),
+        "no duplicates in the plain room"
+    );
+    assert!(
+        plain_seen.iter().any(|seq| *seq > count - 20),
+        "the plain room's last messages arrived: {plain_seen:?}"
+    );
+    // The rooms now live on master 1, and both nodes followed the new map.
+    for (room, _) in [&plain, &durable] {
+        let channel = format!("room:{{{room}}}");
+        assert_eq!(
+            cluster.shard_channels(1, &channel).await,
+            vec![channel.clone()]
+        );
+        assert!(cluster.shard_channels(0, &channel).await.is_empty());
+    }
+    for node in [&one, &two] {
+        let metrics = http(node.local_addr(), "GET", "/metrics", &[], b"").await.1;
+        assert!(
+            !metrics.contains("volley_redis_cluster_changes_total 0\n"),
+            "{metrics}"
+        );
+    }
+}
