@@ -4,6 +4,7 @@
 #   benches/e2e.sh SCENARIO [--set KEY=VALUE ...]      SCENARIO: scoreboard | ticker | saturate
 #   NODES=1 benches/e2e.sh ticker                      one node on the embedded broker
 #   SHARDS=3 benches/e2e.sh ticker                     three independent Redis (redis.shards)
+#   CLUSTER=3 benches/e2e.sh ticker                    a 3-master Redis Cluster (redis.cluster_nodes)
 #   WARMUP=3 DURATION=10 benches/e2e.sh scoreboard     seconds
 #   BENCH_ARGS="--rate 4000" benches/e2e.sh ticker     extra volley-bench flags
 #   PREBUILT=DIR benches/e2e.sh ticker               use DIR/volley, DIR/volley-bench (no build)
@@ -47,23 +48,47 @@ else
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A cluster node's bus listens on its port + 10000: both must be free ports.
+cluster_port() {
+  python3 -c '
+import random, socket
+def free(p):
+    s = socket.socket()
+    try: s.bind(("127.0.0.1", p)); return True
+    except OSError: return False
+    finally: s.close()
+while True:
+    p = random.randrange(20000, 55000)
+    if free(p) and free(p + 10000): print(p); break'
+}
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-redis_args=(); bench_redis=(); shard_pids=()
+redis_args=(); bench_redis=(); shard_pids=(); shard_ports=(); cluster_dir=""
 if [ "$nodes" -gt 1 ]; then
   # SHARDS=N: N independent Redis servers (redis.shards) instead of one (redis.url).
+  # CLUSTER=N: an N-master Redis Cluster (redis.cluster_nodes), slots split evenly.
   shard_urls=()
-  for _ in $(seq "${SHARDS:-1}"); do
+  cluster_dir=$(mktemp -d); cluster_args=()
+  [ -n "${CLUSTER:-}" ] && cluster_args=(--cluster-enabled yes --cluster-config-file nodes.conf --dir "$cluster_dir")
+  for i in $(seq "${CLUSTER:-${SHARDS:-1}}"); do
     rport=$(free_port)
-    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-    pids+=($!); shard_pids+=($!)
+    [ -n "${CLUSTER:-}" ] && { rport=$(cluster_port); mkdir -p "$cluster_dir/$i"; cluster_args[5]="$cluster_dir/$i"; }
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no "${cluster_args[@]}" >/dev/null &
+    pids+=($!); shard_pids+=($!); shard_ports+=("$rport")
     for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.05; done
     shard_urls+=("redis://127.0.0.1:$rport")
   done
   redis_pid=${shard_pids[0]}
-  if [ "${SHARDS:-1}" -gt 1 ]; then
+  if [ -n "${CLUSTER:-}" ]; then
+    addrs=(); for p in "${shard_ports[@]}"; do addrs+=("127.0.0.1:$p"); done
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+    for p in "${shard_ports[@]}"; do
+      for _ in $(seq 200); do redis-cli -p "$p" cluster info | grep -q cluster_state:ok && break; sleep 0.05; done
+    done
+    redis_args=(--set "redis.cluster_nodes=[\"${shard_urls[0]}\"]")
+  elif [ "${SHARDS:-1}" -gt 1 ]; then
     list=$(printf '"%s",' "${shard_urls[@]}")
     redis_args=(--set "redis.shards=[${list%,}]")
   else
@@ -73,7 +98,12 @@ if [ "$nodes" -gt 1 ]; then
   bench_redis=(--redis-url "${shard_urls[0]}" --redis-pid "$redis_pid")
 fi
 shard_cpu() { for p in "${shard_pids[@]}"; do awk '{print $14+$15}' "/proc/$p/stat"; done | paste -sd' '; }
-cpu_before=$(shard_cpu)
+shard_cmds() {
+  for p in "${shard_ports[@]}"; do
+    redis-cli -p "$p" info stats | tr -d '\r' | awk -F: '/^total_commands_processed:/ {print $2}'
+  done | paste -sd' '
+}
+cpu_before=$(shard_cpu); cmds_before=$(shard_cmds)
 
 urls=(); node_pids=(); node_http=(); perf_pids=()
 for i in $(seq "$nodes"); do
@@ -123,10 +153,12 @@ else
     --warmup "$warmup" --duration "$duration" ${BENCH_ARGS:-}
 fi
 
-if [ "${SHARDS:-1}" -gt 1 ]; then
-  # CPU ticks each shard used over the whole run (start-up and warm-up included).
+if [ "${#shard_pids[@]}" -gt 1 ]; then
+  # CPU ticks and commands of each shard over the whole run (start-up and warm-up included).
   echo "redis shard CPU ticks: before [$cpu_before] after [$(shard_cpu)]" >&2
+  echo "redis shard commands: before [$cmds_before] after [$(shard_cmds)]" >&2
 fi
+[ -z "$cluster_dir" ] || rm -rf "$cluster_dir"
 
 if [ -n "${FLAMEGRAPH:-}" ]; then
   for p in "${node_pids[@]}"; do kill "$p" 2>/dev/null || true; done

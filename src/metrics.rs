@@ -419,7 +419,7 @@ fn broker_help(name: &str) -> String {
         "redis_failovers" => "Times the node moved to a new master that Sentinel named.".into(),
         "redis_cluster_changes" => "Times the node followed a new Redis Cluster slot map (slots moved, masters added, removed or failed over).".into(),
         "redis_redirected_publishes" => {
-            "Publishes a cluster master refused to run (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), routed again by the slot map.".into()
+            "Publishes sent again through another engine: refused by Redis without running (a cluster's MOVED, ASK, TRYAGAIN or CLUSTERDOWN, a demoted master's READONLY), or still held by an engine replaced at a failover.".into()
         }
         other => format!("Broker figure {other}."),
     }

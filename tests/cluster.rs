@@ -21,15 +21,23 @@ struct Cluster {
     ids: Vec<String>,
 }
 
+/// A free port for a cluster node: its cluster bus (the port + 10 000) must be a port
+/// too, and free.
+fn cluster_port() -> u16 {
+    loop {
+        let port = fastrand::u16(20_000..55_000);
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+}
+
 impl Cluster {
     async fn start() -> Cluster {
         let mut masters = Vec::new();
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = cluster_port();
             masters.push(
                 RedisServer::start_with(
                     port,

@@ -236,3 +236,119 @@ async fn missed_messages_are_read_back_from_the_stream_in_order() {
     let h = health(two.local_addr()).await;
     assert!(h["redis_repairs"].as_u64() >= Some(2), "{h}");
 }
+
+#[tokio::test]
+async fn a_pipeline_cut_off_before_redis_ran_it_is_sent_again_and_nothing_doubles() {
+    let redis = RedisServer::start().await;
+    let one = start_on_redis(&redis, "one", durable(1000)).await;
+    let two = start_on_redis(&redis, "two", durable(1000)).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    let history = join_with(&mut remote, "scores:cut", json!({"history": 1})).await;
+    assert_eq!(history["messages"], json!([]));
+    redis.wait_numsub("room:scores:cut", 1).await;
+    let mut publisher = Client::connect(one.local_addr()).await;
+    let say = |content: &str| json!({"type":"message","roomId":"scores:cut","content":content});
+    publisher.send(say("a")).await;
+    assert_eq!(remote.next_room_message().await["content"], "a");
+
+    // Redis takes the next pipeline but holds it unrun (CLIENT PAUSE WRITE); then the
+    // connection is cut: the node never learns whether it ran. It did not.
+    let mut admin = redis.conn().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    publisher.send(say("b")).await;
+    publisher.send(say("c")).await;
+    let held = tokio::time::timeout(WAIT, async {
+        loop {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            if clients
+                .lines()
+                .any(|c| c.contains("flags=b ") && c.contains("cmd=eval"))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(held.is_ok(), "the durable append never reached Redis");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    // Sent again with the stream check once Redis answers: b and c arrive, once each,
+    // and the room's offsets go on without a gap.
+    publisher.send(say("d")).await;
+    let mut seen = Vec::new();
+    while seen.last().map(|(c, _): &(String, u64)| c.as_str()) != Some("d") {
+        let m = remote.next_room_message().await;
+        seen.push((
+            m["content"].as_str().unwrap().to_string(),
+            m["offset"].as_u64().unwrap(),
+        ));
+    }
+    let want: Vec<(String, u64)> = [("b", 2), ("c", 3), ("d", 4)]
+        .iter()
+        .map(|(c, o)| (c.to_string(), *o))
+        .collect();
+    assert_eq!(seen, want);
+}
+
+#[tokio::test]
+async fn a_durable_append_whose_answer_was_lost_is_checked_not_doubled() {
+    let redis = RedisServer::start().await;
+    let one = start_on_redis(&redis, "one", durable(1000)).await;
+    let two = start_on_redis(&redis, "two", durable(1000)).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    let history = join_with(&mut remote, "scores:slow", json!({"history": 1})).await;
+    assert_eq!(history["messages"], json!([]));
+    redis.wait_numsub("room:scores:slow", 1).await;
+    let mut publisher = Client::connect(one.local_addr()).await;
+    let say = |content: &str| json!({"type":"message","roomId":"scores:slow","content":content});
+    publisher.send(say("a")).await;
+    assert_eq!(remote.next_room_message().await["content"], "a");
+
+    // Redis sleeps past the node's 5 s reply timeout: the node loses the answer to the
+    // append of "b", which Redis runs when it wakes. Sent again with the stream check, it
+    // is skipped.
+    let stall = redis.stall(6).await;
+    publisher.send(say("b")).await;
+    stall.await.unwrap();
+    publisher.send(say("c")).await;
+    let mut seen = Vec::new();
+    while seen.last().map(|(c, _): &(String, u64)| c.as_str()) != Some("c") {
+        let m = remote.next_room_message().await;
+        seen.push((
+            m["content"].as_str().unwrap().to_string(),
+            m["offset"].as_u64().unwrap(),
+        ));
+    }
+    assert_eq!(seen, vec![("b".to_string(), 2), ("c".to_string(), 3)]);
+    let metrics = http(one.local_addr(), "GET", "/metrics", &[], b"").await.1;
+    assert!(
+        metrics.contains("volley_redis_publish_failures_total 1"),
+        "the answer was lost once: {metrics}"
+    );
+}

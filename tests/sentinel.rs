@@ -71,62 +71,90 @@ impl Drop for Sentinel {
     }
 }
 
-#[tokio::test]
-async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
-    let master = RedisServer::start_with(free_port(), &["--repl-diskless-sync-delay", "0"]).await;
-    let replica_port = free_port();
-    let replica = RedisServer::start_with(
-        replica_port,
-        &["--replicaof", "127.0.0.1", &master.port.to_string()],
-    )
-    .await;
-    // The replica has synced with the master.
-    tokio::time::timeout(WAIT, async {
-        let mut conn = replica.conn().await;
-        loop {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if info.contains("master_link_status:up") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// A master, its replicas and three sentinels watching it. Every server refuses writes
+/// without a replica in sync (`min-replicas-to-write 1`), as README advises: a master
+/// that lost its replica to a promotion cannot take writes the new master never sees.
+struct Setup {
+    master: RedisServer,
+    replicas: Vec<RedisServer>,
+    sentinels: Vec<Sentinel>,
+}
+
+const SAFE_WRITES: [&str; 6] = [
+    "--repl-diskless-sync-delay",
+    "0",
+    "--min-replicas-to-write",
+    "1",
+    "--min-replicas-max-lag",
+    "2",
+];
+
+impl Setup {
+    async fn start(replicas: usize) -> Setup {
+        let master = RedisServer::start_with(free_port(), &SAFE_WRITES).await;
+        let master_port = master.port.to_string();
+        let mut started = Vec::new();
+        for _ in 0..replicas {
+            let mut args = SAFE_WRITES.to_vec();
+            args.extend(["--replicaof", "127.0.0.1", &master_port]);
+            started.push(RedisServer::start_with(free_port(), &args).await);
         }
-    })
-    .await
-    .expect("the replica never synced");
-    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
-    // The sentinels know the replica before a failover can promote it.
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let sentinel_connected = async {
-                let client =
-                    redis::Client::open(format!("redis://127.0.0.1:{}", sentinels[0].port)).ok()?;
-                client.get_multiplexed_async_connection().await.ok()
-            };
-            if sentinel_connected.await.is_some() {
-                if let redis::Value::Array(replicas) =
-                    sentinels[0].ask(&["replicas", "volley"]).await
-                {
-                    if !replicas.is_empty() {
+        // Every replica has synced with the master.
+        for replica in &started {
+            tokio::time::timeout(WAIT, async {
+                let mut conn = replica.conn().await;
+                loop {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    if info.contains("master_link_status:up") {
                         return;
                     }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            })
+            .await
+            .expect("a replica never synced");
         }
-    })
-    .await
-    .expect("the sentinels never saw the replica");
+        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+        // The sentinels know every replica before a failover can promote one.
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let sentinel_connected = async {
+                    let client =
+                        redis::Client::open(format!("redis://127.0.0.1:{}", sentinels[0].port))
+                            .ok()?;
+                    client.get_multiplexed_async_connection().await.ok()
+                };
+                if sentinel_connected.await.is_some() {
+                    if let redis::Value::Array(known) =
+                        sentinels[0].ask(&["replicas", "volley"]).await
+                    {
+                        if known.len() == replicas {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the sentinels never saw the replicas");
+        Setup {
+            master,
+            replicas: started,
+            sentinels,
+        }
+    }
 
-    let addresses: Vec<String> = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect();
-    let node = |id: &'static str| {
-        let addresses = addresses.clone();
+    fn node(&self, id: &'static str) -> impl FnOnce(&mut volley::Config) {
+        let addresses: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
         move |c: &mut volley::Config| {
             c.server.node_id = id.into();
             c.redis.sentinels = addresses;
@@ -135,50 +163,42 @@ async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
             c.limits.publish_rate = 0;
             c.rooms = vec![RoomClass {
                 pattern: "scores:*".into(),
-                history_size: 1000,
+                history_size: 10_000,
                 history_ttl_s: 3600,
             }];
         }
-    };
-    let one = start(node("one")).await;
-    let two = start(node("two")).await;
-    wait_status(one.local_addr(), "/readyz", 200).await;
-    wait_status(two.local_addr(), "/readyz", 200).await;
-    let mut remote = Client::connect(two.local_addr()).await;
-    remote.join("scores:final").await;
-    master.wait_numsub("room:scores:final", 1).await;
-    let mut publisher = Client::connect(one.local_addr()).await;
-    publisher
-        .send(json!({"type":"message","roomId":"scores:final","content":"before"}))
-        .await;
-    assert_eq!(remote.next_room_message().await["content"], "before");
+    }
 
-    // Replication is asynchronous: fail over once the replica has the room's position
-    // (what a real failover after a quiet moment sees).
-    tokio::time::timeout(WAIT, async {
-        let mut conn = replica.conn().await;
-        loop {
-            let offset: Option<u64> = redis::cmd("HGET")
-                .arg("stream:scores:final:position")
-                .arg("offset")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if offset == Some(1) {
-                return;
+    /// Until the replica at index `i` has a durable room's offset `offset`.
+    async fn replicated(&self, i: usize, room: &str, offset: u64) {
+        tokio::time::timeout(WAIT, async {
+            let mut conn = self.replicas[i].conn().await;
+            loop {
+                let at: Option<u64> = redis::cmd("HGET")
+                    .arg(format!("stream:{room}:position"))
+                    .arg("offset")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if at == Some(offset) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the replica never caught up");
+        })
+        .await
+        .expect("the replica never caught up");
+    }
+}
 
-    // Failover: the replica becomes the master; both nodes move to it.
-    sentinels[0].ask(&["failover", "volley"]).await;
-    tokio::time::timeout(WAIT, async {
+/// Until both nodes report a failover (`redis_failovers` in `/healthz`) and are ready.
+async fn both_followed(nodes: [&volley::Server; 2]) {
+    tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let moved = health(one.local_addr()).await["redis_failovers"].as_u64() >= Some(1)
-                && health(two.local_addr()).await["redis_failovers"].as_u64() >= Some(1);
+            let mut moved = true;
+            for node in nodes {
+                moved &= health(node.local_addr()).await["redis_failovers"].as_u64() >= Some(1);
+            }
             if moved {
                 return;
             }
@@ -187,8 +207,31 @@ async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
     })
     .await
     .expect("the nodes never followed the failover");
+    for node in nodes {
+        wait_status(node.local_addr(), "/readyz", 200).await;
+    }
+}
+
+#[tokio::test]
+async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
+    let setup = Setup::start(1).await;
+    let one = start(setup.node("one")).await;
+    let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
     wait_status(two.local_addr(), "/readyz", 200).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    remote.join("scores:final").await;
+    setup.master.wait_numsub("room:scores:final", 1).await;
+    let mut publisher = Client::connect(one.local_addr()).await;
+    publisher
+        .send(json!({"type":"message","roomId":"scores:final","content":"before"}))
+        .await;
+    assert_eq!(remote.next_room_message().await["content"], "before");
+    setup.replicated(0, "scores:final", 1).await;
+
+    // Failover: the replica becomes the master; both nodes move to it.
+    setup.sentinels[0].ask(&["failover", "volley"]).await;
+    both_followed([&one, &two]).await;
     publisher
         .send(json!({"type":"message","roomId":"scores:final","content":"after"}))
         .await;
@@ -199,8 +242,109 @@ async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
         let offset = m["offset"].as_u64().unwrap();
         assert_eq!(offset, last + 1, "no gap: {m}");
         last = offset;
-        if m["content"] == "after" {
+        if m["content"] == "end" || m["content"] == "after" {
             break;
         }
     }
+}
+
+/// Reads `room` on `client` until `"end"`: the seqs in arrival order, and the offsets.
+async fn read_feed(client: &mut Client, room: &str) -> (Vec<u64>, Vec<u64>) {
+    let (mut seqs, mut offsets) = (Vec::new(), Vec::new());
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let m = client.next_room_message().await;
+            assert_eq!(m["roomId"], room, "{m}");
+            offsets.push(m["offset"].as_u64().expect("an offset"));
+            if m["content"] == "end" {
+                return;
+            }
+            seqs.push(m["content"]["seq"].as_u64().expect("a seq"));
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "delivery did not resume: {} messages, last offsets {:?}",
+        seqs.len(),
+        &offsets[offsets.len().saturating_sub(5)..]
+    );
+    (seqs, offsets)
+}
+
+/// Every message once, offsets counting up by one.
+fn assert_whole(count: u64, seqs: &[u64], offsets: &[u64]) {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..count).collect::<Vec<_>>(), "every message once");
+    let first = offsets[0];
+    assert_eq!(
+        offsets,
+        (first..first + offsets.len() as u64).collect::<Vec<_>>(),
+        "offsets without a gap"
+    );
+}
+
+#[tokio::test]
+async fn publishing_through_a_sentinel_failover_loses_nothing_of_a_durable_room() {
+    let setup = Setup::start(1).await;
+    let one = start(setup.node("one")).await;
+    let two = start(setup.node("two")).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    let history = join_with(&mut remote, "scores:live", json!({"history": 1})).await;
+    assert_eq!(history["messages"], json!([]));
+    setup.master.wait_numsub("room:scores:live", 1).await;
+
+    // 400 messages over about 2 s, a failover in the middle.
+    let count = 400;
+    let feed = spawn_paced_feed(
+        one.local_addr(),
+        "scores:live",
+        count,
+        Duration::from_millis(50),
+    );
+    let failover = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        setup.sentinels[0].ask(&["failover", "volley"]).await;
+    };
+    let (_, (seqs, offsets)) = tokio::join!(failover, read_feed(&mut remote, "scores:live"));
+    feed.await.unwrap();
+    both_followed([&one, &two]).await;
+    assert_whole(count, &seqs, &offsets);
+}
+
+#[tokio::test]
+async fn publishing_through_a_killed_master_loses_nothing_of_a_durable_room() {
+    // Two replicas: after the master dies, the new master still has one in sync, so it
+    // takes writes under min-replicas-to-write 1.
+    let mut setup = Setup::start(2).await;
+    let one = start(setup.node("one")).await;
+    let two = start(setup.node("two")).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    let history = join_with(&mut remote, "scores:live", json!({"history": 1})).await;
+    assert_eq!(history["messages"], json!([]));
+    setup.master.wait_numsub("room:scores:live", 1).await;
+
+    // 600 messages over about 3 s; the master is SIGKILLed early on. Sentinel notices
+    // after 1 s (down-after-milliseconds) and promotes a replica; meanwhile the nodes
+    // hold what is published, then hand it to the new master.
+    let count = 600;
+    let feed = spawn_paced_feed(
+        one.local_addr(),
+        "scores:live",
+        count,
+        Duration::from_millis(50),
+    );
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        setup.master.kill();
+    };
+    let (_, (seqs, offsets)) = tokio::join!(kill, read_feed(&mut remote, "scores:live"));
+    feed.await.unwrap();
+    both_followed([&one, &two]).await;
+    assert_whole(count, &seqs, &offsets);
 }

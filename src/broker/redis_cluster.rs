@@ -355,11 +355,25 @@ impl ClusterBroker {
 
     /// Routes again what masters refused (and what came before the first map).
     fn route_redirected(&self) {
+        let topology = self.topology();
+        // Doubtful durable messages first (the older ones), each to its room's master.
+        let mut unroutable = Vec::new();
+        for envelope in self.redirected.take_doubtful() {
+            match topology.engine_for(&self.keys, &envelope.target) {
+                Some(engine) => {
+                    self.redirects.fetch_add(1, Relaxed);
+                    engine.publish_doubtful(std::slice::from_ref(&envelope));
+                }
+                None => unroutable.push(envelope),
+            }
+        }
+        if !unroutable.is_empty() {
+            self.redirected.hand_back_doubtful(unroutable);
+        }
         let envelopes = self.redirected.take();
         if envelopes.is_empty() {
             return;
         }
-        let topology = self.topology();
         let mut unroutable = Vec::new();
         for envelope in envelopes {
             match topology.engine_for(&self.keys, &envelope.target) {

@@ -2,9 +2,10 @@
 //! sentinels which server is the master, runs the Redis engine on it, and follows every
 //! failover. A watch asks again every half second; when the sentinels name another
 //! master, a new engine starts on it, takes over this node's room subscriptions and online
-//! users, and replaces the old one, which is shut down (publishes it still held get one
-//! second to reach the old master, then are dropped and counted). Durable rooms then repair any gap
-//! from the new master's streams, as after any reconnect.
+//! users, and replaces the old one, which is shut down: publishes it still held (the old
+//! master gone, or refusing writes with `READONLY` after a graceful failover) come back
+//! here and go to the new master. Durable rooms then repair any gap from the new
+//! master's streams, as after any reconnect.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
-use super::redis::RedisStartError;
+use super::redis::{Redirected, RedisStartError};
 use super::{
     BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
     OnlineUsers, PresenceError, PublishError, RedisBroker, UserPresence,
@@ -25,6 +26,8 @@ use crate::protocol::inbound::Replay;
 
 /// How often the sentinels are asked who the master is.
 const WATCH: Duration = Duration::from_millis(500);
+/// The shortest pause between two rounds of asking, however often engines hand back.
+const PAUSE: Duration = Duration::from_millis(100);
 /// A master nobody has named yet: the engine waits on it, unreachable, until one is.
 const NO_MASTER: &str = "redis://127.0.0.1:1";
 
@@ -40,13 +43,18 @@ pub struct SentinelBroker {
     rooms: Mutex<HashSet<Arc<str>>>,
     users: Mutex<HashSet<Arc<str>>>,
     failovers: AtomicU64,
+    /// Publishes an engine handed back: refused by a demoted master, or still held by
+    /// an engine being replaced. The watch sends them through the current engine.
+    redirected: Arc<Redirected>,
+    handed_over: AtomicU64,
     stop: CancellationToken,
 }
 
 impl SentinelBroker {
     /// Starts on whatever the sentinels name (or nothing yet) and watches them.
     pub fn start(config: &Config) -> Result<Arc<SentinelBroker>, RedisStartError> {
-        let engine = RedisBroker::start_on(config, NO_MASTER)?;
+        let redirected = Arc::new(Redirected::default());
+        let engine = RedisBroker::start_handing_back(config, NO_MASTER, redirected.clone())?;
         let broker = Arc::new(SentinelBroker {
             config: config.clone(),
             current: RwLock::new(engine),
@@ -55,6 +63,8 @@ impl SentinelBroker {
             rooms: Mutex::new(HashSet::new()),
             users: Mutex::new(HashSet::new()),
             failovers: AtomicU64::new(0),
+            redirected,
+            handed_over: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         tokio::spawn(watch(Arc::downgrade(&broker), broker.stop.clone()));
@@ -67,7 +77,11 @@ impl SentinelBroker {
 
     /// Moves to the master at `url`: a new engine with this node's subscriptions.
     fn switch(&self, url: String) {
-        let engine = match RedisBroker::start_on(&self.config, &url) {
+        let engine = match RedisBroker::start_handing_back(
+            &self.config,
+            &url,
+            self.redirected.clone(),
+        ) {
             Ok(engine) => engine,
             Err(e) => {
                 tracing::error!(master = %url, error = %e, "cannot start on the master Sentinel named");
@@ -99,6 +113,27 @@ impl SentinelBroker {
         tokio::spawn(async move {
             old.shutdown(Instant::now() + Duration::from_secs(1)).await;
         });
+    }
+
+    /// Sends what an engine handed back through the current engine.
+    fn send_handed_back(&self) {
+        let engine = self.engine();
+        // Doubtful durable messages first: they are the older ones.
+        let doubtful = self.redirected.take_doubtful();
+        self.handed_over.fetch_add(doubtful.len() as u64, Relaxed);
+        engine.publish_doubtful(&doubtful);
+        let envelopes = self.redirected.take();
+        if envelopes.is_empty() {
+            return;
+        }
+        let n = envelopes.len() as u64;
+        self.handed_over.fetch_add(n, Relaxed);
+        if let Err(e) = engine.publish(&envelopes) {
+            tracing::warn!(
+                publishes = n,
+                "publishes handed over to the new master dropped: {e}"
+            );
+        }
     }
 
     /// The master's URL, as the first sentinel that answers names it.
@@ -140,12 +175,16 @@ fn percent(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
+/// Asks the sentinels every `WATCH`, and soon after an engine handed publishes back (a
+/// demoted master refusing them is the first sign of a failover).
 async fn watch(broker: Weak<SentinelBroker>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(WATCH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(redirected) = broker.upgrade().map(|b| b.redirected.clone()) else {
+        return;
+    };
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(WATCH) => {}
+            _ = redirected.notify.notified() => {}
             _ = stop.cancelled() => return,
         }
         let Some(broker) = broker.upgrade() else {
@@ -155,6 +194,12 @@ async fn watch(broker: Weak<SentinelBroker>, stop: CancellationToken) {
             if *broker.master.lock() != url {
                 broker.switch(url);
             }
+        }
+        broker.send_handed_back();
+        drop(broker);
+        tokio::select! {
+            _ = tokio::time::sleep(PAUSE) => {}
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -228,6 +273,7 @@ impl Broker for SentinelBroker {
     fn stats(&self) -> BrokerStats {
         let mut stats = self.engine().stats();
         stats.push(("redis_failovers", self.failovers.load(Relaxed)));
+        stats.push(("redis_redirected_publishes", self.handed_over.load(Relaxed)));
         stats
     }
 

@@ -28,8 +28,12 @@ use crate::protocol::inbound::Replay;
 use crate::protocol::{outbound, Encoded};
 
 /// KEYS: stream, position. ARGV: channel, maxlen, ttl_s, envelope head
-/// (`{"serverId":S,`), `batch` or `single`, then the message frames.
-/// Returns the receivers of the (last) PUBLISH.
+/// (`{"serverId":S,`), `batch` or `single` (with `-check`: skip frames already in the
+/// stream), then the message frames. Returns the receivers of the (last) PUBLISH.
+///
+/// The check is for frames sent before in a pipeline whose answer was lost (a master
+/// killed, a connection cut): those the stream has were appended and published then,
+/// the others never ran. Sent again with the check, none is lost and none doubled.
 pub(super) const PUBLISH: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -37,17 +41,30 @@ if not epoch then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'epoch', t[1] .. '-' .. t[2], 'offset', 0)
 end
+local single = ARGV[5] == 'single' or ARGV[5] == 'single-check'
+local seen = {}
+if string.sub(ARGV[5], -6) == '-check' then
+  for _, row in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 2000)) do
+    local body = string.match(row[2][2], '^(.*),"offset":%d+}$')
+    if body then seen[body] = (seen[body] or 0) + 1 end
+  end
+end
 local offset = tonumber(redis.call('HGET', KEYS[2], 'offset'))
 local frames = {}
 local receivers = 0
 for i = 6, #ARGV do
-  offset = offset + 1
-  local frame = string.sub(ARGV[i], 1, -2) .. ',"offset":' .. offset .. '}'
-  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'data', frame)
-  if ARGV[5] == 'single' then
-    receivers = redis.call('PUBLISH', ARGV[1], ARGV[4] .. '"payload":' .. frame .. '}')
+  local body = string.sub(ARGV[i], 1, -2)
+  if (seen[body] or 0) > 0 then
+    seen[body] = seen[body] - 1
   else
-    frames[#frames + 1] = frame
+    offset = offset + 1
+    local frame = body .. ',"offset":' .. offset .. '}'
+    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'data', frame)
+    if single then
+      receivers = redis.call('PUBLISH', ARGV[1], ARGV[4] .. '"payload":' .. frame .. '}')
+    else
+      frames[#frames + 1] = frame
+    end
   end
 end
 redis.call('HSET', KEYS[2], 'offset', offset)
@@ -112,14 +129,24 @@ static PUBLISH_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_scrip
 /// How long a history read or a repair may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
 
-/// Adds one room's durable messages of a window to the pipeline: one script call.
+/// How a window's durable messages are appended.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mode {
+    /// One `PUBLISH` per message (`redis.envelope = "single"`), else one per window.
+    pub single: bool,
+    /// Skip messages the stream already has: they were sent before, answer lost.
+    pub check: bool,
+}
+
+/// Adds one room's durable messages of a window to the pipeline: one script call
+/// (`check`: skip those the stream already has, see `PUBLISH`).
 pub(super) fn add_publish(
     pipe: &mut redis::Pipeline,
     shared: &Shared,
     room: &str,
     durability: Durability,
     head: &[u8],
-    single: bool,
+    mode: Mode,
     frames: impl Iterator<Item = Vec<u8>>,
 ) {
     let cmd = pipe
@@ -136,7 +163,12 @@ pub(super) fn add_publish(
         .arg(durability.history_size)
         .arg(durability.ttl.as_secs().max(1))
         .arg(head)
-        .arg(if single { "single" } else { "batch" });
+        .arg(match (mode.single, mode.check) {
+            (true, false) => "single",
+            (false, false) => "batch",
+            (true, true) => "single-check",
+            (false, true) => "batch-check",
+        });
     for frame in frames {
         cmd.arg(frame);
     }

@@ -83,6 +83,9 @@ pub enum RedisStartError {
 #[derive(Default)]
 pub struct Redirected {
     envelopes: Mutex<Vec<Envelope>>,
+    /// Durable messages whose pipeline's answer was lost: sent again with a check that
+    /// skips those the stream already has (`publish_doubtful`).
+    doubtful: Mutex<Vec<Envelope>>,
     /// Wakes the cluster engine: read the slot map again.
     pub notify: tokio::sync::Notify,
 }
@@ -93,9 +96,19 @@ impl Redirected {
         self.notify.notify_one();
     }
 
+    pub fn hand_back_doubtful(&self, envelopes: impl IntoIterator<Item = Envelope>) {
+        self.doubtful.lock().extend(envelopes);
+        self.notify.notify_one();
+    }
+
     /// Takes every envelope handed back, oldest first.
     pub fn take(&self) -> Vec<Envelope> {
         std::mem::take(&mut *self.envelopes.lock())
+    }
+
+    /// Takes the doubtful durable messages handed back, oldest first.
+    pub fn take_doubtful(&self) -> Vec<Envelope> {
+        std::mem::take(&mut *self.doubtful.lock())
     }
 
     pub fn len(&self) -> usize {
@@ -112,8 +125,12 @@ struct Shared {
     node_id: Arc<str>,
     keys: Keys,
     /// In a Redis Cluster this engine is one of several, one per master: its channels
-    /// are sharded (`SPUBLISH` / `SSUBSCRIBE`), and what its master refuses goes back to
-    /// the cluster engine. `None` for a standalone Redis.
+    /// are sharded (`SPUBLISH` / `SSUBSCRIBE`).
+    sharded: bool,
+    /// Where publishes go that this engine's Redis refused (a cluster redirection, a
+    /// demoted master's `READONLY`) or that it still held when it was shut down: the
+    /// engine that owns this one (cluster, Sentinel) routes them again. Without one they
+    /// are held here, and dropped and counted at shutdown.
     redirected: Option<Arc<Redirected>>,
     /// Whether this engine subscribes the node-wide channels (broadcasts, presence
     /// changes): always on a standalone Redis; in a cluster only the engine on the
@@ -216,7 +233,21 @@ impl RedisBroker {
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
         let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
-        Self::start_with(config, info, keys, None)
+        Self::start_with(config, info, keys, false, None)
+    }
+
+    /// Starts the engine on the Redis at `url` for an owner that takes back what this
+    /// engine's Redis refuses or what it still holds at shutdown (the Sentinel engine).
+    pub fn start_handing_back(
+        config: &Config,
+        url: &str,
+        redirected: Arc<Redirected>,
+    ) -> Result<Arc<RedisBroker>, RedisStartError> {
+        let info = url
+            .into_connection_info()
+            .map_err(RedisStartError::BadUrl)?;
+        let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
+        Self::start_with(config, info, keys, false, Some(redirected))
     }
 
     /// Starts the engine for one master of a Redis Cluster: sharded pub/sub, names with
@@ -230,7 +261,13 @@ impl RedisBroker {
         redirected: Arc<Redirected>,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let keys = Keys::cluster(&config.redis.key_prefix, &config.server.node_id, probe_tag);
-        Self::start_with(config, info, keys, Some(redirected))
+        Self::start_with(config, info, keys, true, Some(redirected))
+    }
+
+    /// Durable messages another engine sent without learning whether they ran: sent
+    /// first, with a check that skips those the stream already has.
+    pub fn publish_doubtful(&self, batch: &[Envelope]) {
+        self.queue.push_doubtful(batch);
     }
 
     /// Moves a durable room's delivered position from `from` (the engine the room
@@ -252,6 +289,7 @@ impl RedisBroker {
         config: &Config,
         info: ConnectionInfo,
         keys: Keys,
+        sharded: bool,
         redirected: Option<Arc<Redirected>>,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let resp3 = info
@@ -266,7 +304,8 @@ impl RedisBroker {
         let shared = Arc::new(Shared {
             keys,
             node_id,
-            home: AtomicBool::new(redirected.is_none()),
+            home: AtomicBool::new(!sharded),
+            sharded,
             redirected,
             sink: OnceLock::new(),
             stats: OnceLock::new(),
@@ -364,7 +403,7 @@ pub(crate) fn manager_config() -> ConnectionManagerConfig {
 impl Shared {
     /// Whether channels are sharded (a Redis Cluster).
     fn sharded(&self) -> bool {
-        self.redirected.is_some()
+        self.sharded
     }
 
     /// `PUBLISH`, or `SPUBLISH` in a cluster.

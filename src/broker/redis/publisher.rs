@@ -107,12 +107,18 @@ struct Built {
     spans: Vec<Range<usize>>,
     /// The envelopes at the front of `pending` the pipeline carries.
     used: usize,
+    /// Sent in check mode (durable messages sent before without an answer).
+    check: bool,
 }
 
 /// Whether Redis answered an error that means the command did not run, and would run
-/// elsewhere or later: a demoted master (`READONLY`), a cluster redirection.
+/// elsewhere or later: a demoted master (`READONLY`), a master cut off from its replicas
+/// (`NOREPLICAS`, with `min-replicas-to-write`: a promoted replica has left it), a
+/// cluster redirection.
 fn not_run(e: &RedisError) -> bool {
-    e.is_cluster_error() || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+    e.is_cluster_error()
+        || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+        || e.code() == Some("NOREPLICAS")
 }
 
 fn classify(e: &RedisError) -> Failure {
@@ -219,7 +225,10 @@ impl Publisher {
     /// channel (per `max_envelope_messages`) in `batch` mode, one per message in `single`
     /// mode. A durable room's messages: one script call per room per window (see
     /// `durable`), which publishes them in either shape.
-    fn build(&self, pending: &VecDeque<Envelope>) -> Built {
+    /// With `recheck > 0`, only those first ones, in check mode.
+    fn build(&self, pending: &VecDeque<Envelope>, recheck: usize) -> Built {
+        let check = recheck > 0;
+        let limit = if check { recheck } else { pending.len() };
         let mut pipe = redis::pipe();
         // Each command's reply on its own: a command Redis refused did not run and can be
         // kept (or handed back in a cluster) while the others count as sent.
@@ -229,7 +238,7 @@ impl Publisher {
         let mut groups: IndexMap<(String, bool), Vec<usize>> = IndexMap::new();
         let mut commands = 0;
         let mut used = 0;
-        for (i, envelope) in pending.iter().enumerate() {
+        for (i, envelope) in pending.iter().take(limit).enumerate() {
             let key = (self.channel(envelope), durability(envelope).is_some());
             let group = groups.get(&key).map_or(0, Vec::len);
             let new_command = if single && !key.1 {
@@ -264,7 +273,7 @@ impl Publisher {
                         room,
                         durability,
                         self.writer.head(),
-                        single,
+                        durable::Mode { single, check },
                         chunk.iter().map(|&i| pending[i].payload.json().to_vec()),
                     ),
                     _ if chunk.len() == 1 => {
@@ -292,6 +301,7 @@ impl Publisher {
             members,
             spans,
             used,
+            check,
         }
     }
 
@@ -314,13 +324,13 @@ impl Publisher {
     /// Sorts out a pipeline some of whose commands Redis refused. Refused commands that
     /// did not run (`READONLY`, a cluster redirection) are kept: at the front of `pending`
     /// in order, or in a cluster handed back to be routed again. Other refusals are
-    /// counted and dropped. Returns whether any were kept here, to retry after a pause.
+    /// counted and dropped. Returns how many were kept here, to retry after a pause.
     fn sort_refusals(
         &self,
         pending: &mut VecDeque<Envelope>,
         built: &Built,
         replies: &[redis::RedisResult<i64>],
-    ) -> bool {
+    ) -> usize {
         let mut keep = vec![false; built.used];
         let mut refused = 0;
         for (span, reply) in built.spans.iter().zip(replies) {
@@ -354,22 +364,87 @@ impl Publisher {
         }
         match &self.shared.redirected {
             Some(redirected) if !kept.is_empty() => {
-                redirected.hand_back(kept);
-                false
+                if built.check {
+                    redirected.hand_back_doubtful(kept);
+                } else {
+                    redirected.hand_back(kept);
+                }
+                0
             }
             _ => {
-                let any = !kept.is_empty();
+                let n = kept.len();
                 for envelope in kept.into_iter().rev() {
                     pending.push_front(envelope);
                 }
-                any
+                n
             }
         }
     }
 
-    /// Counts `n` publishes that will not be sent.
-    fn drop_held(&self, n: usize, why: &str) {
+    /// A pipeline Redis may or may not have run (its answer was lost). Its plain messages
+    /// are never sent again (no duplicates) and are counted as unconfirmed; its durable
+    /// ones go back to the front, to be sent again with the stream check, which skips
+    /// those that did run: durable rooms lose nothing and double nothing.
+    fn unconfirmed(
+        &self,
+        pending: &mut VecDeque<Envelope>,
+        used: usize,
+        recheck: &mut usize,
+        why: &str,
+    ) {
+        let mut durable = Vec::new();
+        let mut plain = 0u64;
+        for envelope in pending.drain(..used) {
+            if durability(&envelope).is_some() {
+                durable.push(envelope);
+            } else {
+                plain += 1;
+            }
+        }
+        *recheck = recheck.saturating_sub(used) + durable.len();
+        for envelope in durable.into_iter().rev() {
+            pending.push_front(envelope);
+        }
+        if plain > 0 {
+            let total = self
+                .shared
+                .counters
+                .unconfirmed_publishes
+                .fetch_add(plain, Relaxed)
+                + plain;
+            tracing::warn!(
+                error = why,
+                messages = plain,
+                total,
+                "Redis may or may not have run a publish pipeline; its plain messages are not sent again (no duplicates), counted as unconfirmed"
+            );
+        }
+    }
+
+    /// At shutdown: publishes this engine will not send, and whatever is still queued.
+    /// Handed back to the engine that owns this one (the next master's engine sends
+    /// them), or else counted as dropped.
+    /// The first `recheck` of `pending` are doubtful (see `unconfirmed`): they go back
+    /// as such.
+    fn give_up(&self, pending: &mut VecDeque<Envelope>, recheck: usize, why: &str) {
+        let mut rest = Vec::new();
+        self.queue.take_doubtful(&mut rest);
+        let recheck = recheck.min(pending.len());
+        let mut doubtful: Vec<Envelope> = pending.drain(..recheck).collect();
+        doubtful.append(&mut rest);
+        self.queue.take(&mut rest);
+        let envelopes: Vec<Envelope> = pending.drain(..).chain(rest).collect();
+        let n = envelopes.len() + doubtful.len();
         if n == 0 {
+            return;
+        }
+        if let Some(redirected) = &self.shared.redirected {
+            redirected.hand_back_doubtful(doubtful);
+            redirected.hand_back(envelopes);
+            tracing::info!(
+                publishes = n,
+                "held publishes handed to the engine taking over"
+            );
             return;
         }
         let f = &self.shared.counters;
@@ -386,6 +461,10 @@ pub(super) async fn run(mut p: Publisher) {
     let mut recovery: Option<Recovery> = None;
     // When the oldest pending publish was queued.
     let mut pending_since: Option<Instant> = None;
+    // How many at the front of `pending` are durable messages sent before without an
+    // answer: they go first, checked against the stream (see `durable::PUBLISH`).
+    let mut recheck = 0usize;
+    let mut doubtful: Vec<Envelope> = Vec::new();
     loop {
         if pending.is_empty() && !stopping {
             tokio::select! {
@@ -405,6 +484,11 @@ pub(super) async fn run(mut p: Publisher) {
         }
         p.skip_lonely_notices(&mut incoming);
         pending.extend(incoming.drain(..));
+        p.queue.take_doubtful(&mut doubtful);
+        recheck += doubtful.len();
+        for envelope in doubtful.drain(..).rev() {
+            pending.push_front(envelope);
+        }
         p.queue.held.store(pending.len(), Relaxed);
         if pending.is_empty() {
             if stopping {
@@ -443,7 +527,7 @@ pub(super) async fn run(mut p: Publisher) {
                 continue;
             }
         }
-        let built = p.build(&pending);
+        let built = p.build(&pending, recheck);
         let (channels, used) = (&built.channels, built.used);
         let sent = match p.shared.shutdown_deadline().filter(|_| stopping) {
             Some(deadline) => {
@@ -452,12 +536,10 @@ pub(super) async fn run(mut p: Publisher) {
                 {
                     Ok(result) => result,
                     Err(_) => {
-                        p.shared
-                            .counters
-                            .unconfirmed_publishes
-                            .fetch_add(used as u64, Relaxed);
-                        p.drop_held(
-                            pending.len() - used,
+                        p.unconfirmed(&mut pending, used, &mut recheck, "the drain timeout passed");
+                        p.give_up(
+                            &mut pending,
+                            recheck,
                             "drain timeout reached with Redis not answering: publishes dropped",
                         );
                         return;
@@ -475,25 +557,27 @@ pub(super) async fn run(mut p: Publisher) {
             Ok(replies) => {
                 let kept_here = if replies.iter().all(Result::is_ok) {
                     pending.drain(..used);
-                    false
+                    0
                 } else {
                     p.sort_refusals(&mut pending, &built, &replies)
                 };
+                recheck = recheck.saturating_sub(used) + if built.check { kept_here } else { 0 };
                 p.queue.held.store(pending.len(), Relaxed);
                 p.remember(channels, &replies);
-                if kept_here {
+                if kept_here > 0 {
                     // A demoted master: hold everything until Redis (or the Sentinel
                     // engine's switch to the new master) lets publishes run again.
                     p.shared.counters.publish_failures.fetch_add(1, Relaxed);
                     if p.shared.publisher_ok.swap(false, Relaxed) {
                         tracing::warn!(
                             held = pending.len(),
-                            "Redis refuses publishes (READONLY); holding them"
+                            "Redis refuses publishes (READONLY or NOREPLICAS); holding them"
                         );
                     }
                     if stopping {
-                        p.drop_held(
-                            pending.len(),
+                        p.give_up(
+                            &mut pending,
+                            recheck,
                             "shutting down with Redis refusing publishes: publishes dropped",
                         );
                         return;
@@ -528,20 +612,8 @@ pub(super) async fn run(mut p: Publisher) {
             Err(e) => {
                 p.shared.counters.publish_failures.fetch_add(1, Relaxed);
                 if let Failure::Unconfirmed = classify(&e) {
-                    pending.drain(..used);
+                    p.unconfirmed(&mut pending, used, &mut recheck, &e.to_string());
                     p.queue.held.store(pending.len(), Relaxed);
-                    let total = p
-                        .shared
-                        .counters
-                        .unconfirmed_publishes
-                        .fetch_add(used as u64, Relaxed)
-                        + used as u64;
-                    tracing::warn!(
-                        error = %e,
-                        messages = used,
-                        total,
-                        "Redis may or may not have run a publish pipeline; not sending it again (no duplicates), counted as unconfirmed"
-                    );
                 }
                 if p.shared.publisher_ok.swap(false, Relaxed) {
                     tracing::warn!(error = %e, held = pending.len(), "Redis publish failed; holding publishes until it is back");
@@ -550,8 +622,9 @@ pub(super) async fn run(mut p: Publisher) {
                     recovery = Some(Recovery::begin(&p.shared));
                 }
                 if stopping {
-                    p.drop_held(
-                        pending.len(),
+                    p.give_up(
+                        &mut pending,
+                        recheck,
                         "shutting down with Redis unreachable: publishes dropped",
                     );
                     return;

@@ -51,6 +51,21 @@ impl PublishQueue {
         Ok(())
     }
 
+    /// Queues durable messages another engine sent without an answer, ahead of the
+    /// rest. Not bounded here: they were accepted, and counted, by that engine's queue.
+    pub fn push_doubtful(&self, batch: &[Envelope]) {
+        if batch.is_empty() {
+            return;
+        }
+        self.items.lock().doubtful.extend_from_slice(batch);
+        self.ready.notify_one();
+    }
+
+    /// Takes the doubtful messages queued (see `push_doubtful`).
+    pub fn take_doubtful(&self, into: &mut Vec<Envelope>) {
+        into.append(&mut self.items.lock().doubtful);
+    }
+
     /// Takes everything queued; returns when the oldest of it was queued.
     pub fn take(&self, into: &mut Vec<Envelope>) -> Option<Instant> {
         let mut queued = self.items.lock();
@@ -62,6 +77,7 @@ impl PublishQueue {
 #[derive(Default)]
 struct Queued {
     items: Vec<Envelope>,
+    doubtful: Vec<Envelope>,
     /// When the oldest queued item was queued; for the publish latency histogram.
     since: Option<Instant>,
 }
