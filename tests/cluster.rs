@@ -486,3 +486,65 @@ async fn a_resharding_during_traffic_keeps_delivering() {
         );
     }
 }
+
+#[tokio::test]
+async fn presence_and_direct_messages_live_on_the_home_master() {
+    let cluster = Cluster::start().await;
+    let (one, two) = two_nodes(&cluster).await;
+    let home = cluster.owner(volley::broker::redis::slot(b"volley")).await;
+    let mut watcher = Client::connect(two.local_addr()).await;
+    watcher.send(json!({"type":"subscribe_presence"})).await;
+    // The presence channel is subscribed on the home master, by both nodes.
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("SHARDNUMSUB")
+                .arg("{volley}:presence:updates")
+                .query_async(&mut cluster.masters[home].conn().await)
+                .await
+                .unwrap();
+            if counts[0].1 == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "presence updates never subscribed on the home master"
+    );
+
+    let mut alice = Client::connect(one.local_addr()).await;
+    alice.send(json!({"type":"auth","userId":"alice"})).await;
+    assert_eq!(
+        alice.next_message().await,
+        json!({"type":"authenticated","userId":"alice"})
+    );
+    let connected = watcher.expect_type("presence").await;
+    assert_eq!(
+        (connected["event"].clone(), connected["userId"].clone()),
+        (json!("connected"), json!("alice"))
+    );
+    watcher.send(json!({"type":"get_online_users"})).await;
+    let listed = watcher.expect_type("online_users").await;
+    assert_eq!(listed["users"][0]["userId"], "alice", "{listed}");
+    assert_eq!(listed["users"][0]["serverId"], "one", "{listed}");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("{volley}:presence:alice")
+        .query_async(&mut cluster.masters[home].conn().await)
+        .await
+        .unwrap();
+    assert_eq!(exists, 1, "alice's presence hash on the home master");
+
+    // A direct message from the other node reaches her.
+    watcher.send(json!({"type":"auth","userId":"bob"})).await;
+    watcher.expect_type("authenticated").await;
+    watcher
+        .send(json!({"type":"direct_message","toUserId":"alice","content":"hi"}))
+        .await;
+    assert_eq!(
+        alice.next_message().await,
+        json!({"type":"direct_message","fromUserId":"bob","content":"hi"})
+    );
+}

@@ -249,11 +249,16 @@ async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
 }
 
 /// Reads `room` on `client` until `"end"`: the seqs in arrival order, and the offsets.
+/// Delivery must never pause for 5 s or more (the failover's gap).
 async fn read_feed(client: &mut Client, room: &str) -> (Vec<u64>, Vec<u64>) {
     let (mut seqs, mut offsets) = (Vec::new(), Vec::new());
+    let mut last = std::time::Instant::now();
+    let mut longest = Duration::ZERO;
     let read = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let m = client.next_room_message().await;
+            longest = longest.max(last.elapsed());
+            last = std::time::Instant::now();
             assert_eq!(m["roomId"], room, "{m}");
             offsets.push(m["offset"].as_u64().expect("an offset"));
             if m["content"] == "end" {
@@ -269,7 +274,52 @@ async fn read_feed(client: &mut Client, room: &str) -> (Vec<u64>, Vec<u64>) {
         seqs.len(),
         &offsets[offsets.len().saturating_sub(5)..]
     );
+    eprintln!("longest pause in delivery: {longest:?}");
+    assert!(
+        longest < Duration::from_secs(5),
+        "delivery paused {longest:?}"
+    );
     (seqs, offsets)
+}
+
+/// The durable room's history on whichever server Sentinel names master now: every
+/// message once, in publish order, offsets 1, 2, 3, ...
+async fn assert_history_whole(setup: &Setup, room: &str, count: u64) {
+    let (host, port) = match setup.sentinels[0]
+        .ask(&["get-master-addr-by-name", "volley"])
+        .await
+    {
+        redis::Value::Array(parts) => match (&parts[0], &parts[1]) {
+            (redis::Value::BulkString(h), redis::Value::BulkString(p)) => (
+                String::from_utf8_lossy(h).to_string(),
+                String::from_utf8_lossy(p).to_string(),
+            ),
+            other => panic!("master address: {other:?}"),
+        },
+        other => panic!("master address: {other:?}"),
+    };
+    let client = redis::Client::open(format!("redis://{host}:{port}")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let rows: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("stream:{room}"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    for (i, (id, fields)) in rows.iter().enumerate() {
+        assert_eq!(id, &format!("{}-1", i + 1), "offsets count up by one");
+        let frame: serde_json::Value = serde_json::from_str(&fields[0].1).unwrap();
+        if frame["content"] != "end" {
+            seqs.push(frame["content"]["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(
+        seqs,
+        (0..count).collect::<Vec<_>>(),
+        "the history, whole and in order"
+    );
 }
 
 /// Every message once, offsets counting up by one.
@@ -287,7 +337,7 @@ fn assert_whole(count: u64, seqs: &[u64], offsets: &[u64]) {
 
 #[tokio::test]
 async fn publishing_through_a_sentinel_failover_loses_nothing_of_a_durable_room() {
-    let setup = Setup::start(1).await;
+    let setup = Setup::start(2).await;
     let one = start(setup.node("one")).await;
     let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
@@ -312,6 +362,7 @@ async fn publishing_through_a_sentinel_failover_loses_nothing_of_a_durable_room(
     let (_, (seqs, offsets)) = tokio::join!(failover, read_feed(&mut remote, "scores:live"));
     feed.await.unwrap();
     both_followed([&one, &two]).await;
+    assert_history_whole(&setup, "scores:live", count).await;
     assert_whole(count, &seqs, &offsets);
 }
 
@@ -346,5 +397,6 @@ async fn publishing_through_a_killed_master_loses_nothing_of_a_durable_room() {
     let (_, (seqs, offsets)) = tokio::join!(kill, read_feed(&mut remote, "scores:live"));
     feed.await.unwrap();
     both_followed([&one, &two]).await;
+    assert_history_whole(&setup, "scores:live", count).await;
     assert_whole(count, &seqs, &offsets);
 }

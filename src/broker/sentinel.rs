@@ -46,7 +46,7 @@ pub struct SentinelBroker {
     /// Publishes an engine handed back: refused by a demoted master, or still held by
     /// an engine being replaced. The watch sends them through the current engine.
     redirected: Arc<Redirected>,
-    handed_over: AtomicU64,
+    handed_over: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -64,7 +64,7 @@ impl SentinelBroker {
             users: Mutex::new(HashSet::new()),
             failovers: AtomicU64::new(0),
             redirected,
-            handed_over: AtomicU64::new(0),
+            handed_over: Arc::new(AtomicU64::new(0)),
             stop: CancellationToken::new(),
         });
         tokio::spawn(watch(Arc::downgrade(&broker), broker.stop.clone()));
@@ -95,13 +95,19 @@ impl SentinelBroker {
         // then reaches the new engine (their calls take the set's lock, then `current`).
         let rooms = self.rooms.lock();
         let users = self.users.lock();
+        let previous = self.engine();
+        // From now on only the new master's messages are delivered, and durable rooms go
+        // on from what was delivered here: a message the old master took after the
+        // promotion, and the new one gets again below, is not delivered twice.
+        previous.stop_delivering();
         for room in rooms.iter() {
+            engine.take_position(&previous, room);
             engine.subscribe(room);
         }
         for user in users.iter() {
             engine.user_online(user);
         }
-        let old = std::mem::replace(&mut *self.current.write(), engine);
+        let old = std::mem::replace(&mut *self.current.write(), engine.clone());
         drop((rooms, users));
         let was = std::mem::replace(&mut *self.master.lock(), url.clone());
         if was != NO_MASTER {
@@ -110,30 +116,20 @@ impl SentinelBroker {
         } else {
             tracing::info!(master = %url, "Redis master named by Sentinel");
         }
+        // The old engine hands over what it held and what it sent in the last seconds
+        // (sent again with the stream check: what the new master lacks is appended, in
+        // order); only then does the new engine send anything.
+        let (redirected, handed_over) = (self.redirected.clone(), self.handed_over.clone());
         tokio::spawn(async move {
             old.shutdown(Instant::now() + Duration::from_secs(1)).await;
+            hand_over(&redirected, &engine, &handed_over);
+            engine.open_gate();
         });
     }
 
     /// Sends what an engine handed back through the current engine.
     fn send_handed_back(&self) {
-        let engine = self.engine();
-        // Doubtful durable messages first: they are the older ones.
-        let doubtful = self.redirected.take_doubtful();
-        self.handed_over.fetch_add(doubtful.len() as u64, Relaxed);
-        engine.publish_doubtful(&doubtful);
-        let envelopes = self.redirected.take();
-        if envelopes.is_empty() {
-            return;
-        }
-        let n = envelopes.len() as u64;
-        self.handed_over.fetch_add(n, Relaxed);
-        if let Err(e) = engine.publish(&envelopes) {
-            tracing::warn!(
-                publishes = n,
-                "publishes handed over to the new master dropped: {e}"
-            );
-        }
+        hand_over(&self.redirected, &self.engine(), &self.handed_over);
     }
 
     /// The master's URL, as the first sentinel that answers names it.
@@ -168,6 +164,26 @@ impl SentinelBroker {
             }
         }
         None
+    }
+}
+
+/// Sends what engines handed back through `engine`: doubtful durable messages first (they
+/// are the older ones, and are checked against the stream), then the rest.
+fn hand_over(redirected: &Redirected, engine: &RedisBroker, counter: &AtomicU64) {
+    let doubtful = redirected.take_doubtful();
+    counter.fetch_add(doubtful.len() as u64, Relaxed);
+    engine.publish_doubtful(&doubtful);
+    let envelopes = redirected.take();
+    if envelopes.is_empty() {
+        return;
+    }
+    let n = envelopes.len() as u64;
+    counter.fetch_add(n, Relaxed);
+    if let Err(e) = engine.publish(&envelopes) {
+        tracing::warn!(
+            publishes = n,
+            "publishes handed over to the new master dropped: {e}"
+        );
     }
 }
 

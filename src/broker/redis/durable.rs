@@ -314,7 +314,7 @@ impl Positions {
 }
 
 fn deliver(shared: &Shared, room: &Arc<str>, origin: &Arc<str>, payload: Encoded) {
-    if let Some(sink) = shared.sink.get().and_then(std::sync::Weak::upgrade) {
+    if let Some(sink) = shared.sink() {
         sink.deliver(Envelope {
             origin: origin.clone(),
             target: Target::Room(room.clone()),

@@ -167,6 +167,12 @@ struct Shared {
     /// The channels Redis has confirmed subscribed, for reads that must not start before.
     subscribed: Mutex<std::collections::HashSet<String>>,
     subscribed_changed: tokio::sync::Notify,
+    /// Cleared when an owner engine replaces this one (`stop_delivering`): what its old
+    /// master still sends is not delivered, the new master's copy is.
+    delivering: AtomicBool,
+    /// Set for an engine that takes over from another (Sentinel): it sends nothing
+    /// until the old engine has handed over what it held (`open_gate`).
+    gate: Option<Gate>,
     /// Sharded channels the server unsubscribed by itself (their slot moved away).
     moved_channels: Mutex<Vec<String>>,
     counters: RedisStats,
@@ -233,11 +239,12 @@ impl RedisBroker {
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
         let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
-        Self::start_with(config, info, keys, false, None)
+        Self::start_with(config, info, keys, false, None, false)
     }
 
     /// Starts the engine on the Redis at `url` for an owner that takes back what this
     /// engine's Redis refuses or what it still holds at shutdown (the Sentinel engine).
+    /// It sends nothing until `open_gate`: the engine it replaces hands over first.
     pub fn start_handing_back(
         config: &Config,
         url: &str,
@@ -247,7 +254,21 @@ impl RedisBroker {
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
         let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
-        Self::start_with(config, info, keys, false, Some(redirected))
+        Self::start_with(config, info, keys, false, Some(redirected), true)
+    }
+
+    /// Lets a gated engine's publisher send (see `start_handing_back`).
+    pub fn open_gate(&self) {
+        if let Some(gate) = &self.shared.gate {
+            gate.open.store(true, Relaxed);
+            gate.opened.notify_waiters();
+        }
+    }
+
+    /// Stops delivering what this engine's Redis sends: it is being replaced, and the
+    /// engine taking over delivers from the new master.
+    pub fn stop_delivering(&self) {
+        self.shared.delivering.store(false, Relaxed);
     }
 
     /// Starts the engine for one master of a Redis Cluster: sharded pub/sub, names with
@@ -261,7 +282,7 @@ impl RedisBroker {
         redirected: Arc<Redirected>,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let keys = Keys::cluster(&config.redis.key_prefix, &config.server.node_id, probe_tag);
-        Self::start_with(config, info, keys, true, Some(redirected))
+        Self::start_with(config, info, keys, true, Some(redirected), false)
     }
 
     /// Durable messages another engine sent without learning whether they ran: sent
@@ -291,6 +312,7 @@ impl RedisBroker {
         keys: Keys,
         sharded: bool,
         redirected: Option<Arc<Redirected>>,
+        gated: bool,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let resp3 = info
             .redis_settings()
@@ -330,6 +352,8 @@ impl RedisBroker {
             subscribed: Mutex::new(Default::default()),
             subscribed_changed: tokio::sync::Notify::new(),
             moved_channels: Mutex::new(Vec::new()),
+            delivering: AtomicBool::new(true),
+            gate: gated.then(Gate::default),
             counters: RedisStats::default(),
         });
         let queue = Arc::new(PublishQueue::new(config.redis.outage_buffer));
@@ -400,7 +424,36 @@ pub(crate) fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(1))
 }
 
+/// A closed gate holds an engine's publisher before its first send.
+#[derive(Default)]
+struct Gate {
+    open: AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl Gate {
+    async fn wait(&self) {
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if self.open.load(Relaxed) {
+                return;
+            }
+            opened.await;
+        }
+    }
+}
+
 impl Shared {
+    /// Where received messages go, unless this engine was told to stop delivering.
+    fn sink(&self) -> Option<Arc<dyn EnvelopeSink>> {
+        if !self.delivering.load(Relaxed) {
+            return None;
+        }
+        self.sink.get().and_then(Weak::upgrade)
+    }
+
     /// Whether channels are sharded (a Redis Cluster).
     fn sharded(&self) -> bool {
         self.sharded
@@ -463,10 +516,7 @@ impl Shared {
             return;
         }
         if channel == self.keys.presence_updates.as_bytes() {
-            if let (Some(event), Some(sink)) = (
-                presence::event(message),
-                self.sink.get().and_then(Weak::upgrade),
-            ) {
+            if let (Some(event), Some(sink)) = (presence::event(message), self.sink()) {
                 sink.presence(event);
             }
             return;
@@ -502,7 +552,7 @@ impl Shared {
             return;
         }
         self.counters.received_envelopes.fetch_add(1, Relaxed);
-        let Some(sink) = self.sink.get().and_then(Weak::upgrade) else {
+        let Some(sink) = self.sink() else {
             return;
         };
         let origin: Arc<str> = Arc::from(inbound.server_id.as_deref().unwrap_or("unknown"));

@@ -43,6 +43,11 @@ use crate::throttle::LogThrottle;
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
 /// Channels whose subscriber counts are remembered (for recovery and notices).
 const MAX_REMEMBERED_CHANNELS: usize = 65_536;
+/// How long before the shutdown deadline the publisher stops waiting for Redis.
+const GIVE_UP_MARGIN: Duration = Duration::from_millis(100);
+/// How long, and how many, confirmed durable messages are kept for a failover.
+const RECENT: Duration = Duration::from_secs(5);
+const MAX_RECENT: usize = 1000;
 /// How long a channel's subscriber count is trusted to skip a notice.
 const LISTENERS_FRESH: Duration = Duration::from_secs(10);
 
@@ -62,6 +67,11 @@ pub(super) struct Publisher {
     /// Per channel, at its last successful PUBLISH: its subscribers, how many of them were
     /// not this node, and when.
     listeners: HashMap<String, Listeners>,
+    /// Durable messages Redis confirmed in the last `RECENT` (at most `MAX_RECENT`), kept
+    /// only under an owner engine (Sentinel, cluster): when this engine is replaced at a
+    /// failover they go to the next master as doubtful, so those the old master took but
+    /// never replicated are appended again, and the others skipped.
+    recent: VecDeque<(Instant, Envelope)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +165,7 @@ impl Publisher {
             recovery_wait: Duration::from_millis(config.redis.recovery_wait_ms),
             stop,
             listeners: HashMap::new(),
+            recent: VecDeque::new(),
         }
     }
 
@@ -321,63 +332,97 @@ impl Publisher {
         }
     }
 
-    /// Sorts out a pipeline some of whose commands Redis refused. Refused commands that
-    /// did not run (`READONLY`, a cluster redirection) are kept: at the front of `pending`
-    /// in order, or in a cluster handed back to be routed again. Other refusals are
-    /// counted and dropped. Returns how many were kept here, to retry after a pause.
+    /// Sorts out a pipeline some of whose commands Redis refused. A command refused by a
+    /// cluster redirection did not run and belongs to another master: handed back to the
+    /// cluster engine to route again. One refused by this server for now (`READONLY`,
+    /// `NOREPLICAS`) did not run either: kept at the front of `pending`, in order, to try
+    /// again here (or to hand over at shutdown). Other refusals are counted and dropped.
+    /// Returns how many were kept here, to retry after a pause.
     fn sort_refusals(
-        &self,
+        &mut self,
         pending: &mut VecDeque<Envelope>,
         built: &Built,
         replies: &[redis::RedisResult<i64>],
     ) -> usize {
-        let mut keep = vec![false; built.used];
-        let mut refused = 0;
+        #[derive(Clone, Copy, PartialEq)]
+        enum Fate {
+            Ran,
+            Redirect,
+            Retry,
+            Dropped,
+        }
+        let mut fates = vec![Fate::Dropped; built.used];
+        let mut dropped = 0;
         for (span, reply) in built.spans.iter().zip(replies) {
-            match reply {
-                Ok(_) => {}
-                Err(e) if not_run(e) => {
-                    for &i in &built.members[span.clone()] {
-                        keep[i] = true;
-                    }
+            let fate = match reply {
+                Ok(_) => Fate::Ran,
+                Err(e) if e.is_cluster_error() && self.shared.redirected.is_some() => {
+                    Fate::Redirect
                 }
+                Err(e) if not_run(e) => Fate::Retry,
                 Err(e) => {
-                    refused += span.len();
+                    dropped += span.len();
                     static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
                     if let Some(held_back) = LOG.allow() {
                         tracing::warn!(error = %e, messages = span.len(), held_back, "Redis refused a publish; dropped");
                     }
+                    Fate::Dropped
                 }
+            };
+            for &i in &built.members[span.clone()] {
+                fates[i] = fate;
             }
         }
-        if refused > 0 {
+        if dropped > 0 {
             self.shared
                 .counters
                 .dropped_publishes
-                .fetch_add(refused as u64, Relaxed);
+                .fetch_add(dropped as u64, Relaxed);
         }
-        let mut kept: Vec<Envelope> = Vec::new();
+        let (mut ran, mut redirect, mut retry) = (Vec::new(), Vec::new(), Vec::new());
         for (i, envelope) in pending.drain(..built.used).enumerate() {
-            if keep[i] {
-                kept.push(envelope);
+            match fates[i] {
+                Fate::Ran => ran.push(envelope),
+                Fate::Redirect => redirect.push(envelope),
+                Fate::Retry => retry.push(envelope),
+                Fate::Dropped => {}
             }
         }
-        match &self.shared.redirected {
-            Some(redirected) if !kept.is_empty() => {
-                if built.check {
-                    redirected.hand_back_doubtful(kept);
-                } else {
-                    redirected.hand_back(kept);
-                }
-                0
+        self.confirmed(ran.into_iter());
+        if let (Some(redirected), false) = (&self.shared.redirected, redirect.is_empty()) {
+            if built.check {
+                redirected.hand_back_doubtful(redirect);
+            } else {
+                redirected.hand_back(redirect);
             }
-            _ => {
-                let n = kept.len();
-                for envelope in kept.into_iter().rev() {
-                    pending.push_front(envelope);
-                }
-                n
-            }
+        }
+        let kept = retry.len();
+        for envelope in retry.into_iter().rev() {
+            pending.push_front(envelope);
+        }
+        kept
+    }
+
+    /// Redis confirmed these: kept a while if durable and an owner engine could need
+    /// them again (see `recent`).
+    fn confirmed(&mut self, envelopes: impl Iterator<Item = Envelope>) {
+        if self.shared.redirected.is_none() {
+            envelopes.for_each(drop);
+            return;
+        }
+        let now = Instant::now();
+        self.recent.extend(
+            envelopes
+                .filter(|e| durability(e).is_some())
+                .map(|e| (now, e)),
+        );
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > RECENT)
+            || self.recent.len() > MAX_RECENT
+        {
+            self.recent.pop_front();
         }
     }
 
@@ -426,11 +471,17 @@ impl Publisher {
     /// them), or else counted as dropped.
     /// The first `recheck` of `pending` are doubtful (see `unconfirmed`): they go back
     /// as such.
-    fn give_up(&self, pending: &mut VecDeque<Envelope>, recheck: usize, why: &str) {
+    fn give_up(&mut self, pending: &mut VecDeque<Envelope>, recheck: usize, why: &str) {
         let mut rest = Vec::new();
         self.queue.take_doubtful(&mut rest);
         let recheck = recheck.min(pending.len());
-        let mut doubtful: Vec<Envelope> = pending.drain(..recheck).collect();
+        // The recently confirmed first: they are the oldest.
+        let mut doubtful: Vec<Envelope> = std::mem::take(&mut self.recent)
+            .into_iter()
+            .filter(|(at, _)| at.elapsed() <= RECENT)
+            .map(|(_, e)| e)
+            .collect();
+        doubtful.extend(pending.drain(..recheck));
         doubtful.append(&mut rest);
         self.queue.take(&mut rest);
         let envelopes: Vec<Envelope> = pending.drain(..).chain(rest).collect();
@@ -439,12 +490,15 @@ impl Publisher {
             return;
         }
         if let Some(redirected) = &self.shared.redirected {
+            let held = n - doubtful.len();
             redirected.hand_back_doubtful(doubtful);
             redirected.hand_back(envelopes);
-            tracing::info!(
-                publishes = n,
-                "held publishes handed to the engine taking over"
-            );
+            if held > 0 {
+                tracing::info!(
+                    publishes = held,
+                    "held publishes handed to the engine taking over"
+                );
+            }
             return;
         }
         let f = &self.shared.counters;
@@ -492,9 +546,26 @@ pub(super) async fn run(mut p: Publisher) {
         p.queue.held.store(pending.len(), Relaxed);
         if pending.is_empty() {
             if stopping {
+                p.give_up(&mut pending, 0, "");
                 return;
             }
             continue;
+        }
+        if let Some(gate) = &p.shared.gate {
+            // Taking over from another engine: what it held goes first.
+            tokio::select! {
+                _ = gate.wait() => {}
+                _ = p.stop.cancelled() => stopping = true,
+            }
+            p.queue.take_doubtful(&mut doubtful);
+            recheck += doubtful.len();
+            for envelope in doubtful.drain(..).rev() {
+                pending.push_front(envelope);
+            }
+            if let Some(since) = p.queue.take(&mut incoming) {
+                pending_since.get_or_insert(since);
+            }
+            pending.extend(incoming.drain(..));
         }
         // The probe or the subscriber may have seen Redis go away before any publish
         // failed: hold, and let a harmless NUMSUB find out, instead of writing a pipeline
@@ -504,7 +575,15 @@ pub(super) async fn run(mut p: Publisher) {
             recovery = Some(Recovery::begin(&p.shared));
         }
         if let (Some(r), false) = (recovery.as_mut(), stopping) {
-            match p.listeners_back(r, &pending).await {
+            let stop = p.stop.clone();
+            let back = tokio::select! {
+                back = p.listeners_back(r, &pending) => back,
+                _ = stop.cancelled() => {
+                    stopping = true;
+                    continue;
+                }
+            };
+            match back {
                 Ok(true) => recovery = None,
                 Ok(false) => {
                     let answered = *r.answered.get_or_insert_with(Instant::now);
@@ -531,6 +610,9 @@ pub(super) async fn run(mut p: Publisher) {
         let (channels, used) = (&built.channels, built.used);
         let sent = match p.shared.shutdown_deadline().filter(|_| stopping) {
             Some(deadline) => {
+                // A little before the engine's deadline, when the task is aborted: what is
+                // held must be handed back (or counted) first.
+                let deadline = deadline.checked_sub(GIVE_UP_MARGIN).unwrap_or(deadline);
                 match tokio::time::timeout_at(deadline.into(), built.pipe.query_async(&mut p.conn))
                     .await
                 {
@@ -556,7 +638,8 @@ pub(super) async fn run(mut p: Publisher) {
         match sent {
             Ok(replies) => {
                 let kept_here = if replies.iter().all(Result::is_ok) {
-                    pending.drain(..used);
+                    let done: Vec<Envelope> = pending.drain(..used).collect();
+                    p.confirmed(done.into_iter());
                     0
                 } else {
                     p.sort_refusals(&mut pending, &built, &replies)
