@@ -71,31 +71,28 @@ impl Drop for Sentinel {
     }
 }
 
-/// A master, its replicas and three sentinels watching it. Every server refuses writes
-/// without a replica in sync (`min-replicas-to-write 1`), as README advises: a master
-/// that lost its replica to a promotion cannot take writes the new master never sees.
+/// A master, its replicas and three sentinels watching it. With `safe`, every server
+/// refuses writes without a replica in sync (`min-replicas-to-write 1`), as README
+/// advises for two replicas or more.
 struct Setup {
     master: RedisServer,
     replicas: Vec<RedisServer>,
     sentinels: Vec<Sentinel>,
 }
 
-const SAFE_WRITES: [&str; 6] = [
-    "--repl-diskless-sync-delay",
-    "0",
-    "--min-replicas-to-write",
-    "1",
-    "--min-replicas-max-lag",
-    "2",
-];
+const SAFE_WRITES: [&str; 4] = ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"];
 
 impl Setup {
-    async fn start(replicas: usize) -> Setup {
-        let master = RedisServer::start_with(free_port(), &SAFE_WRITES).await;
+    async fn start(replicas: usize, safe: bool) -> Setup {
+        let mut args = vec!["--repl-diskless-sync-delay", "0"];
+        if safe {
+            args.extend(SAFE_WRITES);
+        }
+        let master = RedisServer::start_with(free_port(), &args).await;
         let master_port = master.port.to_string();
         let mut started = Vec::new();
         for _ in 0..replicas {
-            let mut args = SAFE_WRITES.to_vec();
+            let mut args = args.clone();
             args.extend(["--replicaof", "127.0.0.1", &master_port]);
             started.push(RedisServer::start_with(free_port(), &args).await);
         }
@@ -214,7 +211,7 @@ async fn both_followed(nodes: [&volley::Server; 2]) {
 
 #[tokio::test]
 async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
-    let setup = Setup::start(1).await;
+    let setup = Setup::start(1, false).await;
     let one = start(setup.node("one")).await;
     let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
@@ -337,7 +334,7 @@ fn assert_whole(count: u64, seqs: &[u64], offsets: &[u64]) {
 
 #[tokio::test]
 async fn publishing_through_a_sentinel_failover_loses_nothing_of_a_durable_room() {
-    let setup = Setup::start(2).await;
+    let setup = Setup::start(2, true).await;
     let one = start(setup.node("one")).await;
     let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
@@ -370,7 +367,7 @@ async fn publishing_through_a_sentinel_failover_loses_nothing_of_a_durable_room(
 async fn publishing_through_a_killed_master_loses_nothing_of_a_durable_room() {
     // Two replicas: after the master dies, the new master still has one in sync, so it
     // takes writes under min-replicas-to-write 1.
-    let mut setup = Setup::start(2).await;
+    let mut setup = Setup::start(2, true).await;
     let one = start(setup.node("one")).await;
     let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
