@@ -23,7 +23,7 @@
 //! | `batch` | delivery-window policy: window clock, leading edge, batch frames, shared-batch memo |
 //! | `outbox` | one socket's bounded queue and its writes (inline, writer task); the due list and its tick task |
 //! | `hub` | sharded room -> local subscribers map; local fan-out into outboxes |
-//! | [`broker`] | the seam to other nodes: `memory` engine (default), `redis` (pub/sub, pipelined publish windows, durable streams, presence, keys) `sharded` (rooms over independent Redis servers) and `sentinel` (the Redis engine on whichever master Sentinel names) |
+//! | [`broker`] | the seam to other nodes: `memory` engine (default), `redis` (pub/sub, pipelined publish windows, durable streams, presence, keys), `sharded` (rooms over independent Redis servers), `redis_cluster` (a Redis engine per cluster master, sharded pub/sub, following the slot map) and `sentinel` (the Redis engine on whichever master Sentinel names) |
 //! | [`node`] | owns hub, broker, delivery window and due list; where a message enters and fans out |
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |

@@ -15,9 +15,10 @@ use volley::broker::redis::Keys;
 use volley::config::RoomClass;
 use volley::{Config, Server};
 
-/// Three cluster-enabled redis-servers joined into one cluster, slots split evenly.
+/// Three cluster-enabled redis-servers joined into one cluster, slots split evenly (and
+/// with `replicas`, that many replicas of each: `servers[3..]`).
 struct Cluster {
-    masters: Vec<RedisServer>,
+    servers: Vec<RedisServer>,
     ids: Vec<String>,
 }
 
@@ -35,8 +36,12 @@ fn cluster_port() -> u16 {
 
 impl Cluster {
     async fn start() -> Cluster {
+        Self::start_with(0).await
+    }
+
+    async fn start_with(replicas: usize) -> Cluster {
         let mut masters = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..3 * (1 + replicas) {
             let port = cluster_port();
             masters.push(
                 RedisServer::start_with(
@@ -60,7 +65,7 @@ impl Cluster {
         let created = std::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli must be installed (bash tests/run.sh installs it)");
         assert!(
@@ -78,7 +83,10 @@ impl Cluster {
                     .unwrap(),
             );
         }
-        let cluster = Cluster { masters, ids };
+        let cluster = Cluster {
+            servers: masters,
+            ids,
+        };
         cluster.wait_ok().await;
         cluster
     }
@@ -88,14 +96,14 @@ impl Cluster {
         let waited = tokio::time::timeout(Duration::from_secs(20), async {
             'again: loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                for master in &self.masters {
+                for master in &self.servers {
                     let info: String = redis::cmd("CLUSTER")
                         .arg("INFO")
                         .query_async(&mut master.conn().await)
                         .await
                         .unwrap();
-                    if !info.contains("cluster_state:ok") || !info.contains("cluster_known_nodes:3")
-                    {
+                    let known = format!("cluster_known_nodes:{}", self.servers.len());
+                    if !info.contains("cluster_state:ok") || !info.contains(&known) {
                         continue 'again;
                     }
                 }
@@ -107,14 +115,14 @@ impl Cluster {
     }
 
     fn urls(&self) -> Vec<String> {
-        vec![self.masters[0].url()]
+        vec![self.servers[0].url()]
     }
 
     /// Which master (index) serves `slot`, as the first master sees the map.
     async fn owner(&self, slot: u16) -> usize {
         let map: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")
-            .query_async(&mut self.masters[0].conn().await)
+            .query_async(&mut self.servers[0].conn().await)
             .await
             .unwrap();
         let Value::Array(ranges) = map else {
@@ -132,7 +140,7 @@ impl Cluster {
                     panic!("port")
                 };
                 return self
-                    .masters
+                    .servers
                     .iter()
                     .position(|m| i64::from(m.port) == port)
                     .expect("a master of ours");
@@ -164,7 +172,7 @@ impl Cluster {
         let mut channels: Vec<String> = redis::cmd("PUBSUB")
             .arg("SHARDCHANNELS")
             .arg(pattern)
-            .query_async(&mut self.masters[master].conn().await)
+            .query_async(&mut self.servers[master].conn().await)
             .await
             .unwrap();
         channels.sort();
@@ -175,7 +183,7 @@ impl Cluster {
     async fn calls(&self, master: usize, command: &str) -> u64 {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
-            .query_async(&mut self.masters[master].conn().await)
+            .query_async(&mut self.servers[master].conn().await)
             .await
             .unwrap();
         info.lines()
@@ -193,8 +201,8 @@ impl Cluster {
             cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
             cmd
         };
-        let mut src = self.masters[from].conn().await;
-        let mut dst = self.masters[to].conn().await;
+        let mut src = self.servers[from].conn().await;
+        let mut dst = self.servers[to].conn().await;
         let _: () = setslot("IMPORTING", &self.ids[from])
             .query_async(&mut dst)
             .await
@@ -216,7 +224,7 @@ impl Cluster {
             }
             let _: () = redis::cmd("MIGRATE")
                 .arg("127.0.0.1")
-                .arg(self.masters[to].port)
+                .arg(self.servers[to].port)
                 .arg("")
                 .arg(0)
                 .arg(5000)
@@ -228,13 +236,13 @@ impl Cluster {
         }
         for master in [to, from] {
             let _: () = setslot("NODE", &self.ids[to])
-                .query_async(&mut self.masters[master].conn().await)
+                .query_async(&mut self.servers[master].conn().await)
                 .await
                 .unwrap();
         }
         let third = 3 - from - to;
         let _: () = setslot("NODE", &self.ids[to])
-            .query_async(&mut self.masters[third].conn().await)
+            .query_async(&mut self.servers[third].conn().await)
             .await
             .unwrap();
     }
@@ -346,7 +354,7 @@ async fn rooms_on_all_three_shards_cross_nodes_through_their_own_master_only() {
     for (master, (room, _)) in durable.iter().enumerate() {
         let len: u64 = redis::cmd("XLEN")
             .arg(format!("stream:{{{room}}}"))
-            .query_async(&mut cluster.masters[master].conn().await)
+            .query_async(&mut cluster.servers[master].conn().await)
             .await
             .unwrap();
         assert_eq!(len, 3, "{room} on master {master}");
@@ -500,7 +508,7 @@ async fn presence_and_direct_messages_live_on_the_home_master() {
             let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
                 .arg("SHARDNUMSUB")
                 .arg("{volley}:presence:updates")
-                .query_async(&mut cluster.masters[home].conn().await)
+                .query_async(&mut cluster.servers[home].conn().await)
                 .await
                 .unwrap();
             if counts[0].1 == 2 {
@@ -532,7 +540,7 @@ async fn presence_and_direct_messages_live_on_the_home_master() {
     assert_eq!(listed["users"][0]["serverId"], "one", "{listed}");
     let exists: i64 = redis::cmd("EXISTS")
         .arg("{volley}:presence:alice")
-        .query_async(&mut cluster.masters[home].conn().await)
+        .query_async(&mut cluster.servers[home].conn().await)
         .await
         .unwrap();
     assert_eq!(exists, 1, "alice's presence hash on the home master");
@@ -546,5 +554,163 @@ async fn presence_and_direct_messages_live_on_the_home_master() {
     assert_eq!(
         alice.next_message().await,
         json!({"type":"direct_message","fromUserId":"bob","content":"hi"})
+    );
+}
+
+#[tokio::test]
+async fn a_masters_failover_during_traffic_loses_nothing_of_a_durable_room() {
+    let cluster = Cluster::start_with(1).await;
+    let (one, two) = two_nodes(&cluster).await;
+    let keys = Keys::cluster("", "test", "");
+    // A durable and a plain room on the same master, and that master's replica.
+    let durable = "ledger-f".to_string();
+    let master = cluster.owner(keys.room_slot(&durable)).await;
+    let mut plain = String::new();
+    for n in 0.. {
+        let room = format!("ticker-f{n}");
+        if cluster.owner(keys.room_slot(&room)).await == master {
+            plain = room;
+            break;
+        }
+    }
+    let replicas: Vec<String> = tokio::time::timeout(WAIT, async {
+        loop {
+            let replicas: Vec<String> = redis::cmd("CLUSTER")
+                .arg("REPLICAS")
+                .arg(&cluster.ids[master])
+                .query_async(&mut cluster.servers[master].conn().await)
+                .await
+                .unwrap();
+            if !replicas.is_empty() {
+                return replicas;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the master never knew its replica");
+    let replica_port: u16 = replicas[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|addr| addr.split(['@', ':']).nth(1))
+        .and_then(|port| port.parse().ok())
+        .expect("the replica's address");
+    let replica = cluster
+        .servers
+        .iter()
+        .position(|s| s.port == replica_port)
+        .expect("a server of ours");
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut cluster.servers[replica].conn().await)
+                .await
+                .unwrap();
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the replica never synced");
+
+    let mut remote = Client::connect(two.local_addr()).await;
+    remote.join(&plain).await;
+    let history = join_with(&mut remote, &durable, json!({"history": 10})).await;
+    assert_eq!(history["messages"], json!([]));
+    remote.expect_type("user_joined").await;
+    let count = 300u64;
+    let plain_room: &'static str = Box::leak(plain.clone().into_boxed_str());
+    let durable_room: &'static str = Box::leak(durable.clone().into_boxed_str());
+    let feeds = [
+        spawn_paced_feed(
+            one.local_addr(),
+            plain_room,
+            count,
+            Duration::from_millis(30),
+        ),
+        spawn_paced_feed(
+            one.local_addr(),
+            durable_room,
+            count,
+            Duration::from_millis(30),
+        ),
+    ];
+    let (mut plain_seen, mut durable_seen, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ends = 0;
+    let mut failed_over = false;
+    let received = tokio::time::timeout(Duration::from_secs(30), async {
+        while ends < 2 {
+            let m = remote.next_room_message().await;
+            let is_durable = m["roomId"] == json!(durable_room);
+            if is_durable {
+                offsets.push(m["offset"].as_u64().expect("an offset"));
+            }
+            if m["content"] == "end" {
+                ends += 1;
+                continue;
+            }
+            let seq = m["content"]["seq"].as_u64().expect("a seq");
+            if is_durable {
+                durable_seen.push(seq);
+            } else {
+                plain_seen.push(seq);
+            }
+            if !failed_over && durable_seen.len() >= 60 {
+                failed_over = true;
+                // The replica takes over, coordinated with its master (CLUSTER FAILOVER).
+                let _: () = redis::cmd("CLUSTER")
+                    .arg("FAILOVER")
+                    .query_async(&mut cluster.servers[replica].conn().await)
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    assert!(
+        received.is_ok(),
+        "delivery stopped after the failover: plain {} durable {} of {count}",
+        plain_seen.len(),
+        durable_seen.len()
+    );
+    for feed in feeds {
+        feed.await.unwrap();
+    }
+    assert_eq!(
+        durable_seen,
+        (0..count).collect::<Vec<_>>(),
+        "durable room, in order"
+    );
+    assert_eq!(
+        offsets,
+        (1..=count + 1).collect::<Vec<_>>(),
+        "offsets without a gap"
+    );
+    let mut unique = plain_seen.clone();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        plain_seen.len(),
+        "no duplicates in the plain room"
+    );
+    assert!(
+        plain_seen.iter().any(|seq| *seq > count - 20),
+        "{plain_seen:?}"
+    );
+    // The replica is the room's master now, with the whole history.
+    assert_eq!(cluster.owner(keys.room_slot(&durable)).await, replica);
+    let len: u64 = redis::cmd("XLEN")
+        .arg(format!("stream:{{{durable}}}"))
+        .query_async(&mut cluster.servers[replica].conn().await)
+        .await
+        .unwrap();
+    assert_eq!(len, count + 1);
+    let metrics = http(one.local_addr(), "GET", "/metrics", &[], b"").await.1;
+    assert!(
+        !metrics.contains("volley_redis_cluster_changes_total 0\n"),
+        "{metrics}"
     );
 }

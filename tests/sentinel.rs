@@ -80,7 +80,12 @@ struct Setup {
     sentinels: Vec<Sentinel>,
 }
 
-const SAFE_WRITES: [&str; 4] = ["--min-replicas-to-write", "1", "--min-replicas-max-lag", "2"];
+const SAFE_WRITES: [&str; 4] = [
+    "--min-replicas-to-write",
+    "1",
+    "--min-replicas-max-lag",
+    "2",
+];
 
 impl Setup {
     async fn start(replicas: usize, safe: bool) -> Setup {

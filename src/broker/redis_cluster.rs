@@ -205,8 +205,11 @@ impl ClusterBroker {
     }
 
     /// Follows a new map: engines for new masters, rooms and users moved to the engine
-    /// of their slot's master, engines no map needs any more shut down.
-    fn apply(&self, ranges: &[SlotRange]) {
+    /// of their slot's master, engines no map needs any more shut down. As with
+    /// Sentinel, a replaced engine stops delivering at once and hands over what it held
+    /// (and its last seconds of durable appends, checked against the stream) before the
+    /// new engines send anything.
+    fn apply(self: &Arc<Self>, ranges: &[SlotRange]) {
         let current = self.topology();
         let mut addrs: Vec<(String, u16)> = Vec::new();
         let mut owner = vec![UNSERVED; SLOTS];
@@ -231,6 +234,8 @@ impl ClusterBroker {
             return;
         }
         let mut masters = Vec::with_capacity(addrs.len());
+        let mut started = Vec::new();
+        let first_map = current.masters.is_empty();
         for (index, (host, port)) in addrs.into_iter().enumerate() {
             let index = index as u16;
             let kept = current.masters.iter().find(|m| {
@@ -257,6 +262,7 @@ impl ClusterBroker {
                 info,
                 &tag,
                 self.redirected.clone(),
+                !first_map,
             ) {
                 Ok(engine) => engine,
                 Err(e) => {
@@ -267,6 +273,7 @@ impl ClusterBroker {
             if let Some((id, sink, stats)) = self.attached.get() {
                 engine.attach(id.clone(), sink.clone(), stats.clone());
             }
+            started.push(engine.clone());
             masters.push(Master {
                 host,
                 port,
@@ -275,6 +282,20 @@ impl ClusterBroker {
             });
         }
         let next = Arc::new(Topology { masters, owner });
+        let retiring: Vec<Arc<RedisBroker>> = current
+            .masters
+            .iter()
+            .filter(|m| {
+                !next
+                    .masters
+                    .iter()
+                    .any(|n| Arc::ptr_eq(&n.engine, &m.engine))
+            })
+            .map(|m| m.engine.clone())
+            .collect();
+        for engine in &retiring {
+            engine.stop_delivering();
+        }
         // Holding both sets until the swap: a join or a user arriving meanwhile waits and
         // then reaches the engine of the new map (their calls take the set's lock first).
         let rooms = self.rooms.lock();
@@ -321,35 +342,38 @@ impl ClusterBroker {
                 "Redis Cluster slot map changed; following it"
             );
         }
-        for master in &old.masters {
-            let gone = !next
-                .masters
-                .iter()
-                .any(|m| Arc::ptr_eq(&m.engine, &master.engine));
-            if gone {
-                self.retire(master.engine.clone());
-            }
-        }
+        drop(old);
+        self.retire(retiring, started);
     }
 
-    /// Shuts an engine down in the background. Publishes it still holds go to its
-    /// master, which refuses those whose slot moved: they come back and are routed again.
-    fn retire(&self, engine: Arc<RedisBroker>) {
-        self.retiring.lock().push(engine.clone());
-        let (retiring, retired) = (self.retiring.clone(), self.retired.clone());
+    /// Shuts engines down in the background; what they held comes back through
+    /// `redirected` and is routed by the new map; then the new engines may send.
+    fn retire(self: &Arc<Self>, engines: Vec<Arc<RedisBroker>>, started: Vec<Arc<RedisBroker>>) {
+        self.retiring.lock().extend(engines.iter().cloned());
+        let broker = Arc::downgrade(self);
         tokio::spawn(async move {
-            engine
-                .shutdown(Instant::now() + Duration::from_secs(1))
-                .await;
-            // Both locks at once, so `stats` never counts the engine twice or not at all.
-            let mut retiring = retiring.lock();
-            let mut retired = retired.lock();
-            retiring.retain(|e| !Arc::ptr_eq(e, &engine));
-            let counts = engine
-                .stats()
-                .into_iter()
-                .filter(|(name, _)| !is_gauge(name));
-            add_stats(&mut retired, counts.collect());
+            let deadline = Instant::now() + Duration::from_secs(1);
+            for engine in &engines {
+                engine.shutdown(deadline).await;
+            }
+            if let Some(broker) = broker.upgrade() {
+                // Both locks at once, so `stats` never counts an engine twice or not at all.
+                let mut retiring = broker.retiring.lock();
+                let mut retired = broker.retired.lock();
+                for engine in &engines {
+                    retiring.retain(|e| !Arc::ptr_eq(e, engine));
+                    let counts = engine
+                        .stats()
+                        .into_iter()
+                        .filter(|(name, _)| !is_gauge(name));
+                    add_stats(&mut retired, counts.collect());
+                }
+                drop((retiring, retired));
+                broker.route_redirected();
+            }
+            for engine in &started {
+                engine.open_gate();
+            }
         });
     }
 

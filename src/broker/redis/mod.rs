@@ -274,15 +274,17 @@ impl RedisBroker {
     /// Starts the engine for one master of a Redis Cluster: sharded pub/sub, names with
     /// hash tags (its probe channel and live-node set tagged `probe_tag`, a tag whose
     /// slot the master serves), refused publishes handed back to `redirected`. It
-    /// subscribes the node-wide channels only after `set_home(true)`.
+    /// subscribes the node-wide channels only after `set_home(true)`. A `gated` one
+    /// sends nothing until `open_gate` (it takes over from engines being retired).
     pub fn start_member(
         config: &Config,
         info: ConnectionInfo,
         probe_tag: &str,
         redirected: Arc<Redirected>,
+        gated: bool,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let keys = Keys::cluster(&config.redis.key_prefix, &config.server.node_id, probe_tag);
-        Self::start_with(config, info, keys, true, Some(redirected), false)
+        Self::start_with(config, info, keys, true, Some(redirected), gated)
     }
 
     /// Durable messages another engine sent without learning whether they ran: sent
