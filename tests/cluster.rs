@@ -248,6 +248,74 @@ impl Cluster {
     }
 }
 
+/// What a subscriber saw of a plain and a durable room: seqs in arrival order, and the
+/// durable room's offsets (its `"end"` included).
+struct Seen {
+    plain: Vec<u64>,
+    durable: Vec<u64>,
+    offsets: Vec<u64>,
+}
+
+/// Feeds `count` messages (then `"end"`) into each of the (plain, durable) rooms from
+/// `addr`, paced, reads both on `remote` until both ends, and runs `disrupt` once the
+/// durable room has delivered 60. Delivery must finish within 30 s.
+async fn feed_and_disrupt(
+    addr: std::net::SocketAddr,
+    remote: &mut Client,
+    (plain, durable): (&str, &str),
+    count: u64,
+    disrupt: impl std::future::Future<Output = ()>,
+) -> Seen {
+    let pause = Duration::from_millis(30);
+    let feeds = [plain, durable].map(|room| {
+        let room: &'static str = Box::leak(room.to_string().into_boxed_str());
+        spawn_paced_feed(addr, room, count, pause)
+    });
+    let mut seen = Seen {
+        plain: Vec::new(),
+        durable: Vec::new(),
+        offsets: Vec::new(),
+    };
+    let mut disrupt = Some(disrupt);
+    let mut ends = 0;
+    let received = tokio::time::timeout(Duration::from_secs(30), async {
+        while ends < 2 {
+            let m = remote.next_room_message().await;
+            let is_durable = m["roomId"] == json!(durable);
+            if is_durable {
+                seen.offsets.push(m["offset"].as_u64().expect("an offset"));
+            }
+            if m["content"] == "end" {
+                ends += 1;
+                continue;
+            }
+            let seq = m["content"]["seq"].as_u64().expect("a seq");
+            if is_durable {
+                seen.durable.push(seq);
+            } else {
+                seen.plain.push(seq);
+            }
+            if seen.durable.len() >= 60 {
+                if let Some(disrupt) = disrupt.take() {
+                    disrupt.await;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(
+        received.is_ok(),
+        "delivery stopped after the disruption: plain {} durable {} of {count}",
+        seen.plain.len(),
+        seen.durable.len()
+    );
+    assert!(disrupt.is_none(), "the disruption never ran");
+    for feed in feeds {
+        feed.await.unwrap();
+    }
+    seen
+}
+
 fn on_cluster(cluster: &Cluster, id: &'static str) -> impl FnOnce(&mut Config) {
     let urls = cluster.urls();
     move |c: &mut Config| {
@@ -406,58 +474,19 @@ async fn a_resharding_during_traffic_keeps_delivering() {
     }
 
     let count = 300u64;
-    let plain_room: &'static str = Box::leak(plain.0.clone().into_boxed_str());
-    let durable_room: &'static str = Box::leak(durable.0.clone().into_boxed_str());
-    let feeds = [
-        spawn_paced_feed(
-            one.local_addr(),
-            plain_room,
-            count,
-            Duration::from_millis(30),
-        ),
-        spawn_paced_feed(
-            one.local_addr(),
-            durable_room,
-            count,
-            Duration::from_millis(30),
-        ),
-    ];
-    // Let traffic flow, then move both slots while it goes on.
-    let mut plain_seen = Vec::new();
-    let mut durable_seen = Vec::new();
-    let mut ends = 0;
-    let mut moved = false;
-    let received = tokio::time::timeout(Duration::from_secs(30), async {
-        while ends < 2 {
-            let m = remote.next_room_message().await;
-            let seen = if m["roomId"] == json!(plain_room) {
-                &mut plain_seen
-            } else {
-                &mut durable_seen
-            };
-            if m["content"] == "end" {
-                ends += 1;
-                continue;
-            }
-            seen.push(m["content"]["seq"].as_u64().expect("a seq"));
-            if !moved && durable_seen.len() >= 60 {
-                moved = true;
-                cluster.move_slot(plain.1, 0, 1).await;
-                cluster.move_slot(durable.1, 0, 1).await;
-            }
-        }
-    })
+    let moving = async {
+        cluster.move_slot(plain.1, 0, 1).await;
+        cluster.move_slot(durable.1, 0, 1).await;
+    };
+    let seen = feed_and_disrupt(
+        one.local_addr(),
+        &mut remote,
+        (&plain.0, &durable.0),
+        count,
+        moving,
+    )
     .await;
-    assert!(
-        received.is_ok(),
-        "delivery stopped after the move: plain {} durable {} of {count}",
-        plain_seen.len(),
-        durable_seen.len()
-    );
-    for feed in feeds {
-        feed.await.unwrap();
-    }
-    assert!(moved, "the slots were never moved");
+    let (plain_seen, durable_seen) = (seen.plain, seen.durable);
     // The durable room lost nothing and repeated nothing.
     let mut sorted = durable_seen.clone();
     sorted.sort_unstable();
@@ -622,63 +651,23 @@ async fn a_masters_failover_during_traffic_loses_nothing_of_a_durable_room() {
     assert_eq!(history["messages"], json!([]));
     remote.expect_type("user_joined").await;
     let count = 300u64;
-    let plain_room: &'static str = Box::leak(plain.clone().into_boxed_str());
-    let durable_room: &'static str = Box::leak(durable.clone().into_boxed_str());
-    let feeds = [
-        spawn_paced_feed(
-            one.local_addr(),
-            plain_room,
-            count,
-            Duration::from_millis(30),
-        ),
-        spawn_paced_feed(
-            one.local_addr(),
-            durable_room,
-            count,
-            Duration::from_millis(30),
-        ),
-    ];
-    let (mut plain_seen, mut durable_seen, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
-    let mut ends = 0;
-    let mut failed_over = false;
-    let received = tokio::time::timeout(Duration::from_secs(30), async {
-        while ends < 2 {
-            let m = remote.next_room_message().await;
-            let is_durable = m["roomId"] == json!(durable_room);
-            if is_durable {
-                offsets.push(m["offset"].as_u64().expect("an offset"));
-            }
-            if m["content"] == "end" {
-                ends += 1;
-                continue;
-            }
-            let seq = m["content"]["seq"].as_u64().expect("a seq");
-            if is_durable {
-                durable_seen.push(seq);
-            } else {
-                plain_seen.push(seq);
-            }
-            if !failed_over && durable_seen.len() >= 60 {
-                failed_over = true;
-                // The replica takes over, coordinated with its master (CLUSTER FAILOVER).
-                let _: () = redis::cmd("CLUSTER")
-                    .arg("FAILOVER")
-                    .query_async(&mut cluster.servers[replica].conn().await)
-                    .await
-                    .unwrap();
-            }
-        }
-    })
+    // The replica takes over, coordinated with its master (CLUSTER FAILOVER).
+    let failover = async {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async(&mut cluster.servers[replica].conn().await)
+            .await
+            .unwrap();
+    };
+    let seen = feed_and_disrupt(
+        one.local_addr(),
+        &mut remote,
+        (&plain, &durable),
+        count,
+        failover,
+    )
     .await;
-    assert!(
-        received.is_ok(),
-        "delivery stopped after the failover: plain {} durable {} of {count}",
-        plain_seen.len(),
-        durable_seen.len()
-    );
-    for feed in feeds {
-        feed.await.unwrap();
-    }
+    let (plain_seen, durable_seen, offsets) = (seen.plain, seen.durable, seen.offsets);
     assert_eq!(
         durable_seen,
         (0..count).collect::<Vec<_>>(),

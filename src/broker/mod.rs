@@ -18,7 +18,7 @@ pub mod sharded;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Durability;
 use crate::metrics::Stats;
@@ -165,6 +165,26 @@ impl BrokerState {
             }
         }
         all
+    }
+}
+
+/// Waits for the next round of an owner engine's watch (Sentinel, cluster): at least
+/// `soonest` after the last one, then `every`, or sooner when `soon` is notified (an
+/// engine handed something back). False once `stop` is cancelled.
+pub(crate) async fn next_round(
+    every: Duration,
+    soonest: Duration,
+    soon: &tokio::sync::Notify,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(soonest) => {}
+        _ = stop.cancelled() => return false,
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(every.saturating_sub(soonest)) => true,
+        _ = soon.notified() => true,
+        _ = stop.cancelled() => false,
     }
 }
 

@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::redis::{slot, Keys, Redirected, RedisStartError, HOME_TAG};
 use super::{
-    add_stats, BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History,
-    HistoryError, OnlineUsers, PresenceError, PublishError, RedisBroker, Target, UserPresence,
+    add_stats, next_round, BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink,
+    History, HistoryError, OnlineUsers, PresenceError, PublishError, RedisBroker, Target,
+    UserPresence,
 };
 use crate::config::{Config, Durability};
 use crate::metrics::Stats;
@@ -487,14 +488,8 @@ async fn watch(broker: Weak<ClusterBroker>, stop: CancellationToken) {
         }
         b.route_redirected();
         drop(b);
-        tokio::select! {
-            _ = tokio::time::sleep(REFRESH) => {}
-            _ = redirected.notify.notified() => {}
-            _ = stop.cancelled() => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(MIN_REFRESH) => {}
-            _ = stop.cancelled() => return,
+        if !next_round(REFRESH, MIN_REFRESH, &redirected.notify, &stop).await {
+            return;
         }
     }
 }

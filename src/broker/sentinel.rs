@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::redis::{Redirected, RedisStartError};
 use super::{
-    BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
-    OnlineUsers, PresenceError, PublishError, RedisBroker, UserPresence,
+    next_round, BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History,
+    HistoryError, OnlineUsers, PresenceError, PublishError, RedisBroker, UserPresence,
 };
 use crate::config::{Config, Durability};
 use crate::metrics::Stats;
@@ -198,11 +198,6 @@ async fn watch(broker: Weak<SentinelBroker>, stop: CancellationToken) {
         return;
     };
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(WATCH) => {}
-            _ = redirected.notify.notified() => {}
-            _ = stop.cancelled() => return,
-        }
         let Some(broker) = broker.upgrade() else {
             return;
         };
@@ -213,9 +208,8 @@ async fn watch(broker: Weak<SentinelBroker>, stop: CancellationToken) {
         }
         broker.send_handed_back();
         drop(broker);
-        tokio::select! {
-            _ = tokio::time::sleep(PAUSE) => {}
-            _ = stop.cancelled() => return,
+        if !next_round(WATCH, PAUSE, &redirected.notify, &stop).await {
+            return;
         }
     }
 }

@@ -442,6 +442,26 @@ impl RedisServer {
             .expect("CLIENT KILL TYPE pubsub")
     }
 
+    /// Waits until this replica's link to its master is up (it has synced).
+    pub async fn wait_replica_synced(&self) {
+        let synced = tokio::time::timeout(WAIT, async {
+            let mut conn = self.conn().await;
+            loop {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if info.contains("master_link_status:up") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(synced.is_ok(), "the replica on {} never synced", self.port);
+    }
+
     /// Waits until `channel` has exactly `n` subscribers.
     pub async fn wait_numsub(&self, channel: &str, n: i64) {
         let waited = tokio::time::timeout(WAIT, async {
