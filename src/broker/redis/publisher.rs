@@ -638,8 +638,7 @@ pub(super) async fn run(mut p: Publisher) {
         match sent {
             Ok(replies) => {
                 let kept_here = if replies.iter().all(Result::is_ok) {
-                    let done: Vec<Envelope> = pending.drain(..used).collect();
-                    p.confirmed(done.into_iter());
+                    p.confirmed(pending.drain(..used));
                     0
                 } else {
                     p.sort_refusals(&mut pending, &built, &replies)
