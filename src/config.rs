@@ -124,6 +124,16 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// A request body (`POST /api/publish`) must arrive whole within this time.
     pub body_timeout_ms: u64,
+    /// A socket that sent nothing for this long gets a ping (its pong counts as
+    /// hearing from it); 0 = no pings.
+    pub ping_interval_ms: u64,
+    /// A socket that sent nothing at all (not even a pong) for this long is closed 1001
+    /// `idle timeout`: a peer that vanished without a FIN is found and removed; 0 = never.
+    pub idle_timeout_ms: u64,
+    /// Origins (`https://app.example.com`, `https://*.example.com`) whose pages may open
+    /// a WebSocket; an upgrade with another `Origin` header is refused 403. Empty = any.
+    /// (Clients that are not browsers send no Origin and are not affected.)
+    pub allowed_origins: Vec<String>,
     /// Log filter (`info`, `debug`, `volley=trace,...`); `RUST_LOG` wins when set.
     pub log: String,
 }
@@ -178,6 +188,10 @@ pub struct LimitsConfig {
     pub notices_max_members: usize,
     /// Deepest nesting of arrays and objects accepted in `content` or `payload`.
     pub max_json_depth: usize,
+    /// WebSockets one client IP address may hold on this node; more are refused with
+    /// HTTP 429. 0 = no limit. Behind a load balancer every client has its address, so
+    /// set it only where nodes see clients' own addresses.
+    pub max_connections_per_ip: usize,
 }
 
 /// How envelopes are shaped on Redis channels.
@@ -370,6 +384,9 @@ impl Default for ServerConfig {
             drain_timeout_ms: 5_000,
             header_timeout_ms: 10_000,
             body_timeout_ms: 10_000,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            allowed_origins: Vec::new(),
             log: "info".into(),
         }
     }
@@ -404,6 +421,7 @@ impl Default for LimitsConfig {
             notices: true,
             notices_max_members: 1000,
             max_json_depth: 32,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -691,6 +709,25 @@ impl Config {
         if self.server.header_timeout_ms < 100 {
             return invalid("server.header_timeout_ms", "must be at least 100");
         }
+        if self.server.idle_timeout_ms > 0
+            && self.server.ping_interval_ms > 0
+            && self.server.idle_timeout_ms <= self.server.ping_interval_ms
+        {
+            return invalid(
+                "server.idle_timeout_ms",
+                "must be longer than server.ping_interval_ms (or 0), so a live peer has time to answer a ping",
+            );
+        }
+        for origin in &self.server.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return invalid(
+                    "server.allowed_origins",
+                    &format!(
+                        "{origin}: expected scheme://host[:port], e.g. https://app.example.com"
+                    ),
+                );
+            }
+        }
         if self.server.body_timeout_ms < 100 {
             return invalid("server.body_timeout_ms", "must be at least 100");
         }
@@ -902,6 +939,46 @@ mod tests {
         assert_eq!(config.server.listen.port(), 7000);
         assert_eq!(config.batch.delivery_window_ms, 5);
         assert_eq!(config.api.key, "s3cret");
+    }
+
+    #[test]
+    fn topology_and_keepalive_mistakes_name_their_key() {
+        for (set, key) in [
+            (
+                vec![
+                    "server.ping_interval_ms=60000",
+                    "server.idle_timeout_ms=30000",
+                ],
+                "server.idle_timeout_ms",
+            ),
+            (
+                vec!["server.allowed_origins=[\"example.com\"]"],
+                "server.allowed_origins",
+            ),
+            (
+                vec![
+                    "redis.url=redis://a:6379",
+                    "redis.cluster_nodes=[\"redis://b:6379\"]",
+                ],
+                "give one of redis.url, redis.shards, redis.sentinels or redis.cluster_nodes",
+            ),
+            (
+                vec![
+                    "redis.cluster_nodes=[\"redis://b:6379\"]",
+                    "redis.key_prefix={app}:",
+                ],
+                "redis.key_prefix",
+            ),
+        ] {
+            let flags = Overrides {
+                set: set.iter().map(|s| s.to_string()).collect(),
+                ..Overrides::default()
+            };
+            let err = Config::load_from_env(&flags, no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{set:?}: {err}");
+        }
     }
 
     #[test]

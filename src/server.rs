@@ -10,10 +10,11 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -62,6 +63,8 @@ struct Shared {
     shutdown: CancellationToken,
     /// Upgraded sockets; shutdown waits for these.
     sockets: TaskTracker,
+    /// WebSockets per client address, for `limits.max_connections_per_ip`.
+    per_ip: Arc<DashMap<IpAddr, usize>>,
 }
 
 /// How a shutdown went.
@@ -111,6 +114,7 @@ impl Server {
             node: node.clone(),
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
+            per_ip: Arc::new(DashMap::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(addr = %local_addr, node = node.id(), "volley listening");
@@ -163,10 +167,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 // Frames are already coalesced per window; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_http(stream, shared.clone()));
+                tokio::spawn(serve_http(stream, peer.ip(), shared.clone()));
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning, and log
@@ -181,9 +185,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_http(stream: TcpStream, shared: Arc<Shared>) {
+async fn serve_http(stream: TcpStream, peer: IpAddr, shared: Arc<Shared>) {
     let for_service = shared.clone();
-    let service = service_fn(move |req| handle(for_service.clone(), req));
+    let service = service_fn(move |req| handle(for_service.clone(), peer, req));
     // The header timeout also bounds an idle keep-alive connection: hyper starts it
     // whenever it waits for the head of the next request.
     let conn = http1::Builder::new()
@@ -206,16 +210,39 @@ async fn serve_http(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    shared: Arc<Shared>,
+    peer: IpAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     // Only a GET may become a WebSocket (RFC 6455 section 4.1); a POST with upgrade
     // headers is an ordinary request.
     if req.method() == hyper::Method::GET && fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return Ok(upgrade(&shared, req));
+        return Ok(upgrade(&shared, peer, req));
     }
     Ok(api::route(&shared.node, &shared.features.cluster, req).await)
 }
 
-fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Response<Body> {
+    let config = shared.node.config();
+    if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
+        if !origin_allowed(&config.server.allowed_origins, origin.as_bytes()) {
+            tracing::debug!(origin = %String::from_utf8_lossy(origin.as_bytes()), "refusing a WebSocket from an origin not in server.allowed_origins");
+            return api::error(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                "this page's origin is not in server.allowed_origins",
+            );
+        }
+    }
+    let Some(per_ip) = PerIp::take(&shared.per_ip, peer, config.limits.max_connections_per_ip)
+    else {
+        return api::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections_from_ip",
+            "this address holds limits.max_connections_per_ip WebSockets on this node already",
+        );
+    };
     let Some(outbox) = shared.node.open_socket() else {
         tracing::warn!("refusing a WebSocket: limits.max_connections reached");
         return api::error(
@@ -237,6 +264,8 @@ fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     }
     let node = shared.node.clone();
     shared.sockets.spawn(async move {
+        // Held while the socket lives: its place in the per-address count.
+        let _per_ip = per_ip;
         let upgraded = match upgrading.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
@@ -263,6 +292,63 @@ fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
         }
     });
     response.map(|_| Body::default())
+}
+
+/// Whether a page of `origin` may open a WebSocket: any when the list is empty, else an
+/// exact match (case-insensitive) or a `scheme://*.domain` pattern matching a subdomain.
+fn origin_allowed(allowed: &[String], origin: &[u8]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Ok(origin) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    let origin = origin.trim().to_ascii_lowercase();
+    allowed.iter().any(|pattern| {
+        let pattern = pattern.trim_end_matches('/').to_ascii_lowercase();
+        match pattern.split_once("://*.") {
+            Some((scheme, domain)) => origin
+                .strip_prefix(scheme)
+                .and_then(|rest| rest.strip_prefix("://"))
+                .and_then(|host| host.strip_suffix(domain))
+                .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+            None => origin == pattern,
+        }
+    })
+}
+
+/// One WebSocket's place in its address's count (`limits.max_connections_per_ip`),
+/// given back when dropped.
+struct PerIp {
+    counts: Option<(Arc<DashMap<IpAddr, usize>>, IpAddr)>,
+}
+
+impl PerIp {
+    /// A place for one more socket from `ip`, or `None` at the limit (0 = no limit).
+    fn take(counts: &Arc<DashMap<IpAddr, usize>>, ip: IpAddr, limit: usize) -> Option<PerIp> {
+        if limit == 0 {
+            return Some(PerIp { counts: None });
+        }
+        let mut count = counts.entry(ip).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(PerIp {
+            counts: Some((counts.clone(), ip)),
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        if let Some((counts, ip)) = self.counts.take() {
+            counts.remove_if_mut(&ip, |_, count| {
+                *count -= 1;
+                *count == 0
+            });
+        }
+    }
 }
 
 /// A token (`?token=` or `Authorization: Bearer`) or the API key (`Authorization: apikey`)

@@ -41,8 +41,8 @@ pub async fn serve(
     };
     let mut read_half = std::io::Cursor::new(early).chain(read_half);
     let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
-    let max_bytes = node.config().limits.max_frame_bytes;
-    reader::run(&mut read_half, &outbox, &mut session, max_bytes).await;
+    let limits = reader::Limits::from_config(node.config());
+    reader::run(&mut read_half, &outbox, &mut session, limits).await;
     // Rooms were normally left already, when the close began; this covers every other
     // way out, and the socket's user and presence watch.
     session.end();

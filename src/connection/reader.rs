@@ -6,6 +6,11 @@
 //! write half, and every byte queued for the peer counts against the outbox bound.
 //! Fragments are reassembled here, under the same size limit as a single frame, because
 //! the library's collector has no limit of its own.
+//!
+//! Keepalive: a socket that sent nothing for `server.ping_interval_ms` gets a ping, and one
+//! that sent nothing at all, not even a pong, for `server.idle_timeout_ms` is closed 1001
+//! `idle timeout`. One timer per socket, checked once per interval; an inbound frame only
+//! sets a flag.
 
 use std::convert::Infallible;
 use std::future::ready;
@@ -29,9 +34,9 @@ pub async fn run<R: AsyncRead + Unpin>(
     stream: &mut R,
     outbox: &Outbox,
     session: &mut Session,
-    max_bytes: usize,
+    limits: Limits,
 ) {
-    match read_frames(stream, outbox, session, max_bytes).await {
+    match read_frames(stream, outbox, session, limits).await {
         Ended::Clean => {}
         Ended::Close(reason) => {
             outbox.close(reason);
@@ -42,6 +47,37 @@ pub async fn run<R: AsyncRead + Unpin>(
             outbox.close(reason);
             session.leave_all();
             drain(stream).await;
+        }
+    }
+}
+
+/// What bounds a socket's reading.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `limits.max_frame_bytes`.
+    pub max_bytes: usize,
+    /// `server.ping_interval_ms`, if on.
+    pub ping_interval: Option<Duration>,
+    /// `server.idle_timeout_ms`, if on.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Limits {
+    pub fn from_config(config: &crate::config::Config) -> Limits {
+        let ms = |ms: u64| Some(Duration::from_millis(ms)).filter(|d| !d.is_zero());
+        Limits {
+            max_bytes: config.limits.max_frame_bytes,
+            ping_interval: ms(config.server.ping_interval_ms),
+            idle_timeout: ms(config.server.idle_timeout_ms),
+        }
+    }
+
+    /// How often the keepalive timer looks at the socket.
+    fn tick(&self) -> Option<Duration> {
+        match (self.ping_interval, self.idle_timeout) {
+            (Some(ping), _) => Some(ping),
+            (None, Some(idle)) => Some(idle),
+            (None, None) => None,
         }
     }
 }
@@ -59,8 +95,9 @@ async fn read_frames<R: AsyncRead + Unpin>(
     stream: &mut R,
     outbox: &Outbox,
     session: &mut Session,
-    max_bytes: usize,
+    limits: Limits,
 ) -> Ended {
+    let max_bytes = limits.max_bytes;
     let verdict = Verdict::default();
     let mut ws: WebSocketRead<FrameRules<'_, &mut R>> = fastwebsockets::after_handshake_split(
         FrameRules::new(stream, &verdict),
@@ -79,6 +116,12 @@ async fn read_frames<R: AsyncRead + Unpin>(
     let mut closing = false;
     let grace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(grace);
+    let tick = limits.tick().unwrap_or(Duration::MAX);
+    let keepalive = tokio::time::sleep(tick.min(Duration::from_secs(86_400 * 365)));
+    tokio::pin!(keepalive);
+    // Whether anything came in since the keepalive last looked, and for how long nothing has.
+    let mut heard = false;
+    let mut silent = Duration::ZERO;
     loop {
         // The grace timer and the close signal are only polled when they matter: this
         // loop runs once per inbound frame.
@@ -98,7 +141,24 @@ async fn read_frames<R: AsyncRead + Unpin>(
                 continue;
             }
             _ = &mut grace, if closing => return Ended::Clean,
+            _ = &mut keepalive, if !closing && limits.tick().is_some() => {
+                if heard {
+                    heard = false;
+                    silent = Duration::ZERO;
+                } else {
+                    silent += tick;
+                    if limits.idle_timeout.is_some_and(|idle| silent >= idle) {
+                        return protocol_close(close_code::GOING_AWAY, "idle timeout");
+                    }
+                    if limits.ping_interval.is_some() {
+                        outbox.push_control(bytes::Bytes::from_static(outbound::PING));
+                    }
+                }
+                keepalive.as_mut().reset(tokio::time::Instant::now() + tick);
+                continue;
+            }
         };
+        heard = true;
         if let Some(broken) = verdict.broken() {
             return protocol_close(close_code::PROTOCOL_ERROR, broken.reason());
         }

@@ -263,6 +263,9 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 }
 
 /// A control frame (pong, close echo) as given by the WebSocket reader, encoded for the writer.
+/// A server ping with no payload (FIN, opcode 0x9, length 0).
+pub const PING: &[u8] = &[0x89, 0x00];
+
 pub fn control_frame(opcode: u8, payload: &[u8]) -> Bytes {
     let mut header = [0u8; MAX_HEADER];
     let h = write_header(&mut header, opcode, payload.len());

@@ -1,0 +1,182 @@
+//! Who may hold a socket, and for how long: server pings find peers that vanished, an
+//! allowed-origins list keeps other sites' pages out, a per-address limit keeps one
+//! client from taking the node's sockets.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A node that pings after 100 ms of silence and gives up after 300 ms.
+async fn watchful() -> volley::Server {
+    start(|c| {
+        c.server.ping_interval_ms = 100;
+        c.server.idle_timeout_ms = 300;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_pinged_then_closed_1001_idle_timeout() {
+    let server = watchful().await;
+    let addr = server.local_addr();
+    let mut dead = RawWs::connect(addr).await;
+    let started = Instant::now();
+    let mut pings = 0;
+    let (code, reason) = loop {
+        match dead.read_frame().await {
+            Some((0x9, payload)) => {
+                assert!(payload.is_empty());
+                pings += 1;
+            }
+            Some((0x8, payload)) => {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                break (code, String::from_utf8_lossy(&payload[2..]).to_string());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!((code, reason.as_str()), (1001, "idle timeout"));
+    assert!(pings >= 2, "pinged before closing: {pings}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // The node let it go.
+    tokio::time::timeout(WAIT, async {
+        while health(addr).await["connections"] != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the dead socket still counts as connected");
+}
+
+#[tokio::test]
+async fn a_peer_that_answers_pings_stays_connected() {
+    let server = watchful().await;
+    let addr = server.local_addr();
+    let mut alive = RawWs::connect(addr).await;
+    // Answer every ping with a pong for ten idle timeouts.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut pings = 0;
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_millis(500), alive.read_frame()).await {
+            Ok(Some((0x9, payload))) => {
+                pings += 1;
+                alive.send(&RawWs::frame(0xA, &payload, true)).await;
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => panic!("no ping for 500 ms"),
+        }
+    }
+    assert!(pings >= 10, "{pings} pings in 3 s");
+    // Still served.
+    alive
+        .send(&RawWs::frame(0x1, br#"{"type":"join","roomId":"r"}"#, true))
+        .await;
+    loop {
+        match alive.read_frame().await {
+            Some((0x9, payload)) => alive.send(&RawWs::frame(0xA, &payload, true)).await,
+            Some((0x1, text)) => {
+                let m: serde_json::Value = serde_json::from_slice(&text).unwrap();
+                assert_eq!(m["type"], "user_joined", "{m}");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The status line and body of a WebSocket upgrade with these extra headers.
+async fn upgrade_with(addr: std::net::SocketAddr, headers: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]).to_string();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_page_from_an_origin_not_allowed_gets_403_and_no_socket() {
+    let server = start(|c| {
+        c.server.allowed_origins = vec![
+            "https://scores.example.com".into(),
+            "https://*.example.org".into(),
+        ];
+    })
+    .await;
+    let addr = server.local_addr();
+    for origin in [
+        "https://scores.example.com",
+        "HTTPS://Scores.Example.com",
+        "https://app.example.org",
+    ] {
+        let (status, _) = upgrade_with(addr, &format!("Origin: {origin}\r\n")).await;
+        assert!(status.starts_with("HTTP/1.1 101"), "{origin}: {status}");
+    }
+    for origin in [
+        "https://evil.example",
+        "https://scores.example.com.evil.example",
+        "http://scores.example.com",
+        "https://example.org",
+        "https://evilexample.org",
+        "null",
+    ] {
+        let (status, body) = upgrade_with(addr, &format!("Origin: {origin}\r\n")).await;
+        assert!(status.starts_with("HTTP/1.1 403"), "{origin}: {status}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"], "forbidden_origin", "{body}");
+    }
+    // A client that is not a browser sends no Origin.
+    let (status, _) = upgrade_with(addr, "").await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+}
+
+#[tokio::test]
+async fn one_address_may_hold_only_so_many_sockets() {
+    let server = start(|c| c.limits.max_connections_per_ip = 2).await;
+    let addr = server.local_addr();
+    let first = Client::connect(addr).await;
+    let mut second = Client::connect(addr).await;
+    let (status, body) = upgrade_with(addr, "").await;
+    assert!(status.starts_with("HTTP/1.1 429"), "{status}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "too_many_connections_from_ip", "{body}");
+    // One leaves: its place is free again.
+    drop(first);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if upgrade_with(addr, "").await.0.starts_with("HTTP/1.1 101") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the place of a closed socket never came back");
+    second.join("r").await;
+    second
+        .send(json!({"type":"message","roomId":"r","content":1}))
+        .await;
+    assert_eq!(second.next_room_message().await["content"], 1);
+}
