@@ -180,3 +180,57 @@ async fn one_address_may_hold_only_so_many_sockets() {
         .await;
     assert_eq!(second.next_room_message().await["content"], 1);
 }
+
+/// `text` as a masked message in fragments of `size` bytes: a text frame without FIN,
+/// continuations, the last with FIN.
+fn fragmented(text: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let pieces: Vec<&[u8]> = text.chunks(size).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let mut frame = RawWs::frame(if i == 0 { 0x1 } else { 0x0 }, piece, true);
+        if i + 1 < pieces.len() {
+            frame[0] &= 0x7f; // not the last: FIN off
+        }
+        out.extend(frame);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_message_in_thousands_of_fragments_is_reassembled_and_one_too_big_is_closed_1009() {
+    let server = start(|c| c.limits.max_frame_bytes = 8 * 1024).await;
+    let mut client = RawWs::connect(server.local_addr()).await;
+    client
+        .send(&RawWs::frame(
+            0x1,
+            br#"{"type":"join","roomId":"frag"}"#,
+            true,
+        ))
+        .await;
+    // 5 000 fragments of one byte: one message.
+    let text = format!(
+        r#"{{"type":"message","roomId":"frag","content":"{}"}}"#,
+        "x".repeat(5_000)
+    );
+    assert!(text.len() >= 5_000);
+    client.send(&fragmented(text.as_bytes(), 1)).await;
+    let message = loop {
+        let (opcode, payload) = client.read_frame().await.expect("a frame");
+        assert_eq!(opcode, 0x1);
+        let m: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        if m["type"] == "message" {
+            break m;
+        }
+    };
+    assert_eq!(message["content"].as_str().map(str::len), Some(5_000));
+    // Fragments adding up past limits.max_frame_bytes: closed 1009, whatever their size.
+    let too_big = format!(
+        r#"{{"type":"message","roomId":"frag","content":"{}"}}"#,
+        "y".repeat(9_000)
+    );
+    client.send(&fragmented(too_big.as_bytes(), 100)).await;
+    assert_eq!(
+        client.expect_close().await,
+        (1009, "frame too large".to_string())
+    );
+}
