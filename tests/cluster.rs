@@ -40,9 +40,14 @@ impl Cluster {
     }
 
     async fn start_with(replicas: usize) -> Cluster {
+        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| cluster_port()).collect();
+        Self::start_on(&ports, replicas).await
+    }
+
+    /// On these ports (3 masters, then the replicas).
+    async fn start_on(ports: &[u16], replicas: usize) -> Cluster {
         let mut masters = Vec::new();
-        for _ in 0..3 * (1 + replicas) {
-            let port = cluster_port();
+        for &port in ports {
             masters.push(
                 RedisServer::start_with(
                     port,
@@ -702,4 +707,60 @@ async fn a_masters_failover_during_traffic_loses_nothing_of_a_durable_room() {
         !metrics.contains("volley_redis_cluster_changes_total 0\n"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_node_started_before_its_cluster_serves_locally_then_joins_it() {
+    let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
+    let urls = vec![format!("redis://127.0.0.1:{}", ports[0])];
+    let node = |id: &'static str| {
+        let urls = urls.clone();
+        move |c: &mut Config| {
+            c.redis.cluster_nodes = urls;
+            c.server.node_id = id.into();
+            c.redis.probe_interval_ms = 100;
+        }
+    };
+    let one = start(node("one")).await;
+    let two = start(node("two")).await;
+    // No cluster yet: not ready, and local sockets are served all the same.
+    assert_eq!(http(one.local_addr(), "GET", "/readyz", &[], b"").await.0, 503);
+    let mut here = Client::connect(one.local_addr()).await;
+    here.join("lobby").await;
+    let mut also_here = Client::connect(one.local_addr()).await;
+    also_here.join("lobby").await;
+    also_here
+        .send(json!({"type":"message","roomId":"lobby","content":"local"}))
+        .await;
+    assert_eq!(here.next_room_message().await["content"], "local");
+
+    // The cluster comes up: both nodes read its map and carry the room across.
+    let cluster = Cluster::start_on(&ports, 0).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    let mut there = Client::connect(two.local_addr()).await;
+    there.join("lobby").await;
+    let owner = cluster
+        .owner(Keys::cluster("", "test", "").room_slot("lobby"))
+        .await;
+    let subscribed = tokio::time::timeout(WAIT, async {
+        loop {
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("SHARDNUMSUB")
+                .arg("room:{lobby}")
+                .query_async(&mut cluster.servers[owner].conn().await)
+                .await
+                .unwrap();
+            if counts[0].1 == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(subscribed.is_ok(), "both nodes subscribed on the room's master");
+    also_here
+        .send(json!({"type":"message","roomId":"lobby","content":"across"}))
+        .await;
+    assert_eq!(there.next_room_message().await["content"], "across");
 }
