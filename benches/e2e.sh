@@ -48,7 +48,8 @@ else
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# A cluster node's bus listens on its port + 10000: both must be free ports.
+# A cluster node's bus listens on its port + 10000: both must be free, and below the
+# ephemeral range (32768+), where client connections could take them.
 cluster_port() {
   python3 -c '
 import random, socket
@@ -58,7 +59,7 @@ def free(p):
     except OSError: return False
     finally: s.close()
 while True:
-    p = random.randrange(20000, 55000)
+    p = random.randrange(20000, 22700)
     if free(p) and free(p + 10000): print(p); break'
 }
 pids=()

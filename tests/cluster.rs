@@ -23,10 +23,21 @@ struct Cluster {
 }
 
 /// A free port for a cluster node: its cluster bus (the port + 10 000) must be a port
-/// too, and free.
+/// too, and free. Both stay below the ephemeral range (from 32 768), where the tests' own
+/// client connections could take them, and come from one counter so that tests running at
+/// once never pick the same.
 fn cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        fastrand::u16(20_000..22_000),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     loop {
-        let port = fastrand::u16(20_000..55_000);
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + port.wrapping_sub(20_000) % 2_700;
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10_000) {
             return port;
@@ -724,7 +735,10 @@ async fn a_node_started_before_its_cluster_serves_locally_then_joins_it() {
     let one = start(node("one")).await;
     let two = start(node("two")).await;
     // No cluster yet: not ready, and local sockets are served all the same.
-    assert_eq!(http(one.local_addr(), "GET", "/readyz", &[], b"").await.0, 503);
+    assert_eq!(
+        http(one.local_addr(), "GET", "/readyz", &[], b"").await.0,
+        503
+    );
     let mut here = Client::connect(one.local_addr()).await;
     here.join("lobby").await;
     let mut also_here = Client::connect(one.local_addr()).await;
@@ -758,9 +772,78 @@ async fn a_node_started_before_its_cluster_serves_locally_then_joins_it() {
         }
     })
     .await;
-    assert!(subscribed.is_ok(), "both nodes subscribed on the room's master");
+    assert!(
+        subscribed.is_ok(),
+        "both nodes subscribed on the room's master"
+    );
     also_here
         .send(json!({"type":"message","roomId":"lobby","content":"across"}))
         .await;
     assert_eq!(there.next_room_message().await["content"], "across");
+}
+
+#[tokio::test]
+async fn a_killed_master_stops_the_cluster_and_what_was_published_meanwhile_arrives_after() {
+    let mut cluster = Cluster::start().await;
+    let (one, two) = two_nodes(&cluster).await;
+    // A durable room on the master that dies, a plain room on one that lives.
+    let durable = cluster.one_room_per_master("ledger").await[0].0.clone();
+    let plain = cluster.one_room_per_master("match").await[1].0.clone();
+    let mut remote = Client::connect(two.local_addr()).await;
+    remote.join(&plain).await;
+    let history = join_with(&mut remote, &durable, json!({"history": 10})).await;
+    assert_eq!(history["messages"], json!([]));
+    remote.expect_type("user_joined").await;
+    for room in [&plain, &durable] {
+        let owner = cluster
+            .owner(Keys::cluster("", "t", "").room_slot(room))
+            .await;
+        let channel = format!("room:{{{room}}}");
+        tokio::time::timeout(WAIT, async {
+            while cluster.shard_channels(owner, &channel).await.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("subscribed");
+    }
+    let mut publisher = Client::connect(one.local_addr()).await;
+    let say = |room: &str, content: &str| json!({"type":"message","roomId":room,"content":content});
+
+    // Master 0 dies (SIGKILL, no replica): after the node timeout the cluster is down and
+    // every master refuses (CLUSTERDOWN); the nodes stop being ready and hold publishes.
+    cluster.servers[0].kill();
+    wait_status(one.local_addr(), "/readyz", 503).await;
+    for i in 0..5 {
+        publisher.send(say(&plain, &format!("p{i}"))).await;
+        publisher.send(say(&durable, &format!("d{i}"))).await;
+    }
+    // It comes back (its slots kept in nodes.conf, its data gone): all of it arrives, once.
+    cluster.servers[0].restart().await;
+    cluster.wait_ok().await;
+    let mut plain_seen = Vec::new();
+    let mut durable_seen = Vec::new();
+    let arrived = tokio::time::timeout(Duration::from_secs(20), async {
+        while plain_seen.len() < 5 || durable_seen.len() < 5 {
+            let m = remote.next_room_message().await;
+            let content = m["content"].as_str().unwrap().to_string();
+            if m["roomId"] == json!(plain) {
+                plain_seen.push(content);
+            } else {
+                durable_seen.push((content, m["offset"].as_u64().unwrap()));
+            }
+        }
+    })
+    .await;
+    assert!(
+        arrived.is_ok(),
+        "after the outage: plain {plain_seen:?}, durable {durable_seen:?}"
+    );
+    let want = |prefix: &str| (0..5).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+    assert_eq!(plain_seen, want("p"));
+    // The room's stream died with its master: the held messages start a new epoch there.
+    let durable_contents: Vec<String> = durable_seen.iter().map(|(c, _)| c.clone()).collect();
+    assert_eq!(durable_contents, want("d"));
+    let offsets: Vec<u64> = durable_seen.iter().map(|(_, o)| *o).collect();
+    assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
 }

@@ -302,6 +302,7 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
     dir: std::path::PathBuf,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -326,6 +327,25 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("volley-redis-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("redis dir");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// Starts a killed server again on its port, its directory kept (a cluster node
+    /// keeps its `nodes.conf`, so it rejoins its cluster).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    async fn spawn(&mut self) {
+        let (port, dir) = (self.port, &self.dir);
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -341,16 +361,13 @@ impl RedisServer {
                 "yes",
             ])
             .arg("--dir")
-            .arg(&dir)
-            .args(extra)
+            .arg(dir)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (bash tests/run.sh installs it)");
-        let server = RedisServer {
-            port,
-            child: Some(child),
-            dir,
-        };
+        self.child = Some(child);
+        let server = &*self;
         // Ready when it answers PING.
         tokio::time::timeout(WAIT, async {
             loop {
@@ -368,7 +385,6 @@ impl RedisServer {
         })
         .await
         .expect("redis-server did not start");
-        server
     }
 
     pub fn url(&self) -> String {
