@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -180,26 +181,30 @@ impl ClusterBroker {
         out
     }
 
-    /// The slot map, from the first node that answers.
-    async fn read_slots(&self) -> Option<Vec<SlotRange>> {
+    /// The slot map: from the node that answered last time (its connection kept in
+    /// `asking`), else from the first candidate that answers.
+    async fn read_slots(
+        &self,
+        asking: &mut Option<MultiplexedConnection>,
+    ) -> Option<Vec<SlotRange>> {
+        if let Some(conn) = asking.as_mut() {
+            match ask_slots(conn).await {
+                Some(ranges) => return Some(ranges),
+                None => *asking = None,
+            }
+        }
         for (host, port) in self.candidates() {
             let info = self.base.clone().set_addr(ConnectionAddr::Tcp(host, port));
             let Ok(client) = redis::Client::open(info) else {
                 continue;
             };
-            let asked = async {
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                let value: Value = redis::cmd("CLUSTER")
-                    .arg("SLOTS")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
-                parse_slots(&value)
+            let connect = client.get_multiplexed_async_connection();
+            let Ok(Ok(mut conn)) = tokio::time::timeout(ASK_WAIT, connect).await else {
+                continue;
             };
-            if let Ok(Some(ranges)) = tokio::time::timeout(ASK_WAIT, asked).await {
-                if !ranges.is_empty() {
-                    return Some(ranges);
-                }
+            if let Some(ranges) = ask_slots(&mut conn).await {
+                *asking = Some(conn);
+                return Some(ranges);
             }
         }
         None
@@ -438,6 +443,17 @@ fn same(a: Option<&Arc<RedisBroker>>, b: Option<&Arc<RedisBroker>>) -> bool {
     }
 }
 
+/// `CLUSTER SLOTS` on one connection, within `ASK_WAIT`; `None` for no usable answer.
+async fn ask_slots(conn: &mut MultiplexedConnection) -> Option<Vec<SlotRange>> {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SLOTS");
+    let value = tokio::time::timeout(ASK_WAIT, cmd.query_async::<Value>(conn))
+        .await
+        .ok()?
+        .ok()?;
+    parse_slots(&value).filter(|ranges| !ranges.is_empty())
+}
+
 /// `CLUSTER SLOTS`: `[[first, last, [host, port, id, ...], replicas...], ...]`.
 fn parse_slots(value: &Value) -> Option<Vec<SlotRange>> {
     let Value::Array(ranges) = value else {
@@ -473,10 +489,11 @@ fn parse_slots(value: &Value) -> Option<Vec<SlotRange>> {
 
 /// Reads the slot map every second, and soon after a master redirected something.
 async fn watch(broker: Weak<ClusterBroker>, stop: CancellationToken) {
+    let mut asking = None;
     loop {
         let Some(b) = broker.upgrade() else { return };
         let redirected = b.redirected.clone();
-        match b.read_slots().await {
+        match b.read_slots(&mut asking).await {
             Some(ranges) => b.apply(&ranges),
             None => {
                 if !b.topology().masters.is_empty() {
