@@ -15,13 +15,50 @@ pub use access::UpgradeAuth;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tokio::io::AsyncReadExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::node::Node;
 use crate::outbox::{self, CloseReason, Outbox};
 use session::Session;
+
+/// A socket's read side: first what the HTTP layer had already read past the handshake,
+/// then the socket. Idle, it holds no buffer: the reader waits on `readable`.
+pub struct SocketIn {
+    early: Bytes,
+    half: OwnedReadHalf,
+}
+
+impl SocketIn {
+    /// Ready when there is something to read (or the socket failed).
+    pub async fn readable(&self) -> std::io::Result<()> {
+        if self.early.has_remaining() {
+            return Ok(());
+        }
+        self.half.readable().await
+    }
+}
+
+impl AsyncRead for SocketIn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.early.has_remaining() {
+            let n = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early[..n]);
+            self.early.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.half).poll_read(cx, buf)
+    }
+}
 
 /// Serves one upgraded socket until it closes. `early` holds bytes the client sent
 /// right after the handshake, already read by the HTTP layer.
@@ -39,7 +76,10 @@ pub async fn serve(
         let outbox = outbox.clone();
         tokio::spawn(async move { outbox::run_writer(&*outbox).await })
     };
-    let mut read_half = std::io::Cursor::new(early).chain(read_half);
+    let mut read_half = SocketIn {
+        early,
+        half: read_half,
+    };
     let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
     let limits = reader::Limits::from_config(node.config());
     reader::run(&mut read_half, &outbox, &mut session, limits).await;

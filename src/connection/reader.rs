@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::rules::{FrameRules, Verdict};
 use super::session::Session;
+use super::SocketIn;
 use crate::outbox::{CloseReason, Outbox, CLOSE_GRACE};
 use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
 
@@ -30,12 +31,7 @@ use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
 /// the reader keeps reading, discarding messages, until the peer answers with its close
 /// frame or hangs up, or `CLOSE_GRACE` passes: closing a socket with unread input would
 /// reset it and could destroy our close frame before the peer reads it.
-pub async fn run<R: AsyncRead + Unpin>(
-    stream: &mut R,
-    outbox: &Outbox,
-    session: &mut Session,
-    limits: Limits,
-) {
+pub async fn run(stream: &mut SocketIn, outbox: &Outbox, session: &mut Session, limits: Limits) {
     match read_frames(stream, outbox, session, limits).await {
         Ended::Clean => {}
         Ended::Close(reason) => {
@@ -91,125 +87,204 @@ enum Ended {
     Broken(CloseReason),
 }
 
-async fn read_frames<R: AsyncRead + Unpin>(
-    stream: &mut R,
+async fn read_frames(
+    stream: &mut SocketIn,
     outbox: &Outbox,
     session: &mut Session,
     limits: Limits,
 ) -> Ended {
     let max_bytes = limits.max_bytes;
     let verdict = Verdict::default();
-    let mut ws: WebSocketRead<FrameRules<'_, &mut R>> = fastwebsockets::after_handshake_split(
-        FrameRules::new(stream, &verdict),
-        tokio::io::sink(),
-        Role::Server,
-    )
-    .0;
-    // The library rejects frames of `max_message_size` bytes or more.
-    ws.set_max_message_size(max_bytes + 1);
-    // Pongs and the close echo are answered here, after the frame passed the rules, so a
-    // frame that breaks them is never echoed.
-    ws.set_auto_pong(false);
-    ws.set_auto_close(false);
+    let mut rules = FrameRules::new(stream, &verdict);
     let mut no_obligations = |_: Frame<'_>| ready(Ok::<(), Infallible>(()));
     let mut fragments: Option<(OpCode, Vec<u8>)> = None;
-    let mut closing = false;
+    let mut watch = Watch::new(limits);
     let grace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(grace);
-    let tick = limits.tick().unwrap_or(Duration::MAX);
-    let keepalive = tokio::time::sleep(tick.min(Duration::from_secs(86_400 * 365)));
+    let keepalive = tokio::time::sleep(watch.tick.min(Duration::from_secs(86_400 * 365)));
     tokio::pin!(keepalive);
-    // Whether anything came in since the keepalive last looked, and for how long nothing has.
-    let mut heard = false;
-    let mut silent = Duration::ZERO;
+    // Frames the parser has handed out; with the rules' count of whole frames read, it
+    // tells when the parser holds nothing more.
+    let mut returned = 0u64;
     loop {
-        // The grace timer and the close signal are only polled when they matter: this
-        // loop runs once per inbound frame.
-        let deadline = session.deadline();
-        let frame = tokio::select! {
-            frame = ws.read_frame(&mut no_obligations) => frame,
-            _ = sleep_until_some(deadline), if deadline.is_some() && !closing => {
-                if !session.on_deadline() {
-                    return protocol_close(close_code::POLICY, "token expired");
+        // Idle: no parser and no read buffer until the socket has bytes.
+        let readable = tokio::select! {
+            readable = rules.get_ref().readable() => readable,
+            event = watch.next(session, outbox, grace.as_mut(), keepalive.as_mut()) => {
+                match watch.apply(event, session, outbox, grace.as_mut(), keepalive.as_mut()) {
+                    Some(end) => return end,
+                    None => continue,
                 }
-                continue;
             }
-            _ = outbox.closed(), if !closing => {
-                closing = true;
-                session.leave_all();
-                grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
-                continue;
-            }
-            _ = &mut grace, if closing => return Ended::Clean,
-            _ = &mut keepalive, if !closing && limits.tick().is_some() => {
-                if heard {
-                    heard = false;
-                    silent = Duration::ZERO;
-                } else {
-                    silent += tick;
-                    if limits.idle_timeout.is_some_and(|idle| silent >= idle) {
-                        return protocol_close(close_code::GOING_AWAY, "idle timeout");
+        };
+        if readable.is_err() {
+            return Ended::Clean;
+        }
+        // A burst: fastwebsockets parses it with a buffer of its own (8 KiB), dropped again
+        // once every byte read so far has come out as a frame.
+        let mut ws: WebSocketRead<&mut FrameRules<'_, &mut SocketIn>> =
+            fastwebsockets::after_handshake_split(&mut rules, tokio::io::sink(), Role::Server).0;
+        // The library rejects frames of `max_message_size` bytes or more.
+        ws.set_max_message_size(max_bytes + 1);
+        // Pongs and the close echo are answered here, after the frame passed the rules, so
+        // a frame that breaks them is never echoed.
+        ws.set_auto_pong(false);
+        ws.set_auto_close(false);
+        loop {
+            let frame = tokio::select! {
+                frame = ws.read_frame(&mut no_obligations) => frame,
+                event = watch.next(session, outbox, grace.as_mut(), keepalive.as_mut()) => {
+                    match watch.apply(event, session, outbox, grace.as_mut(), keepalive.as_mut()) {
+                        Some(end) => return end,
+                        None => continue,
                     }
-                    if limits.ping_interval.is_some() {
+                }
+            };
+            watch.heard = true;
+            if let Some(broken) = verdict.broken() {
+                return protocol_close(close_code::PROTOCOL_ERROR, broken.reason());
+            }
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) => return close_for(e),
+            };
+            returned += 1;
+            match frame.opcode {
+                OpCode::Close => return answer_close(outbox, &frame.payload),
+                OpCode::Ping => {
+                    outbox.push_control(outbound::control_frame(0xA, &frame.payload));
+                }
+                OpCode::Pong => {}
+                _ if watch.closing => {}
+                OpCode::Text | OpCode::Binary => {
+                    if fragments.is_some() {
+                        return protocol_close(
+                            close_code::PROTOCOL_ERROR,
+                            "new message inside a fragmented one",
+                        );
+                    }
+                    if frame.fin {
+                        deliver(session, frame.opcode, &frame.payload).await;
+                    } else {
+                        fragments = Some((frame.opcode, frame.payload.to_vec()));
+                    }
+                }
+                OpCode::Continuation => {
+                    let Some((opcode, buf)) = fragments.as_mut() else {
+                        return protocol_close(
+                            close_code::PROTOCOL_ERROR,
+                            "continuation without a message",
+                        );
+                    };
+                    if buf.len() + frame.payload.len() > max_bytes {
+                        return Ended::Broken(too_big());
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let opcode = *opcode;
+                        if let Some((_, message)) = fragments.take() {
+                            if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
+                                return protocol_close(
+                                    close_code::INVALID_DATA,
+                                    "text message is not UTF-8",
+                                );
+                            }
+                            deliver(session, opcode, &message).await;
+                        }
+                    }
+                }
+            }
+            if verdict.drained(returned) {
+                break;
+            }
+        }
+    }
+}
+
+/// What the reader watches besides frames: the session's deadline, the outbox closing,
+/// the close grace, and keepalive.
+struct Watch {
+    limits: Limits,
+    tick: Duration,
+    closing: bool,
+    /// Whether anything came in since the keepalive last looked, and for how long
+    /// nothing has.
+    heard: bool,
+    silent: Duration,
+}
+
+enum Event {
+    Deadline,
+    Closed,
+    Grace,
+    Keepalive,
+}
+
+impl Watch {
+    fn new(limits: Limits) -> Watch {
+        Watch {
+            tick: limits.tick().unwrap_or(Duration::MAX),
+            limits,
+            closing: false,
+            heard: false,
+            silent: Duration::ZERO,
+        }
+    }
+
+    async fn next(
+        &self,
+        session: &Session,
+        outbox: &Outbox,
+        grace: std::pin::Pin<&mut tokio::time::Sleep>,
+        keepalive: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Event {
+        let deadline = session.deadline();
+        tokio::select! {
+            _ = sleep_until_some(deadline), if deadline.is_some() && !self.closing => Event::Deadline,
+            _ = outbox.closed(), if !self.closing => Event::Closed,
+            _ = grace, if self.closing => Event::Grace,
+            _ = keepalive, if !self.closing && self.limits.tick().is_some() => Event::Keepalive,
+        }
+    }
+
+    /// Acts on an event; `Some` when the reading ends.
+    fn apply(
+        &mut self,
+        event: Event,
+        session: &mut Session,
+        outbox: &Outbox,
+        grace: std::pin::Pin<&mut tokio::time::Sleep>,
+        keepalive: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Option<Ended> {
+        match event {
+            Event::Deadline => (!session.on_deadline())
+                .then(|| protocol_close(close_code::POLICY, "token expired")),
+            Event::Closed => {
+                self.closing = true;
+                session.leave_all();
+                grace.reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                None
+            }
+            Event::Grace => Some(Ended::Clean),
+            Event::Keepalive => {
+                if self.heard {
+                    self.heard = false;
+                    self.silent = Duration::ZERO;
+                } else {
+                    self.silent += self.tick;
+                    if self
+                        .limits
+                        .idle_timeout
+                        .is_some_and(|idle| self.silent >= idle)
+                    {
+                        return Some(protocol_close(close_code::GOING_AWAY, "idle timeout"));
+                    }
+                    if self.limits.ping_interval.is_some() {
                         outbox.push_control(bytes::Bytes::from_static(outbound::PING));
                     }
                 }
-                keepalive.as_mut().reset(tokio::time::Instant::now() + tick);
-                continue;
-            }
-        };
-        heard = true;
-        if let Some(broken) = verdict.broken() {
-            return protocol_close(close_code::PROTOCOL_ERROR, broken.reason());
-        }
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(e) => return close_for(e),
-        };
-        match frame.opcode {
-            OpCode::Close => return answer_close(outbox, &frame.payload),
-            OpCode::Ping => {
-                outbox.push_control(outbound::control_frame(0xA, &frame.payload));
-            }
-            OpCode::Pong => {}
-            _ if closing => {}
-            OpCode::Text | OpCode::Binary => {
-                if fragments.is_some() {
-                    return protocol_close(
-                        close_code::PROTOCOL_ERROR,
-                        "new message inside a fragmented one",
-                    );
-                }
-                if frame.fin {
-                    deliver(session, frame.opcode, &frame.payload).await;
-                } else {
-                    fragments = Some((frame.opcode, frame.payload.to_vec()));
-                }
-            }
-            OpCode::Continuation => {
-                let Some((opcode, buf)) = fragments.as_mut() else {
-                    return protocol_close(
-                        close_code::PROTOCOL_ERROR,
-                        "continuation without a message",
-                    );
-                };
-                if buf.len() + frame.payload.len() > max_bytes {
-                    return Ended::Broken(too_big());
-                }
-                buf.extend_from_slice(&frame.payload);
-                if frame.fin {
-                    let opcode = *opcode;
-                    let Some((_, message)) = fragments.take() else {
-                        continue;
-                    };
-                    if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
-                        return protocol_close(
-                            close_code::INVALID_DATA,
-                            "text message is not UTF-8",
-                        );
-                    }
-                    deliver(session, opcode, &message).await;
-                }
+                keepalive.reset(tokio::time::Instant::now() + self.tick);
+                None
             }
         }
     }

@@ -8,7 +8,7 @@
 //! the frame that broke it is not acted on.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
@@ -29,13 +29,25 @@ impl Broken {
     }
 }
 
-/// Set by `FrameRules`, read by the reader; an atomic so the reader's future stays `Send`.
+/// Set by `FrameRules`, read by the reader; atomics so the reader's future stays `Send`.
 #[derive(Default)]
-pub struct Verdict(AtomicU8);
+pub struct Verdict {
+    broken: AtomicU8,
+    /// Whole frames that have passed.
+    frames: AtomicU64,
+    /// Part of a frame has passed, not all of it.
+    partial: AtomicBool,
+}
 
 impl Verdict {
+    /// Whether every byte that passed belongs to one of the first `returned` frames: the
+    /// parser that read them holds nothing more, and may be let go.
+    pub fn drained(&self, returned: u64) -> bool {
+        !self.partial.load(Ordering::Relaxed) && self.frames.load(Ordering::Relaxed) == returned
+    }
+
     pub fn broken(&self) -> Option<Broken> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.broken.load(Ordering::Relaxed) {
             1 => Some(Broken::Unmasked),
             2 => Some(Broken::ControlTooLong),
             _ => None,
@@ -49,7 +61,7 @@ impl Verdict {
         };
         // The first broken rule is the one reported.
         let _ = self
-            .0
+            .broken
             .compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
@@ -75,12 +87,20 @@ impl<'v, R> FrameRules<'v, R> {
         }
     }
 
+    /// The stream the bytes come from.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     fn observe(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.payload_left > 0 {
                 let skip = (self.payload_left.min(bytes.len() as u64)) as usize;
                 self.payload_left -= skip as u64;
                 bytes = &bytes[skip..];
+                if self.payload_left == 0 {
+                    self.verdict.frames.fetch_add(1, Ordering::Relaxed);
+                }
                 continue;
             }
             self.head[self.have] = bytes[0];
@@ -116,7 +136,13 @@ impl<'v, R> FrameRules<'v, R> {
             }
             self.have = 0;
             self.payload_left = len;
+            if len == 0 {
+                self.verdict.frames.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        self.verdict
+            .partial
+            .store(self.have > 0 || self.payload_left > 0, Ordering::Relaxed);
     }
 }
 
