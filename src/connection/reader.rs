@@ -358,7 +358,9 @@ fn protocol_close(code: u16, reason: &str) -> Ended {
 
 /// Reads and discards raw bytes until the peer hangs up or the grace period ends.
 async fn drain<R: AsyncRead + Unpin>(stream: &mut R) {
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would be part of every socket's task, for a moment few
+    // sockets ever reach.
+    let mut sink = vec![0u8; 4096];
     let deadline = tokio::time::sleep(CLOSE_GRACE);
     tokio::pin!(deadline);
     loop {
