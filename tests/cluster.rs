@@ -195,6 +195,29 @@ impl Cluster {
         channels
     }
 
+    /// Waits until `channel` has `n` sharded subscribers on server `i`.
+    async fn wait_shardnumsub(&self, i: usize, channel: &str, n: i64) {
+        let waited = tokio::time::timeout(WAIT, async {
+            loop {
+                let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                    .arg("SHARDNUMSUB")
+                    .arg(channel)
+                    .query_async(&mut self.servers[i].conn().await)
+                    .await
+                    .unwrap();
+                if counts[0].1 == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "{channel} never had {n} subscribers on server {i}"
+        );
+    }
+
     /// Calls of one command on one master (`INFO commandstats`).
     async fn calls(&self, master: usize, command: &str) -> u64 {
         let info: String = redis::cmd("INFO")
@@ -548,25 +571,9 @@ async fn presence_and_direct_messages_live_on_the_home_master() {
     let mut watcher = Client::connect(two.local_addr()).await;
     watcher.send(json!({"type":"subscribe_presence"})).await;
     // The presence channel is subscribed on the home master, by both nodes.
-    let waited = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
-                .arg("SHARDNUMSUB")
-                .arg("{volley}:presence:updates")
-                .query_async(&mut cluster.servers[home].conn().await)
-                .await
-                .unwrap();
-            if counts[0].1 == 2 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "presence updates never subscribed on the home master"
-    );
+    cluster
+        .wait_shardnumsub(home, "{volley}:presence:updates", 2)
+        .await;
 
     let mut alice = Client::connect(one.local_addr()).await;
     alice.send(json!({"type":"auth","userId":"alice"})).await;
@@ -757,25 +764,7 @@ async fn a_node_started_before_its_cluster_serves_locally_then_joins_it() {
     let owner = cluster
         .owner(Keys::cluster("", "test", "").room_slot("lobby"))
         .await;
-    let subscribed = tokio::time::timeout(WAIT, async {
-        loop {
-            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
-                .arg("SHARDNUMSUB")
-                .arg("room:{lobby}")
-                .query_async(&mut cluster.servers[owner].conn().await)
-                .await
-                .unwrap();
-            if counts[0].1 == 2 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(
-        subscribed.is_ok(),
-        "both nodes subscribed on the room's master"
-    );
+    cluster.wait_shardnumsub(owner, "room:{lobby}", 2).await;
     also_here
         .send(json!({"type":"message","roomId":"lobby","content":"across"}))
         .await;
