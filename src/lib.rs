@@ -67,6 +67,9 @@ pub use config::Config;
 pub use node::Node;
 pub use server::{Server, ShutdownReport};
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Internals the criterion benches measure directly; not part of the API.
 #[doc(hidden)]
 pub mod bench {

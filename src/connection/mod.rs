@@ -8,7 +8,7 @@
 
 mod access;
 mod reader;
-mod rules;
+pub(crate) mod rules;
 mod session;
 
 pub use access::UpgradeAuth;

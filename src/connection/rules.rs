@@ -46,6 +46,11 @@ impl Verdict {
         !self.partial.load(Ordering::Relaxed) && self.frames.load(Ordering::Relaxed) == returned
     }
 
+    /// Whole frames that have passed.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(Ordering::Relaxed)
+    }
+
     pub fn broken(&self) -> Option<Broken> {
         match self.broken.load(Ordering::Relaxed) {
             1 => Some(Broken::Unmasked),
