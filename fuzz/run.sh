@@ -15,8 +15,8 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t" "regressions/$t"
   cp -n "regressions/$t"/* "corpus/$t"/ 2>/dev/null || true
   echo "== $t ($seconds s)"
-  cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$seconds" -max_len=4096 2>&1 \
-    | grep -E "^#[0-9]+ *(DONE|pulse)|ERROR|SUMMARY|stat::" || true
+  cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 2>&1 \
+    | grep -E "DONE|Done [0-9]+ runs|ERROR|SUMMARY|stat::number_of_executed_units" || true
   for crash in artifacts/"$t"/crash-* artifacts/"$t"/timeout-* artifacts/"$t"/oom-*; do
     [ -e "$crash" ] && cp "$crash" "regressions/$t/"
   done

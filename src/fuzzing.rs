@@ -107,11 +107,7 @@ pub fn config(data: &[u8]) {
         set,
         ..Default::default()
     };
-    let var = |name: &str| {
-        env.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-    };
+    let var = |name: &str| env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     if let Ok(config) = crate::config::Config::load_from_env(&overrides, var) {
         // What loads is valid by the same rules the node starts with.
         assert!(config.limits.max_connections >= 1);

@@ -197,11 +197,34 @@ pub fn check_content(raw: &RawValue, field: &str, max_depth: usize) -> Result<()
     while i < b.len() {
         match b[i] {
             b'"' => {
-                // Skip the string: to its closing quote, stepping over escapes.
+                // Skip the string: to its closing quote, stepping over escapes. A `\u`
+                // escape of half a UTF-16 surrogate pair without its other half is valid
+                // JSON text to some parsers and an error to others (serde_json, Go's):
+                // one such message would make a whole batch frame unreadable to them.
                 i += 1;
                 while let Some(k) = memchr::memchr2(b'"', b'\\', &b[i..]) {
                     if b[i + k] == b'\\' {
-                        i += k + 2;
+                        i += k;
+                        if b.get(i + 1) == Some(&b'u') {
+                            let at = |j: usize| hex4(b.get(j..j + 4));
+                            match at(i + 2) {
+                                Some(0xD800..=0xDBFF)
+                                    if b.get(i + 6..i + 8) == Some(b"\\u")
+                                        && matches!(at(i + 8), Some(0xDC00..=0xDFFF)) =>
+                                {
+                                    i += 12;
+                                    continue;
+                                }
+                                Some(0xD800..=0xDFFF) => {
+                                    return Err(ProtocolError::new(
+                                        ErrorCode::InvalidField,
+                                        format!("{field} has half a UTF-16 surrogate pair (a lone \\uD800-\\uDFFF escape), which strict JSON parsers reject"),
+                                    ));
+                                }
+                                _ => {}
+                            }
+                        }
+                        i += 2;
                     } else {
                         i += k;
                         break;
@@ -246,6 +269,12 @@ pub fn check_content(raw: &RawValue, field: &str, max_depth: usize) -> Result<()
         i += 1;
     }
     Ok(())
+}
+
+/// The value of four hex digits (a `\u` escape's), if they are.
+fn hex4(digits: Option<&[u8]>) -> Option<u32> {
+    let digits = std::str::from_utf8(digits?).ok()?;
+    u32::from_str_radix(digits, 16).ok()
 }
 
 /// `history` (a count) or `since` (a position), not both.
@@ -440,6 +469,24 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn half_a_surrogate_pair_is_refused_and_a_whole_pair_passes() {
+        let check = |json: &str| {
+            let raw: &RawValue = serde_json::from_str(json).unwrap();
+            check_content(raw, "content", 32).map_err(|e| e.code)
+        };
+        assert_eq!(check(r#""\ud83d\ude00 ok""#), Ok(()));
+        assert_eq!(check(r#"{"a":"\u00e9\n\\u\"x"}"#), Ok(()));
+        for lone in [
+            r#""\ud83d""#,
+            r#""\ude00""#,
+            r#"["\ud83dx"]"#,
+            r#""\uD800\u0041""#,
+        ] {
+            assert_eq!(check(lone), Err(ErrorCode::InvalidField), "{lone}");
+        }
+    }
     use super::*;
 
     fn code(text: &str) -> ErrorCode {
