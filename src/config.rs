@@ -15,8 +15,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 9] = [
-    "server", "batch", "limits", "api", "auth", "presence", "redis", "metrics", "demo",
+const SECTIONS: [&str; 10] = [
+    "server", "batch", "limits", "api", "auth", "presence", "redis", "metrics", "demo", "tls",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub metrics: MetricsConfig,
     pub demo: DemoConfig,
+    pub tls: TlsConfig,
     /// Room classes, `[[rooms]]` in the file: the first whose `match` glob matches a room
     /// id gives that room its options; rooms matching none are plain.
     pub rooms: Vec<RoomClass>,
@@ -237,6 +238,16 @@ pub struct RedisConfig {
     pub master_password: String,
     /// Password of the sentinels themselves.
     pub sentinel_password: String,
+}
+
+/// `wss://` and `https://` on the same listener: both set = TLS on, both empty = off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,13 +11,14 @@
 //!
 //! Imports point down this table, never up (`tests/layering.rs` checks it): the core runs
 //! `protocol` <- `batch` <- `outbox` <- `hub` <- `node` <- `connection` / `server` / `api`;
-//! `config`, `metrics` and `throttle` are leaves anyone may use; `broker` sits beside the
+//! `config`, `metrics`, `throttle` and `tls` are leaves anyone may use; `broker` sits beside the
 //! hub (the node owns both, and neither sees the other); the features sit on the node.
 //!
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | one typed config from file, env and flags |
 //! | `metrics` | node stats: counters and histograms; Prometheus text |
+//! | `tls` | rustls for `wss://` / `https://`; an upgraded TLS socket shared by its reader and outbox |
 //! | `throttle` | log lines that repeat under pressure, at most once per interval |
 //! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
 //! | `batch` | delivery-window policy: window clock, leading edge, batch frames, shared-batch memo |
@@ -61,6 +62,7 @@ mod hub;
 mod metrics;
 mod outbox;
 mod throttle;
+mod tls;
 mod web;
 
 pub use config::Config;

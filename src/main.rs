@@ -83,7 +83,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         let server = match Server::bind(config).await {
             Ok(server) => server,
-            Err(e @ (ServeError::Redis(_) | ServeError::Config(_))) => {
+            Err(e @ (ServeError::Redis(_) | ServeError::Config(_) | ServeError::Tls(_))) => {
                 eprintln!("volley: config error: {e}");
                 return ExitCode::from(2);
             }

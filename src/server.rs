@@ -20,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,8 @@ use crate::features::Features;
 use crate::node::Node;
 use crate::outbox::CloseReason;
 use crate::throttle::LogThrottle;
+pub use crate::tls::TlsError;
+use crate::tls::{self, TlsAcceptor, TlsSocket, TlsStream};
 
 /// Why a node could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum ServeError {
     Redis(#[from] RedisStartError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A running node and its listener.
@@ -65,6 +70,8 @@ struct Shared {
     sockets: TaskTracker,
     /// WebSockets per client address, for `limits.max_connections_per_ip`.
     per_ip: Arc<DashMap<IpAddr, usize>>,
+    /// Set when `tls.cert` / `tls.key` are: every connection is TLS.
+    tls: Option<TlsAcceptor>,
 }
 
 /// How a shutdown went.
@@ -104,6 +111,7 @@ impl Server {
         }
         config.validate()?;
         crate::auth::Authenticator::new(&config.auth)?;
+        let tls = tls::acceptor(&config.tls)?;
         let addr = config.server.listen;
         let listen_error = |source| ServeError::Listen { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
@@ -115,9 +123,11 @@ impl Server {
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
             per_ip: Arc::new(DashMap::new()),
+            tls,
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-        tracing::info!(addr = %local_addr, node = node.id(), "volley listening");
+        let tls = shared.tls.is_some();
+        tracing::info!(addr = %local_addr, node = node.id(), tls, "volley listening");
         Ok(Server {
             node,
             local_addr,
@@ -170,7 +180,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok((stream, peer)) => {
                 // Frames are already coalesced per window; Nagle would only add delay.
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_http(stream, peer.ip(), shared.clone()));
+                tokio::spawn(serve_connection(stream, peer.ip(), shared.clone()));
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning, and log
@@ -185,7 +195,24 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_http(stream: TcpStream, peer: IpAddr, shared: Arc<Shared>) {
+/// Serves one TCP connection, first finishing its TLS handshake when TLS is on.
+async fn serve_connection(stream: TcpStream, peer: IpAddr, shared: Arc<Shared>) {
+    let Some(acceptor) = &shared.tls else {
+        return serve_http(stream, peer, shared).await;
+    };
+    // A handshake that never finishes is bounded like a request head that never does.
+    let timeout = Duration::from_millis(shared.node.config().server.header_timeout_ms);
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_http(stream, peer, shared.clone()).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_http<S>(stream: S, peer: IpAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let for_service = shared.clone();
     let service = service_fn(move |req| handle(for_service.clone(), peer, req));
     // The header timeout also bounds an idle keep-alive connection: hyper starts it
@@ -274,22 +301,25 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                connection::serve(
-                    node,
-                    outbox,
-                    parts.io.into_inner(),
-                    parts.read_buf,
-                    credentials,
-                )
-                .await
-            }
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                node.disconnect(&outbox);
-            }
-        }
+        let (transport, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (
+                connection::Transport::Tcp(parts.io.into_inner()),
+                parts.read_buf,
+            ),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                Ok(parts) => {
+                    let (tcp, session) = parts.io.into_inner().into_inner();
+                    let tls = TlsSocket::new(tcp, session);
+                    (connection::Transport::Tls(tls), parts.read_buf)
+                }
+                Err(_) => {
+                    tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+                    node.disconnect(&outbox);
+                    return;
+                }
+            },
+        };
+        connection::serve(node, outbox, transport, early, credentials).await
     });
     response.map(|_| Body::default())
 }

@@ -1,9 +1,9 @@
 //! One WebSocket connection: its reader and its session.
 //!
-//! After the HTTP upgrade the TCP stream is taken back from hyper and split. The reader
-//! (fastwebsockets) turns frames into session actions; the write half goes to the
-//! socket's `Outbox` (`crate::outbox`), which fan-out fills from any thread and whose
-//! writer task this module starts. They meet only at the outbox, whose lock is never
+//! After the HTTP upgrade the TCP stream is taken back from hyper and split (a TLS
+//! socket is shared instead, `crate::tls`). The reader (fastwebsockets) turns frames
+//! into session actions; the write side goes to the socket's `Outbox` (`crate::outbox`),
+//! which fan-out fills from any thread and whose writer task this module starts. They meet only at the outbox, whose lock is never
 //! held across an `.await`.
 
 mod access;
@@ -24,14 +24,26 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 
 use crate::node::Node;
-use crate::outbox::{self, CloseReason, Outbox};
+use crate::outbox::{self, CloseReason, Outbox, SocketOut};
+use crate::tls::TlsSocket;
 use session::Session;
+
+/// An upgraded socket as the HTTP layer hands it over.
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Arc<TlsSocket>),
+}
 
 /// A socket's read side: first what the HTTP layer had already read past the handshake,
 /// then the socket. Idle, it holds no buffer: the reader waits on `readable`.
 pub struct SocketIn {
     early: Bytes,
-    half: OwnedReadHalf,
+    half: ReadSide,
+}
+
+enum ReadSide {
+    Tcp(OwnedReadHalf),
+    Tls(Arc<TlsSocket>),
 }
 
 impl SocketIn {
@@ -40,7 +52,10 @@ impl SocketIn {
         if self.early.has_remaining() {
             return Ok(());
         }
-        self.half.readable().await
+        match &self.half {
+            ReadSide::Tcp(half) => half.readable().await,
+            ReadSide::Tls(tls) => tls.readable().await,
+        }
     }
 }
 
@@ -56,7 +71,10 @@ impl AsyncRead for SocketIn {
             self.early.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.half).poll_read(cx, buf)
+        match &mut self.half {
+            ReadSide::Tcp(half) => Pin::new(half).poll_read(cx, buf),
+            ReadSide::Tls(tls) => tls.poll_read(cx, buf),
+        }
     }
 }
 
@@ -65,21 +83,27 @@ impl AsyncRead for SocketIn {
 pub async fn serve(
     node: Arc<Node>,
     outbox: Arc<Outbox>,
-    stream: TcpStream,
+    transport: Transport,
     early: Bytes,
     upgrade: UpgradeAuth,
 ) {
-    let (read_half, write_half) = stream.into_split();
-    outbox.attach(write_half);
+    let half = match transport {
+        Transport::Tcp(stream) => {
+            let (read_half, write_half) = stream.into_split();
+            outbox.attach(SocketOut::Tcp(write_half));
+            ReadSide::Tcp(read_half)
+        }
+        Transport::Tls(tls) => {
+            outbox.attach(SocketOut::Tls(tls.clone()));
+            ReadSide::Tls(tls)
+        }
+    };
     // The writer is a task of its own: waking it must not poll the reader.
     let writer = {
         let outbox = outbox.clone();
         tokio::spawn(async move { outbox::run_writer(&*outbox).await })
     };
-    let mut read_half = SocketIn {
-        early,
-        half: read_half,
-    };
+    let mut read_half = SocketIn { early, half };
     let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
     let limits = reader::Limits::from_config(node.config());
     reader::run(&mut read_half, &outbox, &mut session, limits).await;

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use super::{Outbox, SocketWrite};
 use crate::batch::DeliveryWindow;
 
-pub struct DueList<W: SocketWrite = tokio::net::tcp::OwnedWriteHalf> {
+pub struct DueList<W: SocketWrite = super::SocketOut> {
     /// Each socket is listed at most once per window (`Outbox::push` sees to it).
     due: Mutex<Vec<Arc<Outbox<W>>>>,
 }

@@ -34,7 +34,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use crate::batch::DeliveryWindow;
@@ -44,7 +43,7 @@ use crate::protocol::{close_code, outbound, Encoded};
 pub use due::DueList;
 pub use scratch::with_scratch;
 use write::try_write_all;
-pub use write::SocketWrite;
+pub use write::{SocketOut, SocketWrite};
 pub use writer::{run as run_writer, CLOSE_GRACE};
 
 /// Identifies one socket on this node.
@@ -98,7 +97,7 @@ pub enum Pushed {
 
 /// One socket's outbox. Generic over how it writes (`SocketWrite`), so the hot path makes
 /// no dynamic call and unit tests can script a socket; the node's sockets use the default.
-pub struct Outbox<W: SocketWrite = OwnedWriteHalf> {
+pub struct Outbox<W: SocketWrite = SocketOut> {
     id: ConnId,
     max_bytes: usize,
     state: Mutex<State>,
@@ -141,6 +140,9 @@ struct State {
     /// What a flush could not write without blocking, for the writer task; the first
     /// frame may be a tail already advanced past its written bytes.
     unsent: Vec<Bytes>,
+    /// A flush left the rest of its write (`unsent`, or a backlog below the socket's
+    /// write) to the writer task, which is now the one writing.
+    handed_over: bool,
 }
 
 /// What the writer takes from the outbox in one step.
@@ -334,6 +336,7 @@ impl<W: SocketWrite> Outbox<W> {
                 Ok(false) => {
                     // The socket is full: the writer task waits until it takes the rest.
                     state.unsent.append(frames);
+                    state.handed_over = true;
                     drop(state);
                     self.wake.notify_one();
                     return;
@@ -354,10 +357,11 @@ impl<W: SocketWrite> Outbox<W> {
     /// flush is writing (then that flush takes them when done). Marks the socket busy.
     fn take_for_writer(&self, into: &mut Drained, unsent: &mut Vec<Bytes>) -> bool {
         let mut state = self.state.lock();
-        if state.busy && state.unsent.is_empty() {
+        if state.busy && !state.handed_over {
             state.due_while_busy = true;
             return false;
         }
+        state.handed_over = false;
         unsent.append(&mut state.unsent);
         take(&mut state, into);
         state.busy = true;

@@ -21,6 +21,9 @@ struct Scripted {
     room: Notify,
     fail: AtomicBool,
     shut: AtomicBool,
+    /// Like TLS: accepted bytes wait below the socket (`held`) until `writable` runs.
+    holds_back: AtomicBool,
+    held: Mutex<Vec<u8>>,
 }
 
 impl Scripted {
@@ -50,7 +53,11 @@ impl SocketWrite for Arc<Scripted> {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut taken = 0;
-        let mut written = self.written.lock();
+        let mut written = if self.holds_back.load(Ordering::Relaxed) {
+            self.held.lock()
+        } else {
+            self.written.lock()
+        };
         for buf in bufs {
             let n = buf.len().min(*capacity - taken);
             written.extend_from_slice(&buf[..n]);
@@ -64,12 +71,21 @@ impl SocketWrite for Arc<Scripted> {
     }
 
     async fn writable(&self) -> io::Result<()> {
+        let held = std::mem::take(&mut *self.held.lock());
+        if !held.is_empty() {
+            self.written.lock().extend_from_slice(&held);
+            return Ok(());
+        }
         self.room.notified().await;
         Ok(())
     }
 
     fn shutdown_write(&self) {
         self.shut.store(true, Ordering::Relaxed);
+    }
+
+    fn has_backlog(&self) -> bool {
+        !self.held.lock().is_empty()
     }
 }
 
@@ -298,4 +314,18 @@ fn shutdown_keeps_what_is_queued() {
     outbox.drain(&mut d);
     assert_eq!(d.messages.len(), 1);
     assert_eq!(d.close, Some(CloseReason::Shutdown));
+}
+
+#[tokio::test]
+async fn bytes_a_write_accepted_but_left_below_the_socket_are_sent_by_the_writer() {
+    // TLS: rustls takes the plaintext and keeps the records the kernel would not take.
+    let socket = Scripted::with_capacity(1 << 20);
+    socket.holds_back.store(true, Ordering::Relaxed);
+    let (outbox, _writer) = attached(1 << 20, &socket);
+    let (m1, m2) = (message(1), message(2));
+    assert_eq!(outbox.send(&m1), Pushed::Due);
+    until_written(&socket, m1.frame()).await;
+    assert_eq!(outbox.send(&m2), Pushed::Due);
+    let want = [&m1.frame()[..], &m2.frame()[..]].concat();
+    until_written(&socket, &want).await;
 }

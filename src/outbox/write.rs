@@ -9,8 +9,12 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes};
 use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::tls::TlsSocket;
 
 /// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
 const IOV_CHUNK: usize = 64;
@@ -26,6 +30,48 @@ pub trait SocketWrite: Send + Sync + 'static {
 
     /// Ends the sending side (FIN after the last frame).
     fn shutdown_write(&self);
+
+    /// Bytes accepted by a write still wait below it (TLS records not yet sent):
+    /// `writable` sends them.
+    fn has_backlog(&self) -> bool {
+        false
+    }
+}
+
+/// A node's socket: plain TCP (its write half) or TLS (shared with the reader).
+pub enum SocketOut {
+    Tcp(OwnedWriteHalf),
+    Tls(Arc<TlsSocket>),
+}
+
+impl SocketWrite for SocketOut {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            SocketOut::Tcp(half) => half.try_write_vectored(bufs),
+            SocketOut::Tls(tls) => tls.try_write_vectored(bufs),
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        match self {
+            SocketOut::Tcp(half) => half.writable().await,
+            SocketOut::Tls(tls) => tls.writable().await,
+        }
+    }
+
+    fn shutdown_write(&self) {
+        match self {
+            SocketOut::Tcp(half) => SocketWrite::shutdown_write(half),
+            SocketOut::Tls(tls) => tls.shutdown_write(),
+        }
+    }
+
+    fn has_backlog(&self) -> bool {
+        match self {
+            SocketOut::Tcp(_) => false,
+            SocketOut::Tls(tls) => tls.has_backlog(),
+        }
+    }
 }
 
 impl SocketWrite for OwnedWriteHalf {
@@ -44,7 +90,7 @@ impl SocketWrite for OwnedWriteHalf {
 
 /// Writes `frames` in order without blocking. `Ok(true)`: all written and `frames` is
 /// empty; `Ok(false)`: the socket is full and `frames` holds what is left (its first
-/// frame advanced past the bytes written).
+/// frame advanced past the bytes written), or only a backlog below it is left.
 pub(super) fn try_write_all<W: SocketWrite>(io: &W, frames: &mut Vec<Bytes>) -> io::Result<bool> {
     let mut done = 0;
     while done < frames.len() {
@@ -59,7 +105,7 @@ pub(super) fn try_write_all<W: SocketWrite>(io: &W, frames: &mut Vec<Bytes>) -> 
         }
     }
     frames.clear();
-    Ok(true)
+    Ok(!io.has_backlog())
 }
 
 /// Writes every frame, in order, waiting for the socket to become writable as needed.
@@ -72,6 +118,9 @@ pub(super) async fn write_all<W: SocketWrite>(io: &W, frames: &mut [Bytes]) -> i
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+    if io.has_backlog() {
+        io.writable().await?;
     }
     Ok(())
 }
