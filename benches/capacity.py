@@ -25,9 +25,9 @@ NODE_US_BY_MESSAGES_PER_FRAME = [
     (160, 0.30),
     (320, 0.24),
 ]
-# RSS per idle connected socket joined to one room (5 000 sockets on one node,
-# benches/idle_sockets.py: 13.9 KB).
-NODE_KIB_PER_SOCKET = 13.6
+# RSS per idle connected socket joined to one room (plain TCP, one node;
+# benches/idle_sockets.py at 15 000 sockets: 5.1 KB, the median of 3 runs).
+NODE_KIB_PER_SOCKET = 5.0
 # Redis CPU per PUBLISH (or SPUBLISH) command of a ~1 KB envelope, and per subscriber
 # connection it is delivered to. benches/redis_pubsub_cost.sh measures 0.8-0.9 µs per
 # command and 0.4-0.5 µs per subscriber in deep pipelines; in the e2e runs (a pipeline

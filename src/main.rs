@@ -9,6 +9,9 @@ use volley::config::{Config, Overrides};
 use volley::server::ServeError;
 use volley::Server;
 
+// `--features system-alloc` leaves the system allocator in place, for heap profilers
+// (valgrind's massif, heaptrack) that watch malloc.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -416,6 +416,9 @@ fn broker_help(name: &str) -> String {
         "redis_peers" => "Other live nodes this node saw at its last probe.".into(),
         "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
         "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),
+        "redis_subscriber_disconnects" => {
+            "Pub/sub connections lost (killed, cut, Redis restarted); each reconnects and subscribes again.".into()
+        }
         "redis_failovers" => "Times the node moved to a new master that Sentinel named.".into(),
         "redis_cluster_changes" => "Times the node followed a new Redis Cluster slot map (slots moved, masters added, removed or failed over).".into(),
         "redis_redirected_publishes" => {

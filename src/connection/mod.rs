@@ -69,6 +69,9 @@ impl AsyncRead for SocketIn {
             let n = self.early.len().min(buf.remaining());
             buf.put_slice(&self.early[..n]);
             self.early.advance(n);
+            if !self.early.has_remaining() {
+                self.early = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         match &mut self.half {
@@ -103,7 +106,10 @@ pub async fn serve(
         let outbox = outbox.clone();
         tokio::spawn(async move { outbox::run_writer(&*outbox).await })
     };
-    let mut read_half = SocketIn { early, half };
+    let mut read_half = SocketIn {
+        early: detach(early),
+        half,
+    };
     let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
     let limits = reader::Limits::from_config(node.config());
     reader::run(&mut read_half, &outbox, &mut session, limits).await;
@@ -115,4 +121,15 @@ pub async fn serve(
         tracing::error!(conn = outbox.id(), "socket writer panicked");
     }
     node.disconnect(&outbox);
+}
+
+/// `early` is a view of hyper's whole read buffer (8 KiB or more), even when empty: a
+/// socket keeps a copy of the bytes, and the buffer is freed here (taken by value, so
+/// nothing in the socket's task still holds it).
+fn detach(early: Bytes) -> Bytes {
+    if early.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&early)
+    }
 }

@@ -115,7 +115,7 @@ async fn tcp(url: &str) -> Result<TcpStream, BenchError> {
     Ok(stream)
 }
 
-async fn connect(url: &str) -> Result<Socket, BenchError> {
+pub async fn connect(url: &str) -> Result<Socket, BenchError> {
     let (host, port) = host_port(url)?;
     let uri: hyper::Uri = url.parse().map_err(|e| BenchError::Url {
         url: url.to_string(),
@@ -151,27 +151,23 @@ async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
         .await?)
 }
 
-/// Connects, joins, waits for its own join notices, then counts until `stop`.
-pub async fn subscriber(
-    url: String,
-    rooms: Vec<String>,
-    run: Arc<Run>,
-    ready: tokio::sync::mpsc::Sender<()>,
-    stop: CancellationToken,
-) -> Result<SubscriberResult, BenchError> {
-    let mut ws = connect(&url).await?;
+/// Joins `rooms` and waits for the socket's own `user_joined` notice of each: the proof
+/// that the joins took effect.
+pub async fn join(ws: &mut Socket, rooms: &[String]) -> Result<(), BenchError> {
     ws.set_auto_pong(true);
-    for room in &rooms {
+    for room in rooms {
         send_text(
-            &mut ws,
+            ws,
             serde_json::json!({"type":"join","roomId":room}).to_string(),
         )
         .await?;
     }
-    // The first user_joined of a room proves this socket's join took effect.
-    let mut waiting: std::collections::HashSet<String> = rooms.iter().cloned().collect();
+    let mut waiting: std::collections::HashSet<&str> = rooms.iter().map(String::as_str).collect();
     while !waiting.is_empty() {
         let frame = ws.read_frame().await?;
+        if frame.opcode == OpCode::Close {
+            return Err(BenchError::Closed);
+        }
         if frame.opcode != OpCode::Text {
             continue;
         }
@@ -190,6 +186,19 @@ pub async fn subscriber(
             }
         }
     }
+    Ok(())
+}
+
+/// Connects, joins, waits for its own join notices, then counts until `stop`.
+pub async fn subscriber(
+    url: String,
+    rooms: Vec<String>,
+    run: Arc<Run>,
+    ready: tokio::sync::mpsc::Sender<()>,
+    stop: CancellationToken,
+) -> Result<SubscriberResult, BenchError> {
+    let mut ws = connect(&url).await?;
+    join(&mut ws, &rooms).await?;
     let _ = ready.send(()).await;
 
     let scanner = Scanner::new();

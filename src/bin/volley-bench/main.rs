@@ -16,6 +16,7 @@
 //! | `measure.rs` | warm-up, measured seconds, drain; the servers' CPU and Redis counters |
 //! | `report.rs` | the typed report, as a table or one JSON line |
 //! | `scan.rs` | the fixed-shape message content, written and scanned |
+//! | `storm.rs` | a reconnect storm during the measured seconds (`--storm`) |
 //! | `error.rs` | what can stop a run |
 
 mod clients;
@@ -24,6 +25,7 @@ mod measure;
 mod plan;
 mod report;
 mod scan;
+mod storm;
 
 use std::sync::Arc;
 
@@ -77,7 +79,7 @@ pub struct Args {
     /// Seconds before measuring.
     #[arg(long, default_value_t = 3.0)]
     warmup: f64,
-    /// Seconds measured.
+    /// Seconds measured (without --storm).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Prefix of room names, so runs do not meet.
@@ -92,6 +94,15 @@ pub struct Args {
     /// The Redis the nodes share: its command rates during the measurement are reported.
     #[arg(long)]
     redis_url: Option<String>,
+    /// A reconnect storm: this many more sockets connect and join (a room each) when the
+    /// measured seconds begin, while the plan's sockets keep receiving; the measured
+    /// seconds are then the storm's, from its first connect to its last join, instead of
+    /// --duration (raise `ulimit -n`).
+    #[arg(long, default_value_t = 0)]
+    storm: usize,
+    /// Storm sockets connecting at once.
+    #[arg(long, default_value_t = 500)]
+    storm_concurrency: usize,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,

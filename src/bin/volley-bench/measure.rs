@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::{now_us, publisher, subscriber, Publisher, Run};
 use crate::error::BenchError;
 use crate::plan::{node_of, Plan};
-use crate::report::{Latency, Report};
+use crate::report::{Latency, Report, StormReport};
+use crate::storm;
 use crate::Args;
 
 /// Runs the plan: connect and join, warm up, measure, drain, and report.
@@ -125,7 +126,23 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
     let redis_cpu_before = args.redis_pid.and_then(cpu_seconds);
     let started = Instant::now();
     run.measure_from_us.store(now_us(), Relaxed);
-    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    let storm = (args.storm > 0).then(|| {
+        let (urls, prefix, hold) = (
+            args.urls.clone(),
+            args.room_prefix.clone(),
+            stop_subscribers.clone(),
+        );
+        let (sockets, concurrency) = (args.storm, args.storm_concurrency);
+        tokio::spawn(async move { storm::run(&urls, sockets, concurrency, &prefix, hold).await })
+    });
+    // With a storm, the measured seconds are the storm's: the latency is during it.
+    let storm = match storm {
+        Some(task) => task.await.ok(),
+        None => {
+            tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+            None
+        }
+    };
     run.measure_until_us.store(now_us(), Relaxed);
     let counters_after = server_counters(args).await;
     let counted_secs = started.elapsed().as_secs_f64();
@@ -214,6 +231,12 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             .filter(|_| delivered > 0)
             .map(|s| s * 1e6 / delivered as f64),
         redis_cpu_s: redis_cpu_before.zip(redis_cpu_after).map(|(a, b)| b - a),
+        storm: storm.map(|s| StormReport {
+            sockets: args.storm,
+            joined: s.joined,
+            failed: s.failed,
+            seconds: s.seconds,
+        }),
     })
 }
 

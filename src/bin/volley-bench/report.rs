@@ -29,6 +29,18 @@ pub struct Report {
     pub server_cpu_us_per_delivery: Option<f64>,
     /// With --redis-pid: the Redis server's CPU seconds over the same span.
     pub redis_cpu_s: Option<f64>,
+    /// With --storm: how the reconnect storm went (the measured seconds and the latency
+    /// above are the storm's).
+    pub storm: Option<StormReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StormReport {
+    pub sockets: usize,
+    pub joined: usize,
+    pub failed: usize,
+    /// From the first connect to the last confirmed join.
+    pub seconds: f64,
 }
 
 /// End-to-end latency percentiles, from the send time carried in each message.
@@ -76,6 +88,12 @@ impl Report {
         }
         if let Some(s) = self.redis_cpu_s {
             println!("redis CPU {s:.2} s");
+        }
+        if let Some(storm) = &self.storm {
+            println!(
+                "storm: {} of {} sockets connected and joined in {:.2} s ({} failed)",
+                storm.joined, storm.sockets, storm.seconds, storm.failed
+            );
         }
         match (self.server_cpu_us_per_delivery, self.server_cpu_s) {
             (Some(us), Some(s)) => println!("server CPU {s:.2} s  = {us:.2} µs per delivery"),

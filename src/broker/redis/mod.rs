@@ -196,6 +196,8 @@ struct RedisStats {
     received_envelopes: AtomicU64,
     bad_envelopes: AtomicU64,
     subscriber_restarts: AtomicU64,
+    /// Pub/sub connections lost (killed, cut, Redis restarted); each subscribes again.
+    subscriber_disconnects: AtomicU64,
     publish_failures: AtomicU64,
     reconnects: AtomicU64,
     /// Messages in pipelines Redis may or may not have run (never sent again).
@@ -748,6 +750,10 @@ impl Broker for RedisBroker {
             (
                 "redis_subscriber_restarts",
                 f.subscriber_restarts.load(Relaxed),
+            ),
+            (
+                "redis_subscriber_disconnects",
+                f.subscriber_disconnects.load(Relaxed),
             ),
             (
                 "redis_unconfirmed_publishes",

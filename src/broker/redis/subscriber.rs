@@ -359,6 +359,7 @@ fn on_push(shared: &Arc<Shared>, subscriptions: &Subscriptions, info: PushInfo) 
             }
         }
         PushKind::Disconnection => {
+            shared.counters.subscriber_disconnects.fetch_add(1, Relaxed);
             if shared.subscriber_ok.swap(false, Relaxed) {
                 tracing::warn!(
                     "Redis subscriber connection lost; it reconnects and subscribes again"
