@@ -23,7 +23,7 @@ killed (CLIENT KILL TYPE pubsub, then TYPE normal).
     pip install websockets
     python3 benches/soak.py [--minutes 10] [--volley target/release/volley] [--json FILE]
 
-Only 127.0.0.1, ports 47400-47402; everything it starts it stops.
+Only 127.0.0.1, ports 23400-23402; everything it starts it stops.
 """
 import argparse
 import asyncio
@@ -39,7 +39,7 @@ import time
 
 import websockets
 
-REDIS_PORT, PORTS = 47400, (47401, 47402)
+REDIS_PORT, PORTS = 23400, (23401, 23402)  # below the ephemeral range
 DURABLE, PLAIN = "soak:durable", [f"soak:plain{i}" for i in range(10)]
 API_KEY = "soak-key"
 CHURNERS = 200

@@ -100,20 +100,31 @@ impl TlsSocket {
         })
     }
 
-    /// Ready when plaintext is waiting in rustls or the socket has bytes (which may turn
-    /// out to be less than a record: a read then waits as usual).
+    /// Ready when plaintext is waiting (or the stream ended or failed: the read says
+    /// which). Records that hold no plaintext yet are taken in here, so an idle socket
+    /// waits on the kernel and not inside a read holding the reader's buffer.
     pub async fn readable(&self) -> io::Result<()> {
-        {
-            let mut conn = self.conn.lock();
-            let waiting = match conn.process_new_packets() {
-                Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
-                Err(_) => true, // the read reports it
-            };
-            if waiting {
-                return Ok(());
+        loop {
+            {
+                let mut conn = self.conn.lock();
+                match conn.process_new_packets() {
+                    Ok(state)
+                        if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => {}
+                    _ => return Ok(()),
+                }
+                // What the socket holds now; `WouldBlock` also clears its readiness.
+                match conn.read_tls(&mut Raw(&self.tcp)) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        let _ = flush(&mut conn, &self.tcp);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Ok(()),
+                }
             }
+            self.tcp.readable().await?;
         }
-        self.tcp.readable().await
     }
 
     /// Reads plaintext into `buf`, waiting for the socket as needed.

@@ -26,11 +26,15 @@ const CHAOS: Duration = Duration::from_secs(20);
 const DURABLE: &str = "chaos:durable";
 const PLAIN: &str = "chaos:plain";
 
+/// A free port below the ephemeral range (from 32 768): a killed node or Redis comes back
+/// on its port, which a client connection's own port must not have taken meanwhile.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    loop {
+        let port = fastrand::u16(24_000..26_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One `volley` process on a fixed port, started again on the same port after a kill,
