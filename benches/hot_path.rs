@@ -79,7 +79,7 @@ fn batch_assembly(c: &mut Criterion) {
                 let mut out = Vec::new();
                 b.iter(|| {
                     out.clear();
-                    window.frames(items, &mut out, |_, _| {});
+                    window.frames(items, true, &mut out, |_, _| {});
                     black_box(out.len())
                 })
             },

@@ -50,6 +50,25 @@ pub struct RoomClass {
     /// The history expires this long after the room's last message.
     #[serde(default = "default_history_ttl_s")]
     pub history_ttl_s: u64,
+    /// The delivery window of the class's rooms, instead of `batch.delivery_window_ms`
+    /// (chat at 0, tickers at 50, scoreboards at 250 on one node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_window_ms: Option<u64>,
+    /// The class's rooms' leading edge, instead of `batch.leading_edge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leading_edge: Option<bool>,
+}
+
+impl Default for RoomClass {
+    fn default() -> Self {
+        RoomClass {
+            pattern: String::new(),
+            history_size: 0,
+            history_ttl_s: default_history_ttl_s(),
+            delivery_window_ms: None,
+            leading_edge: None,
+        }
+    }
 }
 
 fn default_history_ttl_s() -> u64 {
@@ -93,10 +112,12 @@ impl RoomClasses {
 
     /// The first class whose pattern matches `room`.
     pub fn class_of(&self, room: &str) -> Option<&RoomClass> {
-        self.globs
-            .iter()
-            .position(|g| g.is_match(room))
-            .map(|i| &self.classes[i])
+        self.index_of(room).map(|i| &self.classes[i])
+    }
+
+    /// The position in `[[rooms]]` of the first class whose pattern matches `room`.
+    pub fn index_of(&self, room: &str) -> Option<usize> {
+        self.globs.iter().position(|g| g.is_match(room))
     }
 
     /// The history a room keeps, if it is durable.
@@ -569,7 +590,7 @@ impl Config {
                 self.rooms.push(RoomClass {
                     pattern: pattern.into(),
                     history_size: 100,
-                    history_ttl_s: default_history_ttl_s(),
+                    ..RoomClass::default()
                 });
             }
         }
@@ -584,7 +605,30 @@ impl Config {
                 reason: "must be at least 1 and below presence.ttl_s".into(),
             });
         }
+        // A socket keeps one bit per distinct window (batch::MAX_PACES).
+        let mut windows = vec![(self.batch.delivery_window_ms, self.batch.leading_edge)];
         for (index, class) in self.rooms.iter().enumerate() {
+            let window = (
+                class
+                    .delivery_window_ms
+                    .unwrap_or(self.batch.delivery_window_ms),
+                class.leading_edge.unwrap_or(self.batch.leading_edge),
+            );
+            if !windows.contains(&window) {
+                windows.push(window);
+                if windows.len() > 64 {
+                    return Err(ConfigError::Room {
+                        index,
+                        reason: "more than 64 distinct delivery windows in [[rooms]]".into(),
+                    });
+                }
+            }
+            if class.delivery_window_ms.is_some_and(|ms| ms > 60_000) {
+                return Err(ConfigError::Room {
+                    index,
+                    reason: "delivery_window_ms must be at most 60000 (one minute)".into(),
+                });
+            }
             if class.history_size > 100_000 {
                 return Err(ConfigError::Room {
                     index,

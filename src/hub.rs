@@ -14,6 +14,8 @@ use dashmap::DashMap;
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
+use crate::batch::{DeliveryWindow, Pace};
+use crate::config::BatchConfig;
 use crate::outbox::{with_scratch, ConnId, Outbox, Pushed};
 use crate::protocol::Encoded;
 
@@ -28,10 +30,14 @@ pub struct Hub {
     users: DashMap<Arc<str>, IndexMap<ConnId, Arc<Outbox>>>,
     /// Sockets that asked for presence events.
     watchers: DashMap<ConnId, Arc<Outbox>>,
+    /// Gives each room its pace (its class's delivery window).
+    window: Arc<DeliveryWindow>,
 }
 
 struct Room {
     name: Arc<str>,
+    /// Its class's delivery window, looked up once when the room is made.
+    pace: Pace,
     members: Mutex<Members>,
 }
 
@@ -140,8 +146,9 @@ impl RoomRef {
         with_due(|due| {
             let mut out = FanOut::default();
             let mut members = self.0.members.lock();
+            let pace = self.0.pace;
             for outbox in members.by_id.values() {
-                out.count(outbox.push(message), outbox, due);
+                out.count(outbox.push_paced(message, pace), outbox, due);
             }
             for joiner in &mut members.replaying {
                 if joiner.held.len() < MAX_HELD_FOR_REPLAY {
@@ -166,12 +173,19 @@ impl Default for Hub {
 }
 
 impl Hub {
+    /// A hub whose rooms all keep `[batch]`'s default window.
     pub fn new() -> Hub {
+        Hub::with_window(Arc::new(DeliveryWindow::new(&BatchConfig::default())))
+    }
+
+    /// A hub whose rooms keep the paces `window` gives their classes.
+    pub fn with_window(window: Arc<DeliveryWindow>) -> Hub {
         Hub {
             rooms: DashMap::with_shard_amount(ROOM_SHARDS),
             sockets: DashMap::new(),
             users: DashMap::new(),
             watchers: DashMap::new(),
+            window,
         }
     }
 
@@ -291,12 +305,13 @@ impl Hub {
                 return out;
             };
             let Replaying { outbox, held } = members.replaying.swap_remove(at);
-            out.count(outbox.push(first), &outbox, due);
+            let pace = entry.pace;
+            out.count(outbox.push_paced(first, pace), &outbox, due);
             for message in &held {
                 let newer = crate::protocol::outbound::offset_of(message.json())
                     .is_none_or(|offset| offset > after);
                 if newer {
-                    out.count(outbox.push(message), &outbox, due);
+                    out.count(outbox.push_paced(message, pace), &outbox, due);
                 }
             }
             members.by_id.insert(id, outbox);
@@ -320,6 +335,7 @@ impl Hub {
                         .entry(name.clone())
                         .or_insert_with(|| {
                             Arc::new(Room {
+                                pace: self.window.pace_of(&name),
                                 name,
                                 members: Mutex::default(),
                             })

@@ -71,9 +71,16 @@ impl Node {
             let sink: Weak<dyn EnvelopeSink> = me.clone();
             let stats = Arc::new(Stats::default());
             broker.attach(id.clone(), sink, stats.clone());
-            let window = Arc::new(DeliveryWindow::new(&config.batch));
-            let due: Arc<DueList> = Arc::new(DueList::default());
-            tokio::spawn(DueList::run_ticks(Arc::downgrade(&due), window.clone()));
+            let window = Arc::new(DeliveryWindow::with_classes(&config.batch, &config.rooms));
+            let due: Arc<DueList> = Arc::new(DueList::new(window.paces().count()));
+            for pace in window.paces() {
+                tokio::spawn(DueList::run_ticks(
+                    Arc::downgrade(&due),
+                    window.clone(),
+                    pace,
+                ));
+            }
+            let hub = Hub::with_window(window.clone());
             // Server::bind validated the classes; a hand-built bad config gets none.
             let classes = RoomClasses::new(&config.rooms).unwrap_or_default();
             // Server::bind refused a key that cannot be loaded; here nothing is trusted.
@@ -86,7 +93,7 @@ impl Node {
                 auth,
                 config,
                 id,
-                hub: Hub::new(),
+                hub,
                 broker,
                 stats,
                 next_conn: AtomicU64::new(1),

@@ -148,3 +148,73 @@ async fn many_subscribers_of_one_room_get_identical_batches() {
         assert_eq!(got, (0..10).collect::<Vec<_>>());
     }
 }
+
+/// Chat at 0 ms by default, `scores:*` on a 300 ms window without a leading edge.
+fn two_paces(c: &mut volley::Config) {
+    c.batch.delivery_window_ms = 0;
+    c.rooms = vec![volley::config::RoomClass {
+        pattern: "scores:*".into(),
+        delivery_window_ms: Some(300),
+        leading_edge: Some(false),
+        ..Default::default()
+    }];
+}
+
+/// A frame's messages, in order (a bare message is a list of one).
+fn messages_of(frame: &str) -> Vec<Value> {
+    let frame: Value = serde_json::from_str(frame).unwrap();
+    match frame["type"].as_str() {
+        Some("batch") => frame["messages"].as_array().unwrap().clone(),
+        _ => vec![frame],
+    }
+}
+
+#[tokio::test]
+async fn rooms_of_a_class_keep_the_classes_window_beside_rooms_on_the_default() {
+    let server = start(two_paces).await;
+    let addr = server.local_addr();
+    let mut scores = Client::connect(addr).await;
+    scores.join("scores:1").await;
+    let mut chat = Client::connect(addr).await;
+    chat.join("lobby").await;
+    let mut publisher = Client::connect(addr).await;
+    publisher.send_burst(&burst("scores:1", 3)).await;
+    publisher.send_burst(&burst("lobby", 3)).await;
+
+    // The class's window: the burst waits for its tick and leaves as one frame.
+    let got = messages_of(&scores.next_frame().await);
+    let contents: Vec<&Value> = got.iter().map(|m| &m["content"]).collect();
+    assert_eq!(contents, [&json!(0), &json!(1), &json!(2)], "{got:?}");
+    // The default window, 0: one frame per message.
+    for i in 0..3 {
+        let got = messages_of(&chat.next_frame().await);
+        assert_eq!(got.len(), 1, "window 0 sends each message alone: {got:?}");
+        assert_eq!(got[0]["content"], i);
+    }
+}
+
+#[tokio::test]
+async fn a_message_due_at_once_takes_what_waits_for_a_slower_window_along() {
+    let server = start(two_paces).await;
+    let addr = server.local_addr();
+    let mut both = Client::connect(addr).await;
+    both.join("scores:1").await;
+    both.join("lobby").await;
+    let mut publisher = Client::connect(addr).await;
+    // Two scoreboard updates wait for their 300 ms tick; the chat line right behind them
+    // is due at once and carries them along, in order, in one frame.
+    let mut frames = burst("scores:1", 2);
+    frames.push(json!({"type":"message","roomId":"lobby","content":"hi"}));
+    publisher.send_burst(&frames).await;
+    let got = messages_of(&both.next_frame().await);
+    let seen: Vec<(&Value, &Value)> = got.iter().map(|m| (&m["roomId"], &m["content"])).collect();
+    assert_eq!(
+        seen,
+        [
+            (&json!("scores:1"), &json!(0)),
+            (&json!("scores:1"), &json!(1)),
+            (&json!("lobby"), &json!("hi")),
+        ],
+        "{got:?}"
+    );
+}

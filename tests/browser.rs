@@ -369,6 +369,7 @@ async fn the_demo_page_shows_the_current_state_at_once_from_history() {
             pattern: "*".into(),
             history_size: 10,
             history_ttl_s: 3600,
+            ..Default::default()
         }];
     })
     .await;
@@ -415,6 +416,7 @@ async fn the_demo_page_recovers_what_it_missed_while_its_node_restarted() {
             pattern: "*".into(),
             history_size: 100,
             history_ttl_s: 3600,
+            ..Default::default()
         }];
     };
     let page_node = start_on_redis(&redis, "page", every_room_durable).await;

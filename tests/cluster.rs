@@ -389,6 +389,7 @@ fn on_cluster(cluster: &Cluster, id: &'static str) -> impl FnOnce(&mut Config) {
             pattern: "ledger-*".into(),
             history_size: 10_000,
             history_ttl_s: 3600,
+            ..Default::default()
         }];
     }
 }

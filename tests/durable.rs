@@ -21,6 +21,7 @@ fn durable(pattern: &str, size: usize) -> impl Fn(&mut Config) {
             pattern: pattern.clone(),
             history_size: size,
             history_ttl_s: 3600,
+            ..Default::default()
         }];
     }
 }
@@ -172,6 +173,7 @@ async fn a_bad_room_class_stops_the_node_naming_the_entry() {
         pattern: "scores:[".into(),
         history_size: 10,
         history_ttl_s: 60,
+        ..Default::default()
     }];
     let err = volley::Server::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("[[rooms]] entry 0"), "{err}");

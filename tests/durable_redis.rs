@@ -20,6 +20,7 @@ fn durable(size: usize) -> impl Fn(&mut Config) + Clone {
             pattern: "scores:*".into(),
             history_size: size,
             history_ttl_s: 3600,
+            ..Default::default()
         }];
     }
 }

@@ -152,6 +152,7 @@ impl Setup {
                 pattern: "scores:*".into(),
                 history_size: 10_000,
                 history_ttl_s: 3600,
+                ..Default::default()
             }];
         }
     }

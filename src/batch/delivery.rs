@@ -5,20 +5,27 @@
 //! leave together. Two or more messages become `{"type":"batch","messages":[...]}`,
 //! built by concatenating their already-encoded JSON: nothing is re-serialized.
 //!
+//! Windows per room class: `[batch]` gives the default pace, and a `[[rooms]]` class
+//! with its own `delivery_window_ms` or `leading_edge` gives its rooms another (`Pace`),
+//! each with its own wall-clock ticks, so one node serves chat at 0 ms and scoreboards
+//! at 250 ms. A queued message is due by its own pace's clock; whatever else is queued
+//! for the socket leaves with it.
+//!
 //! Because ticks are node-wide, the subscribers of one room usually drain identical
 //! message lists. The first socket to assemble a batch leaves it in a small memo keyed by
 //! the identity of the shared message buffers; the others write the same `Bytes`. The memo
 //! holds the message handles it was keyed on, so a key cannot be reused by other data while
-//! it lives, and it is emptied every tick, so it never grows past one window's worth.
+//! it lives, and it is emptied at every tick, so it never grows past one window's worth.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::Clock;
-use crate::config::BatchConfig;
+use crate::config::{BatchConfig, RoomClass, RoomClasses};
 use crate::protocol::outbound::Builder;
 use crate::protocol::Encoded;
 
@@ -26,19 +33,63 @@ const BATCH_OPEN: &[u8] = br#"{"type":"batch","messages":["#;
 const BATCH_CLOSE: &[u8] = b"]}";
 /// Most distinct batches remembered per tick; beyond this, sockets assemble their own.
 const MEMO_CAPACITY: usize = 4096;
+/// Most distinct paces on a node (a socket keeps one bit per pace).
+pub const MAX_PACES: usize = 64;
 
-pub struct DeliveryWindow {
+/// Which delivery window a room keeps: 0 is `[batch]`'s, others come from `[[rooms]]`
+/// classes with windows of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Pace(u8);
+
+impl Pace {
+    /// `[batch]`'s window: every room without a class window, and everything that is not
+    /// a room message (direct messages, presence, replies).
+    pub const DEFAULT: Pace = Pace(0);
+
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// This pace's bit in a socket's set of scheduled paces.
+    pub fn bit(self) -> u64 {
+        1 << self.0
+    }
+}
+
+/// One pace's timing.
+struct Timing {
     window: Duration,
     leading_edge: bool,
+    clock: Clock,
+}
+
+impl Timing {
+    fn new(window_ms: u64, leading_edge: bool) -> Timing {
+        let window = Duration::from_millis(window_ms);
+        Timing {
+            window,
+            leading_edge,
+            clock: Clock::delivery(window),
+        }
+    }
+}
+
+pub struct DeliveryWindow {
+    /// Indexed by `Pace`; 0 is `[batch]`'s.
+    paces: Vec<Timing>,
+    classes: RoomClasses,
+    /// `[[rooms]]` entry -> its rooms' pace.
+    class_pace: Vec<Pace>,
     max_messages: usize,
     max_bytes: usize,
-    clock: Clock,
+    /// Bumped at every tick of any pace: batches are shared within one tick's writes.
+    generation: AtomicU64,
     memo: Mutex<Memo>,
 }
 
 #[derive(Default)]
 struct Memo {
-    tick: u64,
+    generation: u64,
     entries: HashMap<MemoKey, MemoEntry>,
 }
 
@@ -52,52 +103,106 @@ struct MemoEntry {
 }
 
 impl DeliveryWindow {
+    /// One pace for every room: `[batch]`'s.
     pub fn new(config: &BatchConfig) -> DeliveryWindow {
+        DeliveryWindow::with_classes(config, &[])
+    }
+
+    /// `[batch]`'s pace, and one more for each distinct window the `[[rooms]]` classes
+    /// give (classes with the same window and leading edge share a pace). Classes must
+    /// have been validated (`Config::validate`): a pattern that does not compile matches
+    /// nothing here.
+    pub fn with_classes(config: &BatchConfig, rooms: &[RoomClass]) -> DeliveryWindow {
+        let default = (config.delivery_window_ms, config.leading_edge);
+        let mut kinds = vec![default];
+        let class_pace = rooms
+            .iter()
+            .map(|class| {
+                let kind = (
+                    class.delivery_window_ms.unwrap_or(default.0),
+                    class.leading_edge.unwrap_or(default.1),
+                );
+                let index = match kinds.iter().position(|k| *k == kind) {
+                    Some(index) => index,
+                    None if kinds.len() < MAX_PACES => {
+                        kinds.push(kind);
+                        kinds.len() - 1
+                    }
+                    None => 0, // Config::validate refuses this many
+                };
+                Pace(index as u8)
+            })
+            .collect();
         DeliveryWindow {
-            window: Duration::from_millis(config.delivery_window_ms),
-            leading_edge: config.leading_edge,
+            paces: kinds
+                .iter()
+                .map(|(ms, edge)| Timing::new(*ms, *edge))
+                .collect(),
+            classes: RoomClasses::new(rooms).unwrap_or_default(),
+            class_pace,
             max_messages: config.max_batch_messages.max(1),
             max_bytes: config.max_batch_bytes,
-            clock: Clock::delivery(Duration::from_millis(config.delivery_window_ms)),
+            generation: AtomicU64::new(0),
             memo: Mutex::new(Memo::default()),
         }
     }
 
-    /// Window 0: every message leaves at once, nothing waits for a tick.
-    pub fn is_immediate(&self) -> bool {
-        self.window.is_zero()
+    /// The pace of `room`'s messages: its class's, else the default.
+    pub fn pace_of(&self, room: &str) -> Pace {
+        self.classes
+            .index_of(room)
+            .and_then(|i| self.class_pace.get(i).copied())
+            .unwrap_or(Pace::DEFAULT)
     }
 
-    /// Whether a socket that last took messages at `last_flush` sends a new one at once
-    /// (at `now`): always with window 0, else on the leading edge after a whole quiet
-    /// window.
-    pub fn sends_at_once(&self, last_flush: Option<Instant>, now: Instant) -> bool {
-        if self.window.is_zero() {
+    /// Every pace on this node.
+    pub fn paces(&self) -> impl Iterator<Item = Pace> {
+        (0..self.paces.len()).map(|i| Pace(i as u8))
+    }
+
+    fn timing(&self, pace: Pace) -> &Timing {
+        self.paces.get(pace.index()).unwrap_or(&self.paces[0])
+    }
+
+    /// Window 0: every message of this pace leaves at once, nothing waits for a tick.
+    pub fn is_immediate(&self, pace: Pace) -> bool {
+        self.timing(pace).window.is_zero()
+    }
+
+    /// Whether a socket that last took messages at `last_flush` sends a new message of
+    /// `pace` at once (at `now`): always with window 0, else on the leading edge after a
+    /// whole quiet window.
+    pub fn sends_at_once(&self, pace: Pace, last_flush: Option<Instant>, now: Instant) -> bool {
+        let timing = self.timing(pace);
+        if timing.window.is_zero() {
             return true;
         }
-        self.leading_edge
-            && last_flush.is_none_or(|t| now.saturating_duration_since(t) >= self.window)
+        timing.leading_edge
+            && last_flush.is_none_or(|t| now.saturating_duration_since(t) >= timing.window)
     }
 
-    /// The first tick of the node-wide window clock strictly after `now`.
-    pub fn next_tick(&self, now: Instant) -> Instant {
-        self.clock.next_tick(now)
+    /// The first tick of `pace`'s wall clock strictly after `now`.
+    pub fn next_tick(&self, pace: Pace, now: Instant) -> Instant {
+        self.timing(pace).clock.next_tick(now)
     }
 
-    fn tick_index(&self, now: Instant) -> u64 {
-        self.clock.tick_index(now)
+    /// A tick begins: batches built from now on are new.
+    pub fn new_tick(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Appends to `out` the frames that carry `items`, in order: one frame per message
-    /// when the window is 0, else as few frames as the batch limits allow.
-    /// `frames_of(messages, n)` hears that `n` frames carried `messages` messages each.
+    /// unless `batched` (some of them waited for a window), else as few frames as the
+    /// batch limits allow. `frames_of(messages, n)` hears that `n` frames carried
+    /// `messages` messages each.
     pub fn frames(
         &self,
         items: &[Encoded],
+        batched: bool,
         out: &mut Vec<Bytes>,
         mut frames_of: impl FnMut(usize, usize),
     ) {
-        if self.window.is_zero() {
+        if !batched {
             out.extend(items.iter().map(|e| e.frame().clone()));
             frames_of(1, items.len());
             return;
@@ -126,7 +231,7 @@ impl DeliveryWindow {
     }
 
     fn shared_batch(&self, group: &[Encoded]) -> Bytes {
-        let tick = self.tick_index(Instant::now());
+        let generation = self.generation.load(Ordering::Relaxed);
         let key = (
             group[0].frame().as_ptr() as usize,
             group[group.len() - 1].frame().as_ptr() as usize,
@@ -134,8 +239,8 @@ impl DeliveryWindow {
         );
         {
             let mut memo = self.memo.lock();
-            if memo.tick != tick {
-                memo.tick = tick;
+            if memo.generation != generation {
+                memo.generation = generation;
                 memo.entries.clear();
             }
             if let Some(hit) = memo.entries.get(&key) {
@@ -146,7 +251,7 @@ impl DeliveryWindow {
         }
         let frame = batch_frame(group).frame().clone();
         let mut memo = self.memo.lock();
-        if memo.tick == tick && memo.entries.len() < MEMO_CAPACITY {
+        if memo.generation == generation && memo.entries.len() < MEMO_CAPACITY {
             memo.entries.insert(
                 key,
                 MemoEntry {
@@ -264,7 +369,7 @@ mod tests {
                     })
                     .collect();
                 let mut out = Vec::new();
-                w.frames(&items, &mut out, |_, _| {});
+                w.frames(&items, true, &mut out, |_, _| {});
                 let want: Vec<Value> = items
                     .iter()
                     .map(|e| serde_json::from_slice(e.json()).unwrap())
@@ -283,7 +388,7 @@ mod tests {
         let w = window(50, 100, 1 << 20);
         let items = [msg(1), msg(2), msg(3)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out, |_, _| {});
+        w.frames(&items, true, &mut out, |_, _| {});
         assert_eq!(out.len(), 1);
         assert_eq!(
             body(&out[0]),
@@ -296,7 +401,7 @@ mod tests {
         let w = window(50, 100, 1 << 20);
         let items = [msg(7)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out, |_, _| {});
+        w.frames(&items, true, &mut out, |_, _| {});
         assert_eq!(out[0].as_ptr(), items[0].frame().as_ptr());
     }
 
@@ -305,7 +410,7 @@ mod tests {
         let w = window(50, 2, 1 << 20);
         let items: Vec<_> = (1..=5).map(msg).collect();
         let mut out = Vec::new();
-        w.frames(&items, &mut out, |_, _| {});
+        w.frames(&items, true, &mut out, |_, _| {});
         let bodies: Vec<_> = out.iter().map(|f| body(f).to_vec()).collect();
         assert_eq!(
             bodies,
@@ -320,7 +425,7 @@ mod tests {
             .map(|_| Encoded::from_json(&vec![b'1'; 600]))
             .collect();
         let mut out = Vec::new();
-        w.frames(&big, &mut out, |_, _| {});
+        w.frames(&big, true, &mut out, |_, _| {});
         assert_eq!(
             out.len(),
             3,
@@ -333,8 +438,8 @@ mod tests {
         let w = window(60_000, 100, 1 << 20);
         let items = [msg(1), msg(2)];
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        w.frames(&items, &mut a, |_, _| {});
-        w.frames(&items.clone(), &mut b, |_, _| {});
+        w.frames(&items, true, &mut a, |_, _| {});
+        w.frames(&items.clone(), true, &mut b, |_, _| {});
         assert_eq!(
             a[0].as_ptr(),
             b[0].as_ptr(),
@@ -342,7 +447,7 @@ mod tests {
         );
         let other = [msg(1), msg(2)];
         let mut c = Vec::new();
-        w.frames(&other, &mut c, |_, _| {});
+        w.frames(&other, true, &mut c, |_, _| {});
         assert_ne!(
             a[0].as_ptr(),
             c[0].as_ptr(),
@@ -355,20 +460,62 @@ mod tests {
         let w = window(0, 100, 1 << 20);
         let items = [msg(1), msg(2)];
         let mut out = Vec::new();
-        w.frames(&items, &mut out, |_, _| {});
+        w.frames(&items, false, &mut out, |_, _| {});
         assert_eq!(out.len(), 2);
         let now = Instant::now();
-        assert!(w.sends_at_once(Some(now), now));
+        assert!(w.sends_at_once(Pace::DEFAULT, Some(now), now));
     }
 
     #[test]
     fn leading_edge_only_after_a_quiet_window() {
         let w = window(50, 100, 1 << 20);
         let now = Instant::now();
-        assert!(w.sends_at_once(None, now));
-        assert!(!w.sends_at_once(Some(now), now));
-        assert!(w.sends_at_once(Some(now - Duration::from_millis(60)), now));
-        let at = w.next_tick(now);
+        let p = Pace::DEFAULT;
+        assert!(w.sends_at_once(p, None, now));
+        assert!(!w.sends_at_once(p, Some(now), now));
+        assert!(w.sends_at_once(p, Some(now - Duration::from_millis(60)), now));
+        let at = w.next_tick(p, now);
         assert!(at > now && at <= now + Duration::from_millis(50));
+    }
+
+    #[test]
+    fn room_classes_get_paces_of_their_own_and_share_equal_ones() {
+        let config = BatchConfig::default();
+        let class = |pattern: &str, ms: Option<u64>, edge: Option<bool>| RoomClass {
+            pattern: pattern.into(),
+            delivery_window_ms: ms,
+            leading_edge: edge,
+            ..RoomClass::default()
+        };
+        let w = DeliveryWindow::with_classes(
+            &config,
+            &[
+                class("chat:*", Some(0), None),
+                class("scores:*", Some(250), None),
+                class("ledger:*", None, None),
+                class("more-scores:*", Some(250), None),
+                class("quiet:*", None, Some(false)),
+            ],
+        );
+        assert_eq!(
+            w.paces().count(),
+            4,
+            "default, 0 ms, 250 ms, no leading edge"
+        );
+        assert_eq!(w.pace_of("lobby"), Pace::DEFAULT);
+        assert_eq!(w.pace_of("ledger:1"), Pace::DEFAULT, "no window of its own");
+        assert_eq!(w.pace_of("scores:1"), w.pace_of("more-scores:1"));
+        assert!(w.is_immediate(w.pace_of("chat:1")));
+        assert!(!w.is_immediate(Pace::DEFAULT));
+        let now = Instant::now();
+        let scores = w.pace_of("scores:1");
+        let at = w.next_tick(scores, now);
+        assert!(at > now && at <= now + Duration::from_millis(250));
+        let quiet = w.pace_of("quiet:1");
+        assert!(
+            !w.sends_at_once(quiet, None, now),
+            "no leading edge for quiet rooms"
+        );
+        assert!(w.sends_at_once(scores, None, now));
     }
 }

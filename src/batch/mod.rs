@@ -17,7 +17,7 @@ pub mod delivery;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use delivery::DeliveryWindow;
+pub use delivery::{DeliveryWindow, Pace};
 
 /// A periodic tick in phase with the wall clock: at `offset` after every multiple of
 /// `period` since the Unix epoch.
@@ -56,12 +56,6 @@ impl Clock {
         let ticks = since / w + 1;
         self.epoch + Duration::from_nanos((ticks * w) as u64)
     }
-
-    /// The number of the tick period `now` falls in.
-    pub fn tick_index(&self, now: Instant) -> u64 {
-        let w = self.period.as_nanos().max(1);
-        (now.saturating_duration_since(self.epoch).as_nanos() / w) as u64
-    }
 }
 
 /// How long after the wall-clock boundary delivery ticks come: long enough for a publish
@@ -91,7 +85,6 @@ mod tests {
             "{off:?}"
         );
         assert_eq!(clock.next_tick(next), next + period);
-        assert_eq!(clock.tick_index(next) + 1, clock.tick_index(next + period));
     }
 
     #[test]

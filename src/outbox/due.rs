@@ -1,7 +1,7 @@
-//! The node's due list: sockets with messages waiting for the next delivery tick, and
-//! the one task per node that flushes them at each tick (instead of a timer per socket
-//! per window). The tick times are the delivery window's policy (`batch`); this is who
-//! acts on them.
+//! The node's due lists: sockets with messages waiting for the next delivery tick, one
+//! list per pace (the default window and each room class's), and the one task per pace
+//! that flushes them at each tick (instead of a timer per socket per window). The tick
+//! times are the delivery window's policy (`batch`); this is who acts on them.
 
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -9,45 +9,60 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::{Outbox, SocketWrite};
-use crate::batch::DeliveryWindow;
+use crate::batch::{DeliveryWindow, Pace};
 
 pub struct DueList<W: SocketWrite = super::SocketOut> {
-    /// Each socket is listed at most once per window (`Outbox::push` sees to it).
-    due: Mutex<Vec<Arc<Outbox<W>>>>,
+    /// Per pace; each socket is listed at most once per tick (`Outbox::push_paced` sees
+    /// to it).
+    due: Vec<Mutex<Vec<Arc<Outbox<W>>>>>,
 }
 
 impl<W: SocketWrite> Default for DueList<W> {
+    /// Lists for the default pace only.
     fn default() -> Self {
-        DueList {
-            due: Mutex::new(Vec::new()),
-        }
+        DueList::new(1)
     }
 }
 
 impl<W: SocketWrite> DueList<W> {
-    /// Lists a socket for the next tick.
-    pub fn schedule(&self, outbox: Arc<Outbox<W>>) {
-        self.due.lock().push(outbox);
+    /// Lists for `paces` paces.
+    pub fn new(paces: usize) -> DueList<W> {
+        DueList {
+            due: (0..paces.max(1)).map(|_| Mutex::default()).collect(),
+        }
     }
 
-    /// Flushes the sockets due at each tick of `window`, until the list is dropped.
-    pub async fn run_ticks(list: Weak<DueList<W>>, window: Arc<DeliveryWindow>) {
+    /// Lists a socket for `pace`'s next tick.
+    pub fn schedule(&self, pace: Pace, outbox: Arc<Outbox<W>>) {
+        self.due
+            .get(pace.index())
+            .unwrap_or(&self.due[0])
+            .lock()
+            .push(outbox);
+    }
+
+    /// Flushes the sockets due at each tick of `pace`, until the list is dropped.
+    pub async fn run_ticks(list: Weak<DueList<W>>, window: Arc<DeliveryWindow>, pace: Pace) {
         // Window 0 sends everything at once and never schedules: no clock to run (it
         // would wake every millisecond for nothing).
-        if window.is_immediate() {
+        if window.is_immediate(pace) {
             return;
         }
         let mut due = Vec::new();
         loop {
-            let next = window.next_tick(Instant::now());
+            let next = window.next_tick(pace, Instant::now());
             tokio::time::sleep_until(next.into()).await;
             let Some(list) = list.upgrade() else {
                 return;
             };
-            std::mem::swap(&mut *list.due.lock(), &mut due);
+            window.new_tick();
+            match list.due.get(pace.index()) {
+                Some(listed) => std::mem::swap(&mut *listed.lock(), &mut due),
+                None => return,
+            }
             drop(list);
             for outbox in due.drain(..) {
-                outbox.flush();
+                outbox.tick(pace);
             }
         }
     }

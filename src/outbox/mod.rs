@@ -36,7 +36,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::batch::DeliveryWindow;
+use crate::batch::{DeliveryWindow, Pace};
 use crate::metrics::Stats;
 use crate::protocol::{close_code, outbound, Encoded};
 
@@ -127,8 +127,13 @@ struct State {
     /// The part of `bytes` a writer has taken; released when its write completes.
     writing: usize,
     close: Option<CloseReason>,
-    /// The writer has been woken or is scheduled for the next tick: pushes only queue.
+    /// A write is coming at once (a push returned `Due`, or the writer was woken):
+    /// pushes only queue.
     wake_pending: bool,
+    /// The paces (bits) whose due list holds this socket for its next tick.
+    scheduled: u64,
+    /// Something queued waited for a window: what leaves may go as batch frames.
+    batched: bool,
     /// When the oldest queued message was queued; for the delivery latency histogram.
     since: Option<Instant>,
     /// When messages were last taken for writing; decides the leading edge.
@@ -149,6 +154,8 @@ struct State {
 #[derive(Default)]
 pub struct Drained {
     pub messages: Vec<Encoded>,
+    /// Some of `messages` waited for a window (else each leaves as a frame of its own).
+    pub batched: bool,
     /// When the oldest of `messages` was queued.
     pub since: Option<Instant>,
     pub control: Vec<Bytes>,
@@ -200,7 +207,7 @@ impl<W: SocketWrite> Outbox<W> {
             let first = frames.len();
             let batch_messages = &self.stats.batch_messages;
             self.window
-                .frames(&drained.messages, frames, |messages, n| {
+                .frames(&drained.messages, drained.batched, frames, |messages, n| {
                     batch_messages.record_n(messages as u64, n as u64)
                 });
             self.stats
@@ -212,11 +219,18 @@ impl<W: SocketWrite> Outbox<W> {
         }
     }
 
-    /// Queues a message for this socket. The first message after a flush is either due
-    /// at once (`Pushed::Due`: window 0, or the socket was idle for a whole window) or
-    /// puts the socket on the window's list for the next tick; later ones only queue, so a
-    /// busy window costs one write per socket, not one per message.
+    /// Queues a message of the default pace (not a room's, or a room without a class
+    /// window); see `push_paced`.
     pub fn push(self: &Arc<Self>, message: &Encoded) -> Pushed {
+        self.push_paced(message, Pace::DEFAULT)
+    }
+
+    /// Queues a message for this socket, due by `pace`'s clock. The first message of a
+    /// pace after a flush is either due at once (`Pushed::Due`: window 0, or the socket
+    /// was idle for a whole window) or puts the socket on that pace's list for its next
+    /// tick; later ones only queue, so a busy window costs one write per socket, not one
+    /// per message. Whatever is queued leaves with the first write, of any pace.
+    pub fn push_paced(self: &Arc<Self>, message: &Encoded, pace: Pace) -> Pushed {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return Pushed::Closed;
@@ -233,18 +247,26 @@ impl<W: SocketWrite> Outbox<W> {
         }
         state.queue.push(message.clone());
         state.bytes += message.wire_len();
-        if state.wake_pending {
+        let immediate = self.window.is_immediate(pace);
+        state.batched |= !immediate;
+        if state.wake_pending || state.scheduled & pace.bit() != 0 {
             return Pushed::Queued;
         }
-        state.wake_pending = true;
         let now = now.unwrap_or_else(Instant::now);
-        let now_ok = self.window.sends_at_once(state.last_flush, now);
-        drop(state);
-        if now_ok {
+        if self.window.sends_at_once(pace, state.last_flush, now) {
+            state.wake_pending = true;
             return Pushed::Due;
         }
-        self.due.schedule(self.clone());
+        state.scheduled |= pace.bit();
+        drop(state);
+        self.due.schedule(pace, self.clone());
         Pushed::Queued
+    }
+
+    /// `pace`'s tick: the socket is off that pace's list; writes what is queued.
+    pub fn tick(&self, pace: Pace) {
+        self.state.lock().scheduled &= !pace.bit();
+        self.flush();
     }
 
     /// Queues one message and writes it if it is due; for callers that hold no lock.
@@ -442,6 +464,7 @@ fn take(state: &mut State, into: &mut Drained) {
     // What is taken stays counted until the write that carries it completes.
     state.writing = state.bytes;
     state.wake_pending = false;
+    into.batched = std::mem::take(&mut state.batched);
     if !into.messages.is_empty() {
         state.last_flush = Some(Instant::now());
     }

@@ -239,7 +239,11 @@ async fn a_windowed_socket_waits_for_the_tick_then_writes_one_batch() {
         Arc::default(),
     ));
     outbox.attach(socket.clone());
-    tokio::spawn(DueList::run_ticks(Arc::downgrade(&due), window));
+    tokio::spawn(DueList::run_ticks(
+        Arc::downgrade(&due),
+        window,
+        Pace::DEFAULT,
+    ));
     let (m1, m2, m3) = (message(1), message(2), message(3));
     // Leading edge: the first goes at once; the next two wait for the tick.
     assert_eq!(outbox.send(&m1), Pushed::Due);

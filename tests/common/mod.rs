@@ -420,10 +420,23 @@ impl RedisServer {
                 .await;
             assert!(answer.is_ok(), "DEBUG SLEEP failed: {answer:?}");
         });
-        // Let the command go out before the caller's next step.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        // Asleep once a PING from another connection goes unanswered: the caller's next
+        // step meets a stalled Redis, not one about to stall.
+        let asleep = tokio::time::timeout(WAIT, async {
+            loop {
+                let answered = tokio::time::timeout(Duration::from_millis(100), async {
+                    let mut conn = self.conn().await;
+                    redis::cmd("PING").query_async::<String>(&mut conn).await
+                })
+                .await;
+                if answered.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(asleep.is_ok(), "Redis never went to sleep");
         handle
     }
 
