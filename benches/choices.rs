@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
 use simd_json::prelude::*;
-use volley::broker::redis::{decode, EnvelopeWriter, PublishQueue};
+use volley::broker::redis::{decode, EnvelopeWriter, PublishPaces, PublishQueue};
 use volley::broker::{Envelope, Kind, Target};
 use volley::protocol::{self, outbound, Encoded};
 
@@ -233,7 +233,10 @@ fn handoff(c: &mut Criterion) {
         b.iter_custom(|iters| {
             (0..iters)
                 .map(|_| {
-                    let queue = Arc::new(PublishQueue::new(usize::MAX / 2));
+                    let queue = Arc::new(PublishQueue::new(
+                        usize::MAX / 2,
+                        PublishPaces::new(&volley::Config::default()),
+                    ));
                     let producer_queue = queue.clone();
                     let e = one.clone();
                     let mut taken = Vec::new();

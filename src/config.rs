@@ -57,6 +57,10 @@ pub struct RoomClass {
     /// The class's rooms' leading edge, instead of `batch.leading_edge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leading_edge: Option<bool>,
+    /// The publish window of the class's rooms (how long their publishes gather before
+    /// a pipeline goes to Redis), instead of `batch.publish_window_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_window_ms: Option<u64>,
 }
 
 impl Default for RoomClass {
@@ -67,6 +71,7 @@ impl Default for RoomClass {
             history_ttl_s: default_history_ttl_s(),
             delivery_window_ms: None,
             leading_edge: None,
+            publish_window_ms: None,
         }
     }
 }
@@ -627,6 +632,12 @@ impl Config {
                 return Err(ConfigError::Room {
                     index,
                     reason: "delivery_window_ms must be at most 60000 (one minute)".into(),
+                });
+            }
+            if class.publish_window_ms.is_some_and(|ms| ms > 60_000) {
+                return Err(ConfigError::Room {
+                    index,
+                    reason: "publish_window_ms must be at most 60000 (one minute)".into(),
                 });
             }
             if class.history_size > 100_000 {

@@ -400,3 +400,35 @@ async fn publishes_past_the_outage_buffer_are_refused_and_nothing_taken_is_dropp
     let h = health(one.local_addr()).await;
     assert_eq!(h["redis_dropped_publishes"], 0, "{h}");
 }
+
+#[tokio::test]
+async fn a_class_publish_window_holds_its_rooms_while_others_go_at_once() {
+    // Chat publishes as soon as it can; `scores:*` gathers for 1 s before its pipeline.
+    let windows = |c: &mut volley::Config| {
+        c.batch.publish_window_ms = 0;
+        c.batch.delivery_window_ms = 0;
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "scores:*".into(),
+            publish_window_ms: Some(1000),
+            ..Default::default()
+        }];
+    };
+    let redis = RedisServer::start().await;
+    let one = start_on_redis(&redis, "one", windows).await;
+    let two = start_on_redis(&redis, "two", windows).await;
+    let mut remote = Client::connect(two.local_addr()).await;
+    remote.join("scores:1").await;
+    remote.join("lobby").await;
+    redis.wait_numsub("room:scores:1", 1).await;
+    redis.wait_numsub("room:lobby", 1).await;
+    let mut publisher = Client::connect(one.local_addr()).await;
+    publisher
+        .send_burst(&[
+            json!({"type":"message","roomId":"scores:1","content":"goal"}),
+            json!({"type":"message","roomId":"lobby","content":"hi"}),
+        ])
+        .await;
+    // Published second, the chat line crosses first: the score waits for its window.
+    assert_eq!(remote.next_room_message().await["content"], "hi");
+    assert_eq!(remote.next_room_message().await["content"], "goal");
+}

@@ -25,7 +25,7 @@ mod subscriber;
 pub use envelope::{decode, EnvelopeWriter, Inbound};
 pub use keys::{slot, Keys, HOME_TAG};
 #[doc(hidden)]
-pub use queue::PublishQueue;
+pub use queue::{PublishPaces, PublishQueue};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
@@ -360,7 +360,10 @@ impl RedisBroker {
             gate: gated.then(Gate::default),
             counters: RedisStats::default(),
         });
-        let queue = Arc::new(PublishQueue::new(config.redis.outage_buffer));
+        let queue = Arc::new(PublishQueue::new(
+            config.redis.outage_buffer,
+            PublishPaces::new(config),
+        ));
         let subscriptions = Arc::new(Subscriptions {
             rooms: Mutex::new(Default::default()),
             changed: tokio::sync::Notify::new(),

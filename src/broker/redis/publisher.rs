@@ -58,8 +58,11 @@ pub(super) struct Publisher {
     conn: ConnectionManager,
     writer: EnvelopeWriter,
     mode: EnvelopeMode,
-    /// The publish window's ticks; `None` for window 0 (send as soon as possible).
-    clock: Option<Clock>,
+    /// Each publish pace's ticks (`PublishPaces`); `None` for window 0 (send as soon as
+    /// the previous pipeline returns).
+    clocks: Vec<Option<Clock>>,
+    /// Per pace with something queued: the tick it waits for.
+    ticks: Vec<Option<Instant>>,
     max_pipeline: usize,
     max_envelope_messages: usize,
     recovery_wait: Duration,
@@ -153,13 +156,18 @@ impl Publisher {
         Publisher {
             writer: EnvelopeWriter::new(&shared.node_id),
             shared,
-            queue,
             subscriptions,
             conn,
             mode: config.redis.envelope,
-            clock: Some(config.publish_window())
-                .filter(|w| !w.is_zero())
-                .map(|w| Clock::new(w, Duration::ZERO)),
+            clocks: (0..queue.paces().count())
+                .map(|pace| {
+                    Some(queue.paces().window(pace))
+                        .filter(|w| !w.is_zero())
+                        .map(|w| Clock::new(w, Duration::ZERO))
+                })
+                .collect(),
+            ticks: vec![None; queue.paces().count()],
+            queue,
             max_pipeline: config.redis.max_pipeline,
             max_envelope_messages: config.redis.max_envelope_messages,
             recovery_wait: Duration::from_millis(config.redis.recovery_wait_ms),
@@ -167,6 +175,29 @@ impl Publisher {
             listeners: HashMap::new(),
             recent: VecDeque::new(),
         }
+    }
+
+    /// For the queued paces (bits): when the first of them is due, and which are due
+    /// then. A pace without a window is due at once; one with a window waits for the
+    /// tick after it first had something queued.
+    fn next_due(&mut self, queued: u64, now: Instant) -> (Instant, u64) {
+        let mut first: Option<Instant> = None;
+        for (pace, clock) in self.clocks.iter().enumerate() {
+            if queued & (1 << pace) == 0 {
+                continue;
+            }
+            let at = match clock {
+                None => now,
+                Some(clock) => *self.ticks[pace].get_or_insert_with(|| clock.next_tick(now)),
+            };
+            first = Some(first.map_or(at, |f| f.min(at)));
+        }
+        let first = first.unwrap_or(now);
+        let due = (0..self.clocks.len())
+            .filter(|pace| queued & (1 << pace) != 0)
+            .filter(|pace| self.ticks[*pace].is_none_or(|t| t <= first))
+            .fold(0, |bits, pace| bits | 1 << pace);
+        (first, due)
     }
 
     /// Whether every node alive before the outage is subscribed again, and every channel
@@ -520,20 +551,42 @@ pub(super) async fn run(mut p: Publisher) {
     let mut recheck = 0usize;
     let mut doubtful: Vec<Envelope> = Vec::new();
     loop {
+        // Which paces to take: all of them while something is pending (a retry) or when
+        // stopping, else those whose window's tick has come.
+        let mut due = u64::MAX;
         if pending.is_empty() && !stopping {
-            tokio::select! {
-                _ = p.queue.ready.notified() => {}
-                _ = p.stop.cancelled() => stopping = true,
-            }
-            if let Some(clock) = p.clock.filter(|_| !stopping) {
-                let tick = clock.next_tick(Instant::now());
-                tokio::select! {
-                    _ = tokio::time::sleep_until(tick.into()) => {}
-                    _ = p.stop.cancelled() => stopping = true,
+            due = loop {
+                let queued = p.queue.queued_paces();
+                let next = (queued != 0).then(|| p.next_due(queued, Instant::now()));
+                let Some((at, due)) = next else {
+                    tokio::select! {
+                        _ = p.queue.ready.notified() => continue,
+                        _ = p.stop.cancelled() => {
+                            stopping = true;
+                            break u64::MAX;
+                        }
+                    }
+                };
+                if at <= Instant::now() {
+                    break due;
                 }
+                // A pace that had nothing queued may be due sooner: look again then.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = p.queue.ready.notified() => {}
+                    _ = p.stop.cancelled() => {
+                        stopping = true;
+                        break u64::MAX;
+                    }
+                }
+            };
+        }
+        for (pace, tick) in p.ticks.iter_mut().enumerate() {
+            if due & (1 << pace) != 0 {
+                *tick = None;
             }
         }
-        if let Some(since) = p.queue.take(&mut incoming) {
+        if let Some(since) = p.queue.take_paces(due, &mut incoming) {
             pending_since.get_or_insert(since);
         }
         p.skip_lonely_notices(&mut incoming);

@@ -4,15 +4,78 @@
 //! lock per batch and one swap per window beat a channel's per-envelope send and receive.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::broker::{Envelope, PublishError};
+use crate::broker::{Envelope, PublishError, Target};
+use crate::config::{Config, RoomClasses};
+
+/// Which publish window an envelope waits for: pace 0 is `batch.publish_window_ms`, the
+/// others come from `[[rooms]]` classes with a `publish_window_ms` of their own (classes
+/// with equal windows share one). Broadcasts and direct messages keep pace 0.
+pub struct PublishPaces {
+    windows: Vec<Duration>,
+    classes: RoomClasses,
+    /// `[[rooms]]` entry -> its rooms' pace.
+    class_pace: Vec<usize>,
+}
+
+impl PublishPaces {
+    pub fn new(config: &Config) -> PublishPaces {
+        let mut windows = vec![config.publish_window()];
+        let class_pace = config
+            .rooms
+            .iter()
+            .map(|class| {
+                let window = class
+                    .publish_window_ms
+                    .map_or(windows[0], Duration::from_millis);
+                windows
+                    .iter()
+                    .position(|w| *w == window)
+                    .unwrap_or_else(|| {
+                        windows.push(window);
+                        windows.len() - 1
+                    })
+            })
+            .collect();
+        PublishPaces {
+            windows,
+            // Validated at start; a hand-built bad config gets no classes.
+            classes: RoomClasses::new(&config.rooms).unwrap_or_default(),
+            class_pace,
+        }
+    }
+
+    /// How many publish windows there are.
+    pub fn count(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Pace `pace`'s window; zero sends as soon as the previous pipeline returns.
+    pub fn window(&self, pace: usize) -> Duration {
+        self.windows.get(pace).copied().unwrap_or_default()
+    }
+
+    fn pace_of(&self, envelope: &Envelope) -> usize {
+        match &envelope.target {
+            // One window for all: no class lookup on the hot path.
+            _ if self.windows.len() == 1 => 0,
+            Target::Room(room) => self
+                .classes
+                .index_of(room)
+                .and_then(|i| self.class_pace.get(i).copied())
+                .unwrap_or(0),
+            Target::Broadcast | Target::User(_) => 0,
+        }
+    }
+}
 
 /// The publish queue between callers and the publisher task.
 pub struct PublishQueue {
     items: Mutex<Queued>,
+    paces: PublishPaces,
     /// `redis.outage_buffer`: most publishes queued here and held by the publisher
     /// together. A publish past it is refused, so nothing accepted is ever dropped for
     /// room.
@@ -23,9 +86,15 @@ pub struct PublishQueue {
 }
 
 impl PublishQueue {
-    pub fn new(capacity: usize) -> PublishQueue {
+    pub fn new(capacity: usize, paces: PublishPaces) -> PublishQueue {
         PublishQueue {
-            items: Mutex::new(Queued::default()),
+            items: Mutex::new(Queued {
+                items: (0..paces.count()).map(|_| Vec::new()).collect(),
+                doubtful: Vec::new(),
+                since: None,
+                len: 0,
+            }),
+            paces,
             capacity,
             held: AtomicUsize::new(0),
             ready: tokio::sync::Notify::new(),
@@ -36,19 +105,43 @@ impl PublishQueue {
     /// publisher holds would pass the capacity.
     pub fn push(&self, batch: &[Envelope]) -> Result<(), PublishError> {
         let mut queued = self.items.lock();
-        if queued.items.len() + self.held.load(Relaxed) + batch.len() > self.capacity {
+        if queued.len + self.held.load(Relaxed) + batch.len() > self.capacity {
             return Err(PublishError::Overloaded);
         }
-        let was_empty = queued.items.is_empty();
-        queued.items.extend_from_slice(batch);
-        if was_empty {
+        if queued.len == 0 {
             queued.since = Some(Instant::now());
         }
+        // The publisher hears of a pace that had nothing queued: it may be due sooner
+        // than the one the publisher is waiting for.
+        let mut wake = false;
+        for envelope in batch {
+            let pace = self.paces.pace_of(envelope);
+            let items = &mut queued.items[pace];
+            wake |= items.is_empty();
+            items.push(envelope.clone());
+        }
+        queued.len += batch.len();
         drop(queued);
-        if was_empty {
+        if wake {
             self.ready.notify_one();
         }
         Ok(())
+    }
+
+    /// The publish windows, for the publisher's clocks.
+    pub fn paces(&self) -> &PublishPaces {
+        &self.paces
+    }
+
+    /// The paces with something queued, as bits.
+    pub fn queued_paces(&self) -> u64 {
+        let queued = self.items.lock();
+        queued
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, items)| !items.is_empty())
+            .fold(0, |bits, (pace, _)| bits | 1 << pace)
     }
 
     /// Queues durable messages another engine sent without an answer, ahead of the
@@ -68,15 +161,38 @@ impl PublishQueue {
 
     /// Takes everything queued; returns when the oldest of it was queued.
     pub fn take(&self, into: &mut Vec<Envelope>) -> Option<Instant> {
+        self.take_paces(u64::MAX, into)
+    }
+
+    /// Takes what is queued for the paces in `paces` (bits), in pace order; returns when
+    /// the oldest queued message was queued (the rest keep their place).
+    pub fn take_paces(&self, paces: u64, into: &mut Vec<Envelope>) -> Option<Instant> {
         let mut queued = self.items.lock();
-        std::mem::swap(&mut queued.items, into);
-        queued.since.take()
+        let mut taken = 0;
+        for (pace, items) in queued.items.iter_mut().enumerate() {
+            if paces & (1 << pace) != 0 {
+                taken += items.len();
+                if into.is_empty() {
+                    std::mem::swap(items, into);
+                } else {
+                    into.append(items);
+                }
+            }
+        }
+        queued.len -= taken;
+        if queued.len == 0 {
+            queued.since.take()
+        } else {
+            queued.since
+        }
     }
 }
 
-#[derive(Default)]
 struct Queued {
-    items: Vec<Envelope>,
+    /// Per publish pace.
+    items: Vec<Vec<Envelope>>,
+    /// Envelopes in `items`, all paces.
+    len: usize,
     doubtful: Vec<Envelope>,
     /// When the oldest queued item was queued; for the publish latency histogram.
     since: Option<Instant>,
