@@ -61,6 +61,10 @@ pub struct RoomClass {
     /// a pipeline goes to Redis), instead of `batch.publish_window_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_window_ms: Option<u64>,
+    /// A field of the message content (`"symbol"`): a socket's queued message of a room
+    /// is replaced by a newer one with the same value, so it gets the latest per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflate: Option<String>,
 }
 
 impl Default for RoomClass {
@@ -72,6 +76,7 @@ impl Default for RoomClass {
             delivery_window_ms: None,
             leading_edge: None,
             publish_window_ms: None,
+            conflate: None,
         }
     }
 }
@@ -632,6 +637,12 @@ impl Config {
                 return Err(ConfigError::Room {
                     index,
                     reason: "delivery_window_ms must be at most 60000 (one minute)".into(),
+                });
+            }
+            if class.conflate.as_ref().is_some_and(|f| f.is_empty()) {
+                return Err(ConfigError::Room {
+                    index,
+                    reason: "conflate must name a field of the message content".into(),
                 });
             }
             if class.publish_window_ms.is_some_and(|ms| ms > 60_000) {

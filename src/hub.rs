@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use crate::batch::{DeliveryWindow, Pace};
 use crate::config::BatchConfig;
 use crate::outbox::{with_scratch, ConnId, Outbox, Pushed};
-use crate::protocol::Encoded;
+use crate::protocol::{outbound, Encoded};
 
 /// Shards for the room map; more than the default keeps unrelated rooms apart on big nodes.
 const ROOM_SHARDS: usize = 64;
@@ -38,6 +38,8 @@ struct Room {
     name: Arc<str>,
     /// Its class's delivery window, looked up once when the room is made.
     pace: Pace,
+    /// Its class's conflation field: each message gets its key here, once per room.
+    conflate: Option<Arc<str>>,
     members: Mutex<Members>,
 }
 
@@ -143,6 +145,17 @@ impl RoomRef {
     /// lock, so all of them see the room's messages in the same order.
     /// Sockets the message makes due at once are written after the lock is released.
     pub fn fan_out(&self, message: &Encoded) -> FanOut {
+        let keyed;
+        let message = match &self.0.conflate {
+            Some(field) => match outbound::conflation_key(&self.0.name, message.json(), field) {
+                0 => message,
+                key => {
+                    keyed = message.with_conflation_key(key);
+                    &keyed
+                }
+            },
+            None => message,
+        };
         with_due(|due| {
             let mut out = FanOut::default();
             let mut members = self.0.members.lock();
@@ -336,6 +349,7 @@ impl Hub {
                         .or_insert_with(|| {
                             Arc::new(Room {
                                 pace: self.window.pace_of(&name),
+                                conflate: self.window.conflate_of(&name),
                                 name,
                                 members: Mutex::default(),
                             })

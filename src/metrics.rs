@@ -150,6 +150,8 @@ pub struct Stats {
     deliveries: AtomicU64,
     frames_out: AtomicU64,
     slow_consumers_closed: AtomicU64,
+    /// Queued messages replaced by a newer one with the same conflation key.
+    conflated: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
     /// Messages per frame written.
     pub batch_messages: Histogram,
@@ -171,6 +173,7 @@ impl Default for Stats {
             deliveries: AtomicU64::new(0),
             frames_out: AtomicU64::new(0),
             slow_consumers_closed: AtomicU64::new(0),
+            conflated: AtomicU64::new(0),
             errors: Default::default(),
             batch_messages: Histogram::new(BATCH_MESSAGES),
             delivery_latency: Histogram::new(LATENCY_US),
@@ -234,6 +237,11 @@ impl Stats {
 
     pub fn slow_consumer(&self) {
         self.slow_consumers_closed.fetch_add(1, Relaxed);
+    }
+
+    /// A queued message gave way to a newer one with the same conflation key.
+    pub fn conflated(&self) {
+        self.conflated.fetch_add(1, Relaxed);
     }
 
     pub fn protocol_error(&self, code: ErrorCode) {
@@ -323,6 +331,12 @@ impl Stats {
             "volley_slow_consumers_closed_total",
             "Sockets closed 1008 because their outbox overflowed.",
             s.slow_consumers_closed,
+        );
+        counter(
+            &mut out,
+            "volley_conflated_total",
+            "Queued messages a socket never got because a newer one with the same conflation key replaced them (rooms with conflate).",
+            self.conflated.load(Relaxed),
         );
         labelled_counter(
             &mut out,

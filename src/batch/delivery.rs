@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -80,6 +81,8 @@ pub struct DeliveryWindow {
     classes: RoomClasses,
     /// `[[rooms]]` entry -> its rooms' pace.
     class_pace: Vec<Pace>,
+    /// `[[rooms]]` entry -> the content field its rooms conflate on, if any.
+    class_conflate: Vec<Option<Arc<str>>>,
     max_messages: usize,
     max_bytes: usize,
     /// Bumped at every tick of any pace: batches are shared within one tick's writes.
@@ -140,6 +143,10 @@ impl DeliveryWindow {
                 .collect(),
             classes: RoomClasses::new(rooms).unwrap_or_default(),
             class_pace,
+            class_conflate: rooms
+                .iter()
+                .map(|class| class.conflate.as_deref().map(Arc::from))
+                .collect(),
             max_messages: config.max_batch_messages.max(1),
             max_bytes: config.max_batch_bytes,
             generation: AtomicU64::new(0),
@@ -153,6 +160,13 @@ impl DeliveryWindow {
             .index_of(room)
             .and_then(|i| self.class_pace.get(i).copied())
             .unwrap_or(Pace::DEFAULT)
+    }
+
+    /// The content field `room`'s messages conflate on (its class's `conflate`).
+    pub fn conflate_of(&self, room: &str) -> Option<Arc<str>> {
+        self.classes
+            .index_of(room)
+            .and_then(|i| self.class_conflate.get(i).cloned().flatten())
     }
 
     /// Every pace on this node.

@@ -235,6 +235,17 @@ impl<W: SocketWrite> Outbox<W> {
         if state.close.is_some() {
             return Pushed::Closed;
         }
+        let key = message.conflation_key();
+        if key != 0 {
+            // Conflation: the socket gets the latest message per key, never a stale one
+            // after a fresh one; the older one gives way before the bound is checked, so
+            // a slow reader of conflated rooms holds one message per key.
+            if let Some(at) = state.queue.iter().rposition(|m| m.conflation_key() == key) {
+                let old = state.queue.remove(at);
+                state.bytes -= old.wire_len();
+                self.stats.conflated();
+            }
+        }
         if state.bytes + message.wire_len() > self.max_bytes {
             self.overflow(state);
             return Pushed::Overflowed;

@@ -23,6 +23,9 @@ pub const OPCODE_CLOSE: u8 = 0x8;
 pub struct Encoded {
     frame: Bytes,
     header_len: u8,
+    /// For rooms with `conflate`: the message's room and key value, hashed; 0 = none.
+    /// A newer message with the same key replaces this one in an outbox.
+    conflation_key: u64,
 }
 
 impl Encoded {
@@ -39,6 +42,20 @@ impl Encoded {
     /// Bytes this frame occupies in an outbox.
     pub fn wire_len(&self) -> usize {
         self.frame.len()
+    }
+
+    /// The conflation key (0 = none).
+    pub fn conflation_key(&self) -> u64 {
+        self.conflation_key
+    }
+
+    /// The same frame (shared bytes), replaceable in an outbox by a newer message with
+    /// the same `key`.
+    pub fn with_conflation_key(&self, key: u64) -> Encoded {
+        Encoded {
+            conflation_key: key,
+            ..self.clone()
+        }
     }
 
     /// Wraps a JSON text that is already complete (a broadcast payload as sent).
@@ -106,6 +123,7 @@ impl Builder {
         Encoded {
             frame: buf.freeze().slice(MAX_HEADER - h..),
             header_len: h as u8,
+            conflation_key: 0,
         }
     }
 }
@@ -122,6 +140,42 @@ pub fn room_message(room: &str, content: &RawValue, timestamp_ms: u64) -> Encode
         .number(timestamp_ms)
         .raw(b"}");
     b.finish()
+}
+
+/// The conflation key of a room message frame: its room and the raw JSON of `field` in
+/// its `content` (an object), hashed; 0 when the content has no such field. Equal values
+/// written alike (`"ACME"`, `42`) give equal keys.
+pub fn conflation_key(room: &str, frame_json: &[u8], field: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    #[derive(serde::Deserialize)]
+    struct Frame<'a> {
+        #[serde(borrow)]
+        content: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Fields<'a>(
+        #[serde(borrow)] std::collections::HashMap<std::borrow::Cow<'a, str>, &'a RawValue>,
+    );
+    let Ok(frame) = serde_json::from_slice::<Frame<'_>>(frame_json) else {
+        return 0;
+    };
+    let Some(content) = frame.content else {
+        return 0;
+    };
+    let Ok(Fields(fields)) = serde_json::from_str::<Fields<'_>>(content.get()) else {
+        return 0;
+    };
+    let Some(value) = fields.get(field) else {
+        return 0;
+    };
+    // A fixed-key hasher: the same message gives the same key on every call.
+    let mut hasher =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    hasher.write(room.as_bytes());
+    hasher.write_u8(0xff);
+    hasher.write(value.get().as_bytes());
+    hasher.finish().max(1)
 }
 
 /// A durable room's message: the frame with `"offset":O` added as its last field.
