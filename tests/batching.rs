@@ -160,15 +160,6 @@ fn two_paces(c: &mut volley::Config) {
     }];
 }
 
-/// A frame's messages, in order (a bare message is a list of one).
-fn messages_of(frame: &str) -> Vec<Value> {
-    let frame: Value = serde_json::from_str(frame).unwrap();
-    match frame["type"].as_str() {
-        Some("batch") => frame["messages"].as_array().unwrap().clone(),
-        _ => vec![frame],
-    }
-}
-
 #[tokio::test]
 async fn rooms_of_a_class_keep_the_classes_window_beside_rooms_on_the_default() {
     let server = start(two_paces).await;
@@ -182,12 +173,12 @@ async fn rooms_of_a_class_keep_the_classes_window_beside_rooms_on_the_default() 
     publisher.send_burst(&burst("lobby", 3)).await;
 
     // The class's window: the burst waits for its tick and leaves as one frame.
-    let got = messages_of(&scores.next_frame().await);
+    let got = frame_messages(&scores.next_frame().await);
     let contents: Vec<&Value> = got.iter().map(|m| &m["content"]).collect();
     assert_eq!(contents, [&json!(0), &json!(1), &json!(2)], "{got:?}");
     // The default window, 0: one frame per message.
     for i in 0..3 {
-        let got = messages_of(&chat.next_frame().await);
+        let got = frame_messages(&chat.next_frame().await);
         assert_eq!(got.len(), 1, "window 0 sends each message alone: {got:?}");
         assert_eq!(got[0]["content"], i);
     }
@@ -206,7 +197,7 @@ async fn a_message_due_at_once_takes_what_waits_for_a_slower_window_along() {
     let mut frames = burst("scores:1", 2);
     frames.push(json!({"type":"message","roomId":"lobby","content":"hi"}));
     publisher.send_burst(&frames).await;
-    let got = messages_of(&both.next_frame().await);
+    let got = frame_messages(&both.next_frame().await);
     let seen: Vec<(&Value, &Value)> = got.iter().map(|m| (&m["roomId"], &m["content"])).collect();
     assert_eq!(
         seen,

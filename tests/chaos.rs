@@ -283,11 +283,7 @@ impl Follower {
             };
             match next {
                 Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
-                    let v: Value = serde_json::from_str(&text).expect("JSON frame");
-                    return Heard::Messages(match v["type"].as_str() {
-                        Some("batch") => v["messages"].as_array().expect("messages").clone(),
-                        _ => vec![v],
-                    });
+                    return Heard::Messages(frame_messages(&text));
                 }
                 Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))
                 | None

@@ -357,12 +357,7 @@ async fn feed_and_disrupt(
 
 /// A node's `volley_redis_cluster_changes_total`: slot maps it followed after the first.
 async fn cluster_changes(addr: std::net::SocketAddr) -> u64 {
-    let metrics = http(addr, "GET", "/metrics", &[], b"").await.1;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("volley_redis_cluster_changes_total "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no volley_redis_cluster_changes_total in {metrics}"))
+    metric(addr, "volley_redis_cluster_changes_total").await
 }
 
 /// A plain room through a disruption: no message twice, and its last ones arrived

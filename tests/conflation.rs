@@ -26,24 +26,6 @@ fn quote(room: &str, symbol: &str, price: u64) -> Value {
     json!({"type":"message","roomId":room,"content":{"symbol":symbol,"price":price}})
 }
 
-/// The messages of the next frame, a batch taken apart.
-async fn frame_messages(client: &mut Client) -> Vec<Value> {
-    let frame: Value = serde_json::from_str(&client.next_frame().await).unwrap();
-    match frame["type"].as_str() {
-        Some("batch") => frame["messages"].as_array().unwrap().clone(),
-        _ => vec![frame],
-    }
-}
-
-async fn counter(addr: std::net::SocketAddr, name: &str) -> u64 {
-    let metrics = http(addr, "GET", "/metrics", &[], b"").await.1;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
-}
-
 #[tokio::test]
 async fn a_window_carries_the_latest_quote_per_symbol_and_nothing_stale() {
     let server = start(ticker_class).await;
@@ -63,8 +45,7 @@ async fn a_window_carries_the_latest_quote_per_symbol_and_nothing_stale() {
             quote("ticker:nyse", "GAMMA", 1),
         ])
         .await;
-    let got: Vec<(Value, Value)> = frame_messages(&mut sub)
-        .await
+    let got: Vec<(Value, Value)> = frame_messages(&sub.next_frame().await)
         .iter()
         .map(|m| {
             (
@@ -83,7 +64,7 @@ async fn a_window_carries_the_latest_quote_per_symbol_and_nothing_stale() {
         ],
         "the latest per symbol, in the order of their latest updates"
     );
-    assert_eq!(counter(addr, "volley_conflated_total").await, 3);
+    assert_eq!(metric(addr, "volley_conflated_total").await, 3);
 }
 
 #[tokio::test]
@@ -98,12 +79,12 @@ async fn rooms_outside_the_class_get_every_message() {
         .await;
     let mut prices = Vec::new();
     while prices.len() < 2 {
-        for m in frame_messages(&mut sub).await {
+        for m in frame_messages(&sub.next_frame().await) {
             prices.push(m["content"]["price"].as_u64().unwrap());
         }
     }
     assert_eq!(prices, [1, 2]);
-    assert_eq!(counter(addr, "volley_conflated_total").await, 0);
+    assert_eq!(metric(addr, "volley_conflated_total").await, 0);
 }
 
 #[tokio::test]
@@ -149,12 +130,7 @@ async fn a_slow_reader_of_a_conflated_room_is_kept_and_catches_up_on_the_latest(
     {
         let (opcode, payload) = slow.read_frame().await.expect("still connected");
         assert_eq!(opcode, 0x1, "closed: {}", String::from_utf8_lossy(&payload));
-        let frame: Value = serde_json::from_slice(&payload).unwrap();
-        let messages = match frame["type"].as_str() {
-            Some("batch") => frame["messages"].as_array().unwrap().clone(),
-            _ => vec![frame],
-        };
-        for m in messages {
+        for m in frame_messages(&String::from_utf8_lossy(&payload)) {
             let symbol = m["content"]["symbol"].as_str().unwrap().to_string();
             let price = m["content"]["price"].as_u64().unwrap();
             let before = latest.insert(symbol.clone(), price);
@@ -164,6 +140,6 @@ async fn a_slow_reader_of_a_conflated_room_is_kept_and_catches_up_on_the_latest(
             );
         }
     }
-    assert_eq!(counter(addr, "volley_slow_consumers_closed_total").await, 0);
-    assert!(counter(addr, "volley_conflated_total").await > 0);
+    assert_eq!(metric(addr, "volley_slow_consumers_closed_total").await, 0);
+    assert!(metric(addr, "volley_conflated_total").await > 0);
 }

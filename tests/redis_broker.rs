@@ -318,12 +318,11 @@ async fn a_killed_pubsub_connection_is_recovered() {
     assert_eq!(b.next_room_message().await["content"], "still connected");
     // The loss is counted where operators look.
     for node in [&one, &two] {
-        let metrics = http(node.local_addr(), "GET", "/metrics", &[], b"").await.1;
-        let lost: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("volley_redis_subscriber_disconnects_total "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no volley_redis_subscriber_disconnects_total in {metrics}"));
+        let lost = metric(
+            node.local_addr(),
+            "volley_redis_subscriber_disconnects_total",
+        )
+        .await;
         assert_eq!(lost, 1, "one lost pub/sub connection per node");
     }
 }

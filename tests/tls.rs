@@ -93,17 +93,7 @@ impl Certificate {
         let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut response))
             .await
             .expect("https timed out");
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        parse_response(&response)
     }
 }
 
@@ -122,11 +112,7 @@ async fn next_messages(ws: &mut WebSocketStream<TlsStream<TcpStream>>) -> Vec<Va
             .expect("the socket ended")
             .expect("a frame");
         if let Message::Text(text) = frame {
-            let value: Value = serde_json::from_str(&text).expect("JSON frame");
-            return match value["type"].as_str() {
-                Some("batch") => value["messages"].as_array().expect("messages").clone(),
-                _ => vec![value],
-            };
+            return frame_messages(&text);
         }
     }
 }

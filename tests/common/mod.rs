@@ -251,7 +251,12 @@ pub async fn http(
         .await
         .expect("http timed out")
         .expect("read");
-    let text = String::from_utf8_lossy(&response).to_string();
+    parse_response(&response)
+}
+
+/// An HTTP/1.1 response's status and body.
+pub fn parse_response(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response).to_string();
     let status = text
         .split(' ')
         .nth(1)
@@ -262,6 +267,25 @@ pub async fn http(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A counter or gauge from the node's `/metrics`, as a whole number.
+pub async fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let metrics = http(addr, "GET", "/metrics", &[], b"").await.1;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+/// The messages a text frame carries: a `batch` taken apart, else the frame itself.
+pub fn frame_messages(frame: &str) -> Vec<Value> {
+    let frame: Value = serde_json::from_str(frame).expect("a JSON frame");
+    match frame["type"].as_str() {
+        Some("batch") => frame["messages"].as_array().expect("messages").clone(),
+        _ => vec![frame],
+    }
 }
 
 /// `POST /api/publish` with the test key.
