@@ -21,9 +21,9 @@
 //! | `tls` | rustls for `wss://` / `https://`; an upgraded TLS socket shared by its reader and outbox |
 //! | `throttle` | log lines that repeat under pressure, at most once per interval |
 //! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
-//! | `batch` | delivery-window policy: window clock, leading edge, batch frames, shared-batch memo |
+//! | `batch` | delivery-window policy: window clocks, a pace per room class's window, leading edge, batch frames, shared-batch memo |
 //! | `outbox` | one socket's bounded queue and its writes (inline, writer task); the due list and its tick task |
-//! | `hub` | sharded room -> local subscribers map; local fan-out into outboxes |
+//! | `hub` | sharded room -> local subscribers map (each room with its pace and conflation field); local fan-out into outboxes |
 //! | [`broker`] | the seam to other nodes: `memory` engine (default), `redis` (pub/sub, pipelined publish windows, durable streams, presence, keys), `sharded` (rooms over independent Redis servers), `redis_cluster` (a Redis engine per cluster master, sharded pub/sub, following the slot map) and `sentinel` (the Redis engine on whichever master Sentinel names) |
 //! | [`node`] | owns hub, broker, delivery window and due list; where a message enters and fans out |
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
