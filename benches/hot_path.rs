@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
-use volley::bench::{batch_frame, DeliveryWindow, Drained, Hub, Outbox};
+use volley::bench::{batch_frame, compress_frame, DeliveryWindow, Drained, Hub, Outbox};
 use volley::config::BatchConfig;
 use volley::protocol::{self, outbound, Encoded};
 
@@ -85,6 +85,32 @@ fn batch_assembly(c: &mut Criterion) {
             },
         );
     }
+    group.finish();
+}
+
+/// permessage-deflate for one room's window at 100 compressing subscribers: one batch
+/// frame compressed once and shared (what volley does, `server_no_context_takeover`)
+/// against one compression per socket (what per-connection compressors cost).
+fn deflate(c: &mut Criterion) {
+    let mut group = c.benchmark_group("deflate");
+    let frame = batch_frame(&messages(20)).frame().clone();
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("shared/100_subscribers", |b| {
+        b.iter(|| {
+            // A new tick: the first subscriber compresses, the other 99 share it.
+            let window = DeliveryWindow::new(&BatchConfig::default()).with_compression(256, 1);
+            for _ in 0..100 {
+                black_box(window.compressed(&frame));
+            }
+        })
+    });
+    group.bench_function("per_socket/100_subscribers", |b| {
+        b.iter(|| {
+            for _ in 0..100 {
+                black_box(compress_frame(&frame, 1));
+            }
+        })
+    });
     group.finish();
 }
 
@@ -179,6 +205,7 @@ criterion_group!(
     inbound_parse,
     outbound_encode,
     batch_assembly,
+    deflate,
     hub_fan_out,
     outbox_push_drain
 );

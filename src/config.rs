@@ -15,8 +15,18 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 10] = [
-    "server", "batch", "limits", "api", "auth", "presence", "redis", "metrics", "demo", "tls",
+const SECTIONS: [&str; 11] = [
+    "server",
+    "batch",
+    "limits",
+    "api",
+    "auth",
+    "presence",
+    "redis",
+    "metrics",
+    "demo",
+    "tls",
+    "compression",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -32,6 +42,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub demo: DemoConfig,
     pub tls: TlsConfig,
+    pub compression: CompressionConfig,
     /// Room classes, `[[rooms]]` in the file: the first whose `match` glob matches a room
     /// id gives that room its options; rooms matching none are plain.
     pub rooms: Vec<RoomClass>,
@@ -269,6 +280,29 @@ pub struct RedisConfig {
     pub master_password: String,
     /// Password of the sentinels themselves.
     pub sentinel_password: String,
+}
+
+/// permessage-deflate (RFC 7692) for sockets whose client offers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Accept a client's permessage-deflate offer. Off by default: it costs CPU per
+    /// frame (compressed once per frame, shared by every compressing socket).
+    pub enabled: bool,
+    /// Frames whose JSON is shorter go out uncompressed (not worth a deflate header).
+    pub min_bytes: usize,
+    /// zlib level, 1 (fastest) to 9 (smallest).
+    pub level: u32,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: false,
+            min_bytes: 256,
+            level: 1,
+        }
+    }
 }
 
 /// `wss://` and `https://` on the same listener: both set = TLS on, both empty = off.
@@ -672,6 +706,9 @@ impl Config {
         };
         if self.server.node_id.trim().is_empty() {
             return invalid("server.node_id", "must not be empty");
+        }
+        if !(1..=9).contains(&self.compression.level) {
+            return invalid("compression.level", "must be 1 (fastest) to 9 (smallest)");
         }
         if self.batch.delivery_window_ms > 60_000 {
             return invalid(

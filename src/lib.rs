@@ -18,6 +18,7 @@
 //! | --- | --- |
 //! | [`config`] | one typed config from file, env and flags |
 //! | `metrics` | node stats: counters and histograms; Prometheus text |
+//! | `deflate` | permessage-deflate: the offer volley accepts, a frame compressed once for every compressing socket, a client message inflated under the limit |
 //! | `tls` | rustls for `wss://` / `https://`; an upgraded TLS socket shared by its reader and outbox |
 //! | `throttle` | log lines that repeat under pressure, at most once per interval |
 //! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
@@ -56,6 +57,7 @@ mod auth;
 mod batch;
 mod cluster;
 mod connection;
+mod deflate;
 mod demo;
 mod features;
 mod hub;
@@ -77,6 +79,7 @@ pub mod fuzzing;
 pub mod bench {
     pub use crate::batch::delivery::batch_frame;
     pub use crate::batch::DeliveryWindow;
+    pub use crate::deflate::compress_frame;
     pub use crate::hub::Hub;
     pub use crate::metrics::Stats;
     pub use crate::outbox::{Drained, DueList, Outbox};

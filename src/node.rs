@@ -71,7 +71,10 @@ impl Node {
             let sink: Weak<dyn EnvelopeSink> = me.clone();
             let stats = Arc::new(Stats::default());
             broker.attach(id.clone(), sink, stats.clone());
-            let window = Arc::new(DeliveryWindow::with_classes(&config.batch, &config.rooms));
+            let window = Arc::new(
+                DeliveryWindow::with_classes(&config.batch, &config.rooms)
+                    .with_compression(config.compression.min_bytes, config.compression.level),
+            );
             let due: Arc<DueList> = Arc::new(DueList::new(window.paces().count()));
             for pace in window.paces() {
                 tokio::spawn(DueList::run_ticks(

@@ -279,13 +279,29 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
         );
     };
     let credentials = upgrade_credentials(&shared.node, &req);
-    let (response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let deflate = config.compression.enabled && {
+        let offers: Vec<&str> = req
+            .headers()
+            .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        crate::deflate::accepts(&offers.join(","))
+    };
+    let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
             shared.node.disconnect(&outbox);
             return api::error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string());
         }
     };
+    if deflate {
+        response.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_EXTENSIONS,
+            hyper::header::HeaderValue::from_static(crate::deflate::RESPONSE),
+        );
+        outbox.set_deflate();
+    }
     if shared.shutdown.is_cancelled() {
         outbox.close(CloseReason::Shutdown);
     }
@@ -319,7 +335,7 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
                 }
             },
         };
-        connection::serve(node, outbox, transport, early, credentials).await
+        connection::serve(node, outbox, transport, early, credentials, deflate).await
     });
     response.map(|_| Body::default())
 }

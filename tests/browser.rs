@@ -464,3 +464,45 @@ async fn the_demo_page_recovers_what_it_missed_while_its_node_restarted() {
     drop(again);
     browser.assert_no_page_errors();
 }
+
+#[tokio::test]
+async fn chromium_negotiates_permessage_deflate_and_the_demo_page_runs_on_it() {
+    let server = start(|c| {
+        c.demo.enabled = true;
+        c.demo.clock_speed = 600;
+        c.demo.ticker_rate = 300;
+        c.compression.enabled = true;
+        // Compress even the small frames, so every frame the page reads is compressed.
+        c.compression.min_bytes = 0;
+    })
+    .await;
+    let url = format!("http://{}/", server.local_addr());
+    let mut browser = Browser::launch().await;
+    let tab = browser.open(&url).await;
+    // The extension Chromium and volley agreed on, seen from a socket of the page's own.
+    browser
+        .eval(
+            &tab,
+            "window.ext = null; { const w = new WebSocket('ws://' + location.host + '/ws'); w.onopen = () => { window.ext = w.extensions; }; } 0",
+        )
+        .await;
+    browser.wait_for(&tab, "window.ext !== null").await;
+    let ext = browser.eval(&tab, "window.ext").await;
+    assert!(
+        ext.as_str()
+            .is_some_and(|e| e.starts_with("permessage-deflate")),
+        "{ext}"
+    );
+    // The page joined (its frames compressed by Chromium, inflated by volley) and reads
+    // compressed batches and messages.
+    browser
+        .wait_for(&tab, "!!(window.volleyDemo && volleyDemo.connected)")
+        .await;
+    browser
+        .wait_for(
+            &tab,
+            "volleyDemo.batches > 0 && volleyDemo.quoteChanges > 0 && volleyDemo.scoreChanges > 0",
+        )
+        .await;
+    browser.assert_no_page_errors();
+}

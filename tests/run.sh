@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs (Debian's redis-server,
-# chromium and nginx-light), then runs it.
+# chromium and nginx-light, and Python's websockets from PyPI), then runs it.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
 # nothing here touches a system Redis on 6379. The browser tests drive Debian's
 # chromium headless against nodes on 127.0.0.1 (screenshots in target/test-output/).
@@ -19,5 +19,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   $as_root apt-get update -qq
   $as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Python's websockets: a real client not written here, for the permessage-deflate tests.
+python3 -c 'import websockets' 2>/dev/null || python3 -m pip install -q websockets
 
 cargo test --locked

@@ -34,6 +34,9 @@ const BATCH_OPEN: &[u8] = br#"{"type":"batch","messages":["#;
 const BATCH_CLOSE: &[u8] = b"]}";
 /// Most distinct batches remembered per tick; beyond this, sockets assemble their own.
 const MEMO_CAPACITY: usize = 4096;
+/// Most compressed frames remembered; emptied when full, since window-0 rooms have no
+/// tick to empty it.
+const COMPRESSED_CAPACITY: usize = 1024;
 /// Most distinct paces on a node (a socket keeps one bit per pace).
 pub const MAX_PACES: usize = 64;
 
@@ -88,6 +91,11 @@ pub struct DeliveryWindow {
     /// Bumped at every tick of any pace: batches are shared within one tick's writes.
     generation: AtomicU64,
     memo: Mutex<Memo>,
+    /// `compression.min_bytes` and `compression.level`.
+    compress_min: usize,
+    compress_level: u32,
+    /// Frames compressed for permessage-deflate sockets, shared like batches.
+    compressed: Mutex<Memo>,
 }
 
 #[derive(Default)]
@@ -151,7 +159,52 @@ impl DeliveryWindow {
             max_bytes: config.max_batch_bytes,
             generation: AtomicU64::new(0),
             memo: Mutex::new(Memo::default()),
+            compress_min: 256,
+            compress_level: 1,
+            compressed: Mutex::new(Memo::default()),
         }
+    }
+
+    /// With `compression.min_bytes` and `compression.level`.
+    pub fn with_compression(mut self, min_bytes: usize, level: u32) -> DeliveryWindow {
+        self.compress_min = min_bytes;
+        self.compress_level = level;
+        self
+    }
+
+    /// `frame` as a permessage-deflate socket gets it: compressed (RSV1) when its JSON
+    /// reaches `compression.min_bytes`, else as it is. Compressed once per tick and
+    /// shared: every compressing subscriber of a room writes the same bytes.
+    pub fn compressed(&self, frame: &Bytes) -> Bytes {
+        if crate::deflate::payload_of(frame).len() < self.compress_min {
+            return frame.clone();
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        let key = (frame.as_ptr() as usize, frame.len(), 1);
+        {
+            let mut memo = self.compressed.lock();
+            if memo.generation != generation || memo.entries.len() >= COMPRESSED_CAPACITY {
+                memo.generation = generation;
+                memo.entries.clear();
+            }
+            if let Some(hit) = memo.entries.get(&key) {
+                if hit.items[0].as_ptr() == frame.as_ptr() {
+                    return hit.frame.clone();
+                }
+            }
+        }
+        let compressed = crate::deflate::compress_frame(frame, self.compress_level);
+        let mut memo = self.compressed.lock();
+        if memo.generation == generation {
+            memo.entries.insert(
+                key,
+                MemoEntry {
+                    items: vec![frame.clone()],
+                    frame: compressed.clone(),
+                },
+            );
+        }
+        compressed
     }
 
     /// The pace of `room`'s messages: its class's, else the default.
@@ -531,5 +584,21 @@ mod tests {
             "no leading edge for quiet rooms"
         );
         assert!(w.sends_at_once(scores, None, now));
+    }
+
+    #[test]
+    fn a_frame_is_compressed_once_and_shared_and_small_ones_stay_plain() {
+        let w = window(50, 100, 1 << 20).with_compression(64, 1);
+        let big = Encoded::from_json(format!(r#"{{"n":"{}"}}"#, "x".repeat(500)).as_bytes());
+        let a = w.compressed(big.frame());
+        let b = w.compressed(big.frame());
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "the second socket writes the first's bytes"
+        );
+        assert_eq!(a[0], 0xC1);
+        let small = msg(1);
+        assert_eq!(w.compressed(small.frame()).as_ptr(), small.frame().as_ptr());
     }
 }

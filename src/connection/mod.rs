@@ -89,6 +89,7 @@ pub async fn serve(
     transport: Transport,
     early: Bytes,
     upgrade: UpgradeAuth,
+    deflate: bool,
 ) {
     let half = match transport {
         Transport::Tcp(stream) => {
@@ -111,7 +112,10 @@ pub async fn serve(
         half,
     };
     let mut session = Session::new(node.clone(), outbox.clone(), upgrade);
-    let limits = reader::Limits::from_config(node.config());
+    let limits = reader::Limits {
+        deflate,
+        ..reader::Limits::from_config(node.config())
+    };
     reader::run(&mut read_half, &outbox, &mut session, limits).await;
     // Rooms were normally left already, when the close began; this covers every other
     // way out, and the socket's user and presence watch.

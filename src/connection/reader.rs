@@ -19,9 +19,10 @@ use std::time::Duration;
 use fastwebsockets::{CloseCode, Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::rules::{FrameRules, Verdict};
+use super::rules::{FrameRules, Start, Verdict};
 use super::session::Session;
 use super::SocketIn;
+use crate::deflate::InflateError;
 use crate::outbox::{CloseReason, Outbox, CLOSE_GRACE};
 use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
 
@@ -56,6 +57,8 @@ pub struct Limits {
     pub ping_interval: Option<Duration>,
     /// `server.idle_timeout_ms`, if on.
     pub idle_timeout: Option<Duration>,
+    /// The socket negotiated permessage-deflate: messages with RSV1 are inflated.
+    pub deflate: bool,
 }
 
 impl Limits {
@@ -65,6 +68,7 @@ impl Limits {
             max_bytes: config.limits.max_frame_bytes,
             ping_interval: ms(config.server.ping_interval_ms),
             idle_timeout: ms(config.server.idle_timeout_ms),
+            deflate: false,
         }
     }
 
@@ -95,9 +99,11 @@ async fn read_frames(
 ) -> Ended {
     let max_bytes = limits.max_bytes;
     let verdict = Verdict::default();
-    let mut rules = FrameRules::new(stream, &verdict);
+    let mut rules = FrameRules::new(stream, &verdict).with_deflate(limits.deflate);
     let mut no_obligations = |_: Frame<'_>| ready(Ok::<(), Infallible>(()));
-    let mut fragments: Option<(OpCode, Vec<u8>)> = None;
+    // A fragmented message being put together: its opcode, bytes, and whether they are
+    // compressed (permessage-deflate).
+    let mut fragments: Option<(OpCode, Vec<u8>, bool)> = None;
     let mut watch = Watch::new(limits);
     let grace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(grace);
@@ -163,14 +169,29 @@ async fn read_frames(
                             "new message inside a fragmented one",
                         );
                     }
-                    if frame.fin {
-                        deliver(session, frame.opcode, &frame.payload).await;
+                    // With permessage-deflate the rules know how the message began.
+                    let start = verdict.next_start().unwrap_or(Start {
+                        compressed: false,
+                        text: frame.opcode == OpCode::Text,
+                    });
+                    let opcode = if start.text {
+                        OpCode::Text
                     } else {
-                        fragments = Some((frame.opcode, frame.payload.to_vec()));
+                        OpCode::Binary
+                    };
+                    if !frame.fin {
+                        fragments = Some((opcode, frame.payload.to_vec(), start.compressed));
+                    } else if start.compressed {
+                        match inflated(opcode, &frame.payload, max_bytes) {
+                            Ok(message) => deliver(session, opcode, &message).await,
+                            Err(end) => return end,
+                        }
+                    } else {
+                        deliver(session, opcode, &frame.payload).await;
                     }
                 }
                 OpCode::Continuation => {
-                    let Some((opcode, buf)) = fragments.as_mut() else {
+                    let Some((_, buf, _)) = fragments.as_mut() else {
                         return protocol_close(
                             close_code::PROTOCOL_ERROR,
                             "continuation without a message",
@@ -181,14 +202,22 @@ async fn read_frames(
                     }
                     buf.extend_from_slice(&frame.payload);
                     if frame.fin {
-                        let opcode = *opcode;
-                        if let Some((_, message)) = fragments.take() {
-                            if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
+                        if let Some((opcode, message, compressed)) = fragments.take() {
+                            let message = if compressed {
+                                match inflated(opcode, &message, max_bytes) {
+                                    Ok(message) => message,
+                                    Err(end) => return end,
+                                }
+                            } else if opcode == OpCode::Text
+                                && std::str::from_utf8(&message).is_err()
+                            {
                                 return protocol_close(
                                     close_code::INVALID_DATA,
                                     "text message is not UTF-8",
                                 );
-                            }
+                            } else {
+                                message
+                            };
                             deliver(session, opcode, &message).await;
                         }
                     }
@@ -199,6 +228,27 @@ async fn read_frames(
             }
         }
     }
+}
+
+/// A compressed message inflated (at most `max_bytes`), and checked as UTF-8 if text.
+fn inflated(opcode: OpCode, compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, Ended> {
+    let message = match crate::deflate::inflate(compressed, max_bytes) {
+        Ok(message) => message,
+        Err(InflateError::TooBig) => return Err(Ended::Close(too_big())),
+        Err(InflateError::Corrupt) => {
+            return Err(protocol_close(
+                close_code::INVALID_DATA,
+                "compressed message does not inflate",
+            ))
+        }
+    };
+    if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
+        return Err(protocol_close(
+            close_code::INVALID_DATA,
+            "text message is not UTF-8",
+        ));
+    }
+    Ok(message)
 }
 
 /// What the reader watches besides frames: the session's deadline, the outbox closing,

@@ -7,6 +7,7 @@
 //! per frame, not per byte. The reader asks it after each frame whether a rule broke;
 //! the frame that broke it is not acted on.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::task::{Context, Poll};
@@ -37,6 +38,18 @@ pub struct Verdict {
     frames: AtomicU64,
     /// Part of a frame has passed, not all of it.
     partial: AtomicBool,
+    /// With permessage-deflate, per message that began (a text or binary frame), in
+    /// order: whether it is compressed, and whether it is text (a compressed text frame
+    /// reaches the parser marked binary, so the parser does not check compressed bytes as
+    /// UTF-8; the reader checks what they inflate to).
+    starts: parking_lot::Mutex<VecDeque<Start>>,
+}
+
+/// How a message began, for a socket with permessage-deflate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    pub compressed: bool,
+    pub text: bool,
 }
 
 impl Verdict {
@@ -49,6 +62,11 @@ impl Verdict {
     /// Whole frames that have passed.
     pub fn frames(&self) -> u64 {
         self.frames.load(Ordering::Relaxed)
+    }
+
+    /// How the next message began (with permessage-deflate; else `None`).
+    pub fn next_start(&self) -> Option<Start> {
+        self.starts.lock().pop_front()
     }
 
     pub fn broken(&self) -> Option<Broken> {
@@ -79,6 +97,8 @@ pub struct FrameRules<'v, R> {
     have: usize,
     /// Payload bytes of the current frame still to pass.
     payload_left: u64,
+    /// The socket negotiated permessage-deflate: RSV1 marks a compressed message.
+    deflate: bool,
 }
 
 impl<'v, R> FrameRules<'v, R> {
@@ -89,7 +109,14 @@ impl<'v, R> FrameRules<'v, R> {
             head: [0; 14],
             have: 0,
             payload_left: 0,
+            deflate: false,
         }
+    }
+
+    /// For a socket that negotiated permessage-deflate.
+    pub fn with_deflate(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
     }
 
     /// The stream the bytes come from.
@@ -97,20 +124,23 @@ impl<'v, R> FrameRules<'v, R> {
         &self.inner
     }
 
-    fn observe(&mut self, mut bytes: &[u8]) {
+    fn observe(&mut self, mut bytes: &mut [u8]) {
         while !bytes.is_empty() {
             if self.payload_left > 0 {
                 let skip = (self.payload_left.min(bytes.len() as u64)) as usize;
                 self.payload_left -= skip as u64;
-                bytes = &bytes[skip..];
+                bytes = &mut bytes[skip..];
                 if self.payload_left == 0 {
                     self.verdict.frames.fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
             }
+            if self.have == 0 && self.deflate {
+                self.message_start(&mut bytes[0]);
+            }
             self.head[self.have] = bytes[0];
             self.have += 1;
-            bytes = &bytes[1..];
+            bytes = &mut bytes[1..];
             if self.have < 2 {
                 continue;
             }
@@ -151,6 +181,27 @@ impl<'v, R> FrameRules<'v, R> {
     }
 }
 
+impl<R> FrameRules<'_, R> {
+    /// A frame's first byte, on a permessage-deflate socket: a text or binary frame
+    /// begins a message, recorded in order; RSV1 on it means compressed and is taken off
+    /// (a compressed text frame is marked binary for the parser). RSV1 anywhere else
+    /// is left for the parser to refuse.
+    fn message_start(&mut self, first: &mut u8) {
+        let opcode = *first & 0x0f;
+        if opcode != 0x1 && opcode != 0x2 {
+            return;
+        }
+        let compressed = *first & 0x40 != 0;
+        if compressed {
+            *first = (*first & !0x40 & 0xf0) | 0x2;
+        }
+        self.verdict.starts.lock().push_back(Start {
+            compressed,
+            text: opcode == 0x1,
+        });
+    }
+}
+
 impl<R: AsyncRead + Unpin> AsyncRead for FrameRules<'_, R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -161,7 +212,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameRules<'_, R> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             let this = &mut *self;
-            this.observe(&buf.filled()[before..]);
+            this.observe(&mut buf.filled_mut()[before..]);
         }
         polled
     }
@@ -176,7 +227,7 @@ mod tests {
         let mut rules = FrameRules::new(tokio::io::empty(), &verdict);
         // One byte at a time: headers split across reads are the hard case.
         for b in bytes {
-            rules.observe(std::slice::from_ref(b));
+            rules.observe(&mut [*b]);
         }
         verdict.broken()
     }

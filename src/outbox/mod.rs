@@ -111,6 +111,8 @@ pub struct Outbox<W: SocketWrite = SocketOut> {
     /// Wakes the writer task: for a close, for bytes the socket would not take at once,
     /// or for messages that became due while another thread was writing.
     wake: Notify,
+    /// The socket negotiated permessage-deflate: its message frames go compressed.
+    deflate: AtomicBool,
     /// Set once a close reason is recorded: the reader stops, the writer's wait ends.
     /// An atomic, not a CancellationToken: the writer checks it on every wake-up.
     closing: AtomicBool,
@@ -178,6 +180,7 @@ impl<W: SocketWrite> Outbox<W> {
             due,
             stats,
             io: OnceLock::new(),
+            deflate: AtomicBool::new(false),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             closed: Notify::new(),
@@ -195,6 +198,11 @@ impl<W: SocketWrite> Outbox<W> {
         }
     }
 
+    /// The socket negotiated permessage-deflate: compress its message frames.
+    pub fn set_deflate(&self) {
+        self.deflate.store(true, Ordering::Relaxed);
+    }
+
     fn io(&self) -> Option<&W> {
         self.io.get()
     }
@@ -210,6 +218,11 @@ impl<W: SocketWrite> Outbox<W> {
                 .frames(&drained.messages, drained.batched, frames, |messages, n| {
                     batch_messages.record_n(messages as u64, n as u64)
                 });
+            if self.deflate.load(Ordering::Relaxed) {
+                for frame in &mut frames[first..] {
+                    *frame = self.window.compressed(frame);
+                }
+            }
             self.stats
                 .record_write(drained.messages.len(), frames.len() - first);
             drained.messages.clear();
