@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::BenchError;
 use crate::plan::Plan;
 use crate::scan::{self, Scanner};
+use crate::wire::{Tap, Wire};
 
 /// How publishers publish.
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -42,6 +43,8 @@ pub struct Run {
     /// Frames with counted messages so far: shows when in-flight traffic has drained.
     pub progress: AtomicU64,
     pub errors: AtomicU64,
+    /// Bytes the subscribers read off their sockets after the upgrade.
+    pub wire_bytes: Arc<AtomicU64>,
 }
 
 impl Run {
@@ -53,6 +56,7 @@ impl Run {
             expected: AtomicU64::new(0),
             progress: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            wire_bytes: Arc::default(),
         }
     }
 
@@ -116,6 +120,16 @@ async fn tcp(url: &str) -> Result<TcpStream, BenchError> {
 }
 
 pub async fn connect(url: &str) -> Result<Socket, BenchError> {
+    Ok(connect_with(url, Arc::default(), false).await?.0)
+}
+
+/// Connects counting the bytes read into `bytes`; with `deflate`, offers
+/// permessage-deflate (the `Tap` inflates what comes compressed).
+pub async fn connect_with(
+    url: &str,
+    bytes: Arc<AtomicU64>,
+    deflate: bool,
+) -> Result<(Socket, Tap), BenchError> {
     let (host, port) = host_port(url)?;
     let uri: hyper::Uri = url.parse().map_err(|e| BenchError::Url {
         url: url.to_string(),
@@ -136,13 +150,23 @@ pub async fn connect(url: &str) -> Result<Socket, BenchError> {
             "Sec-WebSocket-Key",
             fastwebsockets::handshake::generate_key(),
         )
-        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Version", "13");
+    let request = if deflate {
+        request.header(
+            "Sec-WebSocket-Extensions",
+            "permessage-deflate; client_max_window_bits",
+        )
+    } else {
+        request
+    };
+    let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|e| handshake(e.to_string()))?;
+    let (stream, tap) = Wire::new(stream, bytes, deflate);
     let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
         .await
         .map_err(|e| handshake(e.to_string()))?;
-    Ok(ws)
+    Ok((ws, tap))
 }
 
 async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
@@ -153,7 +177,7 @@ async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
 
 /// Joins `rooms` and waits for the socket's own `user_joined` notice of each: the proof
 /// that the joins took effect.
-pub async fn join(ws: &mut Socket, rooms: &[String]) -> Result<(), BenchError> {
+pub async fn join(ws: &mut Socket, tap: &Tap, rooms: &[String]) -> Result<(), BenchError> {
     ws.set_auto_pong(true);
     for room in rooms {
         send_text(
@@ -168,10 +192,10 @@ pub async fn join(ws: &mut Socket, rooms: &[String]) -> Result<(), BenchError> {
         if frame.opcode == OpCode::Close {
             return Err(BenchError::Closed);
         }
-        if frame.opcode != OpCode::Text {
+        let Some(text) = tap.text(&frame) else {
             continue;
-        }
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&frame.payload) else {
+        };
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) else {
             continue;
         };
         let messages = match value["type"].as_str() {
@@ -196,9 +220,10 @@ pub async fn subscriber(
     run: Arc<Run>,
     ready: tokio::sync::mpsc::Sender<()>,
     stop: CancellationToken,
+    deflate: bool,
 ) -> Result<SubscriberResult, BenchError> {
-    let mut ws = connect(&url).await?;
-    join(&mut ws, &rooms).await?;
+    let (mut ws, tap) = connect_with(&url, run.wire_bytes.clone(), deflate).await?;
+    join(&mut ws, &tap, &rooms).await?;
     let _ = ready.send(()).await;
 
     let scanner = Scanner::new();
@@ -215,12 +240,12 @@ pub async fn subscriber(
         if frame.opcode == OpCode::Close {
             return Err(BenchError::Closed);
         }
-        if frame.opcode != OpCode::Text {
+        let Some(text) = tap.text(&frame) else {
             continue;
-        }
+        };
         let arrived = now_us();
         let mut counted_frame = false;
-        scanner.scan(&frame.payload, |m| {
+        scanner.scan(&text, |m| {
             if !run.counts(m.sent_us) {
                 return;
             }

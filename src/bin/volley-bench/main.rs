@@ -17,6 +17,7 @@
 //! | `report.rs` | the typed report, as a table or one JSON line |
 //! | `scan.rs` | the fixed-shape message content, written and scanned |
 //! | `storm.rs` | a reconnect storm during the measured seconds (`--storm`) |
+//! | `wire.rs` | bytes on the wire, and permessage-deflate for subscribers (`--deflate`) |
 //! | `error.rs` | what can stop a run |
 
 mod clients;
@@ -26,6 +27,7 @@ mod plan;
 mod report;
 mod scan;
 mod storm;
+mod wire;
 
 use std::sync::Arc;
 
@@ -103,6 +105,10 @@ pub struct Args {
     /// Storm sockets connecting at once.
     #[arg(long, default_value_t = 500)]
     storm_concurrency: usize,
+    /// Subscribers offer permessage-deflate (the nodes need compression.enabled) and
+    /// inflate what comes compressed.
+    #[arg(long)]
+    deflate: bool,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,

@@ -50,6 +50,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             run.clone(),
             ready_tx.clone(),
             stop_subscribers.clone(),
+            args.deflate,
         ));
         if s % 100 == 99 {
             // Let the accept queue breathe while thousands of sockets connect.
@@ -125,6 +126,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
     let cpu_before = total_cpu(&args.pids);
     let redis_cpu_before = args.redis_pid.and_then(cpu_seconds);
     let started = Instant::now();
+    let wire_before = run.wire_bytes.load(Relaxed);
     run.measure_from_us.store(now_us(), Relaxed);
     let storm = (args.storm > 0).then(|| {
         let (urls, prefix, hold) = (
@@ -144,6 +146,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
         }
     };
     run.measure_until_us.store(now_us(), Relaxed);
+    let wire_bytes = run.wire_bytes.load(Relaxed) - wire_before;
     let counters_after = server_counters(args).await;
     let counted_secs = started.elapsed().as_secs_f64();
     ticker.abort();
@@ -227,6 +230,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             counters_after.pipelines,
             counted_secs,
         ),
+        wire_bytes_per_delivery: (delivered > 0).then(|| wire_bytes as f64 / delivered as f64),
         server_cpu_us_per_delivery: cpu
             .filter(|_| delivered > 0)
             .map(|s| s * 1e6 / delivered as f64),

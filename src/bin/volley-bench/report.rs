@@ -27,6 +27,8 @@ pub struct Report {
     pub redis_publish_per_s: Option<f64>,
     pub publish_pipelines_per_s: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// Bytes the subscribers read in the measured seconds per message delivered.
+    pub wire_bytes_per_delivery: Option<f64>,
     /// With --redis-pid: the Redis server's CPU seconds over the same span.
     pub redis_cpu_s: Option<f64>,
     /// With --storm: how the reconnect storm went (the measured seconds and the latency
@@ -85,6 +87,9 @@ impl Report {
                 self.redis_publish_per_s.unwrap_or(0.0),
                 self.publish_pipelines_per_s.unwrap_or(0.0)
             );
+        }
+        if let Some(bytes) = self.wire_bytes_per_delivery {
+            println!("wire bytes per delivery {bytes:.1}");
         }
         if let Some(s) = self.redis_cpu_s {
             println!("redis CPU {s:.2} s");

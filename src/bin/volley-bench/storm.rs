@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clients::{connect, join};
 use crate::plan::node_of;
+use crate::wire::Tap;
 
 /// How a storm went.
 pub struct Storm {
@@ -44,7 +45,10 @@ pub async fn run(
                     return false;
                 };
                 match connect(&url).await {
-                    Ok(mut ws) => join(&mut ws, &[room]).await.map(|_| ws).ok(),
+                    Ok(mut ws) => join(&mut ws, &Tap::default(), &[room])
+                        .await
+                        .map(|_| ws)
+                        .ok(),
                     Err(_) => None,
                 }
             };
