@@ -6,6 +6,10 @@
 //! reads only frame headers and counts payload bytes past, so it costs a few branches
 //! per frame, not per byte. The reader asks it after each frame whether a rule broke;
 //! the frame that broke it is not acted on.
+//!
+//! With permessage-deflate negotiated it also takes RSV1 off the first frame of a
+//! compressed message (the library refuses reserved bits) and tells the reader, in order,
+//! which messages came compressed (`Verdict::next_start`).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -252,5 +256,34 @@ mod tests {
         ok.extend(vec![0u8; 300]);
         ok.extend([0x88, 0x82, 1, 2, 3, 4, 0, 0]);
         assert_eq!(check(&ok), None);
+    }
+
+    #[test]
+    fn with_deflate_rsv1_is_taken_off_message_starts_and_reported_in_order() {
+        let verdict = Verdict::default();
+        let mut rules = FrameRules::new(tokio::io::empty(), &verdict).with_deflate(true);
+        let mut bytes = vec![0xC1, 0x81, 1, 2, 3, 4, 9]; // compressed text
+        bytes.extend([0x82, 0x81, 1, 2, 3, 4, 9]); // plain binary
+        bytes.extend([0x89, 0x80, 1, 2, 3, 4]); // ping: not a message
+        for i in 0..bytes.len() {
+            rules.observe(&mut bytes[i..i + 1]);
+        }
+        assert_eq!(bytes[0], 0x82, "RSV1 off, marked binary for the parser");
+        assert_eq!(
+            verdict.next_start(),
+            Some(Start {
+                compressed: true,
+                text: true
+            })
+        );
+        assert_eq!(
+            verdict.next_start(),
+            Some(Start {
+                compressed: false,
+                text: false
+            })
+        );
+        assert_eq!(verdict.next_start(), None);
+        assert_eq!(verdict.broken(), None);
     }
 }
