@@ -14,7 +14,7 @@ ROWS = [
     ("allocator (mimalloc) + page faults", (";mi_", "_mi_", "page_fault")),
     ("outbox push (the fan-out loop)", ("Outbox$LT$W$GT$::push", "Outbox<W>::push", "Outbox::push")),
     ("Redis connection driver and inbound envelopes", ("redis::",)),
-    ("parse and publish (`Session::on_text`)", ("on_text",)),
+    ("parse and publish (`Session::on_text` / `dispatch`)", ("on_text", "Session::dispatch")),
 ]
 
 
