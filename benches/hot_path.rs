@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
-use volley::bench::{batch_frame, compress_frame, DeliveryWindow, Drained, Hub, Outbox};
+use volley::bench::{batch_frame, compress_frame, DeliveryWindow, Drained, Hub, Outbox, Pace};
 use volley::config::BatchConfig;
 use volley::protocol::{self, outbound, Encoded};
 
@@ -124,7 +124,7 @@ fn hub_fan_out(c: &mut Criterion) {
         ..BatchConfig::default()
     }));
     for subscribers in [1usize, 100, 10_000] {
-        let hub = Hub::new();
+        let hub = Hub::with_window(window.clone(), Arc::default(), usize::MAX);
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers as u64)
             .map(|id| {
                 Arc::new(Outbox::new(
@@ -170,6 +170,53 @@ fn hub_fan_out(c: &mut Criterion) {
     group.finish();
 }
 
+/// One window of a busy room: 10 messages for 100 subscribers, pushed message by message
+/// into every outbox (window 0's way, what every window did before room-major delivery),
+/// or collected by the room and delivered at the tick as one shared frame.
+fn room_window(c: &mut Criterion) {
+    const SUBSCRIBERS: u64 = 100;
+    let mut group = c.benchmark_group("room_window");
+    let batch = messages(10);
+    group.throughput(Throughput::Elements(SUBSCRIBERS * batch.len() as u64));
+    for (name, window_ms) in [("per_message", 0), ("room_major", 50)] {
+        let window = Arc::new(DeliveryWindow::new(&BatchConfig {
+            delivery_window_ms: window_ms,
+            leading_edge: false,
+            ..BatchConfig::default()
+        }));
+        let hub = Hub::with_window(window.clone(), Arc::default(), usize::MAX);
+        let outboxes: Vec<Arc<Outbox>> = (0..SUBSCRIBERS)
+            .map(|id| {
+                Arc::new(Outbox::new(
+                    id,
+                    usize::MAX / 2,
+                    window.clone(),
+                    Arc::default(),
+                    Arc::default(),
+                ))
+            })
+            .collect();
+        for outbox in &outboxes {
+            hub.join("room", outbox, |_| {});
+        }
+        let mut drained = Drained::default();
+        group.bench_function(format!("{name}/100_subscribers_10_messages"), |b| {
+            b.iter(|| {
+                for message in &batch {
+                    black_box(hub.fan_out("room", message));
+                }
+                black_box(hub.tick(Pace::DEFAULT));
+                // What the sockets' writes take out: 10 messages each, or the one frame.
+                for outbox in &outboxes {
+                    outbox.drain(&mut drained);
+                    drained.messages.clear();
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn outbox_push_drain(c: &mut Criterion) {
     let mut group = c.benchmark_group("outbox");
     let items = messages(16);
@@ -207,6 +254,7 @@ criterion_group!(
     batch_assembly,
     deflate,
     hub_fan_out,
+    room_window,
     outbox_push_drain
 );
 criterion_main!(benches);

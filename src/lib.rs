@@ -78,7 +78,7 @@ pub mod fuzzing;
 #[doc(hidden)]
 pub mod bench {
     pub use crate::batch::delivery::batch_frame;
-    pub use crate::batch::DeliveryWindow;
+    pub use crate::batch::{DeliveryWindow, Pace};
     pub use crate::deflate::compress_frame;
     pub use crate::hub::Hub;
     pub use crate::metrics::Stats;

@@ -335,7 +335,7 @@ impl Stats {
         counter(
             &mut out,
             "volley_conflated_total",
-            "Queued messages a socket never got because a newer one with the same conflation key replaced them (rooms with conflate).",
+            "Messages replaced by a newer one with the same conflation key (rooms with conflate): in a room's window, counted once for all its subscribers, or in a slow reader's outbox, counted per socket.",
             self.conflated.load(Relaxed),
         );
         labelled_counter(

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::auth::Authenticator;
-use crate::batch::DeliveryWindow;
+use crate::batch::{DeliveryWindow, Pace};
 use crate::broker::{
     Broker, BrokerState, Envelope, EnvelopeSink, Kind, OnlineUsers, PresenceError, PresenceEvent,
     PublishError, Target, UserPresence,
@@ -77,13 +77,25 @@ impl Node {
             );
             let due: Arc<DueList> = Arc::new(DueList::new(window.paces().count()));
             for pace in window.paces() {
+                // At each tick the rooms deliver their windows first, then the sockets
+                // listed for the tick write what they hold (the window's clock, once).
+                let me = me.clone();
                 tokio::spawn(DueList::run_ticks(
                     Arc::downgrade(&due),
                     window.clone(),
                     pace,
+                    move |pace| {
+                        me.upgrade()
+                            .map(|node| node.deliver_windows(pace))
+                            .is_some()
+                    },
                 ));
             }
-            let hub = Hub::with_window(window.clone());
+            let hub = Hub::with_window(
+                window.clone(),
+                stats.clone(),
+                config.limits.max_outbox_bytes,
+            );
             // Server::bind validated the classes; a hand-built bad config gets none.
             let classes = RoomClasses::new(&config.rooms).unwrap_or_default();
             // Server::bind refused a key that cannot be loaded; here nothing is trusted.
@@ -379,6 +391,11 @@ impl Node {
         sent.map(|()| fan)
     }
 
+    /// `pace`'s tick: the rooms with messages collected in its window deliver them.
+    fn deliver_windows(&self, pace: Pace) {
+        self.log_slow_consumers(self.hub.tick(pace));
+    }
+
     /// Logs the slow consumers a fan-out closed (the outbox counted them).
     fn log_slow_consumers(&self, fan: FanOut) -> FanOut {
         if fan.overflowed > 0 {
@@ -392,6 +409,10 @@ impl Node {
 
     /// Asks every socket to flush what it has queued and close with 1001.
     pub fn close_all_sockets(&self) {
+        // What rooms collected for their next tick goes out with the rest.
+        for pace in self.window.paces() {
+            self.deliver_windows(pace);
+        }
         for socket in self.hub.sockets() {
             socket.close(CloseReason::Shutdown);
         }

@@ -185,27 +185,229 @@ async fn rooms_of_a_class_keep_the_classes_window_beside_rooms_on_the_default() 
 }
 
 #[tokio::test]
-async fn a_message_due_at_once_takes_what_waits_for_a_slower_window_along() {
+async fn a_chat_line_due_at_once_leaves_alone_and_the_scores_keep_their_tick() {
     let server = start(two_paces).await;
     let addr = server.local_addr();
     let mut both = Client::connect(addr).await;
     both.join("scores:1").await;
     both.join("lobby").await;
     let mut publisher = Client::connect(addr).await;
-    // Two scoreboard updates wait for their 300 ms tick; the chat line right behind them
-    // is due at once and carries them along, in order, in one frame.
+    // Two scoreboard updates wait in their room's window for its 300 ms tick; the chat
+    // line right behind them goes at once, alone: a room's window leaves at its own tick.
     let mut frames = burst("scores:1", 2);
     frames.push(json!({"type":"message","roomId":"lobby","content":"hi"}));
     publisher.send_burst(&frames).await;
-    let got = frame_messages(&both.next_frame().await);
-    let seen: Vec<(&Value, &Value)> = got.iter().map(|m| (&m["roomId"], &m["content"])).collect();
+    let seen = |frame: &str| -> Vec<(Value, Value)> {
+        frame_messages(frame)
+            .iter()
+            .map(|m| (m["roomId"].clone(), m["content"].clone()))
+            .collect()
+    };
     assert_eq!(
-        seen,
-        [
-            (&json!("scores:1"), &json!(0)),
-            (&json!("scores:1"), &json!(1)),
-            (&json!("lobby"), &json!("hi")),
-        ],
-        "{got:?}"
+        seen(&both.next_frame().await),
+        [(json!("lobby"), json!("hi"))]
     );
+    assert_eq!(
+        seen(&both.next_frame().await),
+        [(json!("scores:1"), json!(0)), (json!("scores:1"), json!(1))]
+    );
+}
+
+/// `[batch]` at 60 s without a leading edge (only shutdown delivers), `sync*` rooms at 0
+/// ms: a socket that gets a `sync` room's notice knows the node read its earlier frames.
+fn held_for_shutdown(c: &mut volley::Config) {
+    c.batch.delivery_window_ms = 60_000;
+    c.batch.leading_edge = false;
+    c.rooms = vec![volley::config::RoomClass {
+        pattern: "sync*".into(),
+        delivery_window_ms: Some(0),
+        ..Default::default()
+    }];
+}
+
+/// What one client saw: room `r`'s messages as (type, content), and every frame's text.
+#[derive(Default)]
+struct Seen {
+    r: Vec<(String, Value)>,
+    frames: Vec<String>,
+}
+
+impl Seen {
+    fn add(&mut self, text: String) {
+        for m in frame_messages(&text) {
+            if m["roomId"] == "r" {
+                let ty = m["type"].as_str().unwrap_or_default().to_string();
+                self.r.push((ty, m["content"].clone()));
+            }
+        }
+        self.frames.push(text);
+    }
+}
+
+/// Sends `frames`, then joins `sync`, and returns once the node has read them all; what
+/// arrives meanwhile is kept in `seen`.
+async fn send_then_sync(client: &mut Client, frames: &[Value], sync: &str, seen: &mut Seen) {
+    client.send_burst(frames).await;
+    client.send(json!({"type":"join","roomId":sync})).await;
+    loop {
+        let text = client.next_frame().await;
+        let synced = frame_messages(&text)
+            .iter()
+            .any(|m| m["type"] == "user_joined" && m["roomId"] == sync);
+        seen.add(text);
+        if synced {
+            return;
+        }
+    }
+}
+
+/// Reads every frame until the close into `seen`, and answers the close.
+async fn until_close(client: &mut Client, seen: &mut Seen) {
+    loop {
+        match client.next_event().await {
+            Event::Frame(text) => seen.add(text),
+            // Reading on sends the close reply; the connection then ends.
+            Event::Close(..) => continue,
+            Event::Ended => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn sockets_that_join_or_leave_while_a_window_is_open_get_exactly_their_share() {
+    let server = start(held_for_shutdown).await;
+    let addr = server.local_addr();
+    let publish = |n: u64| async move {
+        let (status, _) = api_publish(addr, &json!({"roomId":"r","content":n})).await;
+        assert_eq!(status, 200);
+    };
+    let join_r = [json!({"type":"join","roomId":"r"})];
+    let (mut early_saw, mut leaver_saw, mut late_saw) = Default::default();
+    let mut early = Client::connect(addr).await;
+    send_then_sync(&mut early, &join_r, "sync-a", &mut early_saw).await;
+    let mut leaver = Client::connect(addr).await;
+    send_then_sync(&mut leaver, &join_r, "sync-b", &mut leaver_saw).await;
+    publish(0).await;
+    publish(1).await;
+    let leave_r = [json!({"type":"leave","roomId":"r"})];
+    send_then_sync(&mut leaver, &leave_r, "sync-c", &mut leaver_saw).await;
+    let mut late = Client::connect(addr).await;
+    send_then_sync(&mut late, &join_r, "sync-d", &mut late_saw).await;
+    publish(2).await;
+
+    // All of it is still in the room's window; shutdown delivers it.
+    let report = tokio::spawn(server.shutdown());
+    let joined = || ("user_joined".to_string(), Value::Null);
+    let message = |n: u64| ("message".to_string(), json!(n));
+    until_close(&mut early, &mut early_saw).await;
+    assert_eq!(
+        early_saw.r,
+        [
+            joined(),
+            joined(),
+            message(0),
+            message(1),
+            ("user_left".to_string(), Value::Null),
+            joined(),
+            message(2)
+        ]
+    );
+    // The leaver gets what came while it was in the room, nothing after.
+    until_close(&mut leaver, &mut leaver_saw).await;
+    assert_eq!(leaver_saw.r, [joined(), message(0), message(1)]);
+    // The late joiner gets only what came after its join.
+    until_close(&mut late, &mut late_saw).await;
+    assert_eq!(late_saw.r, [joined(), message(2)]);
+    assert!(report.await.unwrap().drained);
+}
+
+#[tokio::test]
+async fn each_rooms_window_is_one_frame_shared_by_its_subscribers() {
+    let server = start(|c| {
+        held_for_shutdown(c);
+        // The first socket's joins go at once (the rooms were quiet); the second's
+        // notices open the rooms' windows, which both sockets are full members of.
+        c.batch.leading_edge = true;
+    })
+    .await;
+    let addr = server.local_addr();
+    let joins = [
+        json!({"type":"join","roomId":"x"}),
+        json!({"type":"join","roomId":"y"}),
+    ];
+    let (mut a_saw, mut b_saw, mut p_saw) = Default::default();
+    let mut a = Client::connect(addr).await;
+    send_then_sync(&mut a, &joins, "sync-a", &mut a_saw).await;
+    let mut b = Client::connect(addr).await;
+    send_then_sync(&mut b, &joins, "sync-b", &mut b_saw).await;
+    let mut publisher = Client::connect(addr).await;
+    let mut frames = burst("x", 2);
+    frames.extend(burst("y", 2));
+    send_then_sync(&mut publisher, &frames, "sync-p", &mut p_saw).await;
+
+    let report = tokio::spawn(server.shutdown());
+    until_close(&mut a, &mut a_saw).await;
+    until_close(&mut b, &mut b_saw).await;
+    until_close(&mut publisher, &mut p_saw).await;
+    let windows = |seen: &Seen| -> Vec<String> {
+        seen.frames
+            .iter()
+            .filter(|f| f.starts_with(r#"{"type":"batch""#) && f.contains(r#""type":"message""#))
+            .cloned()
+            .collect()
+    };
+    let (a_windows, b_windows) = (windows(&a_saw), windows(&b_saw));
+    let rooms: Vec<Vec<(Value, Value)>> = a_windows
+        .iter()
+        .map(|f| {
+            frame_messages(f)
+                .iter()
+                .map(|m| (m["roomId"].clone(), m["type"].clone()))
+                .collect()
+        })
+        .collect();
+    let room = |r: &str| -> Vec<(Value, Value)> {
+        ["user_joined", "message", "message"]
+            .iter()
+            .map(|t| (json!(r), json!(t)))
+            .collect()
+    };
+    // One frame per room window (b's notice, the two messages), never one mixed batch.
+    // (a's own notice of y waited in a's outbox, and went in a frame of its own.)
+    assert_eq!(rooms, [room("x"), room("y")]);
+    // Built once per room: both subscribers got the very same frames.
+    assert_eq!(a_windows, b_windows);
+    assert!(report.await.unwrap().drained);
+}
+
+#[tokio::test]
+async fn a_room_window_past_one_outbox_of_bytes_leaves_before_its_tick() {
+    let server = start(|c| {
+        held_for_shutdown(c);
+        c.limits.max_frame_bytes = 4096;
+        c.limits.max_outbox_bytes = 16 * 1024;
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut sub = Client::connect(addr).await;
+    let join_r = [json!({"type":"join","roomId":"r"})];
+    send_then_sync(&mut sub, &join_r, "sync", &mut Seen::default()).await;
+    // 20 x 1 KB in a 60 s window: more than one outbox's worth. The room delivers what it
+    // collected instead of holding more, and a reader that reads keeps up.
+    let body = "x".repeat(1000);
+    for n in 0..20u64 {
+        let (status, _) =
+            api_publish(addr, &json!({"roomId":"r","content":{"n":n,"pad":body}})).await;
+        assert_eq!(status, 200);
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        for m in frame_messages(&sub.next_frame().await) {
+            if m["type"] == "message" {
+                got.push(m["content"]["n"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>());
+    assert_eq!(metric(addr, "volley_slow_consumers_closed_total").await, 0);
 }

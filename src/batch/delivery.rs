@@ -258,10 +258,10 @@ impl DeliveryWindow {
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Appends to `out` the frames that carry `items`, in order: one frame per message
-    /// unless `batched` (some of them waited for a window), else as few frames as the
-    /// batch limits allow. `frames_of(messages, n)` hears that `n` frames carried
-    /// `messages` messages each.
+    /// Appends to `out` the frames that carry `items`, in order: a room's framed window
+    /// as it is; other messages one frame each unless `batched` (some of them waited for
+    /// a window), else as few frames as the batch limits allow. `frames_of(messages, n)`
+    /// hears that `n` frames carried `messages` messages each.
     pub fn frames(
         &self,
         items: &[Encoded],
@@ -269,23 +269,22 @@ impl DeliveryWindow {
         out: &mut Vec<Bytes>,
         mut frames_of: impl FnMut(usize, usize),
     ) {
-        if !batched {
-            out.extend(items.iter().map(|e| e.frame().clone()));
-            frames_of(1, items.len());
-            return;
-        }
         let mut start = 0;
         while start < items.len() {
-            let mut end = start + 1;
-            let mut bytes = items[start].json().len();
-            while end < items.len() && end - start < self.max_messages {
-                let next = items[end].json().len() + 1;
-                if bytes + next > self.max_bytes {
-                    break;
-                }
-                bytes += next;
-                end += 1;
+            let first = &items[start];
+            if let Some(messages) = first.framed() {
+                out.push(first.frame().clone());
+                frames_of(messages, 1);
+                start += 1;
+                continue;
             }
+            if !batched {
+                out.push(first.frame().clone());
+                frames_of(1, 1);
+                start += 1;
+                continue;
+            }
+            let end = self.group_end(items, start);
             let group = &items[start..end];
             frames_of(group.len(), 1);
             if group.len() == 1 {
@@ -295,6 +294,39 @@ impl DeliveryWindow {
             }
             start = end;
         }
+    }
+
+    /// Room-major delivery: the frames that carry one room's window of `messages` (in
+    /// order, within the batch limits), built once for all its subscribers and marked
+    /// framed, so an outbox writes them as they are.
+    pub fn room_frames(&self, messages: &[Encoded], out: &mut Vec<Encoded>) {
+        let mut start = 0;
+        while start < messages.len() {
+            let end = self.group_end(messages, start);
+            let group = &messages[start..end];
+            out.push(match group {
+                [one] => one.clone().into_framed(1),
+                _ => batch_frame(group).into_framed(group.len()),
+            });
+            start = end;
+        }
+    }
+
+    /// Where the batch that starts at `items[start]` ends: before the first framed item,
+    /// or where one more message would pass `max_batch_messages` or `max_batch_bytes`.
+    fn group_end(&self, items: &[Encoded], start: usize) -> usize {
+        let mut end = start + 1;
+        let mut bytes = items[start].json().len();
+        while end < items.len() && end - start < self.max_messages && items[end].framed().is_none()
+        {
+            let next = items[end].json().len() + 1;
+            if bytes + next > self.max_bytes {
+                break;
+            }
+            bytes += next;
+            end += 1;
+        }
+        end
     }
 
     fn shared_batch(&self, group: &[Encoded]) -> Bytes {

@@ -41,8 +41,16 @@ impl<W: SocketWrite> DueList<W> {
             .push(outbox);
     }
 
-    /// Flushes the sockets due at each tick of `pace`, until the list is dropped.
-    pub async fn run_ticks(list: Weak<DueList<W>>, window: Arc<DeliveryWindow>, pace: Pace) {
+    /// Flushes the sockets due at each tick of `pace`, until the list is dropped or
+    /// `first` says to stop. At every tick `first(pace)` runs before the sockets are
+    /// written: the node's rooms deliver their collected windows there (room-major
+    /// delivery), so what they push leaves in the same writes.
+    pub async fn run_ticks(
+        list: Weak<DueList<W>>,
+        window: Arc<DeliveryWindow>,
+        pace: Pace,
+        first: impl Fn(Pace) -> bool,
+    ) {
         // Window 0 sends everything at once and never schedules: no clock to run (it
         // would wake every millisecond for nothing).
         if window.is_immediate(pace) {
@@ -56,6 +64,9 @@ impl<W: SocketWrite> DueList<W> {
                 return;
             };
             window.new_tick();
+            if !first(pace) {
+                return;
+            }
             match list.due.get(pace.index()) {
                 Some(listed) => std::mem::swap(&mut *listed.lock(), &mut due),
                 None => return,

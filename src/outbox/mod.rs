@@ -248,18 +248,7 @@ impl<W: SocketWrite> Outbox<W> {
         if state.close.is_some() {
             return Pushed::Closed;
         }
-        let key = message.conflation_key();
-        if key != 0 {
-            // Conflation: the socket gets the latest message per key, never a stale one
-            // after a fresh one; the older one gives way before the bound is checked, so
-            // a slow reader of conflated rooms holds one message per key.
-            if let Some(at) = state.queue.iter().rposition(|m| m.conflation_key() == key) {
-                let old = state.queue.remove(at);
-                state.bytes -= old.wire_len();
-                self.stats.conflated();
-            }
-        }
-        if state.bytes + message.wire_len() > self.max_bytes {
+        if !self.make_room(&mut state, message) {
             self.overflow(state);
             return Pushed::Overflowed;
         }
@@ -285,6 +274,48 @@ impl<W: SocketWrite> Outbox<W> {
         drop(state);
         self.due.schedule(pace, self.clone());
         Pushed::Queued
+    }
+
+    /// Room-major delivery, at a tick: queues a room's framed window (or, for a conflated
+    /// room, one of its window's messages), due now; `since` is when the room queued the
+    /// oldest of them. The first push since the socket's last write returns
+    /// `Pushed::Due`: the caller flushes the socket once every room of the tick has
+    /// pushed, so a socket in several rooms gets all their frames in one vectored write.
+    pub fn push_due(&self, message: &Encoded, since: Instant) -> Pushed {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return Pushed::Closed;
+        }
+        if !self.make_room(&mut state, message) {
+            self.overflow(state);
+            return Pushed::Overflowed;
+        }
+        if state.queue.is_empty() {
+            state.since = Some(since);
+        }
+        state.queue.push(message.clone());
+        state.bytes += message.wire_len();
+        state.batched = true;
+        if std::mem::replace(&mut state.wake_pending, true) {
+            return Pushed::Queued;
+        }
+        Pushed::Due
+    }
+
+    /// Whether `message` fits under the bound. Conflation first: the socket gets the
+    /// latest message per key, never a stale one after a fresh one; a queued older one
+    /// gives way before the bound is checked, so a slow reader of conflated rooms holds
+    /// one message per key.
+    fn make_room(&self, state: &mut State, message: &Encoded) -> bool {
+        let key = message.conflation_key();
+        if key != 0 {
+            if let Some(at) = state.queue.iter().rposition(|m| m.conflation_key() == key) {
+                let old = state.queue.remove(at);
+                state.bytes -= old.wire_len();
+                self.stats.conflated();
+            }
+        }
+        state.bytes + message.wire_len() <= self.max_bytes
     }
 
     /// `pace`'s tick: the socket is off that pace's list; writes what is queued.

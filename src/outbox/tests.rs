@@ -243,6 +243,7 @@ async fn a_windowed_socket_waits_for_the_tick_then_writes_one_batch() {
         Arc::downgrade(&due),
         window,
         Pace::DEFAULT,
+        |_| true,
     ));
     let (m1, m2, m3) = (message(1), message(2), message(3));
     // Leading edge: the first goes at once; the next two wait for the tick.

@@ -26,6 +26,9 @@ pub struct Encoded {
     /// For rooms with `conflate`: the message's room and key value, hashed; 0 = none.
     /// A newer message with the same key replaces this one in an outbox.
     conflation_key: u64,
+    /// 0 for one message; else a room's window already framed, carrying this many
+    /// messages: it leaves as its own frame, never nested in another batch.
+    carries: u32,
 }
 
 impl Encoded {
@@ -47,6 +50,21 @@ impl Encoded {
     /// The conflation key (0 = none).
     pub fn conflation_key(&self) -> u64 {
         self.conflation_key
+    }
+
+    /// How many messages this frame carries if it is a room's framed window (see
+    /// `carries`), else `None`: a message that may be batched with others.
+    pub fn framed(&self) -> Option<usize> {
+        (self.carries > 0).then_some(self.carries as usize)
+    }
+
+    /// The same frame (shared bytes), as a room's framed window of `messages` messages:
+    /// an outbox writes it as it is.
+    pub fn into_framed(self, messages: usize) -> Encoded {
+        Encoded {
+            carries: messages.clamp(1, u32::MAX as usize) as u32,
+            ..self
+        }
     }
 
     /// The same frame (shared bytes), replaceable in an outbox by a newer message with
@@ -124,6 +142,7 @@ impl Builder {
             frame: buf.freeze().slice(MAX_HEADER - h..),
             header_len: h as u8,
             conflation_key: 0,
+            carries: 0,
         }
     }
 }

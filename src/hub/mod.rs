@@ -7,17 +7,21 @@
 //! `.await`. An empty room is removed from the map at once, so join/leave churn leaves
 //! nothing behind; a join racing that removal sees the room marked dead and retries.
 
+mod room;
+
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use indexmap::IndexMap;
-use parking_lot::Mutex;
 
 use crate::batch::{DeliveryWindow, Pace};
 use crate::config::BatchConfig;
-use crate::outbox::{with_scratch, ConnId, Outbox, Pushed};
-use crate::protocol::{outbound, Encoded};
+use crate::metrics::Stats;
+use crate::outbox::{with_scratch, ConnId, Outbox};
+use crate::protocol::Encoded;
+pub use room::FanOut;
+use room::{DueRooms, Room};
 
 /// Shards for the room map; more than the default keeps unrelated rooms apart on big nodes.
 const ROOM_SHARDS: usize = 64;
@@ -30,48 +34,10 @@ pub struct Hub {
     users: DashMap<Arc<str>, IndexMap<ConnId, Arc<Outbox>>>,
     /// Sockets that asked for presence events.
     watchers: DashMap<ConnId, Arc<Outbox>>,
-    /// Gives each room its pace (its class's delivery window).
-    window: Arc<DeliveryWindow>,
+    /// Gives each room its pace (its class's delivery window), and lists the rooms with
+    /// a collected window for their pace's tick.
+    due_rooms: Arc<DueRooms>,
 }
-
-struct Room {
-    name: Arc<str>,
-    /// Its class's delivery window, looked up once when the room is made.
-    pace: Pace,
-    /// Its class's conflation field: each message gets its key here, once per room.
-    conflate: Option<Arc<str>>,
-    members: Mutex<Members>,
-}
-
-#[derive(Default)]
-struct Members {
-    /// Insertion-ordered for fast iteration; `swap_remove` keeps leave O(1).
-    by_id: IndexMap<ConnId, Arc<Outbox>>,
-    /// Sockets joining with a replay: what arrives meanwhile waits here, so that it can
-    /// follow the history frame (see `Hub::finish_replay`).
-    replaying: Vec<Replaying>,
-    /// Set when the room is being removed from the map; joiners must look again.
-    dead: bool,
-}
-
-struct Replaying {
-    outbox: Arc<Outbox>,
-    held: Vec<Encoded>,
-}
-
-impl Members {
-    fn count(&self) -> usize {
-        self.by_id.len() + self.replaying.len()
-    }
-
-    fn contains(&self, id: ConnId) -> bool {
-        self.by_id.contains_key(&id) || self.replaying.iter().any(|r| r.outbox.id() == id)
-    }
-}
-
-/// Most messages held for a socket while its replay is read; a room that outruns that
-/// closes the socket as a slow consumer rather than hold more.
-const MAX_HELD_FOR_REPLAY: usize = 10_000;
 
 /// What a join changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,28 +62,6 @@ pub enum Left {
     NotMember,
 }
 
-/// The outcome of one fan-out.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FanOut {
-    pub queued: usize,
-    /// Sockets this message pushed over their outbox limit (now closing as slow consumers).
-    pub overflowed: usize,
-}
-
-impl FanOut {
-    fn count(&mut self, pushed: Pushed, outbox: &Arc<Outbox>, due: &mut Vec<Arc<Outbox>>) {
-        match pushed {
-            Pushed::Queued => self.queued += 1,
-            Pushed::Due => {
-                self.queued += 1;
-                due.push(outbox.clone());
-            }
-            Pushed::Overflowed => self.overflowed += 1,
-            Pushed::Closed => {}
-        }
-    }
-}
-
 /// Runs a fan-out with a list for the sockets it makes due, then writes them, once the
 /// fan-out has released its locks. The list is the thread's own and is reused.
 fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
@@ -134,48 +78,21 @@ fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
 }
 
 /// A handle on one room with local sockets, from `Hub::room`.
-pub struct RoomRef(Arc<Room>);
+pub struct RoomRef(Arc<Room>, Arc<DueRooms>);
 
 impl RoomRef {
     pub fn name(&self) -> &Arc<str> {
         &self.0.name
     }
 
-    /// Queues `message` for every local socket in the room, in one pass under the room's
-    /// lock, so all of them see the room's messages in the same order.
-    /// Sockets the message makes due at once are written after the lock is released.
+    /// Sends `message` to every local socket in the room: at once, or in the room's
+    /// window for its tick (`room.rs`). Either way under the room's lock, so all of them
+    /// see the room's messages in the same order; sockets made due are written after
+    /// the lock is released.
     pub fn fan_out(&self, message: &Encoded) -> FanOut {
-        let keyed;
-        let message = match &self.0.conflate {
-            Some(field) => match outbound::conflation_key(&self.0.name, message.json(), field) {
-                0 => message,
-                key => {
-                    keyed = message.with_conflation_key(key);
-                    &keyed
-                }
-            },
-            None => message,
-        };
-        with_due(|due| {
-            let mut out = FanOut::default();
-            let mut members = self.0.members.lock();
-            let pace = self.0.pace;
-            for outbox in members.by_id.values() {
-                out.count(outbox.push_paced(message, pace), outbox, due);
-            }
-            for joiner in &mut members.replaying {
-                if joiner.held.len() < MAX_HELD_FOR_REPLAY {
-                    joiner.held.push(message.clone());
-                } else if joiner
-                    .outbox
-                    .close(crate::outbox::CloseReason::SlowConsumer)
-                {
-                    out.overflowed += 1;
-                }
-            }
-            drop(members);
-            out
-        })
+        let keyed = self.0.keyed(message);
+        let message = keyed.as_ref().unwrap_or(message);
+        with_due(|due| self.0.fan_out(message, &self.1, due))
     }
 }
 
@@ -188,18 +105,38 @@ impl Default for Hub {
 impl Hub {
     /// A hub whose rooms all keep `[batch]`'s default window.
     pub fn new() -> Hub {
-        Hub::with_window(Arc::new(DeliveryWindow::new(&BatchConfig::default())))
+        let window = Arc::new(DeliveryWindow::new(&BatchConfig::default()));
+        Hub::with_window(window, Arc::default(), usize::MAX)
     }
 
-    /// A hub whose rooms keep the paces `window` gives their classes.
-    pub fn with_window(window: Arc<DeliveryWindow>) -> Hub {
+    /// A hub whose rooms keep the paces `window` gives their classes, and collect at most
+    /// `max_window_bytes` (one outbox's bound) per window before delivering early.
+    pub fn with_window(
+        window: Arc<DeliveryWindow>,
+        stats: Arc<Stats>,
+        max_window_bytes: usize,
+    ) -> Hub {
         Hub {
             rooms: DashMap::with_shard_amount(ROOM_SHARDS),
             sockets: DashMap::new(),
             users: DashMap::new(),
             watchers: DashMap::new(),
-            window,
+            due_rooms: Arc::new(DueRooms::new(window, stats, max_window_bytes)),
         }
+    }
+
+    /// `pace`'s tick, before the sockets': every room with a collected window delivers it.
+    /// Each socket is written once, after all the rooms have pushed.
+    pub fn tick(&self, pace: Pace) -> FanOut {
+        let rooms = self.due_rooms.take(pace);
+        with_due(|due| {
+            let mut out = FanOut::default();
+            for room in rooms {
+                let conflated = room.conflate.is_some();
+                out.add(room.members.lock().deliver(conflated, &self.due_rooms, due));
+            }
+            out
+        })
     }
 
     /// Adds a socket of `user`; `on_first` runs, under the user's entry lock, when it is
@@ -311,23 +248,21 @@ impl Hub {
         let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return FanOut::default();
         };
+        let newer = |message: &Encoded| {
+            crate::protocol::outbound::offset_of(message.json()).is_none_or(|offset| offset > after)
+        };
         with_due(|due| {
             let mut out = FanOut::default();
             let mut members = entry.members.lock();
             let Some(at) = members.replaying.iter().position(|r| r.outbox.id() == id) else {
                 return out;
             };
-            let Replaying { outbox, held } = members.replaying.swap_remove(at);
-            let pace = entry.pace;
-            out.count(outbox.push_paced(first, pace), &outbox, due);
-            for message in &held {
-                let newer = crate::protocol::outbound::offset_of(message.json())
-                    .is_none_or(|offset| offset > after);
-                if newer {
-                    out.count(outbox.push_paced(message, pace), &outbox, due);
-                }
+            let joiner = members.finish_replay(at, newer);
+            let (outbox, pace) = (&joiner.outbox, entry.pace);
+            out.count(outbox.push_paced(first, pace), outbox, due);
+            for message in joiner.held.iter().filter(|m| newer(m)) {
+                out.count(outbox.push_paced(message, pace), outbox, due);
             }
-            members.by_id.insert(id, outbox);
             out
         })
     }
@@ -346,14 +281,7 @@ impl Hub {
                     let name: Arc<str> = Arc::from(room);
                     self.rooms
                         .entry(name.clone())
-                        .or_insert_with(|| {
-                            Arc::new(Room {
-                                pace: self.window.pace_of(&name),
-                                conflate: self.window.conflate_of(&name),
-                                name,
-                                members: Mutex::default(),
-                            })
-                        })
+                        .or_insert_with(|| Arc::new(Room::new(name, &self.due_rooms.window)))
                         .value()
                         .clone()
                 }
@@ -370,12 +298,9 @@ impl Hub {
             }
             let first = members.count() == 0;
             if replaying {
-                members.replaying.push(Replaying {
-                    outbox: outbox.clone(),
-                    held: Vec::new(),
-                });
+                members.insert_replaying(outbox.clone());
             } else {
-                members.by_id.insert(outbox.id(), outbox.clone());
+                members.insert(outbox.clone());
             }
             if first {
                 on_first(&entry.name);
@@ -393,33 +318,34 @@ impl Hub {
         let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return Left::NotMember;
         };
-        let mut members = entry.members.lock();
-        if members.by_id.swap_remove(&id).is_none() {
-            let Some(at) = members.replaying.iter().position(|r| r.outbox.id() == id) else {
-                return Left::NotMember;
+        let mut left = Left::NotMember;
+        with_due(|due| {
+            let mut members = entry.members.lock();
+            if !members.remove(id, entry.pace, due) {
+                return FanOut::default();
+            }
+            let count = members.count();
+            left = Left::Gone {
+                last: count == 0,
+                members: count,
             };
-            members.replaying.swap_remove(at);
-        }
-        if members.count() > 0 {
-            return Left::Gone {
-                last: false,
-                members: members.count(),
-            };
-        }
-        on_last(room);
-        members.dead = true;
-        drop(members);
-        self.rooms.remove_if(room, |_, r| Arc::ptr_eq(r, &entry));
-        Left::Gone {
-            last: true,
-            members: 0,
-        }
+            if count == 0 {
+                on_last(room);
+                members.dead = true;
+                drop(members);
+                self.rooms.remove_if(room, |_, r| Arc::ptr_eq(r, &entry));
+            }
+            FanOut::default()
+        });
+        left
     }
 
     /// The room, if any local socket is in it. The handle keeps the room's shared name,
     /// so a publish can address the broker without allocating one.
     pub fn room(&self, room: &str) -> Option<RoomRef> {
-        self.rooms.get(room).map(|r| RoomRef(r.value().clone()))
+        self.rooms
+            .get(room)
+            .map(|r| RoomRef(r.value().clone(), self.due_rooms.clone()))
     }
 
     /// Queues `message` for every local socket in `room`.
@@ -453,6 +379,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::outbound;
 
     fn outbox(id: ConnId) -> Arc<Outbox> {
         let immediate = crate::config::BatchConfig {
@@ -466,6 +393,52 @@ mod tests {
             Arc::default(),
             Arc::default(),
         ))
+    }
+
+    /// A hub whose rooms collect for a 60 s window without a leading edge: only `tick`
+    /// delivers.
+    fn collecting_hub() -> Hub {
+        let window = crate::config::BatchConfig {
+            delivery_window_ms: 60_000,
+            leading_edge: false,
+            ..Default::default()
+        };
+        let window = Arc::new(DeliveryWindow::new(&window));
+        Hub::with_window(window, Arc::default(), usize::MAX)
+    }
+
+    /// The JSON of everything queued in `outbox`, taken out.
+    fn queued(outbox: &Outbox) -> Vec<String> {
+        let mut drained = crate::outbox::Drained::default();
+        outbox.drain(&mut drained);
+        drained
+            .messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(m.json()).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_replay_that_ends_while_the_window_is_open_gets_only_what_the_history_lacks() {
+        let hub = collecting_hub();
+        let (member, joiner) = (outbox(1), outbox(2));
+        hub.join("r", &member, |_| {});
+        hub.join_replaying("r", &joiner, |_| {});
+        let plain = Encoded::from_json(br#"{"n":0}"#);
+        let m1 = outbound::with_offset(&plain, 1);
+        let m2 = outbound::with_offset(&plain, 2);
+        hub.fan_out("r", &m1);
+        hub.fan_out("r", &m2);
+        // The history read carried offset 1; both are still in the room's window.
+        let history = Encoded::from_json(br#"{"type":"history"}"#);
+        hub.finish_replay("r", 2, &history, 1);
+        assert_eq!(queued(&joiner), [r#"{"type":"history"}"#]);
+        hub.tick(Pace::DEFAULT);
+        assert_eq!(queued(&joiner), [String::from_utf8_lossy(m2.json())]);
+        // The member got the window as one frame: both messages.
+        let window = queued(&member);
+        assert_eq!(window.len(), 1);
+        assert!(window[0].starts_with(r#"{"type":"batch""#), "{window:?}");
     }
 
     #[test]
