@@ -12,7 +12,7 @@ ROWS = [
     ("epoll and socket reads", ("epoll", "tcp_recvmsg", "sys_read", "recvfrom")),
     ("tokio worker park/unpark, futex", ("futex", "park", "Park")),
     ("allocator (mimalloc) + page faults", (";mi_", "_mi_", "page_fault")),
-    ("outbox push (the fan-out loop)", ("Outbox$LT$W$GT$::push", "Outbox<W>::push", "Outbox::push")),
+    ("fan-out: outbox pushes and room windows", ("Outbox$LT$W$GT$::push", "Outbox<W>::push", "Outbox::push", "hub::room::")),
     ("Redis connection driver and inbound envelopes", ("redis::",)),
     ("parse and publish (`Session::on_text` / `dispatch`)", ("on_text", "Session::dispatch")),
 ]

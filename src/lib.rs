@@ -24,7 +24,7 @@
 //! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
 //! | `batch` | delivery-window policy: window clocks, a pace per room class's window, leading edge, batch frames, shared-batch memo |
 //! | `outbox` | one socket's bounded queue and its writes (inline, writer task); the due list and its tick task |
-//! | `hub` | sharded room -> local subscribers map (each room with its pace and conflation field); local fan-out into outboxes |
+//! | `hub` | sharded room -> local subscribers map (each room with its pace and conflation field); `room.rs`: a room's window, collected once and delivered at its tick as shared frames |
 //! | [`broker`] | the seam to other nodes: `memory` engine (default), `redis` (pub/sub, pipelined publish windows, durable streams, presence, keys), `sharded` (rooms over independent Redis servers), `redis_cluster` (a Redis engine per cluster master, sharded pub/sub, following the slot map) and `sentinel` (the Redis engine on whichever master Sentinel names) |
 //! | [`node`] | owns hub, broker, delivery window and due list; where a message enters and fans out |
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
@@ -39,11 +39,13 @@
 //! ## One message's way
 //!
 //! `connection` reads a text frame -> `protocol::parse` borrows `content` as raw JSON ->
-//! `Node::publish` encodes the server frame once -> `Hub::fan_out` pushes the shared
-//! `Bytes` into each subscriber's `Outbox` and the broker carries it to other nodes ->
-//! at the socket's delivery window (the node's tick, or at once on the leading edge) the
-//! thread that finds it due writes one frame (the message, or a `batch`) with one
-//! non-blocking vectored write; only what would block goes to the socket's writer task.
+//! `Node::publish` encodes the server frame once -> `Hub::fan_out` adds it to the room's
+//! window (or, on the leading edge and with window 0, pushes the shared `Bytes` into each
+//! subscriber's `Outbox` at once) and the broker carries it to other nodes -> at the
+//! window's tick the room frames its window once (the message, or a `batch`) and pushes
+//! that frame into each subscriber's outbox -> the thread that finds a socket due writes
+//! everything it holds with one non-blocking vectored write; only what would block goes
+//! to the socket's writer task.
 
 // The public API: what an embedder needs to run a node and plug in a broker.
 pub mod broker;

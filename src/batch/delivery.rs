@@ -8,8 +8,8 @@
 //! Windows per room class: `[batch]` gives the default pace, and a `[[rooms]]` class
 //! with its own `delivery_window_ms` or `leading_edge` gives its rooms another (`Pace`),
 //! each with its own wall-clock ticks, so one node serves chat at 0 ms and scoreboards
-//! at 250 ms. A queued message is due by its own pace's clock; whatever else is queued
-//! for the socket leaves with it.
+//! at 250 ms. A room collects its window (the hub's `room.rs`) and at its pace's tick
+//! frames it once (`room_frames`); an outbox writes such framed windows as they are.
 //!
 //! Because ticks are node-wide, the subscribers of one room usually drain identical
 //! message lists. The first socket to assemble a batch leaves it in a small memo keyed by

@@ -242,7 +242,9 @@ impl<W: SocketWrite> Outbox<W> {
     /// pace after a flush is either due at once (`Pushed::Due`: window 0, or the socket
     /// was idle for a whole window) or puts the socket on that pace's list for its next
     /// tick; later ones only queue, so a busy window costs one write per socket, not one
-    /// per message. Whatever is queued leaves with the first write, of any pace.
+    /// per message. Whatever is queued leaves with the first write, of any pace. (Rooms
+    /// with a window push here only their leading edge; the rest comes at the tick,
+    /// framed, through `push_due`.)
     pub fn push_paced(self: &Arc<Self>, message: &Encoded, pace: Pace) -> Pushed {
         let mut state = self.state.lock();
         if state.close.is_some() {
