@@ -411,3 +411,23 @@ async fn a_room_window_past_one_outbox_of_bytes_leaves_before_its_tick() {
     assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>());
     assert_eq!(metric(addr, "volley_slow_consumers_closed_total").await, 0);
 }
+
+#[tokio::test]
+async fn each_message_of_a_room_window_counts_as_a_delivery() {
+    let server = start(|c| {
+        c.batch.delivery_window_ms = 100;
+        c.batch.leading_edge = false;
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut sub = Client::connect(addr).await;
+    sub.join("r").await; // its notice: one delivery, one frame
+    for n in 0..5 {
+        let (status, _) = api_publish(addr, &json!({"roomId":"r","content":n})).await;
+        assert_eq!(status, 200);
+    }
+    let got = frame_messages(&sub.next_frame().await);
+    assert_eq!(got.len(), 5, "one window, one frame: {got:?}");
+    assert_eq!(metric(addr, "volley_deliveries_total").await, 6);
+    assert_eq!(metric(addr, "volley_frames_out_total").await, 2);
+}

@@ -214,8 +214,10 @@ impl<W: SocketWrite> Outbox<W> {
         if !drained.messages.is_empty() {
             let first = frames.len();
             let batch_messages = &self.stats.batch_messages;
+            let mut delivered = 0;
             self.window
                 .frames(&drained.messages, drained.batched, frames, |messages, n| {
+                    delivered += messages * n;
                     batch_messages.record_n(messages as u64, n as u64)
                 });
             if self.deflate.load(Ordering::Relaxed) {
@@ -223,8 +225,7 @@ impl<W: SocketWrite> Outbox<W> {
                     *frame = self.window.compressed(frame);
                 }
             }
-            self.stats
-                .record_write(drained.messages.len(), frames.len() - first);
+            self.stats.record_write(delivered, frames.len() - first);
             drained.messages.clear();
         }
         if let Some(since) = drained.since.take() {
