@@ -114,6 +114,26 @@ fn deflate(c: &mut Criterion) {
     group.finish();
 }
 
+/// A hub with `subscribers` outboxes (no sockets; unbounded) in one room, "room".
+fn subscribed_hub(window: &Arc<DeliveryWindow>, subscribers: u64) -> (Hub, Vec<Arc<Outbox>>) {
+    let hub = Hub::with_window(window.clone(), Arc::default(), usize::MAX);
+    let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
+        .map(|id| {
+            Arc::new(Outbox::new(
+                id,
+                usize::MAX / 2,
+                window.clone(),
+                Arc::default(),
+                Arc::default(),
+            ))
+        })
+        .collect();
+    for outbox in &outboxes {
+        hub.join("room", outbox, |_| {});
+    }
+    (hub, outboxes)
+}
+
 fn hub_fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     let message = messages(1).pop().unwrap();
@@ -124,21 +144,7 @@ fn hub_fan_out(c: &mut Criterion) {
         ..BatchConfig::default()
     }));
     for subscribers in [1usize, 100, 10_000] {
-        let hub = Hub::with_window(window.clone(), Arc::default(), usize::MAX);
-        let outboxes: Vec<Arc<Outbox>> = (0..subscribers as u64)
-            .map(|id| {
-                Arc::new(Outbox::new(
-                    id,
-                    usize::MAX / 2,
-                    window.clone(),
-                    Arc::default(),
-                    Arc::default(),
-                ))
-            })
-            .collect();
-        for outbox in &outboxes {
-            hub.join("room", outbox, |_| {});
-        }
+        let (hub, outboxes) = subscribed_hub(&window, subscribers as u64);
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_function(
             BenchmarkId::from_parameter(format!("{subscribers}_subscribers")),
@@ -184,21 +190,7 @@ fn room_window(c: &mut Criterion) {
             leading_edge: false,
             ..BatchConfig::default()
         }));
-        let hub = Hub::with_window(window.clone(), Arc::default(), usize::MAX);
-        let outboxes: Vec<Arc<Outbox>> = (0..SUBSCRIBERS)
-            .map(|id| {
-                Arc::new(Outbox::new(
-                    id,
-                    usize::MAX / 2,
-                    window.clone(),
-                    Arc::default(),
-                    Arc::default(),
-                ))
-            })
-            .collect();
-        for outbox in &outboxes {
-            hub.join("room", outbox, |_| {});
-        }
+        let (hub, outboxes) = subscribed_hub(&window, SUBSCRIBERS);
         let mut drained = Drained::default();
         group.bench_function(format!("{name}/100_subscribers_10_messages"), |b| {
             b.iter(|| {

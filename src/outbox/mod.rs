@@ -247,14 +247,10 @@ impl<W: SocketWrite> Outbox<W> {
     /// with a window push here only their leading edge; the rest comes at the tick,
     /// framed, through `push_due`.)
     pub fn push_paced(self: &Arc<Self>, message: &Encoded, pace: Pace) -> Pushed {
-        let mut state = self.state.lock();
-        if state.close.is_some() {
-            return Pushed::Closed;
-        }
-        if !self.make_room(&mut state, message) {
-            self.overflow(state);
-            return Pushed::Overflowed;
-        }
+        let mut state = match self.admit(message) {
+            Ok(state) => state,
+            Err(refused) => return refused,
+        };
         // One clock read serves the latency mark and the leading-edge check: the first
         // push after a flush is the one that finds the queue empty.
         let now = state.queue.is_empty().then(Instant::now);
@@ -285,14 +281,10 @@ impl<W: SocketWrite> Outbox<W> {
     /// `Pushed::Due`: the caller flushes the socket once every room of the tick has
     /// pushed, so a socket in several rooms gets all their frames in one vectored write.
     pub fn push_due(&self, message: &Encoded, since: Instant) -> Pushed {
-        let mut state = self.state.lock();
-        if state.close.is_some() {
-            return Pushed::Closed;
-        }
-        if !self.make_room(&mut state, message) {
-            self.overflow(state);
-            return Pushed::Overflowed;
-        }
+        let mut state = match self.admit(message) {
+            Ok(state) => state,
+            Err(refused) => return refused,
+        };
         if state.queue.is_empty() {
             state.since = Some(since);
         }
@@ -303,6 +295,20 @@ impl<W: SocketWrite> Outbox<W> {
             return Pushed::Queued;
         }
         Pushed::Due
+    }
+
+    /// The locked state if `message` may be queued; else why not (the socket is
+    /// closing, or this message overflowed it: it is now closing as a slow consumer).
+    fn admit(&self, message: &Encoded) -> Result<parking_lot::MutexGuard<'_, State>, Pushed> {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return Err(Pushed::Closed);
+        }
+        if !self.make_room(&mut state, message) {
+            self.overflow(state);
+            return Err(Pushed::Overflowed);
+        }
+        Ok(state)
     }
 
     /// Whether `message` fits under the bound. Conflation first: the socket gets the
