@@ -6,6 +6,11 @@
 //! room seeing that room's messages in the same order, and is never held across an
 //! `.await`. An empty room is removed from the map at once, so join/leave churn leaves
 //! nothing behind; a join racing that removal sees the room marked dead and retries.
+//!
+//! | file | job |
+//! | --- | --- |
+//! | `mod.rs` | the maps (rooms, sockets, users, presence watchers), join and leave, the tick |
+//! | `room.rs` | one room: its members and its window (room-major delivery: collected once, one shared frame per subscriber at the tick) |
 
 mod room;
 
