@@ -18,6 +18,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
+use crate::protocol::frame_scan::{FrameScan, Scanned};
+
 /// A rule a client frame broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broken {
@@ -96,11 +98,7 @@ impl Verdict {
 pub struct FrameRules<'v, R> {
     inner: R,
     verdict: &'v Verdict,
-    /// Header bytes of the frame being read so far.
-    head: [u8; 14],
-    have: usize,
-    /// Payload bytes of the current frame still to pass.
-    payload_left: u64,
+    scan: FrameScan,
     /// The socket negotiated permessage-deflate: RSV1 marks a compressed message.
     deflate: bool,
 }
@@ -110,9 +108,7 @@ impl<'v, R> FrameRules<'v, R> {
         FrameRules {
             inner,
             verdict,
-            head: [0; 14],
-            have: 0,
-            payload_left: 0,
+            scan: FrameScan::default(),
             deflate: false,
         }
     }
@@ -128,82 +124,43 @@ impl<'v, R> FrameRules<'v, R> {
         &self.inner
     }
 
-    fn observe(&mut self, mut bytes: &mut [u8]) {
-        while !bytes.is_empty() {
-            if self.payload_left > 0 {
-                let skip = (self.payload_left.min(bytes.len() as u64)) as usize;
-                self.payload_left -= skip as u64;
-                bytes = &mut bytes[skip..];
-                if self.payload_left == 0 {
-                    self.verdict.frames.fetch_add(1, Ordering::Relaxed);
-                }
-                continue;
+    fn observe(&mut self, bytes: &mut [u8]) {
+        let (verdict, deflate) = (self.verdict, self.deflate);
+        self.scan.scan(bytes, |event| match event {
+            Scanned::First(first) if deflate => message_start(verdict, first),
+            Scanned::First(_) => {}
+            Scanned::Head(head) if !head.masked => verdict.set(Broken::Unmasked),
+            Scanned::Head(head) if head.is_control() && head.len > 125 => {
+                verdict.set(Broken::ControlTooLong)
             }
-            if self.have == 0 && self.deflate {
-                self.message_start(&mut bytes[0]);
+            Scanned::Head(_) => {}
+            Scanned::End => {
+                verdict.frames.fetch_add(1, Ordering::Relaxed);
             }
-            self.head[self.have] = bytes[0];
-            self.have += 1;
-            bytes = &mut bytes[1..];
-            if self.have < 2 {
-                continue;
-            }
-            let masked = self.head[1] & 0x80 != 0;
-            let ext = match self.head[1] & 0x7f {
-                126 => 2,
-                127 => 8,
-                _ => 0,
-            };
-            let need = 2 + ext + if masked { 4 } else { 0 };
-            if self.have < need {
-                continue;
-            }
-            let len = match ext {
-                0 => u64::from(self.head[1] & 0x7f),
-                2 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
-                _ => {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&self.head[2..10]);
-                    u64::from_be_bytes(b)
-                }
-            };
-            let control = self.head[0] & 0x08 != 0;
-            if !masked {
-                self.verdict.set(Broken::Unmasked);
-            } else if control && len > 125 {
-                self.verdict.set(Broken::ControlTooLong);
-            }
-            self.have = 0;
-            self.payload_left = len;
-            if len == 0 {
-                self.verdict.frames.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.verdict
+        });
+        verdict
             .partial
-            .store(self.have > 0 || self.payload_left > 0, Ordering::Relaxed);
+            .store(self.scan.mid_frame(), Ordering::Relaxed);
     }
 }
 
-impl<R> FrameRules<'_, R> {
-    /// A frame's first byte, on a permessage-deflate socket: a text or binary frame
-    /// begins a message, recorded in order; RSV1 on it means compressed and is taken off
-    /// (a compressed text frame is marked binary for the parser). RSV1 anywhere else
-    /// is left for the parser to refuse.
-    fn message_start(&mut self, first: &mut u8) {
-        let opcode = *first & 0x0f;
-        if opcode != 0x1 && opcode != 0x2 {
-            return;
-        }
-        let compressed = *first & 0x40 != 0;
-        if compressed {
-            *first = (*first & !0x40 & 0xf0) | 0x2;
-        }
-        self.verdict.starts.lock().push_back(Start {
-            compressed,
-            text: opcode == 0x1,
-        });
+/// A frame's first byte, on a permessage-deflate socket: a text or binary frame begins a
+/// message, recorded in order; RSV1 on it means compressed and is taken off (a compressed
+/// text frame is marked binary for the parser). RSV1 anywhere else is left for the
+/// parser to refuse.
+fn message_start(verdict: &Verdict, first: &mut u8) {
+    let opcode = *first & 0x0f;
+    if opcode != 0x1 && opcode != 0x2 {
+        return;
     }
+    let compressed = *first & 0x40 != 0;
+    if compressed {
+        *first = (*first & !0x40 & 0xf0) | 0x2;
+    }
+    verdict.starts.lock().push_back(Start {
+        compressed,
+        text: opcode == 0x1,
+    });
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for FrameRules<'_, R> {

@@ -133,14 +133,19 @@ impl Hub {
     /// `pace`'s tick, before the sockets': every room with a collected window delivers it.
     /// Each socket is written once, after all the rooms have pushed.
     pub fn tick(&self, pace: Pace) -> FanOut {
-        let rooms = self.due_rooms.take(pace);
-        with_due(|due| {
-            let mut out = FanOut::default();
-            for room in rooms {
-                let conflated = room.conflate.is_some();
-                out.add(room.members.lock().deliver(conflated, &self.due_rooms, due));
-            }
-            out
+        thread_local! {
+            static ROOMS: RefCell<Vec<Arc<Room>>> = const { RefCell::new(Vec::new()) };
+        }
+        with_scratch(&ROOMS, |rooms| {
+            self.due_rooms.take(pace, rooms);
+            with_due(|due| {
+                let mut out = FanOut::default();
+                for room in rooms.drain(..) {
+                    let conflated = room.conflate.is_some();
+                    out.add(room.members.lock().deliver(conflated, &self.due_rooms, due));
+                }
+                out
+            })
         })
     }
 

@@ -68,12 +68,12 @@ impl DueRooms {
         }
     }
 
-    /// The rooms with a window for `pace`'s tick, taken off the list.
-    pub fn take(&self, pace: Pace) -> Vec<Arc<Room>> {
-        self.lists
-            .get(pace.index())
-            .map(|list| std::mem::take(&mut *list.lock()))
-            .unwrap_or_default()
+    /// Moves the rooms with a window for `pace`'s tick into `into` (empty), which
+    /// leaves its allocation to the list: the two vectors swap, neither is reallocated.
+    pub fn take(&self, pace: Pace, into: &mut Vec<Arc<Room>>) {
+        if let Some(list) = self.lists.get(pace.index()) {
+            std::mem::swap(&mut *list.lock(), into);
+        }
     }
 }
 
@@ -201,11 +201,15 @@ impl Room {
         if window.is_immediate(self.pace) {
             return members.push_each(message, self.pace, due);
         }
-        let now = Instant::now();
+        // The clock is read only for a window's first message: the leading-edge check
+        // and the latency mark; the messages after it only join the window.
         let w = &mut members.window;
-        if w.messages.is_empty() && window.sends_at_once(self.pace, w.last_sent, now) {
-            w.last_sent = Some(now);
-            return members.push_each(message, self.pace, due);
+        if w.messages.is_empty() {
+            let now = Instant::now();
+            if window.sends_at_once(self.pace, w.last_sent, now) {
+                w.last_sent = Some(now);
+                return members.push_each(message, self.pace, due);
+            }
         }
         let mut out = FanOut::default();
         if !members.window.messages.is_empty()
@@ -215,7 +219,7 @@ impl Room {
             // the outboxes' bound decides who can take it.
             out = members.deliver(self.conflate.is_some(), rooms, due);
         }
-        let first = members.collect(message, now, &rooms.stats);
+        let first = members.collect(message, &rooms.stats);
         out.queued += members.count();
         drop(members);
         if first {
@@ -309,7 +313,7 @@ impl Members {
 
     /// Adds a message to the window (the latest per key, in a conflated room); true if
     /// it is the window's first, so the room must be listed for its tick.
-    fn collect(&mut self, message: &Encoded, now: Instant, stats: &Stats) -> bool {
+    fn collect(&mut self, message: &Encoded, stats: &Stats) -> bool {
         let w = &mut self.window;
         let key = message.conflation_key();
         if key != 0 {
@@ -321,7 +325,7 @@ impl Members {
         }
         let first = w.since.is_none();
         if first {
-            w.since = Some(now);
+            w.since = Some(Instant::now());
         }
         w.next_seq = w.next_seq.max(1);
         w.messages.push(message.clone());

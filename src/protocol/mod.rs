@@ -2,8 +2,10 @@
 //!
 //! No I/O happens here. `inbound` parses a client frame once, borrowing `content` and
 //! `payload` as raw JSON so they are never re-encoded; `outbound` builds each server
-//! frame once, already WebSocket-framed, as a shared `Bytes` every subscriber can write.
+//! frame once, already WebSocket-framed, as a shared `Bytes` every subscriber can write;
+//! `frame_scan` follows a stream of frames by their headers, for code that watches bytes.
 
+pub mod frame_scan;
 pub mod inbound;
 pub mod outbound;
 

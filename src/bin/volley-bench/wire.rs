@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 
 use fastwebsockets::{Frame, OpCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use volley::protocol::frame_scan::{FrameScan, Scanned};
 
 /// What the subscriber keeps of its wire.
 #[derive(Clone, Default)]
@@ -55,11 +56,7 @@ fn inflate(body: &[u8]) -> Option<Vec<u8>> {
 enum Scan {
     /// Still in the HTTP response head: the last four bytes seen.
     Head(u32),
-    Frames {
-        head: [u8; 10],
-        have: usize,
-        payload_left: u64,
-    },
+    Frames(FrameScan),
 }
 
 /// The stream under the WebSocket.
@@ -88,72 +85,37 @@ impl<S> Wire<S> {
 
     fn observe(&mut self, bytes: &mut [u8]) {
         let mut at = 0;
-        while at < bytes.len() {
-            match &mut self.scan {
-                Scan::Head(last) => {
-                    *last = (*last << 8) | u32::from(bytes[at]);
-                    at += 1;
-                    if *last == u32::from_be_bytes(*b"\r\n\r\n") {
-                        self.scan = Scan::Frames {
-                            head: [0; 10],
-                            have: 0,
-                            payload_left: 0,
-                        };
-                    }
-                }
-                Scan::Frames {
-                    head,
-                    have,
-                    payload_left,
-                } => {
-                    self.bytes.fetch_add(1, Relaxed);
-                    if *payload_left > 0 {
-                        let skip = (*payload_left).min((bytes.len() - at) as u64) as usize;
-                        *payload_left -= skip as u64;
-                        self.bytes.fetch_add(skip as u64 - 1, Relaxed);
-                        at += skip;
-                        continue;
-                    }
-                    if *have == 0 && self.tap.deflate {
-                        let first = &mut bytes[at];
-                        let opcode = *first & 0x0f;
-                        if opcode == 0x1 || opcode == 0x2 {
-                            let compressed = *first & 0x40 != 0;
-                            if compressed {
-                                *first = (*first & 0x80) | 0x2;
-                            }
-                            if let Ok(mut starts) = self.tap.starts.lock() {
-                                starts.push_back((compressed, opcode == 0x1));
-                            }
-                        }
-                    }
-                    head[*have] = bytes[at];
-                    *have += 1;
-                    at += 1;
-                    if *have < 2 {
-                        continue;
-                    }
-                    let ext = match head[1] & 0x7f {
-                        126 => 2,
-                        127 => 8,
-                        _ => 0,
-                    };
-                    if *have < 2 + ext {
-                        continue;
-                    }
-                    *payload_left = match ext {
-                        0 => u64::from(head[1] & 0x7f),
-                        2 => u64::from(u16::from_be_bytes([head[2], head[3]])),
-                        _ => {
-                            let mut b = [0u8; 8];
-                            b.copy_from_slice(&head[2..10]);
-                            u64::from_be_bytes(b)
-                        }
-                    };
-                    *have = 0;
-                }
+        while let Scan::Head(last) = &mut self.scan {
+            let Some(byte) = bytes.get(at) else {
+                return;
+            };
+            *last = (*last << 8) | u32::from(*byte);
+            at += 1;
+            if *last == u32::from_be_bytes(*b"\r\n\r\n") {
+                self.scan = Scan::Frames(FrameScan::default());
             }
         }
+        let rest = &mut bytes[at..];
+        self.bytes.fetch_add(rest.len() as u64, Relaxed);
+        let (Scan::Frames(frames), true) = (&mut self.scan, self.tap.deflate) else {
+            return;
+        };
+        let starts = &self.tap.starts;
+        frames.scan(rest, |event| {
+            let Scanned::First(first) = event else {
+                return;
+            };
+            let opcode = *first & 0x0f;
+            if opcode == 0x1 || opcode == 0x2 {
+                let compressed = *first & 0x40 != 0;
+                if compressed {
+                    *first = (*first & 0x80) | 0x2;
+                }
+                if let Ok(mut starts) = starts.lock() {
+                    starts.push_back((compressed, opcode == 0x1));
+                }
+            }
+        });
     }
 }
 
