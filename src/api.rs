@@ -278,22 +278,27 @@ async fn cluster_reports(cluster: &Cluster) -> Response<Body> {
 }
 
 /// 200 while the broker is connected, 503 while it is not, so a load balancer can drain
-/// a node that cannot reach the other nodes.
+/// a node that cannot reach the other nodes; 503 too while the node itself drains.
 fn ready(node: &Arc<Node>) -> Response<Body> {
     let health = node.health();
+    let draining = node.is_draining();
     let status = match health.broker_state {
+        _ if draining => StatusCode::SERVICE_UNAVAILABLE,
         BrokerState::Connected => StatusCode::OK,
         BrokerState::Reconnecting | BrokerState::DuplicateNodeId => StatusCode::SERVICE_UNAVAILABLE,
     };
     json_response(
         status,
-        &json!({ "ready": status == StatusCode::OK, "broker": health.broker, "broker_state": health.broker_state }),
+        &json!({ "ready": status == StatusCode::OK, "draining": draining, "broker": health.broker, "broker_state": health.broker_state }),
     )
 }
 
-/// Compares secrets in time that does not depend on where they first differ.
+/// Compares secrets in time that depends neither on where they first differ nor on
+/// their lengths: their SHA-256 digests (always 32 bytes) are compared, every byte.
 pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {

@@ -23,6 +23,9 @@ pub struct Identity {
     rooms: Option<Vec<GlobMatcher>>,
     /// Rooms the user may publish to; `None`: as `limits.client_publish` says.
     publish: Option<Vec<GlobMatcher>>,
+    /// The `publish` claim holds exactly `"*"`: the user may broadcast. Decided from the
+    /// claim's text, never by matching globs against `*` (`?` and `[*]` match it too).
+    broadcast: bool,
     /// The token's `exp`, seconds since the epoch; `None` for a trusted `userId`.
     pub expires_at: Option<u64>,
 }
@@ -41,6 +44,11 @@ impl Identity {
             .map(|globs| globs.iter().any(|g| g.is_match(room)))
     }
 
+    /// A token whose `publish` claim includes `"*"` itself: it may broadcast.
+    pub fn may_broadcast(&self) -> bool {
+        self.broadcast
+    }
+
     /// A token that grants publishing: the socket is a trusted publisher.
     pub fn grants_publishing(&self) -> bool {
         self.publish.as_ref().is_some_and(|globs| !globs.is_empty())
@@ -56,6 +64,8 @@ pub enum AuthError {
     TokenRequired,
     #[error("this node has no key to check tokens with: send {{\"type\":\"auth\",\"userId\":U}}")]
     NoKey,
+    #[error("userId must not be empty")]
+    EmptyUserId,
 }
 
 pub struct Authenticator {
@@ -146,8 +156,13 @@ impl Authenticator {
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("sub is empty".into()));
         }
+        let broadcast = claims
+            .publish
+            .as_ref()
+            .is_some_and(|patterns| patterns.iter().any(|p| p == "*"));
         Ok(Identity {
             user_id: Arc::from(claims.sub),
+            broadcast,
             rooms: globs(claims.rooms, "rooms")?,
             publish: globs(claims.publish, "publish")?,
             expires_at: claims.exp,
@@ -159,8 +174,13 @@ impl Authenticator {
         if self.checks_tokens() {
             return Err(AuthError::TokenRequired);
         }
+        // As a token's empty `sub`: an empty id is nobody, and would be everybody's.
+        if user_id.is_empty() {
+            return Err(AuthError::EmptyUserId);
+        }
         Ok(Identity {
             user_id: Arc::from(user_id),
+            broadcast: false,
             rooms: None,
             publish: None,
             expires_at: None,

@@ -103,32 +103,90 @@ pub struct Durability {
     pub ttl: Duration,
 }
 
-/// The room classes, compiled once: which class (if any) a room id belongs to.
-#[derive(Debug, Clone, Default)]
+/// Most distinct delivery windows, and most distinct publish windows, on a node: a socket
+/// keeps one bit per delivery pace, the publisher one per publish pace.
+pub const MAX_PACES: usize = 64;
+
+/// The room classes, compiled once, in one place: which class (if any) a room id belongs
+/// to, and what that gives the room: its history, its delivery pace (a distinct delivery
+/// window and leading edge), its publish pace (a distinct publish window) and its
+/// conflation field. The delivery windows and the publish queue both read their paces
+/// from here.
+#[derive(Debug, Clone)]
 pub struct RoomClasses {
     classes: Vec<RoomClass>,
     globs: Vec<globset::GlobMatcher>,
+    /// The distinct delivery windows (ms, leading edge); 0 is `[batch]`'s.
+    delivery_windows: Vec<(u64, bool)>,
+    /// `[[rooms]]` entry -> its index in `delivery_windows`.
+    delivery_pace: Vec<u8>,
+    /// The distinct publish windows (ms); 0 is `batch.publish_window_ms`.
+    publish_windows: Vec<u64>,
+    /// `[[rooms]]` entry -> its index in `publish_windows`.
+    publish_pace: Vec<u8>,
+    /// `[[rooms]]` entry -> the content field its rooms conflate on.
+    conflate: Vec<Option<std::sync::Arc<str>>>,
+}
+
+impl Default for RoomClasses {
+    fn default() -> Self {
+        RoomClasses::plain(&BatchConfig::default())
+    }
 }
 
 impl RoomClasses {
-    /// Compiles the classes; a bad pattern names its entry.
-    pub fn new(classes: &[RoomClass]) -> Result<RoomClasses, ConfigError> {
-        let globs = classes
-            .iter()
-            .enumerate()
-            .map(|(i, class)| {
-                globset::Glob::new(&class.pattern)
-                    .map(|g| g.compile_matcher())
-                    .map_err(|e| ConfigError::Room {
-                        index: i,
-                        reason: format!("match = {:?} is not a glob: {e}", class.pattern),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(RoomClasses {
-            classes: classes.to_vec(),
-            globs,
-        })
+    /// No classes: every room plain, on `batch`'s windows.
+    pub fn plain(batch: &BatchConfig) -> RoomClasses {
+        RoomClasses {
+            classes: Vec::new(),
+            globs: Vec::new(),
+            delivery_windows: vec![(batch.delivery_window_ms, batch.leading_edge)],
+            delivery_pace: Vec::new(),
+            publish_windows: vec![batch.publish_window_ms],
+            publish_pace: Vec::new(),
+            conflate: Vec::new(),
+        }
+    }
+
+    /// Compiles the classes over `batch`'s defaults; a bad pattern, or one distinct
+    /// window too many, names its entry and its key.
+    pub fn compile(classes: &[RoomClass], batch: &BatchConfig) -> Result<RoomClasses, ConfigError> {
+        let mut compiled = RoomClasses::plain(batch);
+        for (index, class) in classes.iter().enumerate() {
+            let glob = globset::Glob::new(&class.pattern).map_err(|e| ConfigError::Room {
+                index,
+                reason: format!("match = {:?} is not a glob: {e}", class.pattern),
+            })?;
+            compiled.globs.push(glob.compile_matcher());
+            let delivery = (
+                class.delivery_window_ms.unwrap_or(batch.delivery_window_ms),
+                class.leading_edge.unwrap_or(batch.leading_edge),
+            );
+            let pace = pace_for(&mut compiled.delivery_windows, delivery).ok_or_else(|| {
+                ConfigError::Room {
+                    index,
+                    reason: format!(
+                        "delivery_window_ms: more than {MAX_PACES} distinct delivery windows (window and leading edge) across batch and [[rooms]]"
+                    ),
+                }
+            })?;
+            compiled.delivery_pace.push(pace);
+            let publish = class.publish_window_ms.unwrap_or(batch.publish_window_ms);
+            let pace = pace_for(&mut compiled.publish_windows, publish).ok_or_else(|| {
+                ConfigError::Room {
+                    index,
+                    reason: format!(
+                        "publish_window_ms: more than {MAX_PACES} distinct publish windows across batch and [[rooms]]"
+                    ),
+                }
+            })?;
+            compiled.publish_pace.push(pace);
+            compiled
+                .conflate
+                .push(class.conflate.as_deref().map(std::sync::Arc::from));
+        }
+        compiled.classes = classes.to_vec();
+        Ok(compiled)
     }
 
     /// The first class whose pattern matches `room`.
@@ -150,6 +208,51 @@ impl RoomClasses {
                 ttl: Duration::from_secs(c.history_ttl_s),
             })
     }
+
+    /// The distinct delivery windows, (ms, leading edge), indexed by delivery pace; 0 is
+    /// `[batch]`'s.
+    pub fn delivery_windows(&self) -> &[(u64, bool)] {
+        &self.delivery_windows
+    }
+
+    /// The delivery pace of `room`'s messages (an index into `delivery_windows`).
+    pub fn delivery_pace(&self, room: &str) -> usize {
+        self.index_of(room)
+            .and_then(|i| self.delivery_pace.get(i))
+            .map_or(0, |pace| *pace as usize)
+    }
+
+    /// The distinct publish windows (ms), indexed by publish pace; 0 is
+    /// `batch.publish_window_ms`.
+    pub fn publish_windows(&self) -> &[u64] {
+        &self.publish_windows
+    }
+
+    /// The publish pace of `room`'s messages (an index into `publish_windows`).
+    pub fn publish_pace(&self, room: &str) -> usize {
+        self.index_of(room)
+            .and_then(|i| self.publish_pace.get(i))
+            .map_or(0, |pace| *pace as usize)
+    }
+
+    /// The content field `room`'s messages conflate on (its class's `conflate`).
+    pub fn conflate_of(&self, room: &str) -> Option<std::sync::Arc<str>> {
+        self.index_of(room)
+            .and_then(|i| self.conflate.get(i).cloned().flatten())
+    }
+}
+
+/// The pace of `window` among `windows`, added if new; `None` past `MAX_PACES`.
+fn pace_for<T: PartialEq>(windows: &mut Vec<T>, window: T) -> Option<u8> {
+    let index = match windows.iter().position(|w| *w == window) {
+        Some(index) => index,
+        None if windows.len() < MAX_PACES => {
+            windows.push(window);
+            windows.len() - 1
+        }
+        None => return None,
+    };
+    Some(index as u8)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -566,6 +669,7 @@ impl Config {
             if !path.is_file() {
                 return Err(ConfigError::MissingFile(path.clone()));
             }
+            check_file_keys(path)?;
             figment = figment.merge(Toml::file_exact(path));
         }
         // The seed's names go in figment's default profile, as the file and `VOLLEY_*` do,
@@ -626,7 +730,7 @@ impl Config {
     /// In `--demo` mode the demo's rooms are durable (the page shows the current score and
     /// price at once), unless a class already covers them.
     pub fn add_demo_rooms(&mut self) {
-        let Ok(classes) = RoomClasses::new(&self.rooms) else {
+        let Ok(classes) = RoomClasses::compile(&self.rooms, &self.batch) else {
             return; // validate() names the bad entry
         };
         for (pattern, sample) in [("scores:*", "scores:m1"), ("ticker:*", "ticker:ACME")] {
@@ -642,31 +746,14 @@ impl Config {
 
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        RoomClasses::new(&self.rooms)?;
+        RoomClasses::compile(&self.rooms, &self.batch)?;
         if self.presence.refresh_s < 1 || self.presence.refresh_s >= self.presence.ttl_s {
             return Err(ConfigError::Invalid {
                 key: "presence.refresh_s",
                 reason: "must be at least 1 and below presence.ttl_s".into(),
             });
         }
-        // A socket keeps one bit per distinct window (batch::MAX_PACES).
-        let mut windows = vec![(self.batch.delivery_window_ms, self.batch.leading_edge)];
         for (index, class) in self.rooms.iter().enumerate() {
-            let window = (
-                class
-                    .delivery_window_ms
-                    .unwrap_or(self.batch.delivery_window_ms),
-                class.leading_edge.unwrap_or(self.batch.leading_edge),
-            );
-            if !windows.contains(&window) {
-                windows.push(window);
-                if windows.len() > 64 {
-                    return Err(ConfigError::Room {
-                        index,
-                        reason: "more than 64 distinct delivery windows in [[rooms]]".into(),
-                    });
-                }
-            }
             if class.delivery_window_ms.is_some_and(|ms| ms > 60_000) {
                 return Err(ConfigError::Room {
                     index,
@@ -981,7 +1068,15 @@ fn known_keys() -> &'static [String] {
 
 /// Refuses a key no config field has, naming the nearest one that exists.
 fn check_key(key: &str, source: impl FnOnce() -> String) -> Result<(), ConfigError> {
-    let keys = known_keys();
+    check_among(key, known_keys(), source)
+}
+
+/// Refuses `key` unless it is one of `keys`, naming the nearest of them.
+fn check_among(
+    key: &str,
+    keys: &[String],
+    source: impl FnOnce() -> String,
+) -> Result<(), ConfigError> {
     if keys.iter().any(|k| k == key) {
         return Ok(());
     }
@@ -1006,6 +1101,66 @@ fn check_key(key: &str, source: impl FnOnce() -> String) -> Result<(), ConfigErr
         key: key.to_string(),
         nearest,
     })
+}
+
+/// The keys of a `[[rooms]]` entry, as `rooms.key`.
+fn room_keys() -> &'static [String] {
+    static KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        // Every optional field set, so every key is printed.
+        let sample = RoomClass {
+            delivery_window_ms: Some(0),
+            leading_edge: Some(true),
+            publish_window_ms: Some(0),
+            conflate: Some(String::new()),
+            ..RoomClass::default()
+        };
+        let mut keys: Vec<String> = match toml::Value::try_from(sample) {
+            Ok(toml::Value::Table(table)) => table.keys().map(|k| format!("rooms.{k}")).collect(),
+            _ => Vec::new(),
+        };
+        keys.sort();
+        keys
+    })
+}
+
+/// Checks every key a config file sets, as `--set` and `VOLLEY_*` are checked, so a
+/// misspelt key in the file gets the same "did you mean" as on the command line. A file
+/// that is not TOML is left to the loader, whose error gives the line.
+fn check_file_keys(path: &std::path::Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(toml::Value::Table(top)) = text.parse::<toml::Value>() else {
+        return Ok(());
+    };
+    let file = || format!("config file {}", path.display());
+    let mut sections: Vec<String> = SECTIONS.iter().map(|s| s.to_string()).collect();
+    sections.push("rooms".into());
+    for (name, value) in &top {
+        check_among(name, &sections, file)?;
+        match value {
+            toml::Value::Table(table) => {
+                for key in table.keys() {
+                    check_key(&format!("{name}.{key}"), file)?;
+                }
+            }
+            toml::Value::Array(entries) if name == "rooms" => {
+                for (index, entry) in entries.iter().enumerate() {
+                    let toml::Value::Table(entry) = entry else {
+                        continue;
+                    };
+                    for key in entry.keys() {
+                        check_among(&format!("rooms.{key}"), room_keys(), || {
+                            format!("{} ([[rooms]] entry {index}, counting from 0)", file())
+                        })?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn parse_toml_value(text: &str) -> toml::Value {
@@ -1141,6 +1296,70 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("PORT"), "{err}");
+    }
+
+    #[test]
+    fn more_than_64_distinct_windows_of_either_kind_name_their_key() {
+        let classes = |window: fn(u64) -> RoomClass| -> Vec<RoomClass> {
+            (0..70).map(|i| RoomClass { pattern: format!("r{i}:*"), ..window(i + 1) }).collect()
+        };
+        let mut config = Config::default();
+        config.rooms = classes(|ms| RoomClass {
+            publish_window_ms: Some(ms),
+            ..RoomClass::default()
+        });
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("publish_window_ms"), "{err}");
+        // batch.publish_window_ms (50) is pace 0 and 50 is among the classes' windows:
+        // 64 distinct paces take the classes up to entry 63 (windows 1..=64).
+        assert!(err.contains("entry 64 "), "{err}");
+        config.rooms = classes(|ms| RoomClass {
+            delivery_window_ms: Some(ms),
+            ..RoomClass::default()
+        });
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("delivery_window_ms"), "{err}");
+        // 64 of each is fine, and classes past 64 no longer share another's window.
+        config.rooms = (0..63)
+            .map(|i| RoomClass {
+                pattern: format!("r{i}:*"),
+                delivery_window_ms: Some(1000 + i),
+                publish_window_ms: Some(1000 + i),
+                ..RoomClass::default()
+            })
+            .collect();
+        config.validate().unwrap();
+        let compiled = RoomClasses::compile(&config.rooms, &config.batch).unwrap();
+        assert_eq!(compiled.publish_windows().len(), 64);
+        assert_eq!(compiled.delivery_windows().len(), 64);
+        assert_eq!(compiled.publish_windows()[compiled.publish_pace("r62:x")], 1062);
+        assert_eq!(compiled.delivery_windows()[compiled.delivery_pace("r62:x")].0, 1062);
+    }
+
+    #[test]
+    fn a_misspelt_key_in_the_file_gets_the_same_suggestion_as_a_flag() {
+        let dir = std::env::temp_dir().join(format!("volley-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let load = |text: &str| {
+            let file = dir.join("volley.toml");
+            std::fs::write(&file, text).unwrap();
+            let flags = Overrides {
+                file: Some(file),
+                ..Overrides::default()
+            };
+            Config::load_from_env(&flags, no_env)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = load("[limits]\nmax_conections = 5\n");
+        assert!(err.contains("did you mean limits.max_connections"), "{err}");
+        assert!(err.contains("volley.toml"), "{err}");
+        let err = load("[limit]\nmax_connections = 5\n");
+        assert!(err.contains("did you mean limits"), "{err}");
+        let err = load("[[rooms]]\nmatch = \"a\"\nhistroy_size = 5\n");
+        assert!(err.contains("did you mean rooms.history_size"), "{err}");
+        assert!(err.contains("entry 0"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! broker arrives already encoded and only fans out. Joins and leaves keep the broker's
 //! room subscriptions in step with the hub: subscribed while any local socket is in a room.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -39,13 +39,16 @@ pub struct Node {
     window: Arc<DeliveryWindow>,
     /// Sockets waiting for the next delivery tick; its tick task is the node's clock.
     due: Arc<DueList>,
-    /// Which rooms are durable, from `[[rooms]]`.
-    classes: RoomClasses,
+    /// The `[[rooms]]` classes, compiled once and shared with the delivery window: which
+    /// rooms are durable, and each room's pace.
+    classes: Arc<RoomClasses>,
     /// Checks tokens (or trusts `userId` where no key is configured).
     auth: Authenticator,
     broker: Arc<dyn Broker>,
     stats: Arc<Stats>,
     next_conn: AtomicU64,
+    /// Set when shutdown begins: `/readyz` answers 503 and new sockets are refused.
+    draining: AtomicBool,
 }
 
 /// What `/healthz` reports.
@@ -71,8 +74,13 @@ impl Node {
             let sink: Weak<dyn EnvelopeSink> = me.clone();
             let stats = Arc::new(Stats::default());
             broker.attach(id.clone(), sink, stats.clone());
+            // Server::bind validated the classes; a hand-built bad config gets none.
+            let classes = Arc::new(
+                RoomClasses::compile(&config.rooms, &config.batch)
+                    .unwrap_or_else(|_| RoomClasses::plain(&config.batch)),
+            );
             let window = Arc::new(
-                DeliveryWindow::with_classes(&config.batch, &config.rooms)
+                DeliveryWindow::with_classes(&config.batch, classes.clone())
                     .with_compression(config.compression.min_bytes, config.compression.level),
             );
             let due: Arc<DueList> = Arc::new(DueList::new(window.paces().count()));
@@ -96,8 +104,6 @@ impl Node {
                 stats.clone(),
                 config.limits.max_outbox_bytes,
             );
-            // Server::bind validated the classes; a hand-built bad config gets none.
-            let classes = RoomClasses::new(&config.rooms).unwrap_or_default();
             // Server::bind refused a key that cannot be loaded; here nothing is trusted.
             let auth =
                 Authenticator::new(&config.auth).unwrap_or_else(|_| Authenticator::refusing());
@@ -112,6 +118,7 @@ impl Node {
                 broker,
                 stats,
                 next_conn: AtomicU64::new(1),
+                draining: AtomicBool::new(false),
             }
         })
     }
@@ -407,6 +414,16 @@ impl Node {
         fan
     }
 
+    /// Shutdown began: the node is no longer ready and takes no new sockets.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Whether shutdown began.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
     /// Asks every socket to flush what it has queued and close with 1001.
     pub fn close_all_sockets(&self) {
         // What rooms collected for their next tick goes out with the rest.
@@ -435,7 +452,7 @@ impl Node {
 
     pub fn health(&self) -> Health {
         Health {
-            status: "ok",
+            status: if self.is_draining() { "draining" } else { "ok" },
             node_id: self.id.to_string(),
             broker: self.broker.engine(),
             broker_state: self.broker.state(),

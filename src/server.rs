@@ -5,8 +5,9 @@
 //! the root). After the handshake the TCP stream is taken back from hyper so volley's own
 //! writer can send shared, pre-encoded frames with vectored writes.
 //!
-//! Shutdown: stop accepting, let HTTP requests in flight finish, ask every socket to flush
-//! its pending window and close with 1001, then wait for them up to the drain timeout.
+//! Shutdown: refuse new WebSockets and answer `/readyz` 503, ask every socket to flush its
+//! pending window and close with 1001, wait for them up to the drain timeout, then stop
+//! accepting and let HTTP requests in flight finish.
 
 use std::convert::Infallible;
 use std::io;
@@ -144,13 +145,15 @@ impl Server {
         &self.node
     }
 
-    /// Stops accepting, flushes and closes every socket (1001), sends what is queued for
-    /// other nodes; all of it within the drain timeout, whatever Redis does.
+    /// Drains: refuses new WebSockets (503) and answers `/readyz` 503 while every socket
+    /// is flushed and closed (1001) and what is queued for other nodes is sent; then stops
+    /// accepting. All of it within the drain timeout, whatever Redis does. The listener
+    /// stays open until the drain ends, so a balancer's health checks see the node go
+    /// unready instead of a refused connection.
     pub async fn shutdown(self) -> ShutdownReport {
         let deadline = tokio::time::Instant::now() + self.node.config().drain_timeout();
         let shared = &self.shared;
-        shared.shutdown.cancel();
-        let _ = self.accept.await;
+        self.node.start_draining();
         // Features first: nothing publishes while sockets drain and the broker flushes.
         shared.features.stop(deadline).await;
         self.node.close_all_sockets();
@@ -162,6 +165,9 @@ impl Server {
             drained,
             left_open: shared.sockets.len(),
         };
+        // The drain is over: no more requests; those in flight finish.
+        shared.shutdown.cancel();
+        let _ = self.accept.await;
         // Publishes still queued for other nodes go out before the node stops, as far as
         // the deadline allows; what cannot is counted and logged by the broker.
         self.node.broker().shutdown(deadline.into_std()).await;
@@ -252,6 +258,13 @@ async fn handle(
 
 fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Response<Body> {
     let config = shared.node.config();
+    if shared.node.is_draining() {
+        return api::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this node is shutting down: connect to another one",
+        );
+    }
     if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
         if !origin_allowed(&config.server.allowed_origins, origin.as_bytes()) {
             tracing::debug!(origin = %String::from_utf8_lossy(origin.as_bytes()), "refusing a WebSocket from an origin not in server.allowed_origins");
@@ -262,6 +275,10 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
             );
         }
     }
+    let credentials = match upgrade_credentials(&shared.node, &req) {
+        Ok(credentials) => credentials,
+        Err(refused) => return refused,
+    };
     let Some(per_ip) = PerIp::take(&shared.per_ip, peer, config.limits.max_connections_per_ip)
     else {
         return api::error(
@@ -278,7 +295,6 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
             "this node is at limits.max_connections",
         );
     };
-    let credentials = upgrade_credentials(&shared.node, &req);
     let deflate = config.compression.enabled && {
         let offers: Vec<&str> = req
             .headers()
@@ -302,7 +318,7 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
         );
         outbox.set_deflate();
     }
-    if shared.shutdown.is_cancelled() {
+    if shared.node.is_draining() {
         outbox.close(CloseReason::Shutdown);
     }
     let node = shared.node.clone();
@@ -398,8 +414,13 @@ impl Drop for PerIp {
 }
 
 /// A token (`?token=` or `Authorization: Bearer`) or the API key (`Authorization: apikey`)
-/// on the upgrade request.
-fn upgrade_credentials(node: &Node, req: &Request<Incoming>) -> connection::UpgradeAuth {
+/// on the upgrade request. An API key that is not the node's (or with the API off) is
+/// refused with 401: a backend that meant to be trusted must hear that it is not, not
+/// get an ordinary socket that fails later in confusing ways.
+fn upgrade_credentials(
+    node: &Node,
+    req: &Request<Incoming>,
+) -> Result<connection::UpgradeAuth, Response<Body>> {
     let authorization = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -417,18 +438,27 @@ fn upgrade_credentials(node: &Node, req: &Request<Incoming>) -> connection::Upgr
         })
     });
     let key = &node.config().api.key;
-    match authorization {
+    Ok(match authorization {
         Some((scheme, value)) if scheme == "bearer" => connection::UpgradeAuth {
             token: Some(value),
             api_key: false,
         },
-        Some((scheme, value)) if scheme == "apikey" => connection::UpgradeAuth {
-            token: query_token,
-            api_key: !key.is_empty() && crate::api::same_secret(value.as_bytes(), key.as_bytes()),
-        },
+        Some((scheme, value)) if scheme == "apikey" => {
+            if key.is_empty() || !crate::api::same_secret(value.as_bytes(), key.as_bytes()) {
+                return Err(api::error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "the upgrade's Authorization: apikey is not this node's api.key (or api.key is not set)",
+                ));
+            }
+            connection::UpgradeAuth {
+                token: query_token,
+                api_key: true,
+            }
+        }
         _ => connection::UpgradeAuth {
             token: query_token,
             api_key: false,
         },
-    }
+    })
 }

@@ -260,3 +260,53 @@ async fn an_expired_token_warns_then_closes_unless_renewed() {
         (1008, "token expired".to_string())
     );
 }
+
+#[tokio::test]
+async fn only_a_publish_claim_of_exactly_star_may_broadcast() {
+    let server = start(|c| {
+        with_secret(c);
+        c.limits.client_broadcast = true;
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut watcher = Client::connect(addr).await;
+    watcher.join("w").await;
+    // Globs that match the string "*" without being it: not a grant to reach everyone.
+    for claim in [json!(["?"]), json!(["[*]"]), json!(["**"]), json!(["scores:*", "?*"])] {
+        let token = hs256(json!({"sub":"fan","exp": now_s() + 3600, "publish": claim}));
+        let mut c = Client::connect(addr).await;
+        auth(&mut c, &token).await;
+        c.send(json!({"type":"broadcast","payload":{"forged":true}}))
+            .await;
+        let refused = c.expect_error("forbidden").await;
+        assert!(
+            refused["message"].as_str().unwrap().contains("\"*\""),
+            "{claim}: {refused}"
+        );
+    }
+    let token = hs256(json!({"sub":"ops","exp": now_s() + 3600, "publish": ["scores:*", "*"]}));
+    let mut ops = Client::connect(addr).await;
+    auth(&mut ops, &token).await;
+    ops.send(json!({"type":"broadcast","payload":{"real":true}}))
+        .await;
+    // The first thing everyone gets is the real one: none of the forged ones went out.
+    assert_eq!(watcher.next_message().await, json!({"real":true}));
+}
+
+#[tokio::test]
+async fn an_empty_user_id_is_refused_as_an_empty_sub_is() {
+    let server = start(|_| {}).await;
+    let mut c = Client::connect(server.local_addr()).await;
+    c.send(json!({"type":"auth","userId":""})).await;
+    let refused = c.expect_error("invalid_token").await;
+    assert!(refused["message"].as_str().unwrap().contains("userId"), "{refused}");
+    // Still anonymous: a direct message needs an identity.
+    c.send(json!({"type":"direct_message","toUserId":"x","content":1}))
+        .await;
+    c.expect_error("unauthenticated").await;
+    c.send(json!({"type":"auth","userId":"ann"})).await;
+    assert_eq!(
+        c.next_message().await,
+        json!({"type":"authenticated","userId":"ann"})
+    );
+}

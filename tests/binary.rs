@@ -149,6 +149,21 @@ fn config_errors_name_the_key_they_are_about() {
     assert!(err.contains("batch.delivery_window_ms"), "{err}");
     let err = run(volley().args(["--set", "limits.max_conections=5"]));
     assert!(err.contains("did you mean limits.max_connections"), "{err}");
+    // A 65th distinct publish window is refused, not run on another class's window.
+    let dir = std::env::temp_dir().join(format!("volley-paces-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("volley.toml");
+    let classes: String = (1..=70)
+        .map(|ms| format!("[[rooms]]\nmatch = \"r{ms}:*\"\npublish_window_ms = {ms}\n"))
+        .collect();
+    std::fs::write(&file, classes).unwrap();
+    let err = run(volley().arg("--config").arg(&file));
+    assert!(err.contains("publish_window_ms"), "{err}");
+    // A misspelt key in the file gets the nearest key, as a flag does.
+    std::fs::write(&file, "[limits]\nmax_conections = 5\n").unwrap();
+    let err = run(volley().arg("--config").arg(&file));
+    assert!(err.contains("did you mean limits.max_connections"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]

@@ -234,3 +234,54 @@ async fn a_message_in_thousands_of_fragments_is_reassembled_and_one_too_big_is_c
         (1009, "frame too large".to_string())
     );
 }
+
+#[tokio::test]
+async fn a_wrong_api_key_on_an_upgrade_is_refused_not_taken_as_anonymous() {
+    let server = start(|_| {}).await;
+    let addr = server.local_addr();
+    for header in ["Authorization: apikey not-the-key\r\n", "Authorization: ApiKey test-kez\r\n"] {
+        let (status, body) = upgrade_with(addr, header).await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{header}: {status}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"], "unauthorized", "{body}");
+        assert!(error["message"].as_str().unwrap().contains("api.key"), "{body}");
+    }
+    let (status, _) = upgrade_with(addr, "Authorization: apikey test-key\r\n").await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    // With the API off, no key is the right one.
+    let off = start(|c| c.api.key = String::new()).await;
+    let (status, _) = upgrade_with(off.local_addr(), "Authorization: apikey x\r\n").await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+}
+
+#[tokio::test]
+async fn a_draining_node_answers_readyz_503_until_the_drain_ends() {
+    let server = start(|c| c.server.drain_timeout_ms = 30_000).await;
+    let addr = server.local_addr();
+    wait_status(addr, "/readyz", 200).await;
+    // A socket that never reads its close keeps the drain going (for the close grace).
+    let silent = RawWs::connect(addr).await;
+    let mut polite = Client::connect(addr).await;
+    polite.join("r").await;
+    let drain = tokio::spawn(server.shutdown());
+    assert_eq!(polite.expect_close().await.0, 1001);
+    // The listener is still open: the balancer's health check sees the node go unready.
+    let (status, body) = http(addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 503, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["draining"], true, "{body}");
+    assert_eq!(health(addr).await["status"], "draining");
+    // New sockets are refused with a reason.
+    let (status, body) = upgrade_with(addr, "").await;
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    assert!(body.contains("shutting_down"), "{body}");
+    assert!(!drain.is_finished(), "the silent socket should still hold the drain");
+    drop(silent);
+    let report = tokio::time::timeout(WAIT, drain)
+        .await
+        .expect("the drain ends once the last socket is gone")
+        .unwrap();
+    assert!(report.drained);
+    // Then the listener is closed.
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting after the drain");
+}

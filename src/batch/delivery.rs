@@ -26,7 +26,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::Clock;
-use crate::config::{BatchConfig, RoomClass, RoomClasses};
+use crate::config::{BatchConfig, RoomClasses};
 use crate::protocol::outbound::Builder;
 use crate::protocol::Encoded;
 
@@ -37,8 +37,6 @@ const MEMO_CAPACITY: usize = 4096;
 /// Most compressed frames remembered; emptied when full, since window-0 rooms have no
 /// tick to empty it.
 const COMPRESSED_CAPACITY: usize = 1024;
-/// Most distinct paces on a node (a socket keeps one bit per pace).
-pub const MAX_PACES: usize = 64;
 
 /// Which delivery window a room keeps: 0 is `[batch]`'s, others come from `[[rooms]]`
 /// classes with windows of their own.
@@ -81,11 +79,9 @@ impl Timing {
 pub struct DeliveryWindow {
     /// Indexed by `Pace`; 0 is `[batch]`'s.
     paces: Vec<Timing>,
-    classes: RoomClasses,
-    /// `[[rooms]]` entry -> its rooms' pace.
-    class_pace: Vec<Pace>,
-    /// `[[rooms]]` entry -> the content field its rooms conflate on, if any.
-    class_conflate: Vec<Option<Arc<str>>>,
+    /// The room classes, compiled once (`config::RoomClasses`): each room's pace and
+    /// conflation field.
+    classes: Arc<RoomClasses>,
     max_messages: usize,
     max_bytes: usize,
     /// Bumped at every tick of any pace: batches are shared within one tick's writes.
@@ -116,45 +112,20 @@ struct MemoEntry {
 impl DeliveryWindow {
     /// One pace for every room: `[batch]`'s.
     pub fn new(config: &BatchConfig) -> DeliveryWindow {
-        DeliveryWindow::with_classes(config, &[])
+        DeliveryWindow::with_classes(config, Arc::new(RoomClasses::plain(config)))
     }
 
     /// `[batch]`'s pace, and one more for each distinct window the `[[rooms]]` classes
-    /// give (classes with the same window and leading edge share a pace). Classes must
-    /// have been validated (`Config::validate`): a pattern that does not compile matches
-    /// nothing here.
-    pub fn with_classes(config: &BatchConfig, rooms: &[RoomClass]) -> DeliveryWindow {
-        let default = (config.delivery_window_ms, config.leading_edge);
-        let mut kinds = vec![default];
-        let class_pace = rooms
-            .iter()
-            .map(|class| {
-                let kind = (
-                    class.delivery_window_ms.unwrap_or(default.0),
-                    class.leading_edge.unwrap_or(default.1),
-                );
-                let index = match kinds.iter().position(|k| *k == kind) {
-                    Some(index) => index,
-                    None if kinds.len() < MAX_PACES => {
-                        kinds.push(kind);
-                        kinds.len() - 1
-                    }
-                    None => 0, // Config::validate refuses this many
-                };
-                Pace(index as u8)
-            })
-            .collect();
+    /// give (classes with the same window and leading edge share a pace), as `classes`
+    /// compiled them.
+    pub fn with_classes(config: &BatchConfig, classes: Arc<RoomClasses>) -> DeliveryWindow {
         DeliveryWindow {
-            paces: kinds
+            paces: classes
+                .delivery_windows()
                 .iter()
                 .map(|(ms, edge)| Timing::new(*ms, *edge))
                 .collect(),
-            classes: RoomClasses::new(rooms).unwrap_or_default(),
-            class_pace,
-            class_conflate: rooms
-                .iter()
-                .map(|class| class.conflate.as_deref().map(Arc::from))
-                .collect(),
+            classes,
             max_messages: config.max_batch_messages.max(1),
             max_bytes: config.max_batch_bytes,
             generation: AtomicU64::new(0),
@@ -209,17 +180,12 @@ impl DeliveryWindow {
 
     /// The pace of `room`'s messages: its class's, else the default.
     pub fn pace_of(&self, room: &str) -> Pace {
-        self.classes
-            .index_of(room)
-            .and_then(|i| self.class_pace.get(i).copied())
-            .unwrap_or(Pace::DEFAULT)
+        Pace(self.classes.delivery_pace(room) as u8)
     }
 
     /// The content field `room`'s messages conflate on (its class's `conflate`).
     pub fn conflate_of(&self, room: &str) -> Option<Arc<str>> {
-        self.classes
-            .index_of(room)
-            .and_then(|i| self.class_conflate.get(i).cloned().flatten())
+        self.classes.conflate_of(room)
     }
 
     /// Every pace on this node.
@@ -389,6 +355,7 @@ pub fn batch_frame(items: &[Encoded]) -> Encoded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RoomClass;
 
     fn window(ms: u64, max_messages: usize, max_bytes: usize) -> DeliveryWindow {
         DeliveryWindow::new(&BatchConfig {
@@ -586,8 +553,7 @@ mod tests {
             leading_edge: edge,
             ..RoomClass::default()
         };
-        let w = DeliveryWindow::with_classes(
-            &config,
+        let classes = RoomClasses::compile(
             &[
                 class("chat:*", Some(0), None),
                 class("scores:*", Some(250), None),
@@ -595,7 +561,10 @@ mod tests {
                 class("more-scores:*", Some(250), None),
                 class("quiet:*", None, Some(false)),
             ],
-        );
+            &config,
+        )
+        .unwrap();
+        let w = DeliveryWindow::with_classes(&config, Arc::new(classes));
         assert_eq!(
             w.paces().count(),
             4,

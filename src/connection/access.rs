@@ -142,8 +142,8 @@ impl Access {
         if self.api_key || !self.checks_tokens {
             return Ok(());
         }
-        match self.identity.as_ref().and_then(|i| i.may_publish("*")) {
-            Some(true) => Ok(()),
+        match &self.identity {
+            Some(identity) if identity.may_broadcast() => Ok(()),
             _ => Err(forbidden(
                 "a broadcast needs a token whose publish claim includes \"*\"".into(),
             )),

@@ -13,38 +13,25 @@ use crate::config::{Config, RoomClasses};
 
 /// Which publish window an envelope waits for: pace 0 is `batch.publish_window_ms`, the
 /// others come from `[[rooms]]` classes with a `publish_window_ms` of their own (classes
-/// with equal windows share one). Broadcasts and direct messages keep pace 0.
+/// with equal windows share one; `config::RoomClasses` compiles them). Broadcasts and
+/// direct messages keep pace 0.
 pub struct PublishPaces {
     windows: Vec<Duration>,
     classes: RoomClasses,
-    /// `[[rooms]]` entry -> its rooms' pace.
-    class_pace: Vec<usize>,
 }
 
 impl PublishPaces {
     pub fn new(config: &Config) -> PublishPaces {
-        let mut windows = vec![config.publish_window()];
-        let class_pace = config
-            .rooms
-            .iter()
-            .map(|class| {
-                let window = class
-                    .publish_window_ms
-                    .map_or(windows[0], Duration::from_millis);
-                windows
-                    .iter()
-                    .position(|w| *w == window)
-                    .unwrap_or_else(|| {
-                        windows.push(window);
-                        windows.len() - 1
-                    })
-            })
-            .collect();
+        // Validated at start; a hand-built bad config gets no classes.
+        let classes = RoomClasses::compile(&config.rooms, &config.batch)
+            .unwrap_or_else(|_| RoomClasses::plain(&config.batch));
         PublishPaces {
-            windows,
-            // Validated at start; a hand-built bad config gets no classes.
-            classes: RoomClasses::new(&config.rooms).unwrap_or_default(),
-            class_pace,
+            windows: classes
+                .publish_windows()
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            classes,
         }
     }
 
@@ -62,11 +49,7 @@ impl PublishPaces {
         match &envelope.target {
             // One window for all: no class lookup on the hot path.
             _ if self.windows.len() == 1 => 0,
-            Target::Room(room) => self
-                .classes
-                .index_of(room)
-                .and_then(|i| self.class_pace.get(i).copied())
-                .unwrap_or(0),
+            Target::Room(room) => self.classes.publish_pace(room),
             Target::Broadcast | Target::User(_) => 0,
         }
     }
