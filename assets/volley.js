@@ -8,7 +8,10 @@
 // frames, and after a reconnect joins every room again: a durable room with
 // `since: {offset, epoch}` from the last message it delivered, so nothing is missed or
 // doubled; when the node cannot serve that whole (`recovered: false`), `onRecovery`
-// hears of it so the application can refetch its state.
+// hears of it so the application can refetch its state. When a durable room's history
+// starts again (`epoch_changed`: Redis lost it), offsets count from 1 in the new epoch
+// and a later rejoin asks from there. A room's callback gets the room's `message`
+// frames only (membership notices go to `options.onNotice`).
 
 /**
  * @param {string} url the node's WebSocket URL
@@ -24,6 +27,7 @@
  * @param {(answer: object) => void} [options.onOnlineUsers] answers to `getOnlineUsers()`
  * @param {(message: object) => void} [options.onDirectMessage] direct messages to this user
  * @param {(userId: string) => void} [options.onAuthenticated] the identity the node took
+ * @param {(notice: object) => void} [options.onNotice] `user_joined` / `user_left` of joined rooms
  * @param {number} [options.minDelay] first reconnect delay bound, ms (250)
  * @param {number} [options.maxDelay] largest reconnect delay bound, ms (10000)
  */
@@ -137,18 +141,31 @@ export class VolleyClient {
     if (message.type === "history") {
       // Another epoch, or a position it could not serve: offsets start over from here.
       if (message.epoch !== room.epoch || message.recovered === false) room.offset = null;
+      // "" is a durable room with no history yet (or a plain room): nothing to resume.
       room.epoch = message.epoch || null;
       if (message.recovered !== undefined) this.options.onRecovery?.(message.roomId, message.recovered);
       for (const m of message.messages) this.deliver(room, m, { fromHistory: true });
       return;
     }
+    if (message.type === "epoch_changed") {
+      // The room's history started again: its offsets count from 1 in this epoch, and a
+      // rejoin asks for everything of it from there.
+      room.epoch = message.epoch;
+      room.offset = 0;
+      return;
+    }
+    if (message.type === "user_joined" || message.type === "user_left") {
+      this.options.onNotice?.(message);
+      return;
+    }
+    if (message.type !== "message") return;
     this.deliver(room, message, { fromHistory: false });
   }
 
   deliver(room, message, info) {
     if (typeof message.offset === "number") {
-      // Delivered already; offset 1 after a higher one is a new epoch starting.
-      if (room.offset !== null && message.offset <= room.offset && message.offset !== 1) return;
+      // Delivered already (a replay that overlaps what came live).
+      if (room.offset !== null && message.offset <= room.offset) return;
       room.offset = message.offset;
     }
     room.onMessage(message, info);

@@ -188,6 +188,7 @@ fn envelope() -> Envelope {
         target: Target::Room(Arc::from("ticker:ACME")),
         payload: Encoded::from_json(&room_messages(1)[0]),
         kind: Kind::Message,
+        epoch: None,
     }
 }
 

@@ -20,7 +20,7 @@ use crate::cluster::Cluster;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::inbound::Replay;
-use crate::protocol::inbound::{parse_publish_request, PublishRequest};
+use crate::protocol::inbound::{check_room_id, parse_publish_request, PublishRequest};
 use crate::protocol::{check_content, outbound};
 
 pub type Body = Full<Bytes>;
@@ -100,7 +100,17 @@ async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         return refused;
     }
     let encoded = req.uri().path().trim_start_matches("/api/history/");
-    let room = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+    // Checked as a join checks it: an id no socket could join is not read either.
+    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "roomId is not UTF-8 once percent-decoded",
+        );
+    };
+    if let Err(e) = check_room_id(&room) {
+        return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+    }
     let (mut limit, mut since, mut epoch) = (None, None, None);
     for pair in req
         .uri()
@@ -164,7 +174,13 @@ async fn presence(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         |why: &str| error(StatusCode::SERVICE_UNAVAILABLE, "presence_unavailable", why);
     match req.uri().path().strip_prefix("/api/presence/") {
         Some(encoded) => {
-            let user = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+            let Ok(user) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    "userId is not UTF-8 once percent-decoded",
+                );
+            };
             match node.presence_of(&user).await {
                 Ok(Some(p)) => json_response(StatusCode::OK, &p),
                 Ok(None) => error(

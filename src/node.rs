@@ -223,6 +223,7 @@ impl Node {
                     target: Target::Room(Arc::from(room)),
                     payload: message,
                     kind: Kind::Durable(durability),
+                    epoch: None,
                 }])?;
                 Ok(FanOut::default())
             }
@@ -292,6 +293,7 @@ impl Node {
                 target: Target::User(Arc::from(to)),
                 payload: frame.clone(),
                 kind: Kind::Message,
+                epoch: None,
             }])
             .map_err(|e| ProtocolError::new(ErrorCode::Overloaded, e.to_string()))?;
         Ok(self.log_slow_consumers(self.hub.fan_out_user(to, &frame)))
@@ -331,8 +333,12 @@ impl Node {
             Replay::Since { offset, .. } => Some(*offset),
             Replay::Last(_) => None,
         };
-        let (first, after) = match self.classes.durability(room) {
-            None => (outbound::history(room, "", &[], since.map(|_| false)), 0),
+        let (first, after, epoch) = match self.classes.durability(room) {
+            None => (
+                outbound::history(room, "", &[], since.map(|_| false)),
+                0,
+                None,
+            ),
             Some(durability) => {
                 let read = self.broker.history(room, replay, durability);
                 match tokio::time::timeout(HISTORY_WAIT, read).await {
@@ -352,14 +358,20 @@ impl Node {
                             &history.messages,
                             history.recovered,
                         );
-                        (frame, after)
+                        (frame, after, Some(history.epoch))
                     }
-                    Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0),
-                    Err(_) => (history_unavailable(room, "timed out reading it"), 0),
+                    Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0, None),
+                    Err(_) => (history_unavailable(room, "timed out reading it"), 0, None),
                 }
             }
         };
-        self.log_slow_consumers(self.hub.finish_replay(room, outbox.id(), &first, after));
+        self.log_slow_consumers(self.hub.finish_replay(
+            room,
+            outbox.id(),
+            &first,
+            after,
+            epoch.as_ref(),
+        ));
         self.notify_room(room, Membership::Joined, members);
     }
 
@@ -372,6 +384,7 @@ impl Node {
             target: Target::Broadcast,
             payload: message.clone(),
             kind: Kind::Message,
+            epoch: None,
         }])?;
         Ok(self.log_slow_consumers(self.hub.fan_out_all(&message)))
     }
@@ -388,6 +401,7 @@ impl Node {
             target: Target::Room(name),
             payload: message.clone(),
             kind,
+            epoch: None,
         }]);
         // A message the other nodes cannot get goes to nobody, so the publisher can retry
         // it; a notice is best effort and still reaches the local members.
@@ -464,19 +478,23 @@ impl Node {
 }
 
 impl EnvelopeSink for Node {
+    /// An envelope from another node, or a durable message (from any node, this one too)
+    /// in its room's order. Engines never hand a node its own plain envelopes: it
+    /// delivered those when they were published.
     fn deliver(&self, envelope: Envelope) {
-        // Our own envelopes were delivered locally when they were published; durable ones
-        // were not: they come back with their offsets, in the room's order.
-        if envelope.origin == self.id && outbound::offset_of(envelope.payload.json()).is_none() {
-            return;
-        }
         self.stats.message_in(Source::Broker);
-        match &envelope.target {
-            Target::Room(room) => {
+        match (&envelope.target, &envelope.epoch) {
+            (Target::Room(room), Some(epoch)) => self.log_slow_consumers(
+                self.hub
+                    .fan_out_durable(room, epoch, &envelope.payload),
+            ),
+            (Target::Room(room), None) => {
                 self.log_slow_consumers(self.hub.fan_out(room, &envelope.payload))
             }
-            Target::Broadcast => self.log_slow_consumers(self.hub.fan_out_all(&envelope.payload)),
-            Target::User(user) => {
+            (Target::Broadcast, _) => {
+                self.log_slow_consumers(self.hub.fan_out_all(&envelope.payload))
+            }
+            (Target::User(user), _) => {
                 self.log_slow_consumers(self.hub.fan_out_user(user, &envelope.payload))
             }
         };

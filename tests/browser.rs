@@ -506,3 +506,185 @@ async fn chromium_negotiates_permessage_deflate_and_the_demo_page_runs_on_it() {
         .await;
     browser.assert_no_page_errors();
 }
+
+/// Every room durable on Redis, as a production deployment keeps its scoreboards.
+fn durable_rooms(c: &mut volley::Config) {
+    c.rooms = vec![volley::config::RoomClass {
+        pattern: "scores:*".into(),
+        history_size: 100,
+        history_ttl_s: 3600,
+        ..Default::default()
+    }];
+}
+
+/// The README's `/volley.js` example, as README.md has it: the html block under
+/// "### volley.js".
+fn readme_volley_example() -> String {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("### volley.js")
+        .nth(1)
+        .expect("README has a volley.js section");
+    let block = section
+        .split("```html\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("an html block in the volley.js section");
+    block.to_string()
+}
+
+/// Opens a page of the node's origin and puts `html` in its body, running its scripts
+/// as a page that contains them would.
+async fn page_with(browser: &mut Browser, addr: std::net::SocketAddr, html: &str) -> String {
+    let tab = browser.open(&format!("http://{addr}/healthz")).await;
+    browser
+        .wait_for(&tab, "document.readyState === 'complete'")
+        .await;
+    let inject = format!(
+        "document.body.innerHTML = {html}; \
+         for (const old of [...document.body.querySelectorAll('script')]) {{ \
+           const s = document.createElement('script'); \
+           if (old.type) s.type = old.type; \
+           s.textContent = old.textContent; \
+           old.replaceWith(s); \
+         }} true",
+        html = serde_json::to_string(html).unwrap()
+    );
+    browser.eval(&tab, &inject).await;
+    tab
+}
+
+#[tokio::test]
+async fn the_readme_volley_js_example_shows_the_score_after_joins_and_reconnects() {
+    let redis = RedisServer::start().await;
+    let page_node = start_on_redis(&redis, "page", durable_rooms).await;
+    let addr = page_node.local_addr();
+    let other = start_on_redis(&redis, "other", durable_rooms).await;
+    let score = |home: u64| json!({"roomId":"scores:m1","content":format!("{home}-0")});
+    assert_eq!(api_publish(other.local_addr(), &score(1)).await.0, 200);
+    let example = readme_volley_example();
+    assert!(example.contains("volley.join(\"scores:m1\""), "{example}");
+    let mut browser = Browser::launch().await;
+    let tab = page_with(&mut browser, addr, "<p>watching</p>").await;
+    // Every value the score element ever shows, and a mark a reload would wipe.
+    browser
+        .eval(
+            &tab,
+            "window.mark = 1; window.shown = []; \
+             new MutationObserver(() => { const s = document.getElementById('score'); \
+               if (s && (shown.length || s.textContent !== '')) shown.push(s.textContent); }) \
+               .observe(document.body, { childList: true, subtree: true, characterData: true }); true",
+        )
+        .await;
+    browser
+        .eval(
+            &tab,
+            &format!(
+                "document.body.insertAdjacentHTML('beforeend', {}); \
+                 for (const old of [...document.body.querySelectorAll('script')]) {{ \
+                   const s = document.createElement('script'); if (old.type) s.type = old.type; \
+                   s.textContent = old.textContent; old.replaceWith(s); }} true",
+                serde_json::to_string(&example).unwrap()
+            ),
+        )
+        .await;
+    const SCORE: &str = "document.getElementById('score').textContent";
+    browser
+        .wait_for(&tab, &format!("{SCORE} === '\"1-0\"'"))
+        .await;
+    // Another fan joins: the page gets a user_joined notice, and still shows the score.
+    let mut fan = Client::connect(addr).await;
+    fan.join("scores:m1").await;
+    assert_eq!(api_publish(other.local_addr(), &score(2)).await.0, 200);
+    browser
+        .wait_for(&tab, &format!("{SCORE} === '\"2-0\"'"))
+        .await;
+    // The page's node restarts; the page comes back by itself (its own rejoin notice
+    // included) and shows the score, then the next one.
+    drop(fan);
+    page_node.shutdown().await;
+    let again = start_on_redis(&redis, "page", move |c| {
+        durable_rooms(c);
+        c.server.listen = addr;
+    })
+    .await;
+    let mut fan = Client::connect(addr).await;
+    fan.join("scores:m1").await;
+    assert_eq!(api_publish(other.local_addr(), &score(3)).await.0, 200);
+    browser
+        .wait_for(&tab, &format!("{SCORE} === '\"3-0\"'"))
+        .await;
+    let shown = browser.eval(&tab, "window.shown").await;
+    assert!(
+        shown.as_array().unwrap().iter().all(|s| s != ""),
+        "the score went blank: {shown}"
+    );
+    assert_eq!(browser.eval(&tab, "window.mark").await, json!(1), "the page reloaded");
+    drop(again);
+    browser.assert_no_page_errors();
+}
+
+#[tokio::test]
+async fn volley_js_recovers_across_a_redis_restart_and_a_node_restart() {
+    let mut redis = RedisServer::start().await;
+    let page_node = start_on_redis(&redis, "page", durable_rooms).await;
+    let addr = page_node.local_addr();
+    let other = start_on_redis(&redis, "other", durable_rooms).await;
+    let publish = |n: u64| json!({"roomId":"scores:r","content":n});
+    let mut browser = Browser::launch().await;
+    let tab = page_with(
+        &mut browser,
+        addr,
+        r#"<script type="module">
+  import { connect } from "/volley.js";
+  window.got = []; window.recoveries = []; window.up = false;
+  const volley = connect(`ws://${location.host}/ws`, {
+    onRecovery: (roomId, recovered) => recoveries.push([roomId, recovered]),
+    onStatus: (up) => { window.up = up; },
+    minDelay: 50,
+    maxDelay: 500,
+  });
+  volley.join("scores:r", { history: 10 }, (message) => got.push(message.content));
+</script>"#,
+    )
+    .await;
+    browser.wait_for(&tab, "window.up === true").await;
+    redis.wait_numsub("room:scores:r", 1).await;
+    for n in 1..=2 {
+        assert_eq!(api_publish(other.local_addr(), &publish(n)).await.0, 200);
+    }
+    browser.wait_for(&tab, "got.length === 2").await;
+    // Redis loses everything: the room's history starts again in a new epoch.
+    redis.restart().await;
+    for node in [addr, other.local_addr()] {
+        wait_status(node, "/readyz", 200).await;
+    }
+    for n in 3..=4 {
+        assert_eq!(api_publish(other.local_addr(), &publish(n)).await.0, 200);
+    }
+    browser.wait_for(&tab, "got.length === 4").await;
+    // The page's node goes away; two more are published meanwhile; it comes back.
+    page_node.shutdown().await;
+    browser.wait_for(&tab, "window.up === false").await;
+    for n in 5..=6 {
+        assert_eq!(api_publish(other.local_addr(), &publish(n)).await.0, 200);
+    }
+    let again = start_on_redis(&redis, "page", move |c| {
+        durable_rooms(c);
+        c.server.listen = addr;
+    })
+    .await;
+    browser.wait_for(&tab, "got.length >= 6").await;
+    assert_eq!(
+        browser.eval(&tab, "window.got").await,
+        json!([1, 2, 3, 4, 5, 6]),
+        "every message once, in order"
+    );
+    assert_eq!(
+        browser.eval(&tab, "window.recoveries").await,
+        json!([["scores:r", true]]),
+        "the rejoin resumed in the new epoch"
+    );
+    drop(again);
+    browser.assert_no_page_errors();
+}

@@ -186,7 +186,9 @@ fn spawn_durable_follower(
         let mut quiet_since = Instant::now();
         loop {
             let mut socket = connect_when_up(addr).await;
-            let replay = match &epoch {
+            // Epoch "": the room had no history when this follower joined; nothing to
+            // resume from but the whole history (as /volley.js does).
+            let replay = match epoch.as_deref().filter(|e| !e.is_empty()) {
                 None => json!({"history": 100_000}),
                 Some(e) => json!({"since": {"offset": seen.last().map_or(0, |s| s.0), "epoch": e}}),
             };
@@ -215,11 +217,12 @@ fn spawn_durable_follower(
                     match m["type"].as_str() {
                         Some("history") => {
                             let e = m["epoch"].as_str().expect("an epoch").to_string();
+                            let known = epoch.clone().filter(|old| !old.is_empty());
                             assert!(
-                                epoch.as_ref().is_none_or(|old| *old == e),
+                                known.as_ref().is_none_or(|old| *old == e),
                                 "the epoch changed ({epoch:?} -> {e}): history was lost"
                             );
-                            if epoch.is_some() {
+                            if known.is_some() {
                                 assert_eq!(m["recovered"], true, "{m}");
                             }
                             epoch = Some(e);
@@ -229,6 +232,15 @@ fn spawn_durable_follower(
                                     h["content"].clone(),
                                 ));
                             }
+                        }
+                        Some("epoch_changed") => {
+                            // Only the room's first history may start here: from none.
+                            let e = m["epoch"].as_str().expect("an epoch").to_string();
+                            assert!(
+                                epoch.as_deref().is_none_or(str::is_empty),
+                                "the epoch changed ({epoch:?} -> {e}): history was lost"
+                            );
+                            epoch = Some(e);
                         }
                         Some("message") => {
                             seen.push((

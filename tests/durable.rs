@@ -94,13 +94,18 @@ async fn since_replays_everything_missed_while_publishing_goes_on() {
     let addr = server.local_addr();
     let mut first = Client::connect(addr).await;
     let history = join_with(&mut first, "ticker:ACME", json!({"history":1})).await;
-    let epoch = history["epoch"].as_str().unwrap().to_string();
+    // No history yet: no epoch either, and a read creates none.
+    assert_eq!(history["epoch"], "");
+    let mut epoch = String::new();
     // A feed publishes 300 prices, paced, while a client leaves and comes back.
     let feed = spawn_paced_feed(addr, "ticker:ACME", 300, Duration::from_millis(5));
     let mut last = 0;
     while last < 50 {
-        last = first.next_room_message().await["offset"].as_u64().unwrap();
+        last = first.next_durable_message(&mut epoch).await["offset"]
+            .as_u64()
+            .unwrap();
     }
+    assert!(!epoch.is_empty(), "the first message came after an epoch_changed");
     drop(first);
     let seen = come_back_until_end(addr, "ticker:ACME", last, &epoch).await;
     feed.await.unwrap();
@@ -216,4 +221,56 @@ async fn the_history_api_reads_what_a_join_would_get() {
     assert_eq!((status, h["error"].clone()), (404, json!("not_durable")));
     let (status, _) = http(addr, "GET", "/api/history/scores%3Am%201", &[], b"").await;
     assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn an_expired_history_starts_a_new_epoch_that_subscribers_are_told_of() {
+    let server = start(|c| {
+        c.limits.publish_rate = 0;
+        c.rooms = vec![RoomClass {
+            pattern: "scores:*".into(),
+            history_size: 100,
+            history_ttl_s: 1,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut sub = Client::connect(addr).await;
+    let h = join_with(&mut sub, "scores:t", json!({"history": 1})).await;
+    assert_eq!(h["epoch"], "");
+    sub.expect_type("user_joined").await;
+    api_publish(addr, &json!({"roomId":"scores:t","content":"old"})).await;
+    let told = sub.expect_type("epoch_changed").await;
+    let old = told["epoch"].as_str().unwrap().to_string();
+    assert_eq!(sub.next_room_message().await["offset"], 1);
+    // Nothing published for the class's TTL: the history expires (the API says so).
+    let expired = tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, body) = http(
+                addr,
+                "GET",
+                "/api/history/scores:t",
+                &[("Authorization", "apikey test-key")],
+                b"",
+            )
+            .await;
+            let h: Value = serde_json::from_str(&body).unwrap();
+            if h["epoch"] == "" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(expired.is_ok(), "the history never expired");
+    for n in 1..=3 {
+        api_publish(addr, &json!({"roomId":"scores:t","content":n})).await;
+    }
+    let told = sub.expect_type("epoch_changed").await;
+    assert_ne!(told["epoch"], old.as_str());
+    for n in 1..=3u64 {
+        let m = sub.expect_type("message").await;
+        assert_eq!((m["offset"].as_u64(), m["content"].as_u64()), (Some(n), Some(n)));
+    }
 }

@@ -60,7 +60,12 @@ async fn history_then_live_and_recovery_while_publishing_goes_on() {
     let mut watcher = Client::connect(two.local_addr()).await;
     let h = join_with(&mut watcher, "scores:m1", json!({"history":5})).await;
     assert_eq!(offsets(&h["messages"]), Vec::<u64>::new());
-    let epoch = h["epoch"].as_str().unwrap().to_string();
+    // The room has no history yet, and the read made none: no key, no epoch.
+    assert_eq!(h["epoch"], "");
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*stream*").query_async(&mut conn).await.unwrap();
+    assert!(keys.is_empty(), "a read created {keys:?}");
+    let mut epoch = String::new();
     for goal in 1..=5 {
         let (status, _) = api_publish(
             addr,
@@ -70,8 +75,12 @@ async fn history_then_live_and_recovery_while_publishing_goes_on() {
         assert_eq!(status, 200);
     }
     for goal in 1..=5u64 {
-        assert_eq!(watcher.next_room_message().await["offset"], goal);
+        assert_eq!(
+            watcher.next_durable_message(&mut epoch).await["offset"],
+            goal
+        );
     }
+    assert!(!epoch.is_empty(), "told the epoch before the first message");
     let mut late = Client::connect(addr).await;
     let h = join_with(&mut late, "scores:m1", json!({"history":3})).await;
     assert_eq!(offsets(&h["messages"]), vec![3, 4, 5]);
@@ -81,7 +90,7 @@ async fn history_then_live_and_recovery_while_publishing_goes_on() {
     let feed = spawn_paced_feed(addr, "scores:m1", 200, Duration::from_millis(10));
     let mut last = 0;
     while last < 40 {
-        last = watcher.next_room_message().await["offset"]
+        last = watcher.next_durable_message(&mut epoch).await["offset"]
             .as_u64()
             .unwrap();
     }
@@ -97,12 +106,12 @@ async fn trimmed_or_lost_history_says_recovered_false() {
     let node = start_on_redis(&redis, "one", durable(5)).await;
     let addr = node.local_addr();
     let mut c = Client::connect(addr).await;
-    let h = join_with(&mut c, "scores:x", json!({"history":1})).await;
-    let epoch = h["epoch"].as_str().unwrap().to_string();
+    join_with(&mut c, "scores:x", json!({"history":1})).await;
+    let mut epoch = String::new();
     for n in 1..=20 {
         api_publish(addr, &json!({"roomId":"scores:x","content":n})).await;
     }
-    while c.next_room_message().await["offset"] != 20 {}
+    while c.next_durable_message(&mut epoch).await["offset"] != 20 {}
     let mut trimmed = Client::connect(addr).await;
     let h = join_with(
         &mut trimmed,
@@ -131,6 +140,14 @@ async fn trimmed_or_lost_history_says_recovered_false() {
     assert_eq!(h["recovered"], false);
     assert_ne!(h["epoch"], epoch.as_str(), "a new epoch");
     assert_eq!(offsets(&h["messages"]), Vec::<u64>::new());
+    // The read created nothing in place of what was lost.
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg("stream:scores:x")
+        .arg("stream:scores:x:position")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
 }
 
 #[tokio::test]
@@ -360,4 +377,236 @@ async fn a_durable_append_whose_answer_was_lost_is_checked_not_doubled() {
         metrics.contains("volley_redis_publish_failures_total 1"),
         "the answer was lost once: {metrics}"
     );
+}
+
+/// The keys Redis holds for durable rooms (streams and their positions).
+async fn stream_keys(redis: &RedisServer) -> Vec<String> {
+    let mut conn = redis.conn().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("stream:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn reads_create_nothing_and_history_ids_are_checked_as_joins_are() {
+    let redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "one", |c| {
+        durable(1000)(c);
+        c.limits.join_rate = 0;
+        c.limits.max_rooms_per_socket = 1000;
+        c.limits.notices = false;
+        c.batch.delivery_window_ms = 0;
+    })
+    .await;
+    let addr = node.local_addr();
+    // 150 anonymous joins with history (and since) on made-up durable room ids.
+    let mut c = Client::connect(addr).await;
+    for i in 0..150 {
+        let replay = if i % 2 == 0 {
+            json!({"history": 10})
+        } else {
+            json!({"since": {"offset": 3, "epoch": "made-up"}})
+        };
+        let h = join_with(&mut c, &format!("scores:nobody-{i}"), replay).await;
+        assert_eq!(h["epoch"], "", "{h}");
+        assert_eq!(h["messages"], json!([]), "{h}");
+        if i % 2 == 1 {
+            assert_eq!(h["recovered"], false, "a position in an epoch that is not there");
+        }
+    }
+    // A since from epoch "" (the room had no history then, and still has none) missed
+    // nothing.
+    let h = join_with(
+        &mut c,
+        "scores:still-nobody",
+        json!({"since": {"offset": 0, "epoch": ""}}),
+    )
+    .await;
+    assert_eq!(h["recovered"], true, "{h}");
+    let key = ("Authorization", "apikey test-key");
+    let (status, body) = http(addr, "GET", "/api/history/scores%3Aghost", &[key], b"").await;
+    assert_eq!(status, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((h["epoch"].clone(), h["messages"].clone()), (json!(""), json!([])));
+    let (status, _) = http(addr, "GET", "/api/history/scores%3Aghost?since=4", &[key], b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(stream_keys(&redis).await, Vec::<String>::new(), "a read wrote");
+
+    // Ids no join would take are refused before anything is read.
+    let long = format!("/api/history/scores%3A{}", "x".repeat(300));
+    for path in [long.as_str(), "/api/history/scores%3A%ff", "/api/history/"] {
+        let (status, body) = http(addr, "GET", path, &[key], b"").await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["error"], "invalid_field", "{path}: {body}");
+    }
+    assert_eq!(stream_keys(&redis).await, Vec::<String>::new());
+    // A publish is what makes a history.
+    api_publish(addr, &json!({"roomId":"scores:real","content":1})).await;
+    let waited = tokio::time::timeout(WAIT, async {
+        while stream_keys(&redis).await.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok());
+    assert_eq!(
+        stream_keys(&redis).await,
+        ["stream:scores:real", "stream:scores:real:position"]
+    );
+}
+
+/// How a durable room's history is lost under its live subscribers.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// redis-server SIGKILLed and started again, empty.
+    Restart,
+    /// Nothing published for the class's `history_ttl_s`: Redis expires the room.
+    Expiry,
+}
+
+/// A subscriber on node one that has seen `seen` messages of a durable room published on
+/// node two; the room's history is lost (`loss`); three more are published. The
+/// subscriber gets `epoch_changed` with the new epoch, then all three, offsets 1, 2, 3,
+/// and the stream holds the three.
+async fn epoch_change_loses_nothing(loss: Loss, seen: u64) {
+    let mut redis = RedisServer::start().await;
+    let ttl = match loss {
+        Loss::Restart => 3600,
+        Loss::Expiry => 1,
+    };
+    let class = move |c: &mut Config| {
+        c.limits.publish_rate = 0;
+        c.rooms = vec![RoomClass {
+            pattern: "scores:*".into(),
+            history_size: 100,
+            history_ttl_s: ttl,
+            ..Default::default()
+        }];
+    };
+    let one = start_on_redis(&redis, "one", class).await;
+    let two = start_on_redis(&redis, "two", class).await;
+    let two_addr = two.local_addr();
+    let publish = move |content: serde_json::Value| async move {
+        let (status, body) =
+            api_publish(two_addr, &json!({"roomId":"scores:e","content":content})).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    let mut epoch = String::new();
+    let mut sub = Client::connect(one.local_addr()).await;
+    if seen == 0 {
+        // The room has a history the subscriber knows the epoch of, but no message of
+        // it reached the subscriber live.
+        publish(json!("before")).await;
+        let mut conn = redis.conn().await;
+        let appended = tokio::time::timeout(WAIT, async {
+            loop {
+                let len: u64 = redis::cmd("XLEN")
+                    .arg("stream:scores:e")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if len == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(appended.is_ok(), "the first message never reached the stream");
+        let h = join_with(&mut sub, "scores:e", json!({"history": 0})).await;
+        epoch = h["epoch"].as_str().unwrap().to_string();
+        assert!(!epoch.is_empty());
+    } else {
+        let h = join_with(&mut sub, "scores:e", json!({"history": 1})).await;
+        assert_eq!(h["epoch"], "");
+    }
+    redis.wait_numsub("room:scores:e", 1).await;
+    for n in 1..=seen {
+        publish(json!({"old": n})).await;
+        let m = sub.next_durable_message(&mut epoch).await;
+        assert_eq!((m["offset"].as_u64(), m["content"].clone()), (Some(n), json!({"old": n})));
+    }
+    let old = epoch.clone();
+    match loss {
+        Loss::Restart => {
+            redis.restart().await;
+            for node in [&one, &two] {
+                wait_status(node.local_addr(), "/readyz", 200).await;
+            }
+        }
+        Loss::Expiry => {
+            let mut conn = redis.conn().await;
+            let gone = tokio::time::timeout(WAIT, async {
+                loop {
+                    let n: u64 = redis::cmd("EXISTS")
+                        .arg("stream:scores:e:position")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            assert!(gone.is_ok(), "Redis never expired the room");
+        }
+    }
+    for n in 1..=3 {
+        publish(json!({"new": n})).await;
+    }
+    // Told first, then every message of the new epoch.
+    let told = sub.next_message().await;
+    let told = match told["type"].as_str() {
+        Some("user_joined") => sub.next_message().await,
+        _ => told,
+    };
+    assert_eq!(told["type"], "epoch_changed", "{loss:?}, {seen} seen: {told}");
+    assert_eq!(told["roomId"], "scores:e");
+    let new = told["epoch"].as_str().unwrap().to_string();
+    assert!(!new.is_empty() && new != old, "{old} -> {new}");
+    for n in 1..=3u64 {
+        let m = sub.next_message().await;
+        assert_eq!(
+            (m["type"].as_str(), m["offset"].as_u64(), m["content"].clone()),
+            (Some("message"), Some(n), json!({"new": n})),
+            "{loss:?}, {seen} seen"
+        );
+    }
+    let mut conn = redis.conn().await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg("stream:scores:e")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 3);
+    // A client that comes back from there recovers.
+    let mut back = Client::connect(one.local_addr()).await;
+    let h = join_with(
+        &mut back,
+        "scores:e",
+        json!({"since": {"offset": 1, "epoch": new}}),
+    )
+    .await;
+    assert_eq!((h["recovered"].clone(), offsets(&h["messages"])), (json!(true), vec![2, 3]));
+}
+
+#[tokio::test]
+async fn a_restarted_redis_loses_no_accepted_message_whatever_was_seen_before() {
+    for seen in [0, 1, 5] {
+        epoch_change_loses_nothing(Loss::Restart, seen).await;
+    }
+}
+
+#[tokio::test]
+async fn an_expired_history_loses_no_accepted_message_whatever_was_seen_before() {
+    for seen in [0, 1, 5] {
+        epoch_change_loses_nothing(Loss::Expiry, seen).await;
+    }
 }

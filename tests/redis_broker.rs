@@ -94,6 +94,71 @@ async fn broadcast_crosses_nodes() {
 }
 
 #[tokio::test]
+async fn every_broadcast_shape_arrives_exactly_once_on_both_nodes() {
+    let redis = RedisServer::start().await;
+    // Durable rooms are on, as they would be in production: their messages come back to
+    // the node that published them, and only they may.
+    let with_rooms = |c: &mut volley::Config| {
+        c.limits.client_broadcast = true;
+        c.limits.publish_rate = 0;
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "scores:*".into(),
+            history_size: 100,
+            ..Default::default()
+        }];
+    };
+    let a = start_on_redis(&redis, "a", with_rooms).await;
+    let b = start_on_redis(&redis, "b", with_rooms).await;
+    redis.wait_numsub("websocket:broadcast", 2).await;
+    let mut on_a = Client::connect(a.local_addr()).await;
+    let mut on_b = Client::connect(b.local_addr()).await;
+    on_a.join("scores:x").await;
+    on_b.join("scores:x").await;
+    // Payloads that look like a durable room's message (they end in "offset":N}), and
+    // others.
+    let shapes = [
+        json!({"offset": 7}),
+        json!({"a": 1, "offset": 0}),
+        json!({"type": "message", "roomId": "scores:x", "content": 1, "timestamp": 5, "offset": 1}),
+        json!([1, {"offset": 2}]),
+        json!({"epoch": "x", "offset": 3}),
+        json!("offset"),
+        json!(42),
+        json!(null),
+        json!({}),
+    ];
+    let mut sent = Vec::new();
+    for (i, shape) in shapes.iter().enumerate() {
+        // From a socket, and through the API, on node a.
+        on_a.send(json!({"type":"broadcast","payload":shape})).await;
+        let (status, _) = api_publish(a.local_addr(), &json!({"broadcast": shape})).await;
+        assert_eq!(status, 200, "{i}");
+        sent.push(shape.clone());
+        sent.push(shape.clone());
+    }
+    // Last, from the socket: after its own broadcasts, and after the API's (answered).
+    on_a.send(json!({"type":"broadcast","payload":{"end": true}})).await;
+    for (node, client) in [("a", &mut on_a), ("b", &mut on_b)] {
+        let mut got = Vec::new();
+        loop {
+            let m = client.next_message().await;
+            if m == json!({"end": true}) {
+                break;
+            }
+            if m["type"] == "user_joined" && m["roomId"] == "scores:x" && m.get("offset").is_none() {
+                continue;
+            }
+            got.push(m);
+        }
+        let key = |v: &serde_json::Value| v.to_string();
+        let mut want = sent.clone();
+        want.sort_by_key(key);
+        got.sort_by_key(key);
+        assert_eq!(got, want, "node {node}: every broadcast exactly once");
+    }
+}
+
+#[tokio::test]
 async fn the_articles_envelopes_are_delivered_as_sent() {
     let redis = RedisServer::start().await;
     let node = start_on_redis(&redis, "volley-1", |_| {}).await;

@@ -9,7 +9,9 @@
 //! Durable rooms keep their history in a `Ring` per room on the bus, shared by its nodes
 //! as a Redis stream would be: a durable message gets its offset there and is delivered,
 //! under the ring's lock, to every node in the room (its origin too), so all see one
-//! order, and a history query sees exactly what was delivered before it.
+//! order, and a history query sees exactly what was delivered before it. A query of a
+//! room without a ring (or with an expired one) answers the empty history and creates
+//! nothing, as on Redis.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -35,7 +37,16 @@ pub struct MemoryBus {
 }
 
 impl MemoryBus {
-    /// The room's ring, started anew when it is missing or its history expired.
+    /// The room's ring for a read: none when it is missing or its history expired (a read
+    /// creates nothing).
+    fn existing_ring(&self, room: &str, now: Instant) -> Option<Arc<Mutex<Ring>>> {
+        let ring = self.rings.lock().get(room)?.clone();
+        let expired = ring.lock().expired(now);
+        (!expired).then_some(ring)
+    }
+
+    /// The room's ring for a publish, started anew when it is missing or its history
+    /// expired.
     fn ring(&self, room: &Arc<str>, durability: Durability, now: Instant) -> Arc<Mutex<Ring>> {
         let mut rings = self.rings.lock();
         // Expired histories of rooms nobody touches again are dropped now and then, so
@@ -62,6 +73,7 @@ impl MemoryBus {
         let message = ring.append(&envelope.payload, Instant::now());
         let delivered = Envelope {
             payload: message,
+            epoch: Some(ring.epoch().clone()),
             ..envelope.clone()
         };
         for member in self.members.read().iter() {
@@ -232,8 +244,11 @@ impl Broker for MemoryBroker {
         replay: &'a Replay,
         durability: Durability,
     ) -> BoxFuture<'a, Result<History, HistoryError>> {
-        let ring = self.bus.ring(&Arc::from(room), durability, Instant::now());
-        let history = ring.lock().query(replay);
+        let _ = durability;
+        let history = match self.bus.existing_ring(room, Instant::now()) {
+            Some(ring) => ring.lock().query(replay),
+            None => History::none(replay),
+        };
         Box::pin(std::future::ready(Ok(history)))
     }
 }

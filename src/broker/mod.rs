@@ -113,6 +113,22 @@ pub struct History {
     pub recovered: Option<bool>,
 }
 
+impl History {
+    /// The history of a durable room that has none (never published to, or expired):
+    /// no messages and the epoch `""`. A `since` from epoch `""` (taken when the room
+    /// had no history either) missed nothing; from any other epoch it cannot be served.
+    pub fn none(replay: &Replay) -> History {
+        History {
+            epoch: Arc::from(""),
+            messages: Vec::new(),
+            recovered: match replay {
+                Replay::Last(_) => None,
+                Replay::Since { epoch, .. } => Some(epoch.is_empty()),
+            },
+        }
+    }
+}
+
 /// Why an engine could not answer a history query.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HistoryError {
@@ -129,6 +145,10 @@ pub struct Envelope {
     /// The frame subscribers receive, encoded once on the publishing node.
     pub payload: Encoded,
     pub kind: Kind,
+    /// On a durable room's message on its way to the node: the room's epoch, as the
+    /// engine that gave the message its offset says. The node tells the room's sockets
+    /// when it changes (`epoch_changed`). `None` on everything else.
+    pub epoch: Option<Arc<str>>,
 }
 
 /// The receiving side of a broker: a node.

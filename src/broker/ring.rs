@@ -36,6 +36,10 @@ impl Ring {
         }
     }
 
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.epoch
+    }
+
     /// The history expired: nothing was published for the class's TTL.
     pub fn expired(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.touched) >= self.durability.ttl

@@ -82,6 +82,34 @@ fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
     })
 }
 
+/// What a joiner gets of what arrived while its history was read: what the history did
+/// not carry. Of the history's epoch, only messages past its newest offset (`after`) and
+/// anything without an offset (notices); once an `epoch_changed` to another epoch went
+/// by, everything after it (offsets count again from 1 there). An `epoch_changed` to the
+/// history's own epoch says nothing new and is dropped.
+struct AfterHistory<'a> {
+    after: u64,
+    epoch: Option<&'a str>,
+    same_epoch: bool,
+}
+
+impl AfterHistory<'_> {
+    fn keeps(&mut self, message: &Encoded) -> bool {
+        use crate::protocol::outbound;
+        if !self.same_epoch {
+            return true;
+        }
+        if let Some(changed) = outbound::changed_epoch(message.json()) {
+            if self.epoch == Some(changed.as_str()) {
+                return false;
+            }
+            self.same_epoch = false;
+            return true;
+        }
+        outbound::offset_of(message.json()).is_none_or(|offset| offset > self.after)
+    }
+}
+
 /// A handle on one room with local sockets, from `Hub::room`.
 pub struct RoomRef(Arc<Room>, Arc<DueRooms>);
 
@@ -251,15 +279,20 @@ impl Hub {
     }
 
     /// Ends a replaying join under the room's lock, so no message can come between: writes
-    /// `first` (the history frame), then the held messages the history did not already
-    /// carry (those with an offset above `after`; plain messages have none and all go),
-    /// and makes the socket an ordinary member.
-    pub fn finish_replay(&self, room: &str, id: ConnId, first: &Encoded, after: u64) -> FanOut {
+    /// `first` (the history frame), then what arrived meanwhile that the history did not
+    /// already carry (see `AfterHistory`), and makes the socket an ordinary member.
+    /// `epoch` is the history's (`None` when it could not be read): the room learns it if
+    /// it knew none, so a later message of another epoch is announced.
+    pub fn finish_replay(
+        &self,
+        room: &str,
+        id: ConnId,
+        first: &Encoded,
+        after: u64,
+        epoch: Option<&Arc<str>>,
+    ) -> FanOut {
         let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
             return FanOut::default();
-        };
-        let newer = |message: &Encoded| {
-            crate::protocol::outbound::offset_of(message.json()).is_none_or(|offset| offset > after)
         };
         with_due(|due| {
             let mut out = FanOut::default();
@@ -267,14 +300,40 @@ impl Hub {
             let Some(at) = members.replaying.iter().position(|r| r.outbox.id() == id) else {
                 return out;
             };
-            let joiner = members.finish_replay(at, newer);
-            let (outbox, pace) = (&joiner.outbox, entry.pace);
-            out.count(outbox.push_paced(first, pace), outbox, due);
-            for message in joiner.held.iter().filter(|m| newer(m)) {
-                out.count(outbox.push_paced(message, pace), outbox, due);
+            if let (None, Some(epoch)) = (&members.epoch, epoch) {
+                members.epoch = Some(epoch.clone());
+            }
+            let mut keep = AfterHistory {
+                after,
+                epoch: epoch.map(|e| &**e),
+                same_epoch: true,
+            };
+            let (outbox, arrived) = members.finish_replay(at, |m| keep.keeps(m));
+            let pace = entry.pace;
+            out.count(outbox.push_paced(first, pace), &outbox, due);
+            for message in &arrived {
+                out.count(outbox.push_paced(message, pace), &outbox, due);
             }
             out
         })
+    }
+
+    /// Queues a durable room's message for every local socket in `room`, after an
+    /// `epoch_changed` when the room's members knew another epoch.
+    pub fn fan_out_durable(&self, room: &str, epoch: &Arc<str>, message: &Encoded) -> FanOut {
+        let Some(local) = self.room(room) else {
+            return FanOut::default();
+        };
+        let mut out = FanOut::default();
+        let changed = local.0.members.lock().note_epoch(epoch);
+        if changed {
+            out.add(local.fan_out(&crate::protocol::outbound::epoch_changed(
+                local.name(),
+                epoch,
+            )));
+        }
+        out.add(local.fan_out(message));
+        out
     }
 
     fn join_as(
@@ -441,10 +500,17 @@ mod tests {
         hub.fan_out("r", &m2);
         // The history read carried offset 1; both are still in the room's window.
         let history = Encoded::from_json(br#"{"type":"history"}"#);
-        hub.finish_replay("r", 2, &history, 1);
-        assert_eq!(queued(&joiner), [r#"{"type":"history"}"#]);
+        hub.finish_replay("r", 2, &history, 1, None);
+        // At once: the history, then what it lacks of the open window.
+        assert_eq!(
+            queued(&joiner),
+            [
+                r#"{"type":"history"}"#.to_string(),
+                String::from_utf8_lossy(m2.json()).into_owned()
+            ]
+        );
         hub.tick(Pace::DEFAULT);
-        assert_eq!(queued(&joiner), [String::from_utf8_lossy(m2.json())]);
+        assert!(queued(&joiner).is_empty(), "nothing twice at the tick");
         // The member got the window as one frame: both messages.
         let window = queued(&member);
         assert_eq!(window.len(), 1);

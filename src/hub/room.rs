@@ -86,6 +86,9 @@ pub(super) struct Members {
     pub replaying: Vec<Replaying>,
     /// Set when the room is being removed from the map; joiners must look again.
     pub dead: bool,
+    /// A durable room's epoch, as its members last learned it (from a message, or a
+    /// joiner's history); `None` until one of them did.
+    pub epoch: Option<Arc<str>>,
     window: Window,
 }
 
@@ -254,25 +257,41 @@ impl Members {
         });
     }
 
-    /// Ends a replay: the joiner becomes a member that gets, of the open window, only the
-    /// messages `newer` keeps (those the history did not carry).
-    pub fn finish_replay(&mut self, at: usize, newer: impl Fn(&Encoded) -> bool) -> Replaying {
+    /// Ends a replay: the joiner becomes an ordinary member. Returns it and, in order,
+    /// what arrived while its history was read (held for it, and what the open window
+    /// collected since it joined) that `keep` keeps; those go to it now, and the window's
+    /// later messages at the tick.
+    pub fn finish_replay(
+        &mut self,
+        at: usize,
+        mut keep: impl FnMut(&Encoded) -> bool,
+    ) -> (Arc<Outbox>, Vec<Encoded>) {
         let joiner = self.replaying.swap_remove(at);
-        let w = &self.window;
-        let from = w
-            .messages
-            .iter()
-            .zip(&w.seqs)
-            .find(|(m, seq)| **seq >= joiner.from && newer(m))
-            .map_or_else(|| w.start_now(), |(_, seq)| *seq);
+        let mut due: Vec<Encoded> = joiner.held.into_iter().filter(|m| keep(m)).collect();
+        due.extend(self.window.after(joiner.from).filter(|m| keep(m)).cloned());
+        let from = self.window.start_now();
+        let outbox = joiner.outbox;
         self.by_id.insert(
-            joiner.outbox.id(),
+            outbox.id(),
             Member {
-                outbox: joiner.outbox.clone(),
+                outbox: outbox.clone(),
                 from,
             },
         );
-        joiner
+        (outbox, due)
+    }
+
+    /// Notes the epoch of a durable message about to fan out; true when the members knew
+    /// another one (they must be told before the message).
+    pub fn note_epoch(&mut self, epoch: &Arc<str>) -> bool {
+        match &self.epoch {
+            Some(known) if known == epoch => false,
+            known => {
+                let changed = known.is_some();
+                self.epoch = Some(epoch.clone());
+                changed
+            }
+        }
     }
 
     /// Removes a member. What the room collected for it goes into its outbox on the way

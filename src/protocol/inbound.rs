@@ -352,6 +352,13 @@ fn room_id<'a>(raw: Option<&'a RawValue>, frame: &str) -> Result<Cow<'a, str>, P
             "roomId must be a string or an integer",
         ));
     };
+    check_room_id(&room)?;
+    Ok(room)
+}
+
+/// What every room id must be, however it came (a frame, a URL path): not empty, at most
+/// `MAX_ROOM_ID_BYTES`.
+pub fn check_room_id(room: &str) -> Result<(), ProtocolError> {
     if room.is_empty() {
         return Err(ProtocolError::new(
             ErrorCode::InvalidField,
@@ -364,7 +371,7 @@ fn room_id<'a>(raw: Option<&'a RawValue>, frame: &str) -> Result<Cow<'a, str>, P
             format!("roomId is longer than {MAX_ROOM_ID_BYTES} bytes"),
         ));
     }
-    Ok(room)
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -243,6 +243,32 @@ pub fn history(room: &str, epoch: &str, messages: &[Encoded], recovered: Option<
     b.finish()
 }
 
+/// `{"type":"epoch_changed","roomId":R,"epoch":E}`: a durable room's history started
+/// again (Redis lost it); its offsets count from 1 in epoch E. Sent to the room's
+/// subscribers before the first message of the new epoch, so a client that comes back
+/// later asks `since` in the right epoch.
+pub fn epoch_changed(room: &str, epoch: &str) -> Encoded {
+    let mut b = Builder::with_capacity(56 + room.len() + epoch.len());
+    b.raw(br#"{"type":"epoch_changed","roomId":"#)
+        .string(room)
+        .raw(br#","epoch":"#)
+        .string(epoch)
+        .raw(b"}");
+    b.finish()
+}
+
+/// The epoch an `epoch_changed` frame announces; `None` for any other frame.
+pub fn changed_epoch(json: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Changed {
+        epoch: String,
+    }
+    if !json.starts_with(br#"{"type":"epoch_changed","#) {
+        return None;
+    }
+    serde_json::from_slice::<Changed>(json).ok().map(|c| c.epoch)
+}
+
 /// `{"type":"authenticated","userId":U}`: the answer to a good `auth`.
 pub fn authenticated(user_id: &str) -> Encoded {
     let mut b = Builder::with_capacity(40 + user_id.len());
@@ -390,6 +416,18 @@ mod tests {
             h.json(),
             br#"{"type":"history","roomId":"r","epoch":"e1","messages":[{"type":"message","roomId":"r","content":{"offset":3},"timestamp":5,"offset":42}],"recovered":false}"#
         );
+    }
+
+    #[test]
+    fn an_epoch_change_names_its_room_and_epoch_and_is_told_apart() {
+        let e = epoch_changed("scores:\"1", "1700-5");
+        assert_eq!(
+            e.json(),
+            br#"{"type":"epoch_changed","roomId":"scores:\"1","epoch":"1700-5"}"#
+        );
+        assert_eq!(changed_epoch(e.json()).as_deref(), Some("1700-5"));
+        let m = room_message("r", &RawValue::from_string("1".into()).unwrap(), 5);
+        assert_eq!(changed_epoch(m.json()), None);
     }
 
     #[test]

@@ -178,12 +178,29 @@ impl Client {
         m
     }
 
-    /// The next `message` frame, skipping membership notices (`user_joined`, `user_left`).
+    /// The next `message` frame, skipping membership notices (`user_joined`, `user_left`)
+    /// and a durable room's `epoch_changed`.
     pub async fn next_room_message(&mut self) -> Value {
         loop {
             let m = self.next_message().await;
             match m["type"].as_str() {
+                Some("user_joined") | Some("user_left") | Some("epoch_changed") => continue,
+                Some("message") => return m,
+                _ => panic!("unexpected {m}"),
+            }
+        }
+    }
+
+    /// The next `message` frame of a durable room, skipping notices; an `epoch_changed`
+    /// on the way sets `epoch` (a client resumes from there), as `/volley.js` does.
+    pub async fn next_durable_message(&mut self, epoch: &mut String) -> Value {
+        loop {
+            let m = self.next_message().await;
+            match m["type"].as_str() {
                 Some("user_joined") | Some("user_left") => continue,
+                Some("epoch_changed") => {
+                    *epoch = m["epoch"].as_str().expect("an epoch").to_string();
+                }
                 Some("message") => return m,
                 _ => panic!("unexpected {m}"),
             }

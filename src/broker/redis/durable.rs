@@ -7,11 +7,18 @@
 //! size, expiring after its TTL) and publishes it, in one atomic step, so stream order and
 //! delivery order agree on every node. A history read is one script call too.
 //!
-//! Receiving: every node tracks the last offset it delivered per durable room. A message
-//! whose offset is not the next one holds the room's later messages while the missing
-//! range is read from the stream and delivered first; a periodic position check (the
-//! stream's offset against what was delivered) finds a silent loss, as after a pub/sub
-//! reconnect, and repairs it the same way. Offset 1 after a higher one is a new epoch.
+//! Receiving: every node tracks, per durable room, the epoch and the last offset it
+//! delivered. A message whose offset is not the next one holds the room's later messages
+//! while the missing range is read from the stream and delivered first; a periodic
+//! position check (the stream's epoch and offset against what was delivered) finds a
+//! silent loss, as after a pub/sub reconnect, and repairs it the same way. A new epoch
+//! (Redis lost the room's history: restarted empty, or the TTL passed) is read from the
+//! envelope's `epoch`, never guessed from offsets: its offsets start again at 1, and the
+//! node tells the room's subscribers (`epoch_changed`) before its first message.
+//!
+//! A read never writes: the history of a room that has no stream is empty, with the
+//! epoch `""`, and creates nothing (an anonymous join on a made-up room id must not
+//! leave a key behind for a day).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +38,9 @@ use crate::protocol::{outbound, Encoded};
 /// (`{"serverId":S,`), `batch` or `single` (with `-check`: skip frames already in the
 /// stream), then the message frames. Returns the receivers of the (last) PUBLISH.
 ///
+/// The envelope carries the room's epoch (`{"serverId":S,"epoch":E,"payload":P}`): that
+/// is how a receiver knows a durable message, and its epoch, from the envelope itself.
+///
 /// The check is for frames sent before in a pipeline whose answer was lost (a master
 /// killed, a connection cut): those the stream has were appended and published then,
 /// the others never ran. Sent again with the check, none is lost and none doubled.
@@ -38,9 +48,11 @@ pub(super) const PUBLISH: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
   local t = redis.call('TIME')
+  epoch = t[1] .. '-' .. t[2]
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', t[1] .. '-' .. t[2], 'offset', 0)
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
 end
+local head = ARGV[4] .. '"epoch":' .. cjson.encode(epoch) .. ','
 local single = ARGV[5] == 'single' or ARGV[5] == 'single-check'
 local seen = {}
 if string.sub(ARGV[5], -6) == '-check' then
@@ -61,7 +73,7 @@ for i = 6, #ARGV do
     local frame = body .. ',"offset":' .. offset .. '}'
     redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'data', frame)
     if single then
-      receivers = redis.call('PUBLISH', ARGV[1], ARGV[4] .. '"payload":' .. frame .. '}')
+      receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frame .. '}')
     else
       frames[#frames + 1] = frame
     end
@@ -71,26 +83,27 @@ redis.call('HSET', KEYS[2], 'offset', offset)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 if #frames == 1 then
-  receivers = redis.call('PUBLISH', ARGV[1], ARGV[4] .. '"payload":' .. frames[1] .. '}')
+  receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frames[1] .. '}')
 elseif #frames > 1 then
-  receivers = redis.call('PUBLISH', ARGV[1], ARGV[4] .. '"batch":[' .. table.concat(frames, ',') .. ']}')
+  receivers = redis.call('PUBLISH', ARGV[1], head .. '"batch":[' .. table.concat(frames, ',') .. ']}')
 end
 return receivers
 "#;
 
-/// KEYS: stream, position. ARGV: ttl_s, `last` or `since`, N or the offset, the epoch
-/// (for `since`), the cap. Returns {epoch, recovered ("" / "1" / "0"), {frames...}}.
+/// KEYS: stream, position. ARGV: `last` or `since`, N or the offset, the epoch (for
+/// `since`), the cap. Returns {epoch, recovered ("" / "1" / "0"), {frames...}}. Reads
+/// only: a room without a stream has the epoch "" and no messages, and a `since` from
+/// epoch "" (the client saw the room before it had any) is served whole while there is
+/// still no stream.
 const HISTORY: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
-  local t = redis.call('TIME')
-  epoch = t[1] .. '-' .. t[2]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  if ARGV[1] == 'last' then return {'', '', {}} end
+  if ARGV[3] == '' then return {'', '1', {}} end
+  return {'', '0', {}}
 end
 local last = tonumber(redis.call('HGET', KEYS[2], 'offset'))
-local cap = tonumber(ARGV[5])
+local cap = tonumber(ARGV[4])
 local function latest(n)
   local out = {}
   if n <= 0 then return out end
@@ -98,11 +111,11 @@ local function latest(n)
   for i = #rows, 1, -1 do out[#out + 1] = rows[i][2][2] end
   return out
 end
-if ARGV[2] == 'last' then
-  return {epoch, '', latest(math.min(tonumber(ARGV[3]), cap))}
+if ARGV[1] == 'last' then
+  return {epoch, '', latest(math.min(tonumber(ARGV[2]), cap))}
 end
-local o = tonumber(ARGV[3])
-if ARGV[4] == epoch and o <= last then
+local o = tonumber(ARGV[2])
+if ARGV[3] == epoch and o <= last then
   if o == last then return {epoch, '1', {}} end
   local first = (o + 1) .. '-1'
   local rows = redis.call('XRANGE', KEYS[1], first, '+')
@@ -115,12 +128,16 @@ end
 return {epoch, '0', latest(cap)}
 "#;
 
-/// The range read while a room's later messages wait.
+/// The range read while a room's later messages wait. KEYS: stream, position. ARGV:
+/// from, to, the epoch they belong to. Returns {epoch, {frames...}}: no frames when the
+/// room's epoch is another one by now (its stream started again meanwhile).
 const REPAIR: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if epoch ~= ARGV[3] then return {epoch or '', {}} end
 local rows = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', ARGV[2] .. '-1')
 local out = {}
 for i = 1, #rows do out[#out + 1] = rows[i][2][2] end
-return out
+return {epoch, out}
 "#;
 
 /// The same in a Redis Cluster.
@@ -191,7 +208,6 @@ pub(super) async fn history(
         .arg(2)
         .arg(shared.keys.stream(room))
         .arg(shared.keys.position(room))
-        .arg(durability.ttl.as_secs().max(1))
         .arg(mode)
         .arg(position)
         .arg(epoch)
@@ -212,19 +228,70 @@ pub(super) async fn history(
     })
 }
 
-/// Per durable room: the last offset delivered here, and messages held during a repair.
+/// Per durable room: the epoch and last offset delivered here, and messages held during
+/// a repair.
 #[derive(Default)]
 pub(super) struct Positions {
     rooms: Mutex<HashMap<Arc<str>, Position>>,
 }
 
 struct Position {
+    /// The epoch of what was delivered here.
+    epoch: Arc<str>,
     last: u64,
     /// Set while a repair reads the stream: later messages wait here, in order.
-    held: Option<Vec<(u64, Encoded, Arc<str>)>>,
-    /// The last position check found the stream ahead: (what was delivered then, the
-    /// stream's offset then). Still there at the next check, it was lost, not in flight.
-    behind: Option<(u64, u64)>,
+    held: Option<Vec<Held>>,
+    /// The last position check found the stream ahead (or in another epoch): what was
+    /// delivered then, and what the stream had then. Still so at the next check, it was
+    /// lost, not in flight.
+    behind: Option<Behind>,
+}
+
+/// A durable message waiting for a repair to finish.
+struct Held {
+    epoch: Arc<str>,
+    offset: u64,
+    message: Encoded,
+    origin: Arc<str>,
+}
+
+#[derive(Clone, PartialEq)]
+struct Behind {
+    delivered: (Arc<str>, u64),
+    stream: (Arc<str>, u64),
+}
+
+/// A range to read back from the stream: offsets `from..=to` of `epoch`.
+struct Gap {
+    epoch: Arc<str>,
+    from: u64,
+    to: u64,
+}
+
+impl Position {
+    /// Takes one message in order: delivers it if it is the next one of its epoch (a new
+    /// epoch starts again after 0), drops a duplicate, or returns the gap before it.
+    fn step(&mut self, shared: &Shared, room: &Arc<str>, item: &Held) -> Option<Gap> {
+        if self.epoch != item.epoch {
+            // The room's history started again (Redis lost it): so do its offsets.
+            self.epoch = item.epoch.clone();
+            self.last = 0;
+        }
+        if item.offset == self.last + 1 {
+            self.last = item.offset;
+            deliver(shared, room, &item.origin, &self.epoch, item.message.clone());
+            None
+        } else if item.offset > self.last + 1 {
+            Some(Gap {
+                epoch: self.epoch.clone(),
+                from: self.last + 1,
+                to: item.offset - 1,
+            })
+        } else {
+            // Delivered already.
+            None
+        }
+    }
 }
 
 impl Positions {
@@ -234,51 +301,60 @@ impl Positions {
         &self,
         shared: &Arc<Shared>,
         room: &Arc<str>,
+        epoch: &str,
         origin: &Arc<str>,
         offset: u64,
         message: Encoded,
     ) {
         let mut rooms = self.rooms.lock();
-        let position = rooms.entry(room.clone()).or_insert(Position {
+        let item = Held {
+            epoch: match rooms.get(room) {
+                Some(p) if *p.epoch == *epoch => p.epoch.clone(),
+                _ => Arc::from(epoch),
+            },
+            offset,
+            message,
+            origin: origin.clone(),
+        };
+        let position = rooms.entry(room.clone()).or_insert_with(|| Position {
+            epoch: item.epoch.clone(),
             last: offset - 1,
             held: None,
             behind: None,
         });
         if let Some(held) = position.held.as_mut() {
-            held.push((offset, message, origin.clone()));
+            held.push(item);
             return;
         }
-        if offset == position.last + 1 || (offset == 1 && position.last > 1) {
-            // The next one, or the first of a new epoch.
-            position.last = offset;
-            deliver(shared, room, origin, message);
-        } else if offset > position.last + 1 {
-            let from = position.last + 1;
-            position.held = Some(vec![(offset, message, origin.clone())]);
-            spawn_repair(shared.clone(), room.clone(), from, offset - 1);
+        if let Some(gap) = position.step(shared, room, &item) {
+            position.held = Some(vec![item]);
+            spawn_repair(shared.clone(), room.clone(), gap);
         }
-        // Otherwise a duplicate of what was delivered: dropped.
     }
 
-    /// Rooms with their last delivered offsets, for the periodic position check.
-    pub(super) fn snapshot(&self) -> Vec<(Arc<str>, u64)> {
+    /// Rooms with their epoch and last delivered offset, for the periodic position check.
+    pub(super) fn snapshot(&self) -> Vec<(Arc<str>, Arc<str>, u64)> {
         self.rooms
             .lock()
             .iter()
             .filter(|(_, p)| p.held.is_none())
-            .map(|(room, p)| (room.clone(), p.last))
+            .map(|(room, p)| (room.clone(), p.epoch.clone(), p.last))
             .collect()
     }
 
-    /// The last offset delivered here of a durable room.
-    pub(super) fn last(&self, room: &str) -> Option<u64> {
-        self.rooms.lock().get(room).map(|p| p.last)
+    /// The epoch and last offset delivered here of a durable room.
+    pub(super) fn position(&self, room: &str) -> Option<(Arc<str>, u64)> {
+        self.rooms
+            .lock()
+            .get(room)
+            .map(|p| (p.epoch.clone(), p.last))
     }
 
-    /// Continues a room delivered up to `last` elsewhere (another engine), so the first
-    /// message here after a gap is repaired instead of taken as the start.
-    pub(super) fn resume(&self, room: &Arc<str>, last: u64) {
+    /// Continues a room delivered up to `last` of `epoch` elsewhere (another engine), so
+    /// the first message here after a gap is repaired instead of taken as the start.
+    pub(super) fn resume(&self, room: &Arc<str>, epoch: Arc<str>, last: u64) {
         self.rooms.lock().entry(room.clone()).or_insert(Position {
+            epoch,
             last,
             held: None,
             behind: None,
@@ -290,43 +366,62 @@ impl Positions {
         self.rooms.lock().remove(room);
     }
 
-    /// A position check read the stream's offset `top` while `last` was delivered here.
-    /// Messages just published may still be on their way, so a room is repaired only
-    /// when it is still behind, not having moved, at the next check: then up to the
-    /// offset the earlier check saw.
-    pub(super) fn behind(&self, shared: &Arc<Shared>, room: &Arc<str>, last: u64, top: u64) {
+    /// A position check read the stream's epoch and offset (`stream`) while `delivered`
+    /// was delivered here. Messages just published may still be on their way, so a room
+    /// is repaired only when it is still behind, not having moved, at the next check:
+    /// then up to the offset the earlier check saw (from 1, in a new epoch).
+    pub(super) fn behind(
+        &self,
+        shared: &Arc<Shared>,
+        room: &Arc<str>,
+        delivered: (Arc<str>, u64),
+        stream: (Arc<str>, u64),
+    ) {
         let mut rooms = self.rooms.lock();
         let Some(position) = rooms.get_mut(room) else {
             return;
         };
-        if position.held.is_some() || position.last != last || top <= last {
+        let moved = position.epoch != delivered.0 || position.last != delivered.1;
+        let ahead = stream.0 != position.epoch || stream.1 > position.last;
+        if position.held.is_some() || moved || !ahead {
             position.behind = None;
             return;
         }
+        let now = Behind { delivered, stream };
         match position.behind.take() {
-            Some((then, seen)) if then == last && seen > last => {
+            Some(then) if then == now => {
+                if position.epoch != now.stream.0 {
+                    position.epoch = now.stream.0.clone();
+                    position.last = 0;
+                }
                 position.held = Some(Vec::new());
-                spawn_repair(shared.clone(), room.clone(), last + 1, seen);
+                let gap = Gap {
+                    epoch: position.epoch.clone(),
+                    from: position.last + 1,
+                    to: now.stream.1,
+                };
+                spawn_repair(shared.clone(), room.clone(), gap);
             }
-            _ => position.behind = Some((last, top)),
+            _ => position.behind = Some(now),
         }
     }
 }
 
-fn deliver(shared: &Shared, room: &Arc<str>, origin: &Arc<str>, payload: Encoded) {
+fn deliver(shared: &Shared, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, payload: Encoded) {
     if let Some(sink) = shared.sink() {
         sink.deliver(Envelope {
             origin: origin.clone(),
             target: Target::Room(room.clone()),
             payload,
             kind: Kind::Message,
+            epoch: Some(epoch.clone()),
         });
     }
 }
 
-/// Reads offsets `from..=to` of the room's stream, delivers them, then what was held
+/// Reads the gap's offsets from the room's stream, delivers them, then what was held
 /// meanwhile, in order; repairs again if what was held shows another gap.
-fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, from: u64, to: u64) {
+fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, gap: Gap) {
     tokio::spawn(async move {
         shared
             .counters
@@ -337,11 +432,13 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, from: u64, to: u64) {
                 let mut conn = conn.clone();
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(REPAIR)
-                    .arg(1)
+                    .arg(2)
                     .arg(shared.keys.stream(&room))
-                    .arg(from)
-                    .arg(to);
-                let query = cmd.query_async::<Vec<Vec<u8>>>(&mut conn);
+                    .arg(shared.keys.position(&room))
+                    .arg(gap.from)
+                    .arg(gap.to)
+                    .arg(&*gap.epoch);
+                let query = cmd.query_async::<(String, Vec<Vec<u8>>)>(&mut conn);
                 tokio::time::timeout(READ_WAIT, query)
                     .await
                     .ok()
@@ -354,9 +451,12 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, from: u64, to: u64) {
         let Some(position) = rooms.get_mut(&room) else {
             return;
         };
-        let held = position.held.take().unwrap_or_default();
+        // No repair in progress: the room was forgotten and joined again meanwhile.
+        let Some(held) = position.held.take() else {
+            return;
+        };
         match read {
-            Some(frames) => {
+            Some((epoch, frames)) if *epoch == *gap.epoch && position.epoch == gap.epoch => {
                 for frame in frames {
                     let message = Encoded::from_json(&frame);
                     let Some(offset) = outbound::offset_of(message.json()) else {
@@ -364,35 +464,34 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, from: u64, to: u64) {
                     };
                     if offset > position.last {
                         position.last = offset;
-                        deliver(&shared, &room, &origin, message);
+                        deliver(&shared, &room, &origin, &position.epoch, message);
                     }
                 }
             }
-            None => {
-                tracing::warn!(room = %room, from, to, "could not read a durable room's missed messages from Redis; they are skipped");
+            read => {
+                let why = match read {
+                    Some(_) => "the room's history started again meanwhile",
+                    None => "Redis did not answer",
+                };
+                tracing::warn!(room = %room, from = gap.from, to = gap.to, why, "could not read a durable room's missed messages from Redis; they are skipped");
                 shared
                     .counters
                     .repair_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                position.last = to;
+                if position.epoch == gap.epoch {
+                    position.last = position.last.max(gap.to);
+                }
             }
         }
-        // What waited: in order, and into another repair if it starts past a gap.
+        // What waited: in order, and into another repair if it shows another gap.
         let mut rest = held.into_iter();
-        for (offset, message, from_node) in rest.by_ref() {
-            if offset <= position.last {
-                continue;
-            }
-            if offset == position.last + 1 {
-                position.last = offset;
-                deliver(&shared, &room, &from_node, message);
-            } else {
-                let mut again = vec![(offset, message, from_node)];
+        while let Some(item) = rest.next() {
+            if let Some(gap) = position.step(&shared, &room, &item) {
+                let mut again = vec![item];
                 again.extend(rest);
-                let from = position.last + 1;
                 position.held = Some(again);
                 drop(rooms);
-                spawn_repair(shared.clone(), room.clone(), from, offset - 1);
+                spawn_repair(shared.clone(), room.clone(), gap);
                 return;
             }
         }

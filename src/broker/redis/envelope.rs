@@ -5,6 +5,11 @@
 //! written by splicing the already-encoded frames P between fixed bytes: no payload is
 //! ever parsed or re-serialized on the way out. In: both shapes are accepted; each P is
 //! borrowed as raw JSON from the received message and framed once for the local sockets.
+//!
+//! A durable room's messages are published by the append script (`durable`), whose
+//! envelope says so itself: `{"serverId":S,"epoch":E,"payload":P}` (or `"batch"`), E the
+//! room's epoch. Whether an envelope is durable is read from that field, never guessed
+//! from the payload: a broadcast's payload is whatever its publisher sent.
 
 use std::borrow::Cow;
 
@@ -64,6 +69,9 @@ impl EnvelopeWriter {
 pub struct Inbound<'a> {
     /// The publishing node; `None` for a publisher that gives none.
     pub server_id: Option<Cow<'a, str>>,
+    /// The room's epoch, on a durable room's messages (the append script's envelopes)
+    /// only: their payloads end with their offsets.
+    pub epoch: Option<Cow<'a, str>>,
     pub payloads: Vec<&'a RawValue>,
 }
 
@@ -71,6 +79,8 @@ pub struct Inbound<'a> {
 struct Wire<'a> {
     #[serde(rename = "serverId", borrow, default)]
     server_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -96,6 +106,7 @@ pub fn decode(message: &[u8], max_messages: usize) -> Result<Inbound<'_>, String
     }
     Ok(Inbound {
         server_id: wire.server_id,
+        epoch: wire.epoch,
         payloads,
     })
 }
@@ -136,5 +147,14 @@ mod tests {
         assert!(decode(br#"{"serverId":"a","payload":1,"batch":[2]}"#, 10).is_err());
         assert!(decode(br#"{"serverId":"a","batch":[1,2,3]}"#, 3).is_ok());
         assert!(decode(br#"{"serverId":"a","batch":[1,2,3,4]}"#, 3).is_err());
+    }
+
+    #[test]
+    fn durable_envelopes_say_so_and_payloads_cannot() {
+        // A broadcast whose payload looks like a durable message is still plain.
+        let broadcast = br#"{"serverId":"n1","payload":{"a":1,"offset":7}}"#;
+        assert_eq!(decode(broadcast, 10).unwrap().epoch, None);
+        let durable = br#"{"serverId":"n1","epoch":"1700-5","payload":{"type":"message","roomId":"r","content":1,"timestamp":1,"offset":7}}"#;
+        assert_eq!(decode(durable, 10).unwrap().epoch.as_deref(), Some("1700-5"));
     }
 }

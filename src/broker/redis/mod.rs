@@ -298,8 +298,8 @@ impl RedisBroker {
     /// Moves a durable room's delivered position from `from` (the engine the room
     /// leaves) to this one: what was missed between is repaired from the stream.
     pub fn take_position(&self, from: &RedisBroker, room: &Arc<str>) {
-        if let Some(last) = from.shared.positions.last(room) {
-            self.shared.positions.resume(room, last);
+        if let Some((epoch, last)) = from.shared.positions.position(room) {
+            self.shared.positions.resume(room, epoch, last);
         }
     }
 
@@ -549,13 +549,15 @@ impl Shared {
             }
         };
         // Our own envelopes were delivered locally when they were published; durable
-        // messages (they carry offsets) come back to their origin too.
+        // messages come back to their origin too (the origin did not deliver them: they
+        // get their offsets in Redis). Which ones are durable, the envelope says (only
+        // the append script writes an epoch), never the payload a user chose.
         let own = inbound.server_id.as_deref() == Some(&*self.node_id);
-        let durable = inbound
-            .payloads
-            .first()
-            .is_some_and(|p| outbound::offset_of(p.get().as_bytes()).is_some());
-        if own && !durable {
+        let durable = match (&target, inbound.epoch.as_deref()) {
+            (Target::Room(room), Some(epoch)) => Some((room, epoch)),
+            _ => None,
+        };
+        if own && durable.is_none() {
             return;
         }
         self.counters.received_envelopes.fetch_add(1, Relaxed);
@@ -580,15 +582,26 @@ impl Shared {
                 continue;
             }
             let payload = Encoded::from_json(json);
-            match (&target, outbound::offset_of(json)) {
-                (Target::Room(room), Some(offset)) if offset > 0 => {
-                    self.positions.receive(self, room, &origin, offset, payload)
-                }
-                _ => sink.deliver(Envelope {
+            match durable {
+                Some((room, epoch)) => match outbound::offset_of(json) {
+                    Some(offset) if offset > 0 => {
+                        self.positions
+                            .receive(self, room, epoch, &origin, offset, payload)
+                    }
+                    _ => {
+                        self.counters.bad_envelopes.fetch_add(1, Relaxed);
+                        static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+                        if let Some(held_back) = LOG.allow() {
+                            tracing::warn!(channel = %String::from_utf8_lossy(channel), held_back, "dropping a durable room's message without an offset");
+                        }
+                    }
+                },
+                None => sink.deliver(Envelope {
                     origin: origin.clone(),
                     target: target.clone(),
                     payload,
                     kind: Kind::Message,
+                    epoch: None,
                 }),
             }
         }

@@ -168,15 +168,23 @@ async fn check_positions(shared: &Arc<Shared>, conn: &mut ConnectionManager) {
         return;
     }
     let mut pipe = redis::pipe();
-    for (room, _) in &rooms {
-        pipe.hget(shared.keys.position(room), "offset");
+    for (room, _, _) in &rooms {
+        pipe.cmd("HMGET")
+            .arg(shared.keys.position(room))
+            .arg("offset")
+            .arg("epoch");
     }
-    let Ok(tops) = pipe.query_async::<Vec<Option<u64>>>(conn).await else {
+    let Ok(tops) = pipe
+        .query_async::<Vec<(Option<u64>, Option<String>)>>(conn)
+        .await
+    else {
         return;
     };
-    for ((room, last), top) in rooms.iter().zip(tops) {
-        if let Some(top) = top {
-            shared.positions.behind(shared, room, *last, top);
+    for ((room, epoch, last), top) in rooms.into_iter().zip(tops) {
+        if let (Some(top), Some(top_epoch)) = top {
+            shared
+                .positions
+                .behind(shared, &room, (epoch, last), (Arc::from(top_epoch), top));
         }
     }
 }
