@@ -327,6 +327,11 @@ pub struct LimitsConfig {
     pub join_rate: u32,
     /// Joins a socket may make at once above the steady rate (a page joining its rooms).
     pub join_burst: u32,
+    /// `get_online_users` one socket may ask per second; 0 = no limit. Each answer is a
+    /// listing of up to `presence.max_list` users, so this bounds what one socket costs.
+    pub presence_rate: u32,
+    /// `get_online_users` a socket may ask at once above the steady rate.
+    pub presence_burst: u32,
     /// Whether rooms get `user_joined` / `user_left` notices.
     pub notices: bool,
     /// No notices in a room with more local members than this: each notice goes to every
@@ -597,6 +602,8 @@ impl Default for LimitsConfig {
             client_broadcast: false,
             join_rate: 20,
             join_burst: 200,
+            presence_rate: 5,
+            presence_burst: 10,
             notices: true,
             notices_max_members: 1000,
             max_json_depth: 32,
@@ -939,6 +946,12 @@ impl Config {
             return invalid(
                 "limits.join_burst",
                 "must be at least 1 when join_rate is set",
+            );
+        }
+        if self.limits.presence_rate > 0 && self.limits.presence_burst < 1 {
+            return invalid(
+                "limits.presence_burst",
+                "must be at least 1 when presence_rate is set",
             );
         }
         if self.redis.max_pipeline < 1 {

@@ -426,7 +426,6 @@ fn broker_help(name: &str) -> String {
         "redis_bad_envelopes" => {
             "Messages from Redis that are not envelopes or carry over redis.max_envelope_messages, dropped.".into()
         }
-        "redis_notices_skipped" => "Membership notices not published: no other node was in the room.".into(),
         "redis_peers" => "Other live nodes this node saw at its last probe.".into(),
         "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
         "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),

@@ -167,15 +167,38 @@ impl Node {
         self.stats.connection_closed();
     }
 
-    /// Puts a socket in a room and tells the room (`user_joined`).
-    pub fn join(&self, outbox: &Arc<Outbox>, room: &str) {
+    /// Puts a socket in a room and tells the room (`user_joined`, the joiner included:
+    /// the join's answer) once the broker hears the room's other nodes (see
+    /// `answer_join`).
+    pub fn join(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str) {
         let joined = self
             .hub
             .join(room, outbox, |name| self.broker.subscribe(name));
-        if let Joined::New { members, .. } = joined {
+        if let Joined::New { .. } = joined {
             self.stats.joined();
-            self.notify_room(room, Membership::Joined, members);
+            self.answer_join(outbox, room);
         }
+    }
+
+    /// Tells the room of a join (`user_joined`) once what other nodes publish to it
+    /// reaches this node (the broker's subscription is confirmed; at once where it is
+    /// already, or on the memory engine): from the joiner's answer on, it gets every
+    /// message and notice published anywhere. Past the broker's bounded wait the notice
+    /// goes anyway: the join stands. Nothing is said for a socket that left meanwhile.
+    fn answer_join(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str) {
+        let Some(subscribed) = self.broker.until_subscribed(room) else {
+            self.notify_room(room, Membership::Joined, self.hub.members(room));
+            return;
+        };
+        let (node, id, room) = (self.clone(), outbox.id(), Arc::<str>::from(room));
+        tokio::spawn(async move {
+            if !subscribed.await {
+                tracing::debug!(room = %room, "answering a join before its subscription was confirmed");
+            }
+            if node.hub.is_member(&room, id) {
+                node.notify_room(&room, Membership::Joined, node.hub.members(&room));
+            }
+        });
     }
 
     /// Takes a socket out of a room and tells the others left in it (`user_left`).
@@ -283,7 +306,12 @@ impl Node {
                         format!("user {to:?} has no socket on any node"),
                     ))
                 }
-                Err(e) => return Err(ProtocolError::new(ErrorCode::Overloaded, e.to_string())),
+                Err(e) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::PresenceUnavailable,
+                        e.to_string(),
+                    ))
+                }
             }
         }
         let frame = outbound::direct_message(from, content);
@@ -321,14 +349,24 @@ impl Node {
     /// `error` if the history cannot be read), then every later message, none twice and
     /// none missed, then live. A plain room has no history: its frame is empty, and a
     /// `since` join learns `"recovered":false`.
-    pub async fn join_replaying(&self, outbox: &Arc<Outbox>, room: &str, replay: &Replay) {
-        let joined = self
+    ///
+    /// The socket is in the room at once (what the room sends is held for it); the
+    /// history is read on a task of its own, so a join waiting for a slow or absent Redis
+    /// never holds up the socket's other frames.
+    pub fn join_replaying(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, replay: Replay) {
+        let Some(ticket) = self
             .hub
-            .join_replaying(room, outbox, |name| self.broker.subscribe(name));
-        let Joined::New { members, .. } = joined else {
+            .join_replaying(room, outbox, |name| self.broker.subscribe(name))
+        else {
             return;
         };
         self.stats.joined();
+        let (node, outbox, room) = (self.clone(), outbox.clone(), Arc::<str>::from(room));
+        tokio::spawn(async move { node.replay(&outbox, &room, ticket, &replay).await });
+    }
+
+    /// Reads a replaying join's history and ends the replay (see `join_replaying`).
+    async fn replay(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, ticket: u64, replay: &Replay) {
         let since = match replay {
             Replay::Since { offset, .. } => Some(*offset),
             Replay::Last(_) => None,
@@ -365,14 +403,21 @@ impl Node {
                 }
             }
         };
-        self.log_slow_consumers(self.hub.finish_replay(
-            room,
-            outbox.id(),
-            &first,
-            after,
-            epoch.as_ref(),
-        ));
-        self.notify_room(room, Membership::Joined, members);
+        // A socket that left (or closed) meanwhile is not told anything.
+        let Some(fan) = self
+            .hub
+            .finish_replay(room, ticket, &first, after, epoch.as_ref())
+        else {
+            return;
+        };
+        self.log_slow_consumers(fan);
+        if self.classes.durability(room).is_some() {
+            // The engine's history read waited for the room's subscription already (and
+            // gave up on it when Redis was away): no second wait.
+            self.notify_room(room, Membership::Joined, self.hub.members(room));
+        } else {
+            self.answer_join(outbox, room);
+        }
     }
 
     /// Sends `payload`, as given, to every socket on every node; returns the local fan-out.

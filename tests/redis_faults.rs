@@ -213,45 +213,44 @@ async fn oversized_envelopes_from_other_programs_are_dropped_and_counted() {
 }
 
 #[tokio::test]
-async fn notices_for_a_room_nobody_else_is_in_stay_off_redis() {
+async fn a_member_gets_every_notice_and_message_from_the_moment_its_join_was_answered() {
     let redis = RedisServer::start().await;
-    let node = start_on_redis(&redis, "one", |c| c.limits.join_rate = 0).await;
-    let addr = node.local_addr();
-    let mut c = Client::connect(addr).await;
-    c.join("lonely").await;
-    // The first notice goes out; its reply tells the node nobody else listens.
+    let a = start_on_redis(&redis, "a", |c| c.limits.join_rate = 0).await;
+    let b = start_on_redis(&redis, "b", |c| c.limits.join_rate = 0).await;
+    // Node a is alone in the room, and has published there (its member's join notice)
+    // with nobody else listening.
+    let mut a1 = Client::connect(a.local_addr()).await;
+    a1.join("lobby").await;
     let published = |h: &Value| h["redis_published_messages"].as_u64().unwrap();
     tokio::time::timeout(WAIT, async {
-        while published(&health(addr).await) < 1 {
+        while published(&health(a.local_addr()).await) < 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
     .unwrap();
-    let before = published(&health(addr).await);
-    for _ in 0..100 {
-        c.send(json!({"type":"leave","roomId":"lonely"})).await;
-        c.join("lonely").await;
-    }
-    // A message is always published; once it is, every notice before it was decided.
-    c.send(json!({"type":"message","roomId":"lonely","content":"end"}))
+    // A member on node b joins: from its answer (its own user_joined) on, it hears all.
+    let mut b1 = Client::connect(b.local_addr()).await;
+    b1.join("lobby").await;
+    let mut a2 = Client::connect(a.local_addr()).await;
+    a2.join("lobby").await;
+    a2.send(json!({"type":"leave","roomId":"lobby"})).await;
+    a1.send(json!({"type":"message","roomId":"lobby","content":"end"}))
         .await;
-    assert_eq!(c.next_room_message().await["content"], "end");
-    let h = tokio::time::timeout(WAIT, async {
-        loop {
-            let h = health(addr).await;
-            if published(&h) > before && h["redis_notices_skipped"].as_u64() >= Some(200) {
-                return h;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut seen = Vec::new();
+    loop {
+        let m = b1.next_message().await;
+        let kind = m["type"].as_str().unwrap().to_string();
+        let content = m["content"].as_str().map(str::to_string);
+        seen.push(content.clone().unwrap_or(kind));
+        if content.as_deref() == Some("end") {
+            break;
         }
-    })
-    .await
-    .expect("the 200 notices were not skipped");
+    }
     assert_eq!(
-        published(&h),
-        before + 1,
-        "only the message went to Redis: {h}"
+        seen,
+        ["user_joined", "user_left", "end"],
+        "what node a sent after b1's answer"
     );
 }
 
@@ -315,4 +314,45 @@ async fn a_join_storm_never_costs_another_publisher_an_accepted_message() {
     );
     let h = health(one.local_addr()).await;
     assert_eq!(h["redis_dropped_publishes"], 0, "{h}");
+}
+
+#[tokio::test]
+async fn a_durable_join_waiting_for_an_absent_redis_holds_up_nothing_else_on_its_socket() {
+    let mut redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "one", |c| {
+        // Every frame leaves at once, so the order frames arrive in is the order the
+        // node answered them.
+        c.batch.delivery_window_ms = 0;
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "scores:*".into(),
+            history_size: 100,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let mut c = Client::connect(node.local_addr()).await;
+    c.join("chat").await;
+    redis.kill();
+    // Two durable joins whose history cannot be read; one is left again at once.
+    c.send(json!({"type":"join","roomId":"scores:gone","history":5}))
+        .await;
+    c.send(json!({"type":"leave","roomId":"scores:gone"})).await;
+    c.send(json!({"type":"join","roomId":"scores:x","history":5}))
+        .await;
+    // Frames after them are answered while the history reads wait.
+    c.send(json!({"type":"message","roomId":"chat","content":"still here"}))
+        .await;
+    c.send(json!({"type":"leave","roomId":"nowhere"})).await;
+    let m = c.next_message().await;
+    assert_eq!(m["content"], "still here", "first came {m}");
+    c.expect_error("not_in_room").await;
+    // Then the join that stands hears why it has no history, and is in the room.
+    let e = c.expect_error("history_unavailable").await;
+    assert!(e["message"].as_str().unwrap().contains("scores:x"), "{e}");
+    let joined = c.next_message().await;
+    assert_eq!((joined["type"].as_str(), joined["roomId"].as_str()), (Some("user_joined"), Some("scores:x")));
+    // The join that was left again answered nothing at all.
+    c.send(json!({"type":"message","roomId":"chat","content":"marker"}))
+        .await;
+    assert_eq!(c.next_message().await["content"], "marker");
 }

@@ -93,8 +93,8 @@ pub enum PresenceError {
 pub enum Kind {
     /// A published message: always sent.
     Message,
-    /// A membership notice (`user_joined`, `user_left`): an engine may skip it when it
-    /// knows no other node is in the room.
+    /// A membership notice (`user_joined`, `user_left`): best effort, the local members
+    /// get it even when other nodes cannot.
     Notice,
     /// A message of a durable room. The engine gives it the room's next offset, keeps it
     /// in the room's history, and delivers it to every node in the room, its origin too
@@ -238,6 +238,15 @@ pub trait Broker: Send + Sync {
 
     /// Stops receiving envelopes for `room` (the last local socket left it).
     fn unsubscribe(&self, room: &str);
+
+    /// What other nodes publish to `room` reaches this node once the engine's subscription
+    /// to it is confirmed: `None` when it is already (or the engine has no network to wait
+    /// for), else a future that ends when it is, or with `false` after a bounded wait.
+    /// A join is answered after it, so a member gets everything from its answer on.
+    fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
+        let _ = room;
+        None
+    }
 
     fn state(&self) -> BrokerState;
 

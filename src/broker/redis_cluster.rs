@@ -559,6 +559,15 @@ impl Broker for ClusterBroker {
         }
     }
 
+    fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
+        let topology = self.topology();
+        match topology.room(&self.keys, room) {
+            Some(engine) => engine.until_subscribed(room),
+            // No master serves the room's slot yet: nothing to wait for that would come.
+            None => Some(Box::pin(std::future::ready(false))),
+        }
+    }
+
     /// Connected while every slot has a master and every master's engine is connected.
     fn state(&self) -> BrokerState {
         let topology = self.topology();

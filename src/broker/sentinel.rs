@@ -241,6 +241,10 @@ impl Broker for SentinelBroker {
         self.current.read().unsubscribe(room);
     }
 
+    fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
+        self.engine().until_subscribed(room)
+    }
+
     fn state(&self) -> BrokerState {
         self.engine().state()
     }

@@ -109,6 +109,10 @@ impl Broker for ShardedBroker {
         self.shard_of(room).unsubscribe(room);
     }
 
+    fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
+        self.shard_of(room).until_subscribed(room)
+    }
+
     fn state(&self) -> BrokerState {
         BrokerState::all(self.shards.iter().map(|s| s.state()))
     }

@@ -183,11 +183,11 @@ async fn read_frames(
                         fragments = Some((opcode, frame.payload.to_vec(), start.compressed));
                     } else if start.compressed {
                         match inflated(opcode, &frame.payload, max_bytes) {
-                            Ok(message) => deliver(session, opcode, &message).await,
+                            Ok(message) => deliver(session, opcode, &message),
                             Err(end) => return end,
                         }
                     } else {
-                        deliver(session, opcode, &frame.payload).await;
+                        deliver(session, opcode, &frame.payload);
                     }
                 }
                 OpCode::Continuation => {
@@ -218,7 +218,7 @@ async fn read_frames(
                             } else {
                                 message
                             };
-                            deliver(session, opcode, &message).await;
+                            deliver(session, opcode, &message);
                         }
                     }
                 }
@@ -364,14 +364,14 @@ fn answer_close(outbox: &Outbox, payload: &[u8]) -> Ended {
     Ended::Clean
 }
 
-async fn deliver(session: &mut Session, opcode: OpCode, payload: &[u8]) {
+fn deliver(session: &mut Session, opcode: OpCode, payload: &[u8]) {
     if opcode == OpCode::Binary {
         session.reply_error(&ProtocolError::new(
             ErrorCode::BinaryNotSupported,
             "binary frames are not supported; send JSON text frames",
         ));
     } else {
-        session.on_text(payload).await;
+        session.on_text(payload);
     }
 }
 

@@ -3,10 +3,18 @@
 //! The reader hands every complete text message here. A client mistake becomes an
 //! `error` frame in the socket's own outbox; the socket stays open and nothing else on
 //! the node notices.
+//!
+//! Nothing here waits: what needs another node or Redis (a join's history, who is online,
+//! a direct message's user) runs on a task of its own and answers into the outbox when
+//! it can, so a slow or absent Redis never holds up the socket's other frames. Direct
+//! messages keep their order: one task per socket sends them one after another.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
+
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 
 use super::access::{Access, Expiry, UpgradeAuth};
 use crate::broker::PublishError;
@@ -29,6 +37,21 @@ pub struct Session {
     /// For a trusted publisher: `limits.trusted_publish_rate`.
     trusted_publishes: Budget,
     joins: Budget,
+    /// `get_online_users`: `limits.presence_rate`.
+    presence_queries: Budget,
+    /// Direct messages on their way, in order (the task starts with the first one).
+    direct: Option<mpsc::Sender<Direct>>,
+}
+
+/// Most direct messages of one socket waiting to be sent (each may wait for a presence
+/// read); one more is refused with `overloaded`.
+const DIRECT_QUEUE: usize = 64;
+
+/// A direct message waiting its turn.
+struct Direct {
+    from: Option<Arc<str>>,
+    to: Box<str>,
+    content: Box<RawValue>,
 }
 
 impl Session {
@@ -43,6 +66,12 @@ impl Session {
             publishes: Budget::new(limits.publish_rate, limits.publish_burst, "publishing"),
             trusted_publishes: Budget::new(trusted_rate, trusted_rate.max(1), "publishing"),
             joins: Budget::new(limits.join_rate, limits.join_burst, "joining rooms"),
+            presence_queries: Budget::new(
+                limits.presence_rate,
+                limits.presence_burst,
+                "asking who is online",
+            ),
+            direct: None,
             node: node.clone(),
             outbox,
             rooms: HashSet::new(),
@@ -96,45 +125,55 @@ impl Session {
     }
 
     /// Answers one complete text message from the client. What needs another node or
-    /// Redis (a join's history, who is online, a direct message's target) is waited for
-    /// here: the socket's next frames are read after it.
-    pub async fn on_text(&mut self, text: &[u8]) {
-        let answered = match self.dispatch(text) {
-            Ok(Some(Later::Replay(room, replay))) => {
-                self.node.join_replaying(&self.outbox, &room, &replay).await;
-                Ok(())
+    /// Redis is started here and answers later (see the module's doc); the next frame is
+    /// read at once.
+    pub fn on_text(&mut self, text: &[u8]) {
+        match self.dispatch(text) {
+            Ok(Some(later)) => self.start(later),
+            Ok(None) => {}
+            Err(e) => self.reply_error(&e),
+        }
+    }
+
+    /// Starts work that waits for another node or Redis.
+    fn start(&mut self, later: Later) {
+        match later {
+            Later::Replay(room, replay) => {
+                self.node.join_replaying(&self.outbox, &room, replay);
             }
-            Ok(Some(Later::OnlineUsers)) => match self.node.online_users().await {
-                Ok(users) => {
-                    self.outbox.send(&outbound::online_users(&users));
-                    Ok(())
+            Later::OnlineUsers => {
+                let (node, outbox) = (self.node.clone(), self.outbox.clone());
+                tokio::spawn(async move {
+                    match node.online_users().await {
+                        Ok(users) => {
+                            outbox.send(&outbound::online_users(&users));
+                        }
+                        Err(e) => reply_error(
+                            &node,
+                            &outbox,
+                            &ProtocolError::new(ErrorCode::PresenceUnavailable, e.to_string()),
+                        ),
+                    }
+                });
+            }
+            Later::Direct(direct) => {
+                let queue = self.direct.get_or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(DIRECT_QUEUE);
+                    tokio::spawn(send_directs(self.node.clone(), self.outbox.clone(), rx));
+                    tx
+                });
+                if queue.try_send(direct).is_err() {
+                    self.reply_error(&ProtocolError::new(
+                        ErrorCode::Overloaded,
+                        format!("{DIRECT_QUEUE} direct messages of this socket are still on their way; this one was dropped"),
+                    ));
                 }
-                Err(e) => Err(ProtocolError::new(ErrorCode::Overloaded, e.to_string())),
-            },
-            Ok(Some(Later::Direct { to, content })) => {
-                let from = self.user.clone();
-                self.node
-                    .direct_message(from.as_deref(), &to, &content)
-                    .await
-                    .map(|_| ())
             }
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = answered {
-            self.reply_error(&e);
         }
     }
 
     pub fn reply_error(&self, e: &ProtocolError) {
-        self.node.stats().protocol_error(e.code);
-        tracing::debug!(
-            conn = self.outbox.id(),
-            code = e.code.as_str(),
-            "client error: {}",
-            e.message
-        );
-        self.outbox.send(&outbound::error(e));
+        reply_error(&self.node, &self.outbox, e);
     }
 
     /// Handles a frame; what must be waited for is returned for `on_text`.
@@ -147,7 +186,10 @@ impl Session {
         self.access.check_authenticated()?;
         match frame {
             ClientFrame::Auth { .. } => {}
-            ClientFrame::GetOnlineUsers => return Ok(Some(Later::OnlineUsers)),
+            ClientFrame::GetOnlineUsers => {
+                self.presence_queries.spend()?;
+                return Ok(Some(Later::OnlineUsers));
+            }
             ClientFrame::Presence { subscribe } => {
                 self.node.watch_presence(&self.outbox, subscribe);
             }
@@ -160,10 +202,11 @@ impl Session {
                 }
                 protocol::check_content(content, "content", self.max_json_depth)?;
                 self.spend_publish()?;
-                return Ok(Some(Later::Direct {
+                return Ok(Some(Later::Direct(Direct {
+                    from: self.user.clone(),
                     to: to.into(),
                     content: content.to_owned(),
-                }));
+                })));
             }
             ClientFrame::Join { room, replay } => {
                 if self.rooms.contains(&*room) {
@@ -231,14 +274,35 @@ impl Session {
     }
 }
 
-/// Work a frame leaves for `on_text` to wait on.
+/// Work a frame leaves for a task of its own.
 enum Later {
     Replay(Box<str>, Replay),
     OnlineUsers,
-    Direct {
-        to: Box<str>,
-        content: Box<serde_json::value::RawValue>,
-    },
+    Direct(Direct),
+}
+
+/// An `error` frame for the client, counted by code.
+fn reply_error(node: &Node, outbox: &Arc<Outbox>, e: &ProtocolError) {
+    node.stats().protocol_error(e.code);
+    tracing::debug!(
+        conn = outbox.id(),
+        code = e.code.as_str(),
+        "client error: {}",
+        e.message
+    );
+    outbox.send(&outbound::error(e));
+}
+
+/// Sends one socket's direct messages in order; ends when the socket's session does.
+async fn send_directs(node: Arc<Node>, outbox: Arc<Outbox>, mut queue: mpsc::Receiver<Direct>) {
+    while let Some(direct) = queue.recv().await {
+        let sent = node
+            .direct_message(direct.from.as_deref(), &direct.to, &direct.content)
+            .await;
+        if let Err(e) = sent {
+            reply_error(&node, &outbox, &e);
+        }
+    }
 }
 
 fn overloaded(e: PublishError) -> ProtocolError {

@@ -15,6 +15,7 @@
 mod room;
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -42,6 +43,8 @@ pub struct Hub {
     /// Gives each room its pace (its class's delivery window), and lists the rooms with
     /// a collected window for their pace's tick.
     due_rooms: Arc<DueRooms>,
+    /// Numbers replaying joins (see `Replaying::ticket`).
+    next_ticket: AtomicU64,
 }
 
 /// What a join changed.
@@ -155,6 +158,7 @@ impl Hub {
             users: DashMap::new(),
             watchers: DashMap::new(),
             due_rooms: Arc::new(DueRooms::new(window, stats, max_window_bytes)),
+            next_ticket: AtomicU64::new(1),
         }
     }
 
@@ -264,42 +268,62 @@ impl Hub {
         outbox: &Arc<Outbox>,
         on_first: impl FnOnce(&Arc<str>),
     ) -> Joined {
-        self.join_as(room, outbox, false, on_first)
+        self.join_as(room, outbox, None, on_first)
     }
 
     /// Adds the socket to `room` as a replaying joiner: messages for it are held until
-    /// `finish_replay` puts the history in front of them.
+    /// `finish_replay` puts the history in front of them. Returns the join's ticket for
+    /// `finish_replay`, or `None` when the socket is in the room already.
     pub fn join_replaying(
         &self,
         room: &str,
         outbox: &Arc<Outbox>,
         on_first: impl FnOnce(&Arc<str>),
-    ) -> Joined {
-        self.join_as(room, outbox, true, on_first)
+    ) -> Option<u64> {
+        let ticket = self.next_ticket.fetch_add(1, Relaxed);
+        match self.join_as(room, outbox, Some(ticket), on_first) {
+            Joined::New { .. } => Some(ticket),
+            Joined::Already => None,
+        }
+    }
+
+    /// Local sockets in `room` (replaying joiners included).
+    pub fn members(&self, room: &str) -> usize {
+        self.rooms
+            .get(room)
+            .map_or(0, |r| r.value().members.lock().count())
+    }
+
+    /// Whether the socket is in `room` (replaying or not).
+    pub fn is_member(&self, room: &str, id: ConnId) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|r| r.value().members.lock().contains(id))
     }
 
     /// Ends a replaying join under the room's lock, so no message can come between: writes
     /// `first` (the history frame), then what arrived meanwhile that the history did not
     /// already carry (see `AfterHistory`), and makes the socket an ordinary member.
     /// `epoch` is the history's (`None` when it could not be read): the room learns it if
-    /// it knew none, so a later message of another epoch is announced.
+    /// it knew none, so a later message of another epoch is announced. `None` when the
+    /// join is gone (the socket left, or closed, meanwhile): nothing was written.
     pub fn finish_replay(
         &self,
         room: &str,
-        id: ConnId,
+        ticket: u64,
         first: &Encoded,
         after: u64,
         epoch: Option<&Arc<str>>,
-    ) -> FanOut {
-        let Some(entry) = self.rooms.get(room).map(|r| r.value().clone()) else {
-            return FanOut::default();
-        };
-        with_due(|due| {
+    ) -> Option<FanOut> {
+        let entry = self.rooms.get(room).map(|r| r.value().clone())?;
+        let mut finished = false;
+        let out = with_due(|due| {
             let mut out = FanOut::default();
             let mut members = entry.members.lock();
-            let Some(at) = members.replaying.iter().position(|r| r.outbox.id() == id) else {
+            let Some(at) = members.replaying.iter().position(|r| r.ticket == ticket) else {
                 return out;
             };
+            finished = true;
             if let (None, Some(epoch)) = (&members.epoch, epoch) {
                 members.epoch = Some(epoch.clone());
             }
@@ -315,7 +339,8 @@ impl Hub {
                 out.count(outbox.push_paced(message, pace), &outbox, due);
             }
             out
-        })
+        });
+        finished.then_some(out)
     }
 
     /// Queues a durable room's message for every local socket in `room`, after an
@@ -340,7 +365,7 @@ impl Hub {
         &self,
         room: &str,
         outbox: &Arc<Outbox>,
-        replaying: bool,
+        replaying: Option<u64>,
         on_first: impl FnOnce(&Arc<str>),
     ) -> Joined {
         loop {
@@ -366,10 +391,9 @@ impl Hub {
                 return Joined::Already;
             }
             let first = members.count() == 0;
-            if replaying {
-                members.insert_replaying(outbox.clone());
-            } else {
-                members.insert(outbox.clone());
+            match replaying {
+                Some(ticket) => members.insert_replaying(outbox.clone(), ticket),
+                None => members.insert(outbox.clone()),
             }
             if first {
                 on_first(&entry.name);
@@ -492,7 +516,7 @@ mod tests {
         let hub = collecting_hub();
         let (member, joiner) = (outbox(1), outbox(2));
         hub.join("r", &member, |_| {});
-        hub.join_replaying("r", &joiner, |_| {});
+        let ticket = hub.join_replaying("r", &joiner, |_| {}).unwrap();
         let plain = Encoded::from_json(br#"{"n":0}"#);
         let m1 = outbound::with_offset(&plain, 1);
         let m2 = outbound::with_offset(&plain, 2);
@@ -500,7 +524,7 @@ mod tests {
         hub.fan_out("r", &m2);
         // The history read carried offset 1; both are still in the room's window.
         let history = Encoded::from_json(br#"{"type":"history"}"#);
-        hub.finish_replay("r", 2, &history, 1, None);
+        hub.finish_replay("r", ticket, &history, 1, None).unwrap();
         // At once: the history, then what it lacks of the open window.
         assert_eq!(
             queued(&joiner),

@@ -101,6 +101,9 @@ pub(super) struct Member {
 
 pub(super) struct Replaying {
     pub outbox: Arc<Outbox>,
+    /// This join's own number: a replay that ends finishes its own join, never a later
+    /// one of the same socket (it left and joined again meanwhile).
+    pub ticket: u64,
     pub held: Vec<Encoded>,
     /// As `Member::from`.
     from: u64,
@@ -248,10 +251,11 @@ impl Members {
     }
 
     /// Adds a replaying joiner; what the room sends from now on is held for it.
-    pub fn insert_replaying(&mut self, outbox: Arc<Outbox>) {
+    pub fn insert_replaying(&mut self, outbox: Arc<Outbox>, ticket: u64) {
         let from = self.window.start_now();
         self.replaying.push(Replaying {
             outbox,
+            ticket,
             held: Vec::new(),
             from,
         });

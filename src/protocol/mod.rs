@@ -41,7 +41,8 @@ pub enum ErrorCode {
     TooManyRooms,
     /// `leave` for a room the socket is not in.
     NotInRoom,
-    /// The socket publishes faster than `limits.publish_rate`.
+    /// The socket publishes faster than `limits.publish_rate` (joins: `limits.join_rate`;
+    /// presence queries: `limits.presence_rate`).
     RateLimited,
     /// The node cannot take more publishes for other nodes right now; retry shortly.
     Overloaded,
@@ -57,11 +58,13 @@ pub enum ErrorCode {
     TokenExpired,
     /// A direct message to a user with no socket on any node.
     UserOffline,
+    /// Who is online could not be read (Redis is away); asking again later may work.
+    PresenceUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -77,6 +80,7 @@ impl ErrorCode {
         ErrorCode::InvalidToken,
         ErrorCode::TokenExpired,
         ErrorCode::UserOffline,
+        ErrorCode::PresenceUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +100,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::UserOffline => "user_offline",
+            ErrorCode::PresenceUnavailable => "presence_unavailable",
         }
     }
 }

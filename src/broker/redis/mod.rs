@@ -204,8 +204,6 @@ struct RedisStats {
     unconfirmed_publishes: AtomicU64,
     /// Received messages over the size bound, dropped.
     oversized_payloads: AtomicU64,
-    /// Membership notices not published: no other node was in the room.
-    notices_skipped: AtomicU64,
     /// Durable rooms' missed ranges read back from their streams.
     repairs: AtomicU64,
     /// Repairs that could not read the stream.
@@ -382,7 +380,6 @@ impl RedisBroker {
         let publisher = tokio::spawn(publisher::run(publisher::Publisher::new(
             shared.clone(),
             queue.clone(),
-            subscriptions.clone(),
             publisher_conn.clone(),
             config,
             stop.clone(),
@@ -669,6 +666,17 @@ impl Broker for RedisBroker {
         }
     }
 
+    fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
+        let channel = self.shared.keys.room(room);
+        if self.shared.subscribed.lock().contains(&channel) {
+            return None;
+        }
+        let shared = self.shared.clone();
+        Some(Box::pin(
+            async move { shared.until_subscribed(&channel).await },
+        ))
+    }
+
     fn unsubscribe(&self, room: &str) {
         self.shared.positions.forget(room);
         let channel = self.shared.keys.room(room);
@@ -779,7 +787,6 @@ impl Broker for RedisBroker {
                 "redis_oversized_payloads",
                 f.oversized_payloads.load(Relaxed),
             ),
-            ("redis_notices_skipped", f.notices_skipped.load(Relaxed)),
             ("redis_peers", self.shared.peers.lock().len() as u64),
             ("redis_repairs", f.repairs.load(Relaxed)),
             ("redis_repair_failures", f.repair_failures.load(Relaxed)),

@@ -34,27 +34,24 @@ use redis::aio::ConnectionManager;
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use tokio_util::sync::CancellationToken;
 
-use super::{durable, EnvelopeWriter, PublishQueue, Shared, Subscriptions, BACKOFF};
+use super::{durable, EnvelopeWriter, PublishQueue, Shared, BACKOFF};
 use crate::batch::Clock;
 use crate::broker::{Envelope, Kind, Target};
 use crate::config::{Config, Durability, EnvelopeMode};
 use crate::throttle::LogThrottle;
 
 const RECOVERY_POLL: Duration = Duration::from_millis(50);
-/// Channels whose subscriber counts are remembered (for recovery and notices).
+/// Channels whose subscriber counts are remembered (for recovery).
 const MAX_REMEMBERED_CHANNELS: usize = 65_536;
 /// How long before the shutdown deadline the publisher stops waiting for Redis.
 const GIVE_UP_MARGIN: Duration = Duration::from_millis(100);
 /// How long, and how many, confirmed durable messages are kept for a failover.
 const RECENT: Duration = Duration::from_secs(5);
 const MAX_RECENT: usize = 1000;
-/// How long a channel's subscriber count is trusted to skip a notice.
-const LISTENERS_FRESH: Duration = Duration::from_secs(10);
 
 pub(super) struct Publisher {
     shared: Arc<Shared>,
     queue: Arc<PublishQueue>,
-    subscriptions: Arc<Subscriptions>,
     conn: ConnectionManager,
     writer: EnvelopeWriter,
     mode: EnvelopeMode,
@@ -67,8 +64,8 @@ pub(super) struct Publisher {
     max_envelope_messages: usize,
     recovery_wait: Duration,
     stop: CancellationToken,
-    /// Per channel, at its last successful PUBLISH: its subscribers, how many of them were
-    /// not this node, and when.
+    /// Per channel, at its last successful PUBLISH: its subscribers (after an outage, held
+    /// publishes wait until each channel has as many again).
     listeners: HashMap<String, Listeners>,
     /// Durable messages Redis confirmed in the last `RECENT` (at most `MAX_RECENT`), kept
     /// only under an owner engine (Sentinel, cluster): when this engine is replaced at a
@@ -80,8 +77,6 @@ pub(super) struct Publisher {
 #[derive(Debug, Clone, Copy)]
 struct Listeners {
     all: i64,
-    others: i64,
-    at: Instant,
 }
 
 /// An outage being recovered from.
@@ -148,7 +143,6 @@ impl Publisher {
     pub(super) fn new(
         shared: Arc<Shared>,
         queue: Arc<PublishQueue>,
-        subscriptions: Arc<Subscriptions>,
         conn: ConnectionManager,
         config: &Config,
         stop: CancellationToken,
@@ -156,7 +150,6 @@ impl Publisher {
         Publisher {
             writer: EnvelopeWriter::new(&shared.node_id),
             shared,
-            subscriptions,
             conn,
             mode: config.redis.envelope,
             clocks: (0..queue.paces().count())
@@ -238,27 +231,6 @@ impl Publisher {
             Target::Room(room) => self.shared.keys.room(room),
             Target::Broadcast => self.shared.keys.broadcast.clone(),
             Target::User(user) => self.shared.keys.user(user),
-        }
-    }
-
-    /// Whether a notice for `channel` would reach nobody but this node: the channel's
-    /// last PUBLISH, a moment ago, reached no other node.
-    fn nobody_else_listens(&self, channel: &str) -> bool {
-        self.listeners
-            .get(channel)
-            .is_some_and(|l| l.others <= 0 && l.at.elapsed() < LISTENERS_FRESH)
-    }
-
-    /// Drops newly queued notices that nobody else would receive.
-    fn skip_lonely_notices(&mut self, incoming: &mut Vec<Envelope>) {
-        let before = incoming.len();
-        incoming.retain(|e| e.kind != Kind::Notice || !self.nobody_else_listens(&self.channel(e)));
-        let skipped = before - incoming.len();
-        if skipped > 0 {
-            self.shared
-                .counters
-                .notices_skipped
-                .fetch_add(skipped as u64, Relaxed);
         }
     }
 
@@ -349,17 +321,12 @@ impl Publisher {
 
     fn remember(&mut self, channels: &[String], replies: &[redis::RedisResult<i64>]) {
         if self.listeners.len() > MAX_REMEMBERED_CHANNELS {
-            // Only a hint for recovery and notices: forgetting it is safe.
+            // Only a hint for recovery: forgetting it is safe.
             self.listeners.clear();
         }
-        let at = Instant::now();
-        let wanted = self.subscriptions.rooms.lock();
         for (channel, reply) in channels.iter().zip(replies) {
             let Ok(&all) = reply.as_ref() else { continue };
-            let own = i64::from(wanted.contains(channel));
-            let others = all - own;
-            self.listeners
-                .insert(channel.clone(), Listeners { all, others, at });
+            self.listeners.insert(channel.clone(), Listeners { all });
         }
     }
 
@@ -589,7 +556,6 @@ pub(super) async fn run(mut p: Publisher) {
         if let Some(since) = p.queue.take_paces(due, &mut incoming) {
             pending_since.get_or_insert(since);
         }
-        p.skip_lonely_notices(&mut incoming);
         pending.extend(incoming.drain(..));
         p.queue.take_doubtful(&mut doubtful);
         recheck += doubtful.len();
