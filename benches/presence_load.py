@@ -6,7 +6,7 @@ get_online_users takes.
 
     redis-server --port 7801 --save '' &
     target/release/volley --listen 127.0.0.1:7800 --log warn --set redis.url=redis://127.0.0.1:7801 \
-        --set presence.refresh_s=5 --set presence.max_users=10000 --set limits.max_connections=20000 & pid=$!
+        --set presence.refresh_s=5 --set presence.max_list=10000 --set limits.max_connections=20000 & pid=$!
     python3 benches/presence_load.py 7800 7801 $pid 10000
 """
 import asyncio, json, os, socket, sys, time

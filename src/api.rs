@@ -192,7 +192,11 @@ async fn presence(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         None => match node.online_users().await {
-            Ok(users) => json_response(StatusCode::OK, &users),
+            // The frame a socket gets, `"type":"online_users"` included.
+            Ok(listing) => Response::builder()
+                .header(CONTENT_TYPE, "application/json")
+                .body(Body::from(Bytes::copy_from_slice(listing.frame.json())))
+                .unwrap_or_default(),
             Err(e) => presence_unavailable(&e.to_string()),
         },
     }

@@ -478,8 +478,11 @@ pub struct PresenceConfig {
     pub ttl_s: u64,
     /// How often a node refreshes its users' presence (one pipeline for all of them).
     pub refresh_s: u64,
-    /// Most users one `get_online_users` lists (`truncated` says there are more).
-    pub max_users: usize,
+    /// Most users one `get_online_users` (and `GET /api/presence`) lists; `truncated`
+    /// says there are more. The node reads that listing at most once a second and shares
+    /// it with every asker. `max_users`, its earlier name, still works.
+    #[serde(alias = "max_users")]
+    pub max_list: usize,
 }
 
 impl Default for PresenceConfig {
@@ -487,7 +490,7 @@ impl Default for PresenceConfig {
         PresenceConfig {
             ttl_s: 60,
             refresh_s: 25,
-            max_users: 1000,
+            max_list: 1000,
         }
     }
 }
@@ -1074,10 +1077,16 @@ fn known_keys() -> &'static [String] {
                 }
             }
         }
+        // Earlier names that still work (serde aliases).
+        keys.extend(EARLIER_NAMES.iter().map(|old| old.to_string()));
         keys.sort();
         keys
     })
 }
+
+/// Earlier names of keys that were renamed; both names are read (serde aliases).
+/// `presence.max_users` is now `presence.max_list`.
+const EARLIER_NAMES: &[&str] = &["presence.max_users"];
 
 /// Refuses a key no config field has, naming the nearest one that exists.
 fn check_key(key: &str, source: impl FnOnce() -> String) -> Result<(), ConfigError> {

@@ -27,6 +27,7 @@
 //! | `hub` | sharded room -> local subscribers map (each room with its pace and conflation field); `room.rs`: a room's window, collected once and delivered at its tick as shared frames |
 //! | [`broker`] | the seam to other nodes: `memory` engine (default), `redis` (pub/sub, pipelined publish windows, durable streams, presence, keys), `sharded` (rooms over independent Redis servers), `redis_cluster` (a Redis engine per cluster master, sharded pub/sub, following the slot map) and `sentinel` (the Redis engine on whichever master Sentinel names) |
 //! | [`node`] | owns hub, broker, delivery window and due list; where a message enters and fans out |
+//! //! | `online` | who is online, as the node answers it: one listing a second from the broker, shared by every asker |
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |
 //! | `cluster` | feature: per-node reports in Redis (`metrics:<serverId>`), read by `/api/cluster` |
@@ -64,6 +65,7 @@ mod demo;
 mod features;
 mod hub;
 mod metrics;
+mod online;
 mod outbox;
 mod throttle;
 mod tls;

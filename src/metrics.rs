@@ -433,6 +433,9 @@ fn broker_help(name: &str) -> String {
             "Pub/sub connections lost (killed, cut, Redis restarted); each reconnects and subscribes again.".into()
         }
         "redis_failovers" => "Times the node moved to a new master that Sentinel named.".into(),
+        "redis_nodes_reaped" => {
+            "Dead nodes (presence expired) whose users this node announced gone: presence disconnected, user_left in their rooms.".into()
+        }
         "redis_cluster_changes" => "Times the node followed a new Redis Cluster slot map (slots moved, masters added, removed or failed over).".into(),
         "redis_redirected_publishes" => {
             "Publishes sent again through another engine: refused by Redis without running (a cluster's MOVED, ASK, TRYAGAIN or CLUSTERDOWN, a demoted master's READONLY), or still held by an engine replaced at a failover.".into()

@@ -16,11 +16,12 @@ use serde_json::value::RawValue;
 use crate::auth::Authenticator;
 use crate::batch::{DeliveryWindow, Pace};
 use crate::broker::{
-    Broker, BrokerState, Envelope, EnvelopeSink, Kind, OnlineUsers, PresenceError, PresenceEvent,
+    Broker, BrokerState, Envelope, EnvelopeSink, Kind, PresenceError, PresenceEvent,
     PublishError, Target, UserPresence,
 };
 use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
+use crate::online::{Listing, OnlineListing};
 use crate::metrics::{Stats, StatsSnapshot};
 use crate::protocol::inbound::Replay;
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -49,6 +50,8 @@ pub struct Node {
     next_conn: AtomicU64,
     /// Set when shutdown begins: `/readyz` answers 503 and new sockets are refused.
     draining: AtomicBool,
+    /// Who is online: one listing a second, shared by every asker.
+    online: OnlineListing,
 }
 
 /// What `/healthz` reports.
@@ -112,6 +115,7 @@ impl Node {
                 due,
                 classes,
                 auth,
+                online: OnlineListing::new(config.presence.max_list),
                 config,
                 id,
                 hub,
@@ -272,12 +276,18 @@ impl Node {
         self.hub.watch_presence(outbox, watch);
     }
 
-    /// Who is online on any node, at most `presence.max_users`.
-    pub async fn online_users(&self) -> Result<OnlineUsers, PresenceError> {
-        let read = self.broker.online_users(self.config.presence.max_users);
-        tokio::time::timeout(HISTORY_WAIT, read)
-            .await
-            .unwrap_or_else(|_| Err(PresenceError::Unavailable("timed out".into())))
+    /// Who is online on any node, at most `presence.max_list`: the node's listing, read
+    /// at most once a second and shared by every asker (see `online`).
+    pub async fn online_users(&self) -> Result<Listing, PresenceError> {
+        self.online.get(&*self.broker).await
+    }
+
+    /// One socket of `user` joined or left `room`: the broker's record of this node's
+    /// users follows the rooms they are in (see `EnvelopeSink::rooms_of`).
+    pub(crate) fn user_in_room(&self, user: &Arc<str>, room: &str, joined: bool) {
+        if self.hub.user_room(user, room, joined) {
+            self.broker.user_rooms_changed(user);
+        }
     }
 
     /// One user's presence, if online anywhere.
@@ -548,6 +558,22 @@ impl EnvelopeSink for Node {
     fn presence(&self, event: PresenceEvent) {
         let frame = outbound::presence(event.connected, &event.user_id, &event.server_id);
         self.log_slow_consumers(self.hub.fan_out_watchers(&frame));
+    }
+
+    fn rooms_of(&self, user: &str) -> Vec<Arc<str>> {
+        self.hub.rooms_of(user)
+    }
+
+    /// A dead node's users left their rooms: each room hears it as it would have from a
+    /// live node (one `user_left` per user, within the notice limits).
+    fn users_gone(&self, node: &str, rooms: &[(String, u64)]) {
+        for (room, users) in rooms {
+            let members = (*users as usize).max(self.hub.members(room));
+            for _ in 0..*users {
+                self.notify_room(room, Membership::Left, members);
+            }
+        }
+        tracing::debug!(node, rooms = rooms.len(), "announced a dead node's users gone");
     }
 }
 

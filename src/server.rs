@@ -158,7 +158,10 @@ impl Server {
         shared.features.stop(deadline).await;
         self.node.close_all_sockets();
         shared.sockets.close();
-        let drained = tokio::time::timeout_at(deadline, shared.sockets.wait())
+        // Sockets that never answer their close may keep the drain until the end; the
+        // broker keeps a part of it to send what they left (their goodbyes) all the same.
+        let sockets_deadline = deadline - broker_share(self.node.config().drain_timeout());
+        let drained = tokio::time::timeout_at(sockets_deadline, shared.sockets.wait())
             .await
             .is_ok();
         let report = ShutdownReport {
@@ -174,6 +177,12 @@ impl Server {
         tracing::info!(drained, left_open = report.left_open, "volley stopped");
         report
     }
+}
+
+/// The part of the drain timeout kept for the broker after the sockets: a fifth, at most
+/// a second.
+fn broker_share(drain: Duration) -> Duration {
+    (drain / 5).min(Duration::from_secs(1))
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {

@@ -9,14 +9,12 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::process::{free_port, NodeProcess};
 use common::*;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -25,103 +23,6 @@ use tokio::sync::Mutex;
 const CHAOS: Duration = Duration::from_secs(20);
 const DURABLE: &str = "chaos:durable";
 const PLAIN: &str = "chaos:plain";
-
-/// A free port below the ephemeral range (from 32 768): a killed node or Redis comes back
-/// on its port, which a client connection's own port must not have taken meanwhile.
-fn free_port() -> u16 {
-    loop {
-        let port = fastrand::u16(24_000..26_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// One `volley` process on a fixed port, started again on the same port after a kill,
-/// its log appended to one file.
-struct NodeProcess {
-    name: String,
-    addr: SocketAddr,
-    config: PathBuf,
-    log: PathBuf,
-    redis_url: String,
-    child: Option<Child>,
-}
-
-impl NodeProcess {
-    fn new(dir: &std::path::Path, name: &str, redis_url: &str) -> NodeProcess {
-        let config = dir.join(format!("{name}.toml"));
-        // Durable rooms come from a [[rooms]] class, which only a file can give.
-        std::fs::write(
-            &config,
-            "[[rooms]]\nmatch = \"chaos:durable*\"\nhistory_size = 100000\n",
-        )
-        .expect("write config");
-        NodeProcess {
-            name: name.to_string(),
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            log: dir.join(format!("{name}.log")),
-            config,
-            redis_url: redis_url.to_string(),
-            child: None,
-        }
-    }
-
-    async fn start(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_volley"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--listen", &self.addr.to_string(), "--node-id", &self.name])
-            .args(["--log", "warn"])
-            .args(["--set", "api.key=test-key"])
-            .args(["--set", "presence.ttl_s=3", "--set", "presence.refresh_s=1"])
-            .args(["--set", "redis.probe_interval_ms=100"])
-            .env_remove("RUST_LOG")
-            .env("REDIS_URL", &self.redis_url)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start volley");
-        self.child = Some(child);
-        let addr = self.addr;
-        let up = tokio::time::timeout(WAIT, async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(up.is_ok(), "{} did not start listening", self.name);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Still running (not exited by itself).
-    fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// What one publisher got accepted (HTTP 200): sequence numbers, in order.
 type Accepted = Arc<Mutex<Vec<u64>>>;
@@ -363,7 +264,23 @@ async fn killing_redis_and_a_node_at_random_moments_breaks_no_promise() {
     .await;
     let mut nodes: Vec<NodeProcess> = ["n0", "n1", "n2"]
         .iter()
-        .map(|name| NodeProcess::new(&dir, name, &redis.url()))
+        .map(|name| {
+            NodeProcess::new(
+                &dir,
+                name,
+                &redis.url(),
+                // Durable rooms come from a [[rooms]] class, which only a file can give.
+                "[[rooms]]\nmatch = \"chaos:durable*\"\nhistory_size = 100000\n",
+                &[
+                    "--set",
+                    "presence.ttl_s=3",
+                    "--set",
+                    "presence.refresh_s=1",
+                    "--set",
+                    "redis.probe_interval_ms=100",
+                ],
+            )
+        })
         .collect();
     for node in nodes.iter_mut() {
         node.start().await;

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -23,6 +21,22 @@ async fn as_user(client: &mut Client, user: &str) {
 async fn online(client: &mut Client) -> Value {
     client.send(json!({"type":"get_online_users"})).await;
     client.expect_type("online_users").await
+}
+
+/// Asks who is online until `done` holds for the listed ids: at most four times a second
+/// (a node's listing is up to a second old, and a socket may ask 5 times a second).
+async fn online_until(client: &mut Client, done: impl Fn(&[String]) -> bool) -> Value {
+    let answer = tokio::time::timeout(WAIT, async {
+        loop {
+            let listed = online(client).await;
+            if done(&ids(&listed)) {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    answer.expect("the listing never showed what was expected")
 }
 
 fn ids(online: &Value) -> Vec<String> {
@@ -53,7 +67,7 @@ async fn presence_counts_users_not_sockets_and_is_seen_from_every_node() {
     assert_eq!(connected["serverId"], "one");
     let mut tab2 = Client::connect(two.local_addr()).await;
     as_user(&mut tab2, "alice").await;
-    let listed = online(&mut watcher).await;
+    let listed = online_until(&mut watcher, |ids| !ids.is_empty()).await;
     assert_eq!(
         ids(&listed),
         vec!["alice"],
@@ -69,7 +83,7 @@ async fn presence_counts_users_not_sockets_and_is_seen_from_every_node() {
         (gone["event"].clone(), gone["userId"].clone()),
         (json!("disconnected"), json!("alice"))
     );
-    assert!(ids(&online(&mut watcher).await).is_empty());
+    online_until(&mut watcher, |ids| ids.is_empty()).await;
 }
 
 #[tokio::test]
@@ -141,77 +155,181 @@ async fn the_presence_api_answers_with_the_key_only() {
             serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
         )
     };
-    let (status, all) = get("/api/presence", true).await;
-    assert_eq!(status, 200, "{all}");
-    assert_eq!(ids(&all), vec!["dana"]);
+    // The node's listing is up to a second old, and dana's presence is written a moment
+    // after her auth is answered.
+    let all = tokio::time::timeout(WAIT, async {
+        loop {
+            let (status, all) = get("/api/presence", true).await;
+            assert_eq!(status, 200, "{all}");
+            if ids(&all) == ["dana"] {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("dana was never listed");
+    // The same frame a socket gets.
+    assert_eq!(all["type"], "online_users", "{all}");
+    assert_eq!(all["truncated"], false, "{all}");
     let (status, one) = get("/api/presence/dana", true).await;
     assert_eq!((status, one["serverId"].clone()), (200, json!("one")));
     assert_eq!(get("/api/presence/erin", true).await.0, 404);
     assert_eq!(get("/api/presence", false).await.0, 401);
 }
 
+/// Presence with a short TTL, so a dead node's users are announced within seconds.
+const QUICK_PRESENCE: [&str; 4] = ["--set", "presence.ttl_s=2", "--set", "presence.refresh_s=1"];
+
+fn quick_presence(c: &mut volley::Config) {
+    c.presence.ttl_s = 2;
+    c.presence.refresh_s = 1;
+}
+
+/// A watcher: presence events on, and in `rooms`.
+async fn watcher(addr: std::net::SocketAddr, rooms: &[&str]) -> Client {
+    let mut w = Client::connect(addr).await;
+    w.send(json!({"type":"subscribe_presence"})).await;
+    for room in rooms {
+        w.join(room).await;
+    }
+    w
+}
+
+/// One thing a watcher heard: `(type, roomId or userId, event)`.
+type Heard = (String, String, String);
+
+/// What a watcher hears until `done` says it is enough.
+async fn heard_until(w: &mut Client, done: impl Fn(&[Heard]) -> bool) -> Vec<Heard> {
+    let mut heard = Vec::new();
+    while !done(&heard) {
+        let m = w.next_message().await;
+        let kind = m["type"].as_str().unwrap_or_default().to_string();
+        let about = m["roomId"]
+            .as_str()
+            .or(m["userId"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let event = m["event"].as_str().unwrap_or_default().to_string();
+        heard.push((kind, about, event));
+    }
+    heard
+}
+
+/// How many of `heard` are `user_left` in `room`.
+fn left(heard: &[Heard], room: &str) -> usize {
+    heard
+        .iter()
+        .filter(|h| h.0 == "user_left" && h.1 == room)
+        .count()
+}
+
+/// Whether `heard` holds the presence event that `user` disconnected.
+fn went_offline(heard: &[Heard], user: &str) -> bool {
+    heard
+        .iter()
+        .any(|h| h.0 == "presence" && h.1 == user && h.2 == "disconnected")
+}
+
 #[tokio::test]
-async fn a_killed_node_leaves_no_user_online_past_the_ttl() {
+async fn a_killed_nodes_users_are_announced_gone_once_by_one_survivor() {
     let redis = RedisServer::start().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_volley"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "info",
-            "--node-id",
-            "doomed",
-        ])
-        .args(["--set", "presence.ttl_s=2", "--set", "presence.refresh_s=1"])
-        .env("REDIS_URL", redis.url())
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-            {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.to_string());
-                }
+    let a = start_on_redis(&redis, "a", quick_presence).await;
+    let b = start_on_redis(&redis, "b", quick_presence).await;
+    let dir = std::env::temp_dir().join(format!("volley-ghosts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut victim = common::process::NodeProcess::new(&dir, "victim", &redis.url(), "", &QUICK_PRESENCE);
+    victim.start().await;
+    let mut wa = watcher(a.local_addr(), &["match"]).await;
+    let mut wb = watcher(b.local_addr(), &["match", "other"]).await;
+    // On the victim: ghost in two rooms; both also has a socket on a.
+    let mut ghost = Client::connect(victim.addr).await;
+    as_user(&mut ghost, "ghost").await;
+    ghost.join("match").await;
+    ghost.join("other").await;
+    let mut both_here = Client::connect(victim.addr).await;
+    as_user(&mut both_here, "both").await;
+    both_here.join("match").await;
+    let mut both_there = Client::connect(a.local_addr()).await;
+    as_user(&mut both_there, "both").await;
+    let mut asker = Client::connect(a.local_addr()).await;
+    online_until(&mut asker, |ids| ids == ["both", "ghost"]).await;
+    // Whatever the watchers heard so far (joins, connects) is behind them.
+    for w in [&mut wa, &mut wb] {
+        w.send(json!({"type":"leave","roomId":"nowhere"})).await;
+        loop {
+            let m = w.next_message().await;
+            if m["code"] == "not_in_room" {
+                break;
             }
         }
-    });
-    let addr: std::net::SocketAddr = tokio::time::timeout(WAIT, rx)
-        .await
-        .unwrap()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut ghost = Client::connect(addr).await;
-    as_user(&mut ghost, "ghost").await;
-    let observer = start_on_redis(&redis, "observer", |_| {}).await;
-    let mut asker = Client::connect(observer.local_addr()).await;
-    tokio::time::timeout(WAIT, async {
-        while ids(&online(&mut asker).await) != vec!["ghost"] {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    }
+
+    victim.kill();
+    // Each watcher hears ghost go offline, and ghost and both leave match (b also hears
+    // ghost leave other); both stays online (its socket on a).
+    let heard_a = heard_until(&mut wa, |h| went_offline(h, "ghost") && left(h, "match") == 2).await;
+    let heard_b = heard_until(&mut wb, |h| {
+        went_offline(h, "ghost") && left(h, "match") == 2 && left(h, "other") == 1
     })
-    .await
-    .expect("the ghost was never online");
-    // SIGKILL: no goodbye, no disconnect; only the TTL can clear it.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    tokio::time::timeout(WAIT, async {
-        while !ids(&online(&mut asker).await).is_empty() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("a killed node's user stayed online past the TTL");
+    .await;
+    for heard in [&heard_a, &heard_b] {
+        assert!(
+            !heard.iter().any(|h| h.0 == "presence" && h.1 == "both"),
+            "both is still online on a: {heard:?}"
+        );
+    }
+    online_until(&mut asker, |ids| ids == ["both"]).await;
+    // A direct message to the dead node's user is refused, not lost.
+    let (status, body) = http(
+        a.local_addr(),
+        "POST",
+        "/api/publish",
+        &[("Authorization", "apikey test-key")],
+        json!({"userId":"ghost","content":"still there?"}).to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("user_offline"), "{body}");
+    // Exactly one survivor did it, once: a marker event after it shows no second time.
+    let mut marker = Client::connect(b.local_addr()).await;
+    as_user(&mut marker, "marker").await;
+    drop(marker);
+    for w in [&mut wa, &mut wb] {
+        let heard = heard_until(w, |h| went_offline(h, "marker")).await;
+        assert!(
+            !heard.iter().any(|h| h.1 == "ghost" || h.0 == "user_left"),
+            "announced twice: {heard:?}"
+        );
+    }
+    let reaped = |h: &Value| h["redis_nodes_reaped"].as_u64().unwrap();
+    assert_eq!(
+        reaped(&health(a.local_addr()).await) + reaped(&health(b.local_addr()).await),
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_node_shutting_down_says_its_users_went_offline() {
+    let redis = RedisServer::start().await;
+    let a = start_on_redis(&redis, "a", quick_presence).await;
+    let dir = std::env::temp_dir().join(format!("volley-goodbye-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut leaving = common::process::NodeProcess::new(&dir, "leaving", &redis.url(), "", &QUICK_PRESENCE);
+    leaving.start().await;
+    let mut wa = watcher(a.local_addr(), &["match"]).await;
+    let mut user = Client::connect(leaving.addr).await;
+    as_user(&mut user, "leaver").await;
+    user.join("match").await;
+    let mut asker = Client::connect(a.local_addr()).await;
+    online_until(&mut asker, |ids| ids == ["leaver"]).await;
+    assert_eq!(leaving.terminate().await, Some(0));
+    heard_until(&mut wa, |h| went_offline(h, "leaver") && left(h, "match") == 1).await;
+    online_until(&mut asker, |ids| ids.is_empty()).await;
+    // The node said goodbye itself: nobody had to announce it dead.
+    assert_eq!(health(a.local_addr()).await["redis_nodes_reaped"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -220,7 +338,7 @@ async fn the_embedded_engine_keeps_presence_and_direct_messages_too() {
     let one = start_with_broker(
         |c| {
             c.server.node_id = "one".into();
-            c.presence.max_users = 2;
+            c.presence.max_list = 2;
         },
         std::sync::Arc::new(bus.broker()),
     )
@@ -228,7 +346,7 @@ async fn the_embedded_engine_keeps_presence_and_direct_messages_too() {
     let two = start_with_broker(
         |c| {
             c.server.node_id = "two".into();
-            c.presence.max_users = 2;
+            c.presence.max_list = 2;
         },
         std::sync::Arc::new(bus.broker()),
     )
@@ -252,7 +370,7 @@ async fn the_embedded_engine_keeps_presence_and_direct_messages_too() {
         );
         users.push(c);
     }
-    let listed = online(&mut watcher).await;
+    let listed = online_until(&mut watcher, |ids| !ids.is_empty()).await;
     assert_eq!(
         (ids(&listed), listed["truncated"].clone()),
         (vec!["u1".to_string(), "u2".to_string()], json!(true))
@@ -291,7 +409,7 @@ async fn calls(redis: &RedisServer, command: &str) -> u64 {
 #[tokio::test]
 async fn listing_5000_users_reads_an_index_never_the_keyspace() {
     let redis = RedisServer::start().await;
-    let node = start_on_redis(&redis, "one", |c| c.presence.max_users = 10_000).await;
+    let node = start_on_redis(&redis, "one", |c| c.presence.max_list = 10_000).await;
     // 5 000 users online on some other node, written as the presence task writes them.
     let mut conn = redis.conn().await;
     let expires = now_ms() + 60_000;
@@ -308,6 +426,12 @@ async fn listing_5000_users_reads_an_index_never_the_keyspace() {
             ],
         )
         .ignore();
+        pipe.hset(
+            "volley:presence:info",
+            &user,
+            r#"{"serverId":"elsewhere","connectedAt":1}"#,
+        )
+        .ignore();
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
     let mut asker = Client::connect(node.local_addr()).await;
@@ -322,8 +446,8 @@ async fn listing_5000_users_reads_an_index_never_the_keyspace() {
     );
     assert_eq!(
         calls(&redis, "hmget").await - hmget,
-        5000,
-        "one pipeline of hashes"
+        1,
+        "one read of the listing entries"
     );
     assert_eq!(calls(&redis, "keys").await + calls(&redis, "scan").await, 0);
 }
@@ -333,4 +457,55 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+#[tokio::test]
+async fn two_hundred_listing_requests_cost_a_handful_of_redis_commands() {
+    let redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "one", |_| {}).await;
+    // 1 001 users online on another node, written as its presence task writes them.
+    let mut conn = redis.conn().await;
+    let expires = now_ms() + 60_000;
+    let mut pipe = redis::pipe();
+    for i in 0..1001 {
+        let user = format!("user-{i:04}");
+        pipe.zadd("presence:online", &user, expires).ignore();
+        pipe.hset(
+            "volley:presence:info",
+            &user,
+            r#"{"serverId":"elsewhere","connectedAt":1}"#,
+        )
+        .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let mut askers = Vec::new();
+    for _ in 0..20 {
+        askers.push(Client::connect(node.local_addr()).await);
+    }
+    let before: u64 = calls(&redis, "zrange").await + calls(&redis, "hmget").await;
+    // Each socket asks its burst (limits.presence_burst, 10) at once, and one more.
+    let ask: Vec<Value> = (0..11).map(|_| json!({"type":"get_online_users"})).collect();
+    for asker in &mut askers {
+        asker.send_burst(&ask).await;
+    }
+    for asker in &mut askers {
+        // The refusal is said at once; the answers come when the listing is read.
+        let mut refused = 0;
+        for _ in 0..11 {
+            let m = asker.next_message().await;
+            if m["type"] == "error" {
+                assert_eq!(m["code"], "rate_limited", "{m}");
+                refused += 1;
+                continue;
+            }
+            assert_eq!(m["type"], "online_users", "{m}");
+            assert_eq!(m["users"].as_array().unwrap().len(), 1000);
+            assert_eq!(m["truncated"], true, "presence.max_list is 1000");
+            assert_eq!(m["users"][0]["serverId"], "elsewhere");
+        }
+        assert_eq!(refused, 1);
+    }
+    let spent = calls(&redis, "zrange").await + calls(&redis, "hmget").await - before;
+    // One listing (two commands) a second at most, shared by all 200 requests.
+    assert!(spent <= 6, "200 requests cost {spent} Redis commands");
 }

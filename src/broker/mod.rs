@@ -159,6 +159,19 @@ pub trait EnvelopeSink: Send + Sync {
     fn presence(&self, event: PresenceEvent) {
         let _ = event;
     }
+
+    /// The rooms the sockets of `user` on this node are in, for the engine's record of
+    /// this node's users (read when the node dies, to announce them gone).
+    fn rooms_of(&self, user: &str) -> Vec<Arc<str>> {
+        let _ = user;
+        Vec::new()
+    }
+
+    /// Another node died (its presence expired) with users in these rooms (room, how many
+    /// of its users were in it): this node was chosen to tell the rooms (`user_left`).
+    fn users_gone(&self, node: &str, rooms: &[(String, u64)]) {
+        let _ = (node, rooms);
+    }
 }
 
 /// How a broker is doing, for `/healthz`.
@@ -271,6 +284,12 @@ pub trait Broker: Send + Sync {
 
     /// A user's last socket on this node went.
     fn user_offline(&self, user: &Arc<str>) {
+        let _ = user;
+    }
+
+    /// The rooms a user's sockets on this node are in changed (`EnvelopeSink::rooms_of`
+    /// says which now).
+    fn user_rooms_changed(&self, user: &Arc<str>) {
         let _ = user;
     }
 

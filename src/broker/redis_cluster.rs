@@ -610,6 +610,13 @@ impl Broker for ClusterBroker {
         }
     }
 
+    fn user_rooms_changed(&self, user: &Arc<str>) {
+        // A new home engine writes every user's rooms at its first refresh.
+        if let Some(home) = self.topology.read().home() {
+            home.user_rooms_changed(user);
+        }
+    }
+
     fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         let home = self.topology().home().cloned();
         Box::pin(async move {

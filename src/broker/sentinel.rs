@@ -271,6 +271,11 @@ impl Broker for SentinelBroker {
         self.current.read().user_offline(user);
     }
 
+    fn user_rooms_changed(&self, user: &Arc<str>) {
+        // An engine that takes over writes every user's rooms at its first refresh.
+        self.current.read().user_rooms_changed(user);
+    }
+
     fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         let engine = self.engine();
         Box::pin(async move { engine.online_users(max).await })

@@ -134,6 +134,10 @@ impl Broker for ShardedBroker {
         self.shard_of(user).user_offline(user);
     }
 
+    fn user_rooms_changed(&self, user: &Arc<str>) {
+        self.shard_of(user).user_rooms_changed(user);
+    }
+
     fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         Box::pin(async move {
             let mut all = OnlineUsers::default();

@@ -117,8 +117,8 @@ pub async fn serve(
         ..reader::Limits::from_config(node.config())
     };
     reader::run(&mut read_half, &outbox, &mut session, limits).await;
-    // Rooms were normally left already, when the close began; this covers every other
-    // way out, and the socket's user and presence watch.
+    // The session normally ended already, when the close began; this covers every other
+    // way out.
     session.end();
     outbox.close(CloseReason::Gone);
     if writer.await.is_err() {

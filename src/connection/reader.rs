@@ -28,8 +28,8 @@ use crate::protocol::{close_code, outbound, ErrorCode, ProtocolError};
 
 /// Reads until the socket closes, for whatever reason, and records that reason.
 ///
-/// Once the socket is closing (for any reason), the session leaves its rooms at once and
-/// the reader keeps reading, discarding messages, until the peer answers with its close
+/// Once the socket is closing (for any reason), the session ends at once (its rooms left,
+/// its user offline here) and the reader keeps reading, discarding messages, until the peer answers with its close
 /// frame or hangs up, or `CLOSE_GRACE` passes: closing a socket with unread input would
 /// reset it and could destroy our close frame before the peer reads it.
 pub async fn run(stream: &mut SocketIn, outbox: &Outbox, session: &mut Session, limits: Limits) {
@@ -37,12 +37,12 @@ pub async fn run(stream: &mut SocketIn, outbox: &Outbox, session: &mut Session, 
         Ended::Clean => {}
         Ended::Close(reason) => {
             outbox.close(reason);
-            session.leave_all();
+            session.end();
         }
         Ended::Broken(reason) => {
             // The frame stream is unusable; skip raw bytes until the peer hangs up.
             outbox.close(reason);
-            session.leave_all();
+            session.end();
             drain(stream).await;
         }
     }
@@ -311,7 +311,9 @@ impl Watch {
                 .then(|| protocol_close(close_code::POLICY, "token expired")),
             Event::Closed => {
                 self.closing = true;
-                session.leave_all();
+                // A peer that never answers the close keeps the socket for the grace;
+                // its rooms and its user are done with now.
+                session.end();
                 grace.reset(tokio::time::Instant::now() + CLOSE_GRACE);
                 None
             }

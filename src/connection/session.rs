@@ -95,6 +95,9 @@ impl Session {
         self.outbox.send(&outbound::authenticated(&user));
         if self.user.is_none() {
             self.node.identify(&self.outbox, &user);
+            for room in &self.rooms {
+                self.node.user_in_room(&user, room, true);
+            }
             self.user = Some(user);
         }
         Ok(())
@@ -145,8 +148,8 @@ impl Session {
                 let (node, outbox) = (self.node.clone(), self.outbox.clone());
                 tokio::spawn(async move {
                     match node.online_users().await {
-                        Ok(users) => {
-                            outbox.send(&outbound::online_users(&users));
+                        Ok(listing) => {
+                            outbox.send(&listing.frame);
                         }
                         Err(e) => reply_error(
                             &node,
@@ -223,6 +226,9 @@ impl Session {
                 self.joins.spend()?;
                 let room: Box<str> = room.into();
                 self.rooms.insert(room.clone());
+                if let Some(user) = &self.user {
+                    self.node.user_in_room(user, &room, true);
+                }
                 match replay {
                     Some(replay) => return Ok(Some(Later::Replay(room, replay))),
                     None => self.node.join(&self.outbox, &room),
@@ -235,7 +241,7 @@ impl Session {
                         format!("not in room {room:?}"),
                     ));
                 }
-                self.node.leave(self.outbox.id(), &room);
+                self.leave(&room);
             }
             ClientFrame::Message { room, content } => {
                 self.access.may_publish(&room)?;
@@ -259,12 +265,21 @@ impl Session {
 
     /// Leaves every room, as when the socket closes.
     pub fn leave_all(&mut self) {
-        for room in self.rooms.drain() {
-            self.node.leave(self.outbox.id(), &room);
+        for room in std::mem::take(&mut self.rooms) {
+            self.leave(&room);
         }
     }
 
-    /// The socket is gone: out of its rooms, its user's sockets and presence watchers.
+    /// Out of one room (already taken out of `rooms`).
+    fn leave(&self, room: &str) {
+        self.node.leave(self.outbox.id(), room);
+        if let Some(user) = &self.user {
+            self.node.user_in_room(user, room, false);
+        }
+    }
+
+    /// The socket is gone (or closing): out of its rooms, its user's sockets and presence
+    /// watchers. Ending twice does nothing more.
     pub fn end(&mut self) {
         self.leave_all();
         self.node.watch_presence(&self.outbox, false);

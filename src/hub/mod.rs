@@ -36,8 +36,9 @@ pub struct Hub {
     rooms: DashMap<Arc<str>, Arc<Room>>,
     /// Every socket on this node, for broadcasts and shutdown.
     sockets: DashMap<ConnId, Arc<Outbox>>,
-    /// Each identified user's sockets on this node, for direct messages.
-    users: DashMap<Arc<str>, IndexMap<ConnId, Arc<Outbox>>>,
+    /// Each identified user's sockets on this node (for direct messages) and the rooms
+    /// they are in (for the record a dead node's users are announced gone from).
+    users: DashMap<Arc<str>, UserSockets>,
     /// Sockets that asked for presence events.
     watchers: DashMap<ConnId, Arc<Outbox>>,
     /// Gives each room its pace (its class's delivery window), and lists the rooms with
@@ -45,6 +46,13 @@ pub struct Hub {
     due_rooms: Arc<DueRooms>,
     /// Numbers replaying joins (see `Replaying::ticket`).
     next_ticket: AtomicU64,
+}
+
+/// One identified user's sockets on this node, and in how many of them each room.
+#[derive(Default)]
+struct UserSockets {
+    sockets: IndexMap<ConnId, Arc<Outbox>>,
+    rooms: std::collections::HashMap<Arc<str>, u32>,
 }
 
 /// What a join changed.
@@ -189,9 +197,9 @@ impl Hub {
         outbox: &Arc<Outbox>,
         on_first: impl FnOnce(&Arc<str>),
     ) {
-        let mut sockets = self.users.entry(user.clone()).or_default();
-        sockets.insert(outbox.id(), outbox.clone());
-        if sockets.len() == 1 {
+        let mut entry = self.users.entry(user.clone()).or_default();
+        entry.sockets.insert(outbox.id(), outbox.clone());
+        if entry.sockets.len() == 1 {
             on_first(user);
         }
     }
@@ -199,14 +207,14 @@ impl Hub {
     /// Removes a socket of `user`; `on_last` runs when the user has none left here.
     pub fn remove_user(&self, user: &Arc<str>, id: ConnId, on_last: impl FnOnce(&Arc<str>)) {
         let gone = match self.users.get_mut(user) {
-            Some(mut sockets) => sockets.swap_remove(&id).is_some() && sockets.is_empty(),
+            Some(mut entry) => entry.sockets.swap_remove(&id).is_some() && entry.sockets.is_empty(),
             None => false,
         };
         if gone {
             // Removed only if still empty: a socket added meanwhile keeps the entry.
             if self
                 .users
-                .remove_if(user, |_, sockets| sockets.is_empty())
+                .remove_if(user, |_, entry| entry.sockets.is_empty())
                 .is_some()
             {
                 on_last(user);
@@ -214,12 +222,44 @@ impl Hub {
         }
     }
 
+    /// One socket of `user` joined (or left) `room`: true when that changed the rooms the
+    /// user is in on this node (its first socket there, or its last).
+    pub fn user_room(&self, user: &str, room: &str, joined: bool) -> bool {
+        let Some(mut entry) = self.users.get_mut(user) else {
+            return false;
+        };
+        if joined {
+            let count = entry.rooms.entry(Arc::from(room)).or_default();
+            *count += 1;
+            return *count == 1;
+        }
+        match entry.rooms.get_mut(room) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                entry.rooms.remove(room);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The rooms `user`'s sockets on this node are in.
+    pub fn rooms_of(&self, user: &str) -> Vec<Arc<str>> {
+        self.users
+            .get(user)
+            .map(|entry| entry.rooms.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Queues `message` for every local socket of `user`.
     pub fn fan_out_user(&self, user: &str, message: &Encoded) -> FanOut {
         with_due(|due| {
             let mut out = FanOut::default();
-            if let Some(sockets) = self.users.get(user) {
-                for outbox in sockets.values() {
+            if let Some(entry) = self.users.get(user) {
+                for outbox in entry.sockets.values() {
                     out.count(outbox.push(message), outbox, due);
                 }
             }

@@ -27,6 +27,13 @@ pub struct Keys {
     pub alive: String,
     /// Sorted set of online users, scored by when each entry expires.
     pub presence_index: String,
+    /// Hash of online users: user -> `{"serverId":S,"connectedAt":MS}`, so a listing is
+    /// two commands (the index, then one HMGET), not one per user.
+    pub presence_info: String,
+    /// Sorted set of the nodes with users, scored by when each node's liveness expires
+    /// (its last presence refresh plus `presence.ttl_s`).
+    pub presence_nodes: String,
+    presence_node_prefix: String,
     /// Channel of presence changes (`connected` / `disconnected`).
     pub presence_updates: String,
     metrics_prefix: String,
@@ -46,6 +53,9 @@ impl Keys {
             probe: format!("{probe_prefix}{node_id}"),
             alive: format!("{prefix}volley:alive"),
             presence_index: format!("{prefix}presence:online"),
+            presence_info: format!("{prefix}volley:presence:info"),
+            presence_nodes: format!("{prefix}volley:presence:nodes"),
+            presence_node_prefix: format!("{prefix}volley:presence:node:"),
             presence_updates: format!("{prefix}presence:updates"),
             user_prefix: format!("{prefix}user:"),
             presence_prefix: format!("{prefix}presence:"),
@@ -69,6 +79,9 @@ impl Keys {
             probe: format!("{probe_prefix}{node_id}"),
             alive: format!("{prefix}volley:alive:{{{probe_tag}}}"),
             presence_index: format!("{home}presence:online"),
+            presence_info: format!("{home}volley:presence:info"),
+            presence_nodes: format!("{home}volley:presence:nodes"),
+            presence_node_prefix: format!("{home}volley:presence:node:"),
             presence_updates: format!("{home}presence:updates"),
             user_prefix: format!("{home}user:"),
             presence_prefix: format!("{home}presence:"),
@@ -80,6 +93,11 @@ impl Keys {
         }
     }
 
+    /// What every user's presence hash name starts with (`presence:`).
+    pub fn presence_prefix(&self) -> &str {
+        &self.presence_prefix
+    }
+
     /// A user's presence hash (`serverId`, `connectedAt`, `lastSeen`).
     pub fn presence(&self, user: &str) -> String {
         format!("{}{user}", self.presence_prefix)
@@ -88,6 +106,12 @@ impl Keys {
     /// The nodes a user has sockets on (sorted set, scored by when each entry expires).
     pub fn presence_nodes(&self, user: &str) -> String {
         format!("{}{user}:nodes", self.presence_prefix)
+    }
+
+    /// A node's record of its users and their rooms (hash: user -> JSON list of rooms),
+    /// read by the node that announces them gone when the node dies.
+    pub fn presence_node(&self, node: &str) -> String {
+        format!("{}{node}", self.presence_node_prefix)
     }
 
     /// A user's direct-message channel.
@@ -215,6 +239,9 @@ mod tests {
             &c.broadcast,
             &c.presence_updates,
             &c.presence_index,
+            &c.presence_info,
+            &c.presence_nodes,
+            &c.presence_node("n2"),
             &c.user("ann"),
         ] {
             assert_eq!(slot(name.as_bytes()), home, "{name}");

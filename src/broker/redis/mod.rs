@@ -158,6 +158,9 @@ struct Shared {
     peers: Mutex<Vec<String>>,
     /// Bounds on what arrives from Redis.
     inbound: InboundLimits,
+    /// `presence.ttl_s`, in ms: a listed user was last seen this long before its entry
+    /// expires.
+    presence_ttl_ms: u64,
     /// Set by `shutdown`: the last pipeline must be answered by then.
     shutdown_deadline: Mutex<Option<Instant>>,
     /// Durable rooms: the last offset delivered here, and repairs.
@@ -208,6 +211,8 @@ struct RedisStats {
     repairs: AtomicU64,
     /// Repairs that could not read the stream.
     repair_failures: AtomicU64,
+    /// Dead nodes whose users this node announced gone.
+    nodes_reaped: AtomicU64,
 }
 
 /// Rooms the node wants; the subscriber task makes Redis agree.
@@ -348,6 +353,7 @@ impl RedisBroker {
                 // dozen bytes (type, roomId, timestamp).
                 max_payload_bytes: config.limits.max_frame_bytes + 512,
             },
+            presence_ttl_ms: config.presence.ttl_s * 1000,
             shutdown_deadline: Mutex::new(None),
             positions: durable::Positions::default(),
             reader: OnceLock::new(),
@@ -701,6 +707,10 @@ impl Broker for RedisBroker {
         }
     }
 
+    fn user_rooms_changed(&self, user: &Arc<str>) {
+        let _ = self.presence.send(presence::Change::Rooms(user.clone()));
+    }
+
     fn user_offline(&self, user: &Arc<str>) {
         let _ = self.presence.send(presence::Change::Offline(user.clone()));
         if self
@@ -790,6 +800,7 @@ impl Broker for RedisBroker {
             ("redis_peers", self.shared.peers.lock().len() as u64),
             ("redis_repairs", f.repairs.load(Relaxed)),
             ("redis_repair_failures", f.repair_failures.load(Relaxed)),
+            ("redis_nodes_reaped", f.nodes_reaped.load(Relaxed)),
         ]
     }
 
