@@ -1323,13 +1323,20 @@ mod tests {
     #[test]
     fn more_than_64_distinct_windows_of_either_kind_name_their_key() {
         let classes = |window: fn(u64) -> RoomClass| -> Vec<RoomClass> {
-            (0..70).map(|i| RoomClass { pattern: format!("r{i}:*"), ..window(i + 1) }).collect()
+            (0..70)
+                .map(|i| RoomClass {
+                    pattern: format!("r{i}:*"),
+                    ..window(i + 1)
+                })
+                .collect()
         };
-        let mut config = Config::default();
-        config.rooms = classes(|ms| RoomClass {
-            publish_window_ms: Some(ms),
-            ..RoomClass::default()
-        });
+        let mut config = Config {
+            rooms: classes(|ms| RoomClass {
+                publish_window_ms: Some(ms),
+                ..RoomClass::default()
+            }),
+            ..Config::default()
+        };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("publish_window_ms"), "{err}");
         // batch.publish_window_ms (50) is pace 0 and 50 is among the classes' windows:
@@ -1354,8 +1361,14 @@ mod tests {
         let compiled = RoomClasses::compile(&config.rooms, &config.batch).unwrap();
         assert_eq!(compiled.publish_windows().len(), 64);
         assert_eq!(compiled.delivery_windows().len(), 64);
-        assert_eq!(compiled.publish_windows()[compiled.publish_pace("r62:x")], 1062);
-        assert_eq!(compiled.delivery_windows()[compiled.delivery_pace("r62:x")].0, 1062);
+        assert_eq!(
+            compiled.publish_windows()[compiled.publish_pace("r62:x")],
+            1062
+        );
+        assert_eq!(
+            compiled.delivery_windows()[compiled.delivery_pace("r62:x")].0,
+            1062
+        );
     }
 
     #[test]

@@ -16,13 +16,13 @@ use serde_json::value::RawValue;
 use crate::auth::Authenticator;
 use crate::batch::{DeliveryWindow, Pace};
 use crate::broker::{
-    Broker, BrokerState, Envelope, EnvelopeSink, Kind, PresenceError, PresenceEvent,
-    PublishError, Target, UserPresence,
+    Broker, BrokerState, Envelope, EnvelopeSink, Kind, PresenceError, PresenceEvent, PublishError,
+    Target, UserPresence,
 };
 use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
-use crate::online::{Listing, OnlineListing};
 use crate::metrics::{Stats, StatsSnapshot};
+use crate::online::{Listing, OnlineListing};
 use crate::protocol::inbound::Replay;
 use crate::protocol::{ErrorCode, ProtocolError};
 
@@ -376,7 +376,13 @@ impl Node {
     }
 
     /// Reads a replaying join's history and ends the replay (see `join_replaying`).
-    async fn replay(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, ticket: u64, replay: &Replay) {
+    async fn replay(
+        self: &Arc<Self>,
+        outbox: &Arc<Outbox>,
+        room: &str,
+        ticket: u64,
+        replay: &Replay,
+    ) {
         let since = match replay {
             Replay::Since { offset, .. } => Some(*offset),
             Replay::Last(_) => None,
@@ -539,10 +545,9 @@ impl EnvelopeSink for Node {
     fn deliver(&self, envelope: Envelope) {
         self.stats.message_in(Source::Broker);
         match (&envelope.target, &envelope.epoch) {
-            (Target::Room(room), Some(epoch)) => self.log_slow_consumers(
-                self.hub
-                    .fan_out_durable(room, epoch, &envelope.payload),
-            ),
+            (Target::Room(room), Some(epoch)) => {
+                self.log_slow_consumers(self.hub.fan_out_durable(room, epoch, &envelope.payload))
+            }
             (Target::Room(room), None) => {
                 self.log_slow_consumers(self.hub.fan_out(room, &envelope.payload))
             }
@@ -573,7 +578,11 @@ impl EnvelopeSink for Node {
                 self.notify_room(room, Membership::Left, members);
             }
         }
-        tracing::debug!(node, rooms = rooms.len(), "announced a dead node's users gone");
+        tracing::debug!(
+            node,
+            rooms = rooms.len(),
+            "announced a dead node's users gone"
+        );
     }
 }
 

@@ -284,9 +284,12 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
             );
         }
     }
-    let credentials = match upgrade_credentials(&shared.node, &req) {
-        Ok(credentials) => credentials,
-        Err(refused) => return refused,
+    let Ok(credentials) = upgrade_credentials(&shared.node, &req) else {
+        return api::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the upgrade's Authorization: apikey is not this node's api.key (or api.key is not set)",
+        );
     };
     let Some(per_ip) = PerIp::take(&shared.per_ip, peer, config.limits.max_connections_per_ip)
     else {
@@ -422,6 +425,9 @@ impl Drop for PerIp {
     }
 }
 
+/// An upgrade's `Authorization: apikey` that is not the node's key.
+struct WrongApiKey;
+
 /// A token (`?token=` or `Authorization: Bearer`) or the API key (`Authorization: apikey`)
 /// on the upgrade request. An API key that is not the node's (or with the API off) is
 /// refused with 401: a backend that meant to be trusted must hear that it is not, not
@@ -429,7 +435,7 @@ impl Drop for PerIp {
 fn upgrade_credentials(
     node: &Node,
     req: &Request<Incoming>,
-) -> Result<connection::UpgradeAuth, Response<Body>> {
+) -> Result<connection::UpgradeAuth, WrongApiKey> {
     let authorization = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -454,11 +460,7 @@ fn upgrade_credentials(
         },
         Some((scheme, value)) if scheme == "apikey" => {
             if key.is_empty() || !crate::api::same_secret(value.as_bytes(), key.as_bytes()) {
-                return Err(api::error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "the upgrade's Authorization: apikey is not this node's api.key (or api.key is not set)",
-                ));
+                return Err(WrongApiKey);
             }
             connection::UpgradeAuth {
                 token: query_token,

@@ -272,7 +272,12 @@ async fn only_a_publish_claim_of_exactly_star_may_broadcast() {
     let mut watcher = Client::connect(addr).await;
     watcher.join("w").await;
     // Globs that match the string "*" without being it: not a grant to reach everyone.
-    for claim in [json!(["?"]), json!(["[*]"]), json!(["**"]), json!(["scores:*", "?*"])] {
+    for claim in [
+        json!(["?"]),
+        json!(["[*]"]),
+        json!(["**"]),
+        json!(["scores:*", "?*"]),
+    ] {
         let token = hs256(json!({"sub":"fan","exp": now_s() + 3600, "publish": claim}));
         let mut c = Client::connect(addr).await;
         auth(&mut c, &token).await;
@@ -299,7 +304,10 @@ async fn an_empty_user_id_is_refused_as_an_empty_sub_is() {
     let mut c = Client::connect(server.local_addr()).await;
     c.send(json!({"type":"auth","userId":""})).await;
     let refused = c.expect_error("invalid_token").await;
-    assert!(refused["message"].as_str().unwrap().contains("userId"), "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("userId"),
+        "{refused}"
+    );
     // Still anonymous: a direct message needs an identity.
     c.send(json!({"type":"direct_message","toUserId":"x","content":1}))
         .await;

@@ -619,7 +619,11 @@ async fn the_readme_volley_js_example_shows_the_score_after_joins_and_reconnects
         shown.as_array().unwrap().iter().all(|s| s != ""),
         "the score went blank: {shown}"
     );
-    assert_eq!(browser.eval(&tab, "window.mark").await, json!(1), "the page reloaded");
+    assert_eq!(
+        browser.eval(&tab, "window.mark").await,
+        json!(1),
+        "the page reloaded"
+    );
     drop(again);
     browser.assert_no_page_errors();
 }

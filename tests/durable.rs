@@ -105,7 +105,10 @@ async fn since_replays_everything_missed_while_publishing_goes_on() {
             .as_u64()
             .unwrap();
     }
-    assert!(!epoch.is_empty(), "the first message came after an epoch_changed");
+    assert!(
+        !epoch.is_empty(),
+        "the first message came after an epoch_changed"
+    );
     drop(first);
     let seen = come_back_until_end(addr, "ticker:ACME", last, &epoch).await;
     feed.await.unwrap();
@@ -271,6 +274,9 @@ async fn an_expired_history_starts_a_new_epoch_that_subscribers_are_told_of() {
     assert_ne!(told["epoch"], old.as_str());
     for n in 1..=3u64 {
         let m = sub.expect_type("message").await;
-        assert_eq!((m["offset"].as_u64(), m["content"].as_u64()), (Some(n), Some(n)));
+        assert_eq!(
+            (m["offset"].as_u64(), m["content"].as_u64()),
+            (Some(n), Some(n))
+        );
     }
 }

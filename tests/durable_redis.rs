@@ -63,7 +63,11 @@ async fn history_then_live_and_recovery_while_publishing_goes_on() {
     // The room has no history yet, and the read made none: no key, no epoch.
     assert_eq!(h["epoch"], "");
     let mut conn = redis.conn().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*stream*").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*stream*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(keys.is_empty(), "a read created {keys:?}");
     let mut epoch = String::new();
     for goal in 1..=5 {
@@ -415,7 +419,10 @@ async fn reads_create_nothing_and_history_ids_are_checked_as_joins_are() {
         assert_eq!(h["epoch"], "", "{h}");
         assert_eq!(h["messages"], json!([]), "{h}");
         if i % 2 == 1 {
-            assert_eq!(h["recovered"], false, "a position in an epoch that is not there");
+            assert_eq!(
+                h["recovered"], false,
+                "a position in an epoch that is not there"
+            );
         }
     }
     // A since from epoch "" (the room had no history then, and still has none) missed
@@ -431,10 +438,24 @@ async fn reads_create_nothing_and_history_ids_are_checked_as_joins_are() {
     let (status, body) = http(addr, "GET", "/api/history/scores%3Aghost", &[key], b"").await;
     assert_eq!(status, 200, "{body}");
     let h: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((h["epoch"].clone(), h["messages"].clone()), (json!(""), json!([])));
-    let (status, _) = http(addr, "GET", "/api/history/scores%3Aghost?since=4", &[key], b"").await;
+    assert_eq!(
+        (h["epoch"].clone(), h["messages"].clone()),
+        (json!(""), json!([]))
+    );
+    let (status, _) = http(
+        addr,
+        "GET",
+        "/api/history/scores%3Aghost?since=4",
+        &[key],
+        b"",
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(stream_keys(&redis).await, Vec::<String>::new(), "a read wrote");
+    assert_eq!(
+        stream_keys(&redis).await,
+        Vec::<String>::new(),
+        "a read wrote"
+    );
 
     // Ids no join would take are refused before anything is read.
     let long = format!("/api/history/scores%3A{}", "x".repeat(300));
@@ -447,13 +468,7 @@ async fn reads_create_nothing_and_history_ids_are_checked_as_joins_are() {
     assert_eq!(stream_keys(&redis).await, Vec::<String>::new());
     // A publish is what makes a history.
     api_publish(addr, &json!({"roomId":"scores:real","content":1})).await;
-    let waited = tokio::time::timeout(WAIT, async {
-        while stream_keys(&redis).await.len() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok());
+    redis.wait_answer(&["XLEN", "stream:scores:real"], 1).await;
     assert_eq!(
         stream_keys(&redis).await,
         ["stream:scores:real", "stream:scores:real:position"]
@@ -502,22 +517,7 @@ async fn epoch_change_loses_nothing(loss: Loss, seen: u64) {
         // The room has a history the subscriber knows the epoch of, but no message of
         // it reached the subscriber live.
         publish(json!("before")).await;
-        let mut conn = redis.conn().await;
-        let appended = tokio::time::timeout(WAIT, async {
-            loop {
-                let len: u64 = redis::cmd("XLEN")
-                    .arg("stream:scores:e")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                if len == 1 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(appended.is_ok(), "the first message never reached the stream");
+        redis.wait_answer(&["XLEN", "stream:scores:e"], 1).await;
         let h = join_with(&mut sub, "scores:e", json!({"history": 0})).await;
         epoch = h["epoch"].as_str().unwrap().to_string();
         assert!(!epoch.is_empty());
@@ -529,7 +529,10 @@ async fn epoch_change_loses_nothing(loss: Loss, seen: u64) {
     for n in 1..=seen {
         publish(json!({"old": n})).await;
         let m = sub.next_durable_message(&mut epoch).await;
-        assert_eq!((m["offset"].as_u64(), m["content"].clone()), (Some(n), json!({"old": n})));
+        assert_eq!(
+            (m["offset"].as_u64(), m["content"].clone()),
+            (Some(n), json!({"old": n}))
+        );
     }
     let old = epoch.clone();
     match loss {
@@ -540,22 +543,9 @@ async fn epoch_change_loses_nothing(loss: Loss, seen: u64) {
             }
         }
         Loss::Expiry => {
-            let mut conn = redis.conn().await;
-            let gone = tokio::time::timeout(WAIT, async {
-                loop {
-                    let n: u64 = redis::cmd("EXISTS")
-                        .arg("stream:scores:e:position")
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    if n == 0 {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-            .await;
-            assert!(gone.is_ok(), "Redis never expired the room");
+            redis
+                .wait_answer(&["EXISTS", "stream:scores:e:position"], 0)
+                .await;
         }
     }
     for n in 1..=3 {
@@ -567,14 +557,21 @@ async fn epoch_change_loses_nothing(loss: Loss, seen: u64) {
         Some("user_joined") => sub.next_message().await,
         _ => told,
     };
-    assert_eq!(told["type"], "epoch_changed", "{loss:?}, {seen} seen: {told}");
+    assert_eq!(
+        told["type"], "epoch_changed",
+        "{loss:?}, {seen} seen: {told}"
+    );
     assert_eq!(told["roomId"], "scores:e");
     let new = told["epoch"].as_str().unwrap().to_string();
     assert!(!new.is_empty() && new != old, "{old} -> {new}");
     for n in 1..=3u64 {
         let m = sub.next_message().await;
         assert_eq!(
-            (m["type"].as_str(), m["offset"].as_u64(), m["content"].clone()),
+            (
+                m["type"].as_str(),
+                m["offset"].as_u64(),
+                m["content"].clone()
+            ),
             (Some("message"), Some(n), json!({"new": n})),
             "{loss:?}, {seen} seen"
         );
@@ -594,7 +591,10 @@ async fn epoch_change_loses_nothing(loss: Loss, seen: u64) {
         json!({"since": {"offset": 1, "epoch": new}}),
     )
     .await;
-    assert_eq!((h["recovered"].clone(), offsets(&h["messages"])), (json!(true), vec![2, 3]));
+    assert_eq!(
+        (h["recovered"].clone(), offsets(&h["messages"])),
+        (json!(true), vec![2, 3])
+    );
 }
 
 #[tokio::test]

@@ -239,12 +239,18 @@ async fn a_message_in_thousands_of_fragments_is_reassembled_and_one_too_big_is_c
 async fn a_wrong_api_key_on_an_upgrade_is_refused_not_taken_as_anonymous() {
     let server = start(|_| {}).await;
     let addr = server.local_addr();
-    for header in ["Authorization: apikey not-the-key\r\n", "Authorization: ApiKey test-kez\r\n"] {
+    for header in [
+        "Authorization: apikey not-the-key\r\n",
+        "Authorization: ApiKey test-kez\r\n",
+    ] {
         let (status, body) = upgrade_with(addr, header).await;
         assert!(status.starts_with("HTTP/1.1 401"), "{header}: {status}");
         let error: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(error["error"], "unauthorized", "{body}");
-        assert!(error["message"].as_str().unwrap().contains("api.key"), "{body}");
+        assert!(
+            error["message"].as_str().unwrap().contains("api.key"),
+            "{body}"
+        );
     }
     let (status, _) = upgrade_with(addr, "Authorization: apikey test-key\r\n").await;
     assert!(status.starts_with("HTTP/1.1 101"), "{status}");
@@ -275,7 +281,10 @@ async fn a_draining_node_answers_readyz_503_until_the_drain_ends() {
     let (status, body) = upgrade_with(addr, "").await;
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
     assert!(body.contains("shutting_down"), "{body}");
-    assert!(!drain.is_finished(), "the silent socket should still hold the drain");
+    assert!(
+        !drain.is_finished(),
+        "the silent socket should still hold the drain"
+    );
     drop(silent);
     let report = tokio::time::timeout(WAIT, drain)
         .await
@@ -283,5 +292,8 @@ async fn a_draining_node_answers_readyz_503_until_the_drain_ends() {
         .unwrap();
     assert!(report.drained);
     // Then the listener is closed.
-    assert!(TcpStream::connect(addr).await.is_err(), "still accepting after the drain");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after the drain"
+    );
 }

@@ -238,7 +238,8 @@ async fn a_killed_nodes_users_are_announced_gone_once_by_one_survivor() {
     let b = start_on_redis(&redis, "b", quick_presence).await;
     let dir = std::env::temp_dir().join(format!("volley-ghosts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut victim = common::process::NodeProcess::new(&dir, "victim", &redis.url(), "", &QUICK_PRESENCE);
+    let mut victim =
+        common::process::NodeProcess::new(&dir, "victim", &redis.url(), "", &QUICK_PRESENCE);
     victim.start().await;
     let mut wa = watcher(a.local_addr(), &["match"]).await;
     let mut wb = watcher(b.local_addr(), &["match", "other"]).await;
@@ -268,7 +269,10 @@ async fn a_killed_nodes_users_are_announced_gone_once_by_one_survivor() {
     victim.kill();
     // Each watcher hears ghost go offline, and ghost and both leave match (b also hears
     // ghost leave other); both stays online (its socket on a).
-    let heard_a = heard_until(&mut wa, |h| went_offline(h, "ghost") && left(h, "match") == 2).await;
+    let heard_a = heard_until(&mut wa, |h| {
+        went_offline(h, "ghost") && left(h, "match") == 2
+    })
+    .await;
     let heard_b = heard_until(&mut wb, |h| {
         went_offline(h, "ghost") && left(h, "match") == 2 && left(h, "other") == 1
     })
@@ -286,7 +290,9 @@ async fn a_killed_nodes_users_are_announced_gone_once_by_one_survivor() {
         "POST",
         "/api/publish",
         &[("Authorization", "apikey test-key")],
-        json!({"userId":"ghost","content":"still there?"}).to_string().as_bytes(),
+        json!({"userId":"ghost","content":"still there?"})
+            .to_string()
+            .as_bytes(),
     )
     .await;
     assert_eq!(status, 404, "{body}");
@@ -316,7 +322,8 @@ async fn a_node_shutting_down_says_its_users_went_offline() {
     let a = start_on_redis(&redis, "a", quick_presence).await;
     let dir = std::env::temp_dir().join(format!("volley-goodbye-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut leaving = common::process::NodeProcess::new(&dir, "leaving", &redis.url(), "", &QUICK_PRESENCE);
+    let mut leaving =
+        common::process::NodeProcess::new(&dir, "leaving", &redis.url(), "", &QUICK_PRESENCE);
     leaving.start().await;
     let mut wa = watcher(a.local_addr(), &["match"]).await;
     let mut user = Client::connect(leaving.addr).await;
@@ -325,7 +332,10 @@ async fn a_node_shutting_down_says_its_users_went_offline() {
     let mut asker = Client::connect(a.local_addr()).await;
     online_until(&mut asker, |ids| ids == ["leaver"]).await;
     assert_eq!(leaving.terminate().await, Some(0));
-    heard_until(&mut wa, |h| went_offline(h, "leaver") && left(h, "match") == 1).await;
+    heard_until(&mut wa, |h| {
+        went_offline(h, "leaver") && left(h, "match") == 1
+    })
+    .await;
     online_until(&mut asker, |ids| ids.is_empty()).await;
     // The node said goodbye itself: nobody had to announce it dead.
     assert_eq!(health(a.local_addr()).await["redis_nodes_reaped"], 0);
@@ -390,6 +400,16 @@ async fn the_embedded_engine_keeps_presence_and_direct_messages_too() {
     );
 }
 
+/// A user's listing entry, as a node on "elsewhere" writes it.
+fn listing_entry(pipe: &mut redis::Pipeline, user: &str) {
+    pipe.hset(
+        "volley:presence:info",
+        user,
+        r#"{"serverId":"elsewhere","connectedAt":1}"#,
+    )
+    .ignore();
+}
+
 /// Calls of one command so far, from Redis' own statistics.
 async fn calls(redis: &RedisServer, command: &str) -> u64 {
     let mut conn = redis.conn().await;
@@ -426,12 +446,7 @@ async fn listing_5000_users_reads_an_index_never_the_keyspace() {
             ],
         )
         .ignore();
-        pipe.hset(
-            "volley:presence:info",
-            &user,
-            r#"{"serverId":"elsewhere","connectedAt":1}"#,
-        )
-        .ignore();
+        listing_entry(&mut pipe, &user);
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
     let mut asker = Client::connect(node.local_addr()).await;
@@ -470,12 +485,7 @@ async fn two_hundred_listing_requests_cost_a_handful_of_redis_commands() {
     for i in 0..1001 {
         let user = format!("user-{i:04}");
         pipe.zadd("presence:online", &user, expires).ignore();
-        pipe.hset(
-            "volley:presence:info",
-            &user,
-            r#"{"serverId":"elsewhere","connectedAt":1}"#,
-        )
-        .ignore();
+        listing_entry(&mut pipe, &user);
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
     let mut askers = Vec::new();
@@ -484,7 +494,9 @@ async fn two_hundred_listing_requests_cost_a_handful_of_redis_commands() {
     }
     let before: u64 = calls(&redis, "zrange").await + calls(&redis, "hmget").await;
     // Each socket asks its burst (limits.presence_burst, 10) at once, and one more.
-    let ask: Vec<Value> = (0..11).map(|_| json!({"type":"get_online_users"})).collect();
+    let ask: Vec<Value> = (0..11)
+        .map(|_| json!({"type":"get_online_users"}))
+        .collect();
     for asker in &mut askers {
         asker.send_burst(&ask).await;
     }
@@ -508,4 +520,63 @@ async fn two_hundred_listing_requests_cost_a_handful_of_redis_commands() {
     let spent = calls(&redis, "zrange").await + calls(&redis, "hmget").await - before;
     // One listing (two commands) a second at most, shared by all 200 requests.
     assert!(spent <= 6, "200 requests cost {spent} Redis commands");
+}
+
+#[tokio::test]
+async fn with_redis_away_presence_questions_say_presence_unavailable() {
+    let mut redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "one", |_| {}).await;
+    let mut c = Client::connect(node.local_addr()).await;
+    as_user(&mut c, "ann").await;
+    redis.kill();
+    c.send(json!({"type":"get_online_users"})).await;
+    let e = c.expect_error("presence_unavailable").await;
+    assert!(e["message"].as_str().unwrap().contains("presence"), "{e}");
+    // A direct message to a user not on this node needs a presence read too.
+    c.send(json!({"type":"direct_message","toUserId":"bob","content":1}))
+        .await;
+    c.expect_error("presence_unavailable").await;
+    let (status, body) = http(
+        node.local_addr(),
+        "GET",
+        "/api/presence",
+        &[("Authorization", "apikey test-key")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("presence_unavailable"), "{body}");
+}
+
+#[tokio::test]
+async fn a_node_restarted_under_its_own_id_announces_what_its_previous_life_left() {
+    let redis = RedisServer::start().await;
+    let a = start_on_redis(&redis, "a", quick_presence).await;
+    let dir = std::env::temp_dir().join(format!("volley-phoenix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A long TTL: only the restarted node itself can announce its first life's users.
+    let mut phoenix = common::process::NodeProcess::new(
+        &dir,
+        "phoenix",
+        &redis.url(),
+        "",
+        &[
+            "--set",
+            "presence.ttl_s=600",
+            "--set",
+            "presence.refresh_s=1",
+        ],
+    );
+    phoenix.start().await;
+    let mut wa = watcher(a.local_addr(), &["match"]).await;
+    let mut old = Client::connect(phoenix.addr).await;
+    as_user(&mut old, "old").await;
+    old.join("match").await;
+    let mut asker = Client::connect(a.local_addr()).await;
+    online_until(&mut asker, |ids| ids == ["old"]).await;
+    phoenix.kill();
+    phoenix.start().await;
+    heard_until(&mut wa, |h| went_offline(h, "old") && left(h, "match") == 1).await;
+    online_until(&mut asker, |ids| ids.is_empty()).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

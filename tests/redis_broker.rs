@@ -137,7 +137,8 @@ async fn every_broadcast_shape_arrives_exactly_once_on_both_nodes() {
         sent.push(shape.clone());
     }
     // Last, from the socket: after its own broadcasts, and after the API's (answered).
-    on_a.send(json!({"type":"broadcast","payload":{"end": true}})).await;
+    on_a.send(json!({"type":"broadcast","payload":{"end": true}}))
+        .await;
     for (node, client) in [("a", &mut on_a), ("b", &mut on_b)] {
         let mut got = Vec::new();
         loop {
@@ -145,7 +146,8 @@ async fn every_broadcast_shape_arrives_exactly_once_on_both_nodes() {
             if m == json!({"end": true}) {
                 break;
             }
-            if m["type"] == "user_joined" && m["roomId"] == "scores:x" && m.get("offset").is_none() {
+            if m["type"] == "user_joined" && m["roomId"] == "scores:x" && m.get("offset").is_none()
+            {
                 continue;
             }
             got.push(m);

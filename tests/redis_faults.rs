@@ -350,7 +350,10 @@ async fn a_durable_join_waiting_for_an_absent_redis_holds_up_nothing_else_on_its
     let e = c.expect_error("history_unavailable").await;
     assert!(e["message"].as_str().unwrap().contains("scores:x"), "{e}");
     let joined = c.next_message().await;
-    assert_eq!((joined["type"].as_str(), joined["roomId"].as_str()), (Some("user_joined"), Some("scores:x")));
+    assert_eq!(
+        (joined["type"].as_str(), joined["roomId"].as_str()),
+        (Some("user_joined"), Some("scores:x"))
+    );
     // The join that was left again answered nothing at all.
     c.send(json!({"type":"message","roomId":"chat","content":"marker"}))
         .await;

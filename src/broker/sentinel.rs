@@ -54,7 +54,7 @@ impl SentinelBroker {
     /// Starts on whatever the sentinels name (or nothing yet) and watches them.
     pub fn start(config: &Config) -> Result<Arc<SentinelBroker>, RedisStartError> {
         let redirected = Arc::new(Redirected::default());
-        let engine = RedisBroker::start_handing_back(config, NO_MASTER, redirected.clone())?;
+        let engine = RedisBroker::start_handing_back(config, NO_MASTER, redirected.clone(), false)?;
         let broker = Arc::new(SentinelBroker {
             config: config.clone(),
             current: RwLock::new(engine),
@@ -77,10 +77,12 @@ impl SentinelBroker {
 
     /// Moves to the master at `url`: a new engine with this node's subscriptions.
     fn switch(&self, url: String) {
+        let first = *self.master.lock() == NO_MASTER;
         let engine = match RedisBroker::start_handing_back(
             &self.config,
             &url,
             self.redirected.clone(),
+            first,
         ) {
             Ok(engine) => engine,
             Err(e) => {

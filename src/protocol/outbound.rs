@@ -266,7 +266,9 @@ pub fn changed_epoch(json: &[u8]) -> Option<String> {
     if !json.starts_with(br#"{"type":"epoch_changed","#) {
         return None;
     }
-    serde_json::from_slice::<Changed>(json).ok().map(|c| c.epoch)
+    serde_json::from_slice::<Changed>(json)
+        .ok()
+        .map(|c| c.epoch)
 }
 
 /// `{"type":"authenticated","userId":U}`: the answer to a good `auth`.

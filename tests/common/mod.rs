@@ -514,6 +514,25 @@ impl RedisServer {
             .expect("CLIENT KILL TYPE pubsub")
     }
 
+    /// Waits until the command `args` (one that answers a number: `XLEN k`, `EXISTS k`)
+    /// answers `want`.
+    pub async fn wait_answer(&self, args: &[&str], want: u64) {
+        let waited = tokio::time::timeout(WAIT, async {
+            let mut conn = self.conn().await;
+            loop {
+                let mut cmd = redis::cmd(args[0]);
+                cmd.arg(&args[1..]);
+                let n: u64 = cmd.query_async(&mut conn).await.unwrap();
+                if n == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "{args:?} never answered {want}");
+    }
+
     /// Waits until this replica's link to its master is up (it has synced).
     pub async fn wait_replica_synced(&self) {
         let synced = tokio::time::timeout(WAIT, async {

@@ -279,7 +279,13 @@ impl Position {
         }
         if item.offset == self.last + 1 {
             self.last = item.offset;
-            deliver(shared, room, &item.origin, &self.epoch, item.message.clone());
+            deliver(
+                shared,
+                room,
+                &item.origin,
+                &self.epoch,
+                item.message.clone(),
+            );
             None
         } else if item.offset > self.last + 1 {
             Some(Gap {
@@ -407,7 +413,13 @@ impl Positions {
     }
 }
 
-fn deliver(shared: &Shared, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, payload: Encoded) {
+fn deliver(
+    shared: &Shared,
+    room: &Arc<str>,
+    origin: &Arc<str>,
+    epoch: &Arc<str>,
+    payload: Encoded,
+) {
     if let Some(sink) = shared.sink() {
         sink.deliver(Envelope {
             origin: origin.clone(),

@@ -155,6 +155,9 @@ mod tests {
         let broadcast = br#"{"serverId":"n1","payload":{"a":1,"offset":7}}"#;
         assert_eq!(decode(broadcast, 10).unwrap().epoch, None);
         let durable = br#"{"serverId":"n1","epoch":"1700-5","payload":{"type":"message","roomId":"r","content":1,"timestamp":1,"offset":7}}"#;
-        assert_eq!(decode(durable, 10).unwrap().epoch.as_deref(), Some("1700-5"));
+        assert_eq!(
+            decode(durable, 10).unwrap().epoch.as_deref(),
+            Some("1700-5")
+        );
     }
 }

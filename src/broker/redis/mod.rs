@@ -244,22 +244,27 @@ impl RedisBroker {
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
         let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
-        Self::start_with(config, info, keys, false, None, false)
+        Self::start_with(config, info, keys, false, None, false, true)
     }
 
     /// Starts the engine on the Redis at `url` for an owner that takes back what this
     /// engine's Redis refuses or what it still holds at shutdown (the Sentinel engine).
     /// It sends nothing until `open_gate`: the engine it replaces hands over first.
+    ///
+    /// `first` for the node's first real master: that engine, like a standalone one at
+    /// start, first announces what a previous life of this node id left behind (see
+    /// `presence`); later ones take over from a live engine and must not.
     pub fn start_handing_back(
         config: &Config,
         url: &str,
         redirected: Arc<Redirected>,
+        first: bool,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let info = url
             .into_connection_info()
             .map_err(RedisStartError::BadUrl)?;
         let keys = Keys::new(&config.redis.key_prefix, &config.server.node_id);
-        Self::start_with(config, info, keys, false, Some(redirected), true)
+        Self::start_with(config, info, keys, false, Some(redirected), true, first)
     }
 
     /// Lets a gated engine's publisher send (see `start_handing_back`).
@@ -289,7 +294,8 @@ impl RedisBroker {
         gated: bool,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let keys = Keys::cluster(&config.redis.key_prefix, &config.server.node_id, probe_tag);
-        Self::start_with(config, info, keys, true, Some(redirected), gated)
+        // Engines of the first slot map start with the node; later ones take over.
+        Self::start_with(config, info, keys, true, Some(redirected), gated, !gated)
     }
 
     /// Durable messages another engine sent without learning whether they ran: sent
@@ -320,6 +326,7 @@ impl RedisBroker {
         sharded: bool,
         redirected: Option<Arc<Redirected>>,
         gated: bool,
+        previous_life: bool,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         let resp3 = info
             .redis_settings()
@@ -396,6 +403,7 @@ impl RedisBroker {
             publisher_conn.clone(),
             presence_rx,
             config.presence.clone(),
+            previous_life,
             stop.clone(),
         ));
         let subscriber = tokio::spawn(subscriber::run(
@@ -587,10 +595,9 @@ impl Shared {
             let payload = Encoded::from_json(json);
             match durable {
                 Some((room, epoch)) => match outbound::offset_of(json) {
-                    Some(offset) if offset > 0 => {
-                        self.positions
-                            .receive(self, room, epoch, &origin, offset, payload)
-                    }
+                    Some(offset) if offset > 0 => self
+                        .positions
+                        .receive(self, room, epoch, &origin, offset, payload),
                     _ => {
                         self.counters.bad_envelopes.fetch_add(1, Relaxed);
                         static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));

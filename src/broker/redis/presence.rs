@@ -94,16 +94,23 @@ static OFFLINE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Claims the nodes whose liveness expired (at most ARGV[5]) and takes their users off
-/// them. KEYS: live nodes, index, info. ARGV: now ms, the users' hash prefix
-/// (`presence:`), the node record prefix, updates channel, most nodes. Returns, per
-/// claimed node, `{node, room, users in it, room, users in it, ...}`.
+/// Claims the nodes whose liveness expired (at most ARGV[5]), or with ARGV[6] that one
+/// node whatever its liveness (a node claims its own previous life at start), and takes
+/// their users off them. KEYS: live nodes, index, info. ARGV: now ms, the users' hash
+/// prefix (`presence:`), the node record prefix, updates channel, most nodes, a node or
+/// "". Returns, per claimed node, `{node, room, users in it, room, users in it, ...}`.
 static REAP: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{GONE}{}",
         r#"
 local now = tonumber(ARGV[1])
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+local dead
+if ARGV[6] ~= '' then
+  dead = {}
+  if redis.call('ZSCORE', KEYS[1], ARGV[6]) then dead[1] = ARGV[6] end
+else
+  dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+end
 local out = {}
 for _, node in ipairs(dead) do
   redis.call('ZREM', KEYS[1], node)
@@ -208,10 +215,16 @@ pub(super) async fn run(
     mut conn: ConnectionManager,
     mut changes: mpsc::UnboundedReceiver<Change>,
     config: PresenceConfig,
+    mut previous_life: bool,
     stop: CancellationToken,
 ) {
     let ttl_ms = config.ttl_s * 1000;
     let mut here = Here::default();
+    // With `previous_life` (an engine that starts with the node, not one taking over
+    // from a live engine): a node that comes back under the id of one that died (a
+    // restart with the same server.node_id, before the dead one's liveness expired)
+    // first announces what its previous life left behind; only before any user of its
+    // own is online.
     let mut refresh = tokio::time::interval(Duration::from_secs(config.refresh_s));
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -229,6 +242,7 @@ pub(super) async fn run(
             }
             change = changes.recv() => {
                 let Some(change) = change else { return };
+                previous_life = false;
                 let mut writes = Writes::default();
                 here.apply(change, &mut writes);
                 while let Ok(change) = changes.try_recv() {
@@ -237,9 +251,12 @@ pub(super) async fn run(
                 write(&shared, &mut conn, &mut here, writes, ttl_ms).await;
             }
             _ = refresh.tick() => {
+                if std::mem::take(&mut previous_life) {
+                    reap(&shared, &mut conn, Some(&shared.node_id)).await;
+                }
                 refresh_here(&shared, &mut conn, &mut here, ttl_ms).await;
                 if shared.home.load(std::sync::atomic::Ordering::Relaxed) {
-                    reap(&shared, &mut conn).await;
+                    reap(&shared, &mut conn, None).await;
                 }
             }
         }
@@ -372,14 +389,32 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
     for user in &here.users {
         let nodes = keys.presence_nodes(user);
         let hash = keys.presence(user);
-        let entry = serde_json::json!({"serverId": &*shared.node_id, "connectedAt": now}).to_string();
-        pipe.zadd(&nodes, &*shared.node_id, expires).ignore()
-            .cmd("PEXPIRE").arg(&nodes).arg(ttl_ms).ignore()
-            .hset(&hash, "lastSeen", now).ignore()
-            .cmd("HSETNX").arg(&hash).arg("serverId").arg(&*shared.node_id).ignore()
-            .cmd("PEXPIRE").arg(&hash).arg(ttl_ms).ignore()
-            .zadd(&keys.presence_index, &**user, expires).ignore()
-            .cmd("HSETNX").arg(&keys.presence_info).arg(&**user).arg(entry).ignore();
+        let entry =
+            serde_json::json!({"serverId": &*shared.node_id, "connectedAt": now}).to_string();
+        pipe.zadd(&nodes, &*shared.node_id, expires)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&nodes)
+            .arg(ttl_ms)
+            .ignore()
+            .hset(&hash, "lastSeen", now)
+            .ignore()
+            .cmd("HSETNX")
+            .arg(&hash)
+            .arg("serverId")
+            .arg(&*shared.node_id)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&hash)
+            .arg(ttl_ms)
+            .ignore()
+            .zadd(&keys.presence_index, &**user, expires)
+            .ignore()
+            .cmd("HSETNX")
+            .arg(&keys.presence_info)
+            .arg(&**user)
+            .arg(entry)
+            .ignore();
         if let Some(rooms) = record(shared, user) {
             pipe.hset(&record_key, &**user, rooms).ignore();
         }
@@ -409,10 +444,10 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
     }
 }
 
-/// Claims the nodes whose liveness expired and announces their users gone: the script
-/// publishes `disconnected` for each user no other node has; the rooms it returns get a
-/// `user_left` per user, from this node.
-async fn reap(shared: &Shared, conn: &mut ConnectionManager) {
+/// Claims the nodes whose liveness expired (or `node`, this node's previous life) and
+/// announces their users gone: the script publishes `disconnected` for each user no
+/// other node has; the rooms it returns get a `user_left` per user, from this node.
+async fn reap(shared: &Shared, conn: &mut ConnectionManager, node: Option<&str>) {
     let keys = &shared.keys;
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(if shared.sharded() {
@@ -428,7 +463,8 @@ async fn reap(shared: &Shared, conn: &mut ConnectionManager) {
     .arg(keys.presence_prefix())
     .arg(keys.presence_node(""))
     .arg(&keys.presence_updates)
-    .arg(REAP_BATCH);
+    .arg(REAP_BATCH)
+    .arg(node.unwrap_or(""));
     let reaped: Vec<Vec<redis::Value>> = match cmd.query_async(conn).await {
         Ok(reaped) => reaped,
         Err(e) => {
@@ -438,7 +474,7 @@ async fn reap(shared: &Shared, conn: &mut ConnectionManager) {
     };
     for entry in reaped {
         let mut fields = entry.into_iter();
-        let Some(Ok(node)) = fields.next().map(|v| redis::from_redis_value::<String>(v)) else {
+        let Some(Ok(node)) = fields.next().map(redis::from_redis_value::<String>) else {
             continue;
         };
         let mut rooms = Vec::new();
@@ -450,7 +486,11 @@ async fn reap(shared: &Shared, conn: &mut ConnectionManager) {
                 rooms.push((room, count));
             }
         }
-        tracing::info!(node = %node, rooms = rooms.len(), "a node's presence expired: its users are announced gone");
+        if node == *shared.node_id {
+            tracing::info!(rooms = rooms.len(), "this node's previous life left users behind (it died without a goodbye): they are announced gone");
+        } else {
+            tracing::info!(node = %node, rooms = rooms.len(), "a node's presence expired: its users are announced gone");
+        }
         shared
             .counters
             .nodes_reaped
