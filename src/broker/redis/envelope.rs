@@ -81,10 +81,17 @@ struct Wire<'a> {
     server_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     epoch: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    /// `null` is a payload (a broadcast of `null`), not a missing one.
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
     batch: Option<Vec<&'a RawValue>>,
+}
+
+/// A field that is there, whatever its value: serde's `Option` would take `null` for
+/// absent.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Reads either envelope shape; an envelope of more than `max_messages` messages is
@@ -154,6 +161,8 @@ mod tests {
         // A broadcast whose payload looks like a durable message is still plain.
         let broadcast = br#"{"serverId":"n1","payload":{"a":1,"offset":7}}"#;
         assert_eq!(decode(broadcast, 10).unwrap().epoch, None);
+        let null = decode(br#"{"serverId":"n1","payload":null}"#, 10).unwrap();
+        assert_eq!(null.payloads[0].get(), "null", "a broadcast of null");
         let durable = br#"{"serverId":"n1","epoch":"1700-5","payload":{"type":"message","roomId":"r","content":1,"timestamp":1,"offset":7}}"#;
         assert_eq!(
             decode(durable, 10).unwrap().epoch.as_deref(),
