@@ -95,7 +95,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        wait_for_signal().await;
+        // Listening from before the first signal: a second one that comes at once (while
+        // the shutdown starts) is heard, not lost between two listeners.
+        let mut signals = Signals::listen();
+        signals.next().await;
         tracing::info!(
             "shutting down: flushing windows, closing sockets (a second signal exits at once)"
         );
@@ -109,7 +112,7 @@ fn main() -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            _ = wait_for_signal() => {
+            _ = signals.next() => {
                 tracing::warn!("second signal: exiting without finishing the drain");
                 ExitCode::from(130)
             }
@@ -120,17 +123,34 @@ fn main() -> ExitCode {
     code
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, registered once: every signal from then on is heard.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn listen() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT (never, for one that could not be registered).
+    async fn next(&mut self) {
+        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = recv(&mut self.term) => {}
+            _ = recv(&mut self.int) => {}
         }
     }
 }

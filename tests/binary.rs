@@ -168,11 +168,9 @@ fn config_errors_name_the_key_they_are_about() {
 
 #[tokio::test]
 async fn an_unreachable_redis_at_start_is_logged() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Below the ephemeral range: a node or Redis another test here starts on port 0
+    // cannot be given it meanwhile (one was, once, and answered HTTP to the Redis client).
+    let port = common::process::free_port();
     let mut node =
         Running::start(volley().env("REDIS_URL", format!("redis://127.0.0.1:{port}"))).await;
     let line = node.wait_line("cannot reach Redis").await;

@@ -385,12 +385,16 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
             return;
         }
     }
+    // Records that could not be written before go again now.
+    if !here.dirty.is_empty() {
+        write(shared, conn, here, Writes::default(), ttl_ms).await;
+    }
+    // Six commands a user: the listing entry and the record change only with the user's
+    // presence and rooms (written then, and all again when Redis lost them).
     let mut pipe = redis::pipe();
     for user in &here.users {
         let nodes = keys.presence_nodes(user);
         let hash = keys.presence(user);
-        let entry =
-            serde_json::json!({"serverId": &*shared.node_id, "connectedAt": now}).to_string();
         pipe.zadd(&nodes, &*shared.node_id, expires)
             .ignore()
             .cmd("PEXPIRE")
@@ -409,15 +413,7 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
             .arg(ttl_ms)
             .ignore()
             .zadd(&keys.presence_index, &**user, expires)
-            .ignore()
-            .cmd("HSETNX")
-            .arg(&keys.presence_info)
-            .arg(&**user)
-            .arg(entry)
             .ignore();
-        if let Some(rooms) = record(shared, user) {
-            pipe.hset(&record_key, &**user, rooms).ignore();
-        }
     }
     // The node is alive, users or not: only a node that stops refreshing is announced
     // dead (a node that shuts down takes itself off).
@@ -432,7 +428,6 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
             .arg(&keys.presence_info)
             .arg(record_ttl_ms(ttl_ms))
             .ignore();
-        here.dirty.clear();
     }
     pipe.cmd("ZREMRANGEBYSCORE")
         .arg(&keys.presence_index)
