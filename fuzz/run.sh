@@ -18,6 +18,6 @@ for t in "${targets[@]}"; do
   cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 2>&1 \
     | grep -E "DONE|Done [0-9]+ runs|ERROR|SUMMARY|stat::number_of_executed_units" || true
   for crash in artifacts/"$t"/crash-* artifacts/"$t"/timeout-* artifacts/"$t"/oom-*; do
-    [ -e "$crash" ] && cp "$crash" "regressions/$t/"
+    if [ -e "$crash" ]; then cp "$crash" "regressions/$t/"; fi
   done
 done
