@@ -18,10 +18,15 @@
 //! announces `user_left` in each room it had them in. A node shutting down says goodbye
 //! for its users itself. A node that finds itself claimed while alive (Redis was out of
 //! its reach for longer than `presence.ttl_s`) announces its users again.
+//!
+//! | file | job |
+//! | --- | --- |
+//! | `mod.rs` | the presence task: changes in order, refresh, reaping, goodbye |
+//! | `scripts.rs` | the Lua that makes each change one atomic step |
+//! | `listing.rs` | who is online, and one user's presence: reads only |
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -29,128 +34,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::broker::{OnlineUsers, PresenceError, PresenceEvent, UserPresence};
+use crate::broker::PresenceEvent;
 use crate::config::PresenceConfig;
 use crate::protocol::now_ms;
 
-/// Takes a user off a node: the node's entry in the user's node set goes; with no node
-/// left the user is offline everywhere (hash, index and listing entry go, `disconnected`
-/// is published), else the listing names a node the user is still on. Shared by the
-/// offline and the reaping scripts. Returns 1 when the user went offline.
-const GONE: &str = r#"
-local function gone(hash, nodes, index, info, user, node, now, channel)
-  redis.call('ZREM', nodes, node)
-  redis.call('ZREMRANGEBYSCORE', nodes, '-inf', now)
-  local left = redis.call('ZRANGE', nodes, 0, 0)
-  if #left > 0 then
-    redis.call('HSET', hash, 'serverId', left[1])
-    local entry = redis.call('HGET', info, user)
-    if entry then
-      local ok, e = pcall(cjson.decode, entry)
-      if ok and type(e) == 'table' then
-        e.serverId = left[1]
-        redis.call('HSET', info, user, cjson.encode(e))
-      end
-    end
-    return 0
-  end
-  redis.call('DEL', hash, nodes)
-  redis.call('ZREM', index, user)
-  redis.call('HDEL', info, user)
-  redis.call('PUBLISH', channel, cjson.encode({type = 'disconnected', userId = user, serverId = node}))
-  return 1
-end
-"#;
+mod listing;
+mod scripts;
 
-/// KEYS: hash, nodes, index, info, live nodes, this node's record. ARGV: user, node, now
-/// ms, ttl ms, updates channel.
-const ONLINE: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-local was = redis.call('ZCARD', KEYS[2])
-local expires = tonumber(ARGV[3]) + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], expires, ARGV[2])
-if was == 0 then redis.call('HSET', KEYS[1], 'connectedAt', ARGV[3]) end
-redis.call('HSET', KEYS[1], 'serverId', ARGV[2], 'lastSeen', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('ZADD', KEYS[3], expires, ARGV[1])
-local since = tonumber(redis.call('HGET', KEYS[1], 'connectedAt')) or tonumber(ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[1], cjson.encode({serverId = ARGV[2], connectedAt = since}))
-redis.call('ZADD', KEYS[5], expires, ARGV[2])
-redis.call('HSETNX', KEYS[6], ARGV[1], '[]')
-redis.call('PEXPIRE', KEYS[6], 3 * tonumber(ARGV[4]))
-if was == 0 then
-  redis.call('PUBLISH', ARGV[5], cjson.encode({type = 'connected', userId = ARGV[1], serverId = ARGV[2]}))
-end
-return was
-"#;
-
-/// KEYS: hash, nodes, index, info, this node's record. ARGV: user, node, now ms, updates
-/// channel.
-static OFFLINE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{GONE}\nredis.call('HDEL', KEYS[5], ARGV[1])\n\
-         return gone(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4])\n"
-    )
-});
-
-/// Claims the nodes whose liveness expired (at most ARGV[5]), or with ARGV[6] that one
-/// node whatever its liveness (a node claims its own previous life at start), and takes
-/// their users off them. KEYS: live nodes, index, info. ARGV: now ms, the users' hash
-/// prefix (`presence:`), the node record prefix, updates channel, most nodes, a node or
-/// "". Returns, per claimed node, `{node, room, users in it, room, users in it, ...}`.
-static REAP: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "{GONE}{}",
-        r#"
-local now = tonumber(ARGV[1])
-local dead
-if ARGV[6] ~= '' then
-  dead = {}
-  if redis.call('ZSCORE', KEYS[1], ARGV[6]) then dead[1] = ARGV[6] end
-else
-  dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
-end
-local out = {}
-for _, node in ipairs(dead) do
-  redis.call('ZREM', KEYS[1], node)
-  local record = ARGV[3] .. node
-  local rows = redis.call('HGETALL', record)
-  local counts, order = {}, {}
-  for i = 1, #rows, 2 do
-    local user = rows[i]
-    local hash = ARGV[2] .. user
-    gone(hash, hash .. ':nodes', KEYS[2], KEYS[3], user, node, now, ARGV[4])
-    local ok, rooms = pcall(cjson.decode, rows[i + 1])
-    if ok and type(rooms) == 'table' then
-      for _, room in ipairs(rooms) do
-        if type(room) == 'string' then
-          if not counts[room] then
-            counts[room] = 0
-            order[#order + 1] = room
-          end
-          counts[room] = counts[room] + 1
-        end
-      end
-    end
-  end
-  redis.call('DEL', record)
-  local entry = {node}
-  for _, room in ipairs(order) do
-    entry[#entry + 1] = room
-    entry[#entry + 1] = counts[room]
-  end
-  out[#out + 1] = entry
-end
-return out
-"#
-    )
-});
-
-/// The same in a Redis Cluster (`SPUBLISH`: every name here shares the home tag).
-static ONLINE_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(ONLINE));
-static OFFLINE_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(&OFFLINE));
-static REAP_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(&REAP));
+pub(super) use listing::{online_users, presence_of};
+use scripts::{OFFLINE, OFFLINE_SHARDED, ONLINE, ONLINE_SHARDED, REAP, REAP_SHARDED};
 
 /// Most dead nodes one reaping call claims (the rest wait for the next refresh).
 const REAP_BATCH: usize = 16;
@@ -512,120 +404,6 @@ async fn goodbye(shared: &Shared, conn: &mut ConnectionManager, here: &Here) {
     if let Err(e) = pipe.query_async::<()>(conn).await {
         tracing::warn!(users = here.users.len(), error = %e, "could not say goodbye for this node's users; they expire after presence.ttl_s and are announced gone then");
     }
-}
-
-/// Who is online: the live part of the index (at most `max`), then their listing
-/// entries, in two commands.
-pub(super) async fn online_users(
-    shared: &Shared,
-    mut conn: ConnectionManager,
-    max: usize,
-) -> Result<OnlineUsers, PresenceError> {
-    let unavailable = |e: redis::RedisError| PresenceError::Unavailable(e.to_string());
-    let now = now_ms();
-    let mut listed: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(&shared.keys.presence_index)
-        .arg(now)
-        .arg("+inf")
-        .arg("BYSCORE")
-        .arg("LIMIT")
-        .arg(0)
-        .arg(max + 1)
-        .arg("WITHSCORES")
-        .query_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
-    let truncated = listed.len() > max;
-    listed.truncate(max);
-    listed.sort_by(|a, b| a.0.cmp(&b.0));
-    let users = entries(shared, &mut conn, &listed).await?;
-    Ok(OnlineUsers { users, truncated })
-}
-
-pub(super) async fn presence_of(
-    shared: &Shared,
-    mut conn: ConnectionManager,
-    user: &str,
-) -> Result<Option<UserPresence>, PresenceError> {
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(&shared.keys.presence_index)
-        .arg(user)
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| PresenceError::Unavailable(e.to_string()))?;
-    let Some(expires) = score.filter(|expires| *expires > now_ms() as f64) else {
-        return Ok(None);
-    };
-    Ok(entries(shared, &mut conn, &[(user.to_string(), expires)])
-        .await?
-        .pop())
-}
-
-/// The listing entries of users (with their index scores: when each expires), from the
-/// info hash in one `HMGET`; a user without one (written by an older node) is read from
-/// its reference hash instead.
-async fn entries(
-    shared: &Shared,
-    conn: &mut ConnectionManager,
-    listed: &[(String, f64)],
-) -> Result<Vec<UserPresence>, PresenceError> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Entry {
-        server_id: String,
-        #[serde(default)]
-        connected_at: f64,
-    }
-    if listed.is_empty() {
-        return Ok(Vec::new());
-    }
-    let unavailable = |e: redis::RedisError| PresenceError::Unavailable(e.to_string());
-    let ids: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
-    let infos: Vec<Option<String>> = redis::cmd("HMGET")
-        .arg(&shared.keys.presence_info)
-        .arg(&ids)
-        .query_async(conn)
-        .await
-        .map_err(unavailable)?;
-    let ttl_ms = shared.presence_ttl_ms;
-    let mut users = Vec::with_capacity(listed.len());
-    let mut missing = Vec::new();
-    for ((id, expires), info) in listed.iter().zip(infos) {
-        let last_seen = (*expires as u64).saturating_sub(ttl_ms);
-        match info.and_then(|i| serde_json::from_str::<Entry>(&i).ok()) {
-            Some(entry) => users.push(UserPresence {
-                user_id: id.clone(),
-                server_id: entry.server_id,
-                connected_at: entry.connected_at as u64,
-                last_seen,
-            }),
-            None => missing.push(id.clone()),
-        }
-    }
-    if !missing.is_empty() {
-        let mut pipe = redis::pipe();
-        for id in &missing {
-            pipe.cmd("HMGET").arg(shared.keys.presence(id)).arg(&[
-                "serverId",
-                "connectedAt",
-                "lastSeen",
-            ]);
-        }
-        let rows: Vec<(Option<String>, Option<u64>, Option<u64>)> =
-            pipe.query_async(conn).await.map_err(unavailable)?;
-        users.extend(missing.into_iter().zip(rows).filter_map(
-            |(id, (server, connected, seen))| {
-                Some(UserPresence {
-                    user_id: id,
-                    server_id: server?,
-                    connected_at: connected.unwrap_or(0),
-                    last_seen: seen.unwrap_or(0),
-                })
-            },
-        ));
-        users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-    }
-    Ok(users)
 }
 
 /// A message on `presence:updates`.

@@ -1,0 +1,208 @@
+//! The hub's tests: windows, replays, churn and fan-out, without sockets.
+
+use super::*;
+use crate::protocol::outbound;
+
+fn outbox(id: ConnId) -> Arc<Outbox> {
+    let immediate = crate::config::BatchConfig {
+        delivery_window_ms: 0,
+        ..Default::default()
+    };
+    Arc::new(Outbox::new(
+        id,
+        1 << 20,
+        Arc::new(crate::batch::DeliveryWindow::new(&immediate)),
+        Arc::default(),
+        Arc::default(),
+    ))
+}
+
+/// A hub whose rooms collect for a 60 s window without a leading edge: only `tick`
+/// delivers.
+fn collecting_hub() -> Hub {
+    let window = crate::config::BatchConfig {
+        delivery_window_ms: 60_000,
+        leading_edge: false,
+        ..Default::default()
+    };
+    let window = Arc::new(DeliveryWindow::new(&window));
+    Hub::with_window(window, Arc::default(), usize::MAX)
+}
+
+/// The JSON of everything queued in `outbox`, taken out.
+fn queued(outbox: &Outbox) -> Vec<String> {
+    let mut drained = crate::outbox::Drained::default();
+    outbox.drain(&mut drained);
+    drained
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.json()).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_replay_that_ends_while_the_window_is_open_gets_only_what_the_history_lacks() {
+    let hub = collecting_hub();
+    let (member, joiner) = (outbox(1), outbox(2));
+    hub.join("r", &member, |_| {});
+    let ticket = hub.join_replaying("r", &joiner, |_| {}).unwrap();
+    let plain = Encoded::from_json(br#"{"n":0}"#);
+    let m1 = outbound::with_offset(&plain, 1);
+    let m2 = outbound::with_offset(&plain, 2);
+    hub.fan_out("r", &m1);
+    hub.fan_out("r", &m2);
+    // The history read carried offset 1; both are still in the room's window.
+    let history = Encoded::from_json(br#"{"type":"history"}"#);
+    hub.finish_replay("r", ticket, &history, 1, None).unwrap();
+    // At once: the history, then what it lacks of the open window.
+    assert_eq!(
+        queued(&joiner),
+        [
+            r#"{"type":"history"}"#.to_string(),
+            String::from_utf8_lossy(m2.json()).into_owned()
+        ]
+    );
+    hub.tick(Pace::DEFAULT);
+    assert!(queued(&joiner).is_empty(), "nothing twice at the tick");
+    // The member got the window as one frame: both messages.
+    let window = queued(&member);
+    assert_eq!(window.len(), 1);
+    assert!(window[0].starts_with(r#"{"type":"batch""#), "{window:?}");
+}
+
+/// The numbers (`{"n":N}`) an outbox holds, framed windows taken apart.
+fn numbers(outbox: &Outbox) -> Vec<u64> {
+    let mut out = Vec::new();
+    for json in queued(outbox) {
+        let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        let items = match v["messages"].as_array() {
+            Some(batch) => batch.clone(),
+            None => vec![v],
+        };
+        out.extend(items.iter().filter_map(|m| m["n"].as_u64()));
+    }
+    out
+}
+
+#[test]
+fn windows_under_concurrent_ticks_and_churn_lose_nothing_and_never_reorder() {
+    let window = crate::config::BatchConfig {
+        delivery_window_ms: 60_000,
+        leading_edge: true,
+        ..Default::default()
+    };
+    let hub = Arc::new(Hub::with_window(
+        Arc::new(DeliveryWindow::new(&window)),
+        Arc::default(),
+        usize::MAX,
+    ));
+    let (steady, churner) = (outbox(1), outbox(2));
+    hub.join("r", &steady, |_| {});
+    const N: u64 = 20_000;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let (hub, done) = (hub.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                hub.tick(Pace::DEFAULT);
+                std::thread::yield_now();
+            }
+        })
+    };
+    let churn = {
+        let (hub, done, churner) = (hub.clone(), done.clone(), churner.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                hub.join("r", &churner, |_| {});
+                std::thread::yield_now();
+                hub.leave("r", 2, |_| {});
+                seen.extend(numbers(&churner));
+            }
+            seen
+        })
+    };
+    for n in 0..N {
+        hub.fan_out(
+            "r",
+            &Encoded::from_json(format!(r#"{{"n":{n}}}"#).as_bytes()),
+        );
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    ticker.join().unwrap();
+    let mut churned = churn.join().unwrap();
+    hub.tick(Pace::DEFAULT);
+    churned.extend(numbers(&churner));
+    assert_eq!(numbers(&steady), (0..N).collect::<Vec<_>>());
+    assert!(!churned.is_empty());
+    assert!(
+        churned.windows(2).all(|w| w[0] < w[1]),
+        "a socket that came and went got something twice or out of order"
+    );
+}
+
+#[test]
+fn first_join_and_last_leave_are_reported() {
+    let hub = Hub::new();
+    let (a, b) = (outbox(1), outbox(2));
+    let first = Joined::New {
+        first: true,
+        members: 1,
+    };
+    let second = Joined::New {
+        first: false,
+        members: 2,
+    };
+    assert_eq!(hub.join("r", &a, |_| {}), first);
+    assert_eq!(hub.join("r", &b, |_| {}), second);
+    assert_eq!(hub.join("r", &b, |_| {}), Joined::Already);
+    let one_left = Left::Gone {
+        last: false,
+        members: 1,
+    };
+    let none_left = Left::Gone {
+        last: true,
+        members: 0,
+    };
+    assert_eq!(hub.leave("r", 1, |_| {}), one_left);
+    assert_eq!(hub.leave("r", 1, |_| {}), Left::NotMember);
+    assert_eq!(hub.leave("r", 2, |_| {}), none_left);
+    assert_eq!(hub.room_count(), 0);
+}
+
+#[test]
+fn a_million_join_leave_cycles_leave_nothing_behind() {
+    let hub = Arc::new(Hub::new());
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                let sockets: Vec<_> = (0..10).map(|i| outbox(t * 100 + i)).collect();
+                let names: Vec<String> = (0..1000).map(|r| format!("room-{r}")).collect();
+                for i in 0..500_000usize {
+                    let s = &sockets[i % sockets.len()];
+                    let room = &names[i % names.len()];
+                    hub.join(room, s, |_| {});
+                    hub.leave(room, s.id(), |_| {});
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(hub.room_count(), 0);
+}
+
+#[test]
+fn fan_out_reaches_members_only() {
+    let hub = Hub::new();
+    let (a, b) = (outbox(1), outbox(2));
+    hub.add_socket(a.clone());
+    hub.add_socket(b.clone());
+    hub.join("r", &a, |_| {});
+    let m = Encoded::from_json(b"1");
+    assert_eq!(hub.fan_out("r", &m).queued, 1);
+    assert_eq!(hub.fan_out("nobody", &m).queued, 0);
+    assert_eq!(hub.fan_out_all(&m).queued, 2);
+}
