@@ -22,7 +22,8 @@ fn volley() -> Command {
 
 /// A running `volley` process and the lines it logs.
 struct Running {
-    child: std::process::Child,
+    /// Taken by `exit_status`; killed on drop if still here.
+    child: Option<std::process::Child>,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     addr: std::net::SocketAddr,
 }
@@ -53,7 +54,11 @@ impl Running {
             .unwrap()
             .parse()
             .unwrap();
-        Running { child, lines, addr }
+        Running {
+            child: Some(child),
+            lines,
+            addr,
+        }
     }
 
     async fn wait_line(&mut self, needle: &str) -> String {
@@ -62,20 +67,28 @@ impl Running {
 
     fn signal(&self, signal: libc::c_int) {
         // SAFETY: sending a signal to the child process this test started.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, signal) },
-            0
-        );
+        let pid = self.child.as_ref().expect("running").id();
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0);
     }
 
     /// Waits for the process to exit (bounded by WAIT).
-    async fn exit_status(self) -> std::process::ExitStatus {
-        let mut child = self.child;
+    async fn exit_status(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
         tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait()))
             .await
             .expect("volley did not exit")
             .unwrap()
             .unwrap()
+    }
+}
+
+impl Drop for Running {
+    /// A test that fails before its node exited must not leave the process behind.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
