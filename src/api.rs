@@ -195,7 +195,7 @@ async fn presence(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             // The frame a socket gets, `"type":"online_users"` included.
             Ok(listing) => Response::builder()
                 .header(CONTENT_TYPE, "application/json")
-                .body(Body::from(Bytes::copy_from_slice(listing.frame.json())))
+                .body(Body::from(Bytes::copy_from_slice(listing.json())))
                 .unwrap_or_default(),
             Err(e) => presence_unavailable(&e.to_string()),
         },

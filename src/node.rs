@@ -22,7 +22,7 @@ use crate::broker::{
 use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
 use crate::metrics::{Stats, StatsSnapshot};
-use crate::online::{Listing, OnlineListing};
+use crate::online::OnlineListing;
 use crate::protocol::inbound::Replay;
 use crate::protocol::{ErrorCode, ProtocolError};
 
@@ -278,7 +278,7 @@ impl Node {
 
     /// Who is online on any node, at most `presence.max_list`: the node's listing, read
     /// at most once a second and shared by every asker (see `online`).
-    pub async fn online_users(&self) -> Result<Listing, PresenceError> {
+    pub async fn online_users(&self) -> Result<Encoded, PresenceError> {
         self.online.get(&*self.broker).await
     }
 

@@ -9,10 +9,9 @@
 //! is remembered for the same second, so a Redis that is away is not asked once per
 //! waiting socket.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::{Broker, OnlineUsers, PresenceError};
+use crate::broker::{Broker, PresenceError};
 use crate::protocol::{outbound, Encoded};
 
 /// How long one listing answers every asker.
@@ -20,17 +19,10 @@ const FRESH_FOR: Duration = Duration::from_secs(1);
 /// How long a listing read may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
 
-/// One listing: the users, and the `online_users` frame built from them once.
-#[derive(Clone)]
-pub struct Listing {
-    pub users: Arc<OnlineUsers>,
-    pub frame: Encoded,
-}
-
 pub struct OnlineListing {
     /// `presence.max_list`.
     max: usize,
-    last: parking_lot::Mutex<Option<(Instant, Result<Listing, PresenceError>)>>,
+    last: parking_lot::Mutex<Option<(Instant, Result<Encoded, PresenceError>)>>,
     /// Held by the one read on its way.
     reading: tokio::sync::Mutex<()>,
 }
@@ -44,8 +36,9 @@ impl OnlineListing {
         }
     }
 
-    /// The listing, read again only when the last one is more than a second old.
-    pub async fn get(&self, broker: &dyn Broker) -> Result<Listing, PresenceError> {
+    /// The listing, as the `online_users` frame built once from it; read again only when
+    /// the last one is more than a second old.
+    pub async fn get(&self, broker: &dyn Broker) -> Result<Encoded, PresenceError> {
         if let Some(fresh) = self.fresh() {
             return fresh;
         }
@@ -57,15 +50,12 @@ impl OnlineListing {
         let read = tokio::time::timeout(READ_WAIT, broker.online_users(self.max))
             .await
             .unwrap_or_else(|_| Err(PresenceError::Unavailable("timed out".into())));
-        let listing = read.map(|users| Listing {
-            frame: outbound::online_users(&users),
-            users: Arc::new(users),
-        });
+        let listing = read.map(|users| outbound::online_users(&users));
         *self.last.lock() = Some((Instant::now(), listing.clone()));
         listing
     }
 
-    fn fresh(&self) -> Option<Result<Listing, PresenceError>> {
+    fn fresh(&self) -> Option<Result<Encoded, PresenceError>> {
         match &*self.last.lock() {
             Some((at, listing)) if at.elapsed() < FRESH_FOR => Some(listing.clone()),
             _ => None,

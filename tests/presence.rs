@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::process::NodeProcess;
 use common::*;
 use serde_json::{json, Value};
 
@@ -236,11 +237,7 @@ async fn a_killed_nodes_users_are_announced_gone_once_by_one_survivor() {
     let redis = RedisServer::start().await;
     let a = start_on_redis(&redis, "a", quick_presence).await;
     let b = start_on_redis(&redis, "b", quick_presence).await;
-    let dir = std::env::temp_dir().join(format!("volley-ghosts-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut victim =
-        common::process::NodeProcess::new(&dir, "victim", &redis.url(), "", &QUICK_PRESENCE);
-    victim.start().await;
+    let mut victim = NodeProcess::alone("victim", &redis.url(), "", &QUICK_PRESENCE).await;
     let mut wa = watcher(a.local_addr(), &["match"]).await;
     let mut wb = watcher(b.local_addr(), &["match", "other"]).await;
     // On the victim: ghost in two rooms; both also has a socket on a.
@@ -313,18 +310,13 @@ async fn a_killed_nodes_users_are_announced_gone_once_by_one_survivor() {
         reaped(&health(a.local_addr()).await) + reaped(&health(b.local_addr()).await),
         1
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_node_shutting_down_says_its_users_went_offline() {
     let redis = RedisServer::start().await;
     let a = start_on_redis(&redis, "a", quick_presence).await;
-    let dir = std::env::temp_dir().join(format!("volley-goodbye-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut leaving =
-        common::process::NodeProcess::new(&dir, "leaving", &redis.url(), "", &QUICK_PRESENCE);
-    leaving.start().await;
+    let mut leaving = NodeProcess::alone("leaving", &redis.url(), "", &QUICK_PRESENCE).await;
     let mut wa = watcher(a.local_addr(), &["match"]).await;
     let mut user = Client::connect(leaving.addr).await;
     as_user(&mut user, "leaver").await;
@@ -339,7 +331,6 @@ async fn a_node_shutting_down_says_its_users_went_offline() {
     online_until(&mut asker, |ids| ids.is_empty()).await;
     // The node said goodbye itself: nobody had to announce it dead.
     assert_eq!(health(a.local_addr()).await["redis_nodes_reaped"], 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -578,5 +569,4 @@ async fn a_node_restarted_under_its_own_id_announces_what_its_previous_life_left
     phoenix.start().await;
     heard_until(&mut wa, |h| went_offline(h, "old") && left(h, "match") == 1).await;
     online_until(&mut asker, |ids| ids.is_empty()).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

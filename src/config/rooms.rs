@@ -87,12 +87,6 @@ pub struct RoomClasses {
     conflate: Vec<Option<std::sync::Arc<str>>>,
 }
 
-impl Default for RoomClasses {
-    fn default() -> Self {
-        RoomClasses::plain(&BatchConfig::default())
-    }
-}
-
 impl RoomClasses {
     /// No classes: every room plain, on `batch`'s windows.
     pub fn plain(batch: &BatchConfig) -> RoomClasses {

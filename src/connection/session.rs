@@ -149,7 +149,7 @@ impl Session {
                 tokio::spawn(async move {
                     match node.online_users().await {
                         Ok(listing) => {
-                            outbox.send(&listing.frame);
+                            outbox.send(&listing);
                         }
                         Err(e) => reply_error(
                             &node,

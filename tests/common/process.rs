@@ -29,6 +29,8 @@ pub struct NodeProcess {
     redis_url: String,
     args: Vec<String>,
     child: Option<Child>,
+    /// A directory of its own (`alone`), removed when the node is dropped.
+    own_dir: Option<PathBuf>,
 }
 
 impl NodeProcess {
@@ -46,7 +48,19 @@ impl NodeProcess {
             redis_url: redis_url.to_string(),
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
+            own_dir: None,
         }
+    }
+
+    /// A node with a directory of its own for its files, started: the usual case of a
+    /// test that needs one process to kill or signal.
+    pub async fn alone(name: &str, redis_url: &str, toml: &str, args: &[&str]) -> NodeProcess {
+        let dir = std::env::temp_dir().join(format!("volley-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let mut node = NodeProcess::new(&dir, name, redis_url, toml, args);
+        node.own_dir = Some(dir);
+        node.start().await;
+        node
     }
 
     /// Starts the process and waits until it listens.
@@ -117,5 +131,8 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = self.own_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

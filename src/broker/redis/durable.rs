@@ -313,21 +313,24 @@ impl Positions {
         message: Encoded,
     ) {
         let mut rooms = self.rooms.lock();
-        let item = Held {
-            epoch: match rooms.get(room) {
-                Some(p) if *p.epoch == *epoch => p.epoch.clone(),
-                _ => Arc::from(epoch),
-            },
-            offset,
-            message,
-            origin: origin.clone(),
-        };
         let position = rooms.entry(room.clone()).or_insert_with(|| Position {
-            epoch: item.epoch.clone(),
+            epoch: Arc::from(epoch),
             last: offset - 1,
             held: None,
             behind: None,
         });
+        // The position's own epoch when it is this one: no allocation per message.
+        let epoch = if *position.epoch == *epoch {
+            position.epoch.clone()
+        } else {
+            Arc::from(epoch)
+        };
+        let item = Held {
+            epoch,
+            offset,
+            message,
+            origin: origin.clone(),
+        };
         if let Some(held) = position.held.as_mut() {
             held.push(item);
             return;

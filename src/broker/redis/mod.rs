@@ -6,7 +6,7 @@
 //!   `single` mode). While Redis is away, publishes wait in a bounded outage buffer.
 //! - `subscriber` (RESP3): `room:<id>` channels follow the hub (subscribed while any
 //!   local socket is in the room), `websocket:broadcast` and the node's probe channel
-//!   always. Inbound envelopes are parsed once, bounded, and fanned out.
+//!   always. Inbound envelopes are parsed once, bounded, and fanned out (`inbound`).
 //!
 //! Pub/sub can stay connected and still stop delivering, so the node publishes a probe to
 //! its own channel every `redis.probe_interval_ms`, resubscribes when Redis lost its
@@ -16,6 +16,7 @@
 
 mod durable;
 mod envelope;
+mod inbound;
 mod keys;
 mod presence;
 mod publisher;
@@ -39,14 +40,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     BoxFuture, Broker, BrokerState, BrokerStats, Envelope, EnvelopeSink, History, HistoryError,
-    Kind, OnlineUsers, PresenceError, PublishError, Target, UserPresence,
+    OnlineUsers, PresenceError, PublishError, UserPresence,
 };
 use crate::config::Config;
 use crate::config::Durability;
 use crate::metrics::Stats;
 use crate::protocol::inbound::Replay;
-use crate::protocol::{now_ms, outbound, Encoded};
-use crate::throttle::LogThrottle;
+use crate::protocol::now_ms;
 
 /// Reconnect backoff of the engine's tasks: doubling from 100 ms to 2 s.
 struct Backoff {
@@ -525,126 +525,6 @@ impl Shared {
         tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .is_ok()
-    }
-
-    /// One message from a subscribed channel.
-    fn on_message(self: &Arc<Self>, channel: &[u8], message: &[u8]) {
-        if channel == self.keys.probe.as_bytes() {
-            self.on_probe(message);
-            return;
-        }
-        if channel == self.keys.presence_updates.as_bytes() {
-            if let (Some(event), Some(sink)) = (presence::event(message), self.sink()) {
-                sink.presence(event);
-            }
-            return;
-        }
-        let target = if channel == self.keys.broadcast.as_bytes() {
-            Target::Broadcast
-        } else if let Some(room) = self.keys.room_of(channel) {
-            Target::Room(Arc::from(room))
-        } else if let Some(user) = self.keys.user_of(channel) {
-            Target::User(Arc::from(user))
-        } else {
-            return;
-        };
-        let inbound = match decode(message, self.inbound.max_messages) {
-            Ok(inbound) => inbound,
-            Err(e) => {
-                self.counters.bad_envelopes.fetch_add(1, Relaxed);
-                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
-                if let Some(held_back) = LOG.allow() {
-                    tracing::warn!(channel = %String::from_utf8_lossy(channel), held_back, "dropping a message from Redis: {e}");
-                }
-                return;
-            }
-        };
-        // Our own envelopes were delivered locally when they were published; durable
-        // messages come back to their origin too (the origin did not deliver them: they
-        // get their offsets in Redis). Which ones are durable, the envelope says (only
-        // the append script writes an epoch), never the payload a user chose.
-        let own = inbound.server_id.as_deref() == Some(&*self.node_id);
-        let durable = match (&target, inbound.epoch.as_deref()) {
-            (Target::Room(room), Some(epoch)) => Some((room, epoch)),
-            _ => None,
-        };
-        if own && durable.is_none() {
-            return;
-        }
-        self.counters.received_envelopes.fetch_add(1, Relaxed);
-        let Some(sink) = self.sink() else {
-            return;
-        };
-        let origin: Arc<str> = Arc::from(inbound.server_id.as_deref().unwrap_or("unknown"));
-        for payload in inbound.payloads {
-            let json = payload.get().as_bytes();
-            if json.len() > self.inbound.max_payload_bytes {
-                self.counters.oversized_payloads.fetch_add(1, Relaxed);
-                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
-                if let Some(held_back) = LOG.allow() {
-                    tracing::warn!(
-                        channel = %String::from_utf8_lossy(channel),
-                        bytes = json.len(),
-                        limit = self.inbound.max_payload_bytes,
-                        held_back,
-                        "dropping a message from Redis over limits.max_frame_bytes"
-                    );
-                }
-                continue;
-            }
-            let payload = Encoded::from_json(json);
-            match durable {
-                Some((room, epoch)) => match outbound::offset_of(json) {
-                    Some(offset) if offset > 0 => self
-                        .positions
-                        .receive(self, room, epoch, &origin, offset, payload),
-                    _ => {
-                        self.counters.bad_envelopes.fetch_add(1, Relaxed);
-                        static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
-                        if let Some(held_back) = LOG.allow() {
-                            tracing::warn!(channel = %String::from_utf8_lossy(channel), held_back, "dropping a durable room's message without an offset");
-                        }
-                    }
-                },
-                None => sink.deliver(Envelope {
-                    origin: origin.clone(),
-                    target: target.clone(),
-                    payload,
-                    kind: Kind::Message,
-                    epoch: None,
-                }),
-            }
-        }
-    }
-
-    /// A probe on this node's channel: its own (the subscription works), or another
-    /// instance's (another node has this node's id).
-    fn on_probe(&self, message: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct Probe {
-            probe: u64,
-            instance: Option<u64>,
-        }
-        let Ok(probe) = serde_json::from_slice::<Probe>(message) else {
-            return;
-        };
-        match probe.instance {
-            Some(other) if other != self.instance => {
-                let before = self.duplicate_seen_ms.swap(now_ms(), Relaxed);
-                static LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
-                if let Some(held_back) = LOG.allow() {
-                    tracing::error!(
-                        node = %self.node_id,
-                        held_back,
-                        first = before == 0,
-                        "another live node uses this node's id (server.node_id / SERVER_ID): the two drop each other's messages; not ready until one is renamed"
-                    );
-                }
-            }
-            _ => {
-                self.probe_seen.fetch_max(probe.probe, Relaxed);
-            }
-        }
     }
 }
 

@@ -66,17 +66,12 @@ pub(super) struct Publisher {
     stop: CancellationToken,
     /// Per channel, at its last successful PUBLISH: its subscribers (after an outage, held
     /// publishes wait until each channel has as many again).
-    listeners: HashMap<String, Listeners>,
+    listeners: HashMap<String, i64>,
     /// Durable messages Redis confirmed in the last `RECENT` (at most `MAX_RECENT`), kept
     /// only under an owner engine (Sentinel, cluster): when this engine is replaced at a
     /// failover they go to the next master as doubtful, so those the old master took but
     /// never replicated are appended again, and the others skipped.
     recent: VecDeque<(Instant, Envelope)>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Listeners {
-    all: i64,
 }
 
 /// An outage being recovered from.
@@ -221,9 +216,9 @@ impl Publisher {
             .await?;
         let (peer_counts, channel_counts) = counts.split_at(probes.len().min(counts.len()));
         Ok(peer_counts.iter().all(|(_, n)| *n >= 1)
-            && channel_counts.iter().all(|(channel, n)| {
-                *n >= self.listeners.get(channel).map_or(0, |before| before.all)
-            }))
+            && channel_counts
+                .iter()
+                .all(|(channel, n)| *n >= self.listeners.get(channel).copied().unwrap_or(0)))
     }
 
     fn channel(&self, envelope: &Envelope) -> String {
@@ -326,7 +321,7 @@ impl Publisher {
         }
         for (channel, reply) in channels.iter().zip(replies) {
             let Ok(&all) = reply.as_ref() else { continue };
-            self.listeners.insert(channel.clone(), Listeners { all });
+            self.listeners.insert(channel.clone(), all);
         }
     }
 
