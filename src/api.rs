@@ -16,16 +16,20 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::broker::BrokerState;
-use crate::cluster::Cluster;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::inbound::Replay;
 use crate::protocol::inbound::{check_room_id, parse_publish_request, PublishRequest};
 use crate::protocol::{check_content, outbound};
+use crate::reports::NodeReports;
 
 pub type Body = Full<Bytes>;
 
-pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) -> Response<Body> {
+pub async fn route(
+    node: &Arc<Node>,
+    reports: &NodeReports,
+    req: Request<Incoming>,
+) -> Response<Body> {
     // HEAD is GET without the body; hyper leaves the body out of the response.
     let method = match req.method() {
         &Method::HEAD => &Method::GET,
@@ -48,7 +52,7 @@ pub async fn route(node: &Arc<Node>, cluster: &Cluster, req: Request<Incoming>) 
             .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
             .body(Body::from(node.prometheus()))
             .unwrap_or_default(),
-        (&Method::GET, "/api/cluster") => cluster_reports(cluster).await,
+        (&Method::GET, "/api/cluster") => node_reports(node, reports).await,
         (&Method::GET, "/api/demo") => {
             json_response(StatusCode::OK, &crate::demo::catalog(&node.config().demo))
         }
@@ -286,13 +290,13 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// Every live node's report (`{"nodes":[...]}`), or 503 when Redis cannot be read.
-async fn cluster_reports(cluster: &Cluster) -> Response<Body> {
-    match cluster.nodes().await {
+async fn node_reports(node: &Node, reports: &NodeReports) -> Response<Body> {
+    match reports.nodes(&**node.broker()).await {
         Ok(nodes) => json_response(StatusCode::OK, &json!({ "nodes": nodes })),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "redis_unavailable",
-            &format!("cannot read the cluster reports from Redis: {e}"),
+            &format!("cannot read the node reports from Redis: {e}"),
         ),
     }
 }

@@ -1,5 +1,4 @@
-//! Background features: the cluster reporter and the demo feed (later presence refresh,
-//! history upkeep, a Sentinel watch). The server starts them once the node exists and
+//! Background features: the node reporter and the demo feed. The server starts them once the node exists and
 //! stops them first on shutdown, under one cancellation token and task tracker, so none
 //! publishes while sockets drain or the broker flushes. The node itself starts only what
 //! a node is: its delivery clock.
@@ -10,15 +9,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{self, Cluster};
 use crate::demo;
 use crate::node::Node;
+use crate::reports::{self, NodeReports};
 
 pub struct Features {
     stop: CancellationToken,
     tasks: TaskTracker,
-    /// The cluster reports, also read by `/api/cluster`.
-    pub cluster: Arc<Cluster>,
+    /// The node reports, also read by `/api/cluster`.
+    pub reports: Arc<NodeReports>,
 }
 
 impl Features {
@@ -26,8 +25,8 @@ impl Features {
         let config = node.config();
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let cluster = Arc::new(Cluster::new(config));
-        tasks.spawn(cluster::run(node.clone(), cluster.clone(), stop.clone()));
+        let reports = Arc::new(NodeReports::new(config));
+        tasks.spawn(reports::run(node.clone(), reports.clone(), stop.clone()));
         if config.demo.enabled {
             tasks.spawn(demo::run(node.clone(), config.demo.clone(), stop.clone()));
         }
@@ -35,7 +34,7 @@ impl Features {
         Features {
             stop,
             tasks,
-            cluster,
+            reports,
         }
     }
 

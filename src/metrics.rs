@@ -267,13 +267,13 @@ impl Stats {
 
     /// Everything in the Prometheus text exposition format (version 0.0.4).
     /// `node_id`, `broker` (the engine) and `rooms` name and size the node; the broker's
-    /// own counters follow the node's.
+    /// own counters follow the node's, as the engine describes them.
     pub fn render_prometheus(
         &self,
         node_id: &str,
         broker: &str,
         rooms: usize,
-        broker_stats: &[(&'static str, u64)],
+        broker_counters: &[Counter],
     ) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let s = self.snapshot();
@@ -345,13 +345,16 @@ impl Stats {
             "code",
             ErrorCode::ALL.map(|c| (c.as_str(), self.errors[c as usize].load(Relaxed))),
         );
-        for &(name, value) in broker_stats {
-            if BROKER_GAUGES.contains(&name) {
-                let metric = format!("volley_{name}");
-                gauge(&mut out, &metric, &broker_help(name), &format!(" {value}"));
-            } else {
-                let metric = format!("volley_{name}_total");
-                counter(&mut out, &metric, &broker_help(name), value);
+        for c in broker_counters {
+            match c.kind {
+                CounterKind::Level => {
+                    let metric = format!("volley_{}", c.name);
+                    gauge(&mut out, &metric, c.help, &format!(" {}", c.value));
+                }
+                CounterKind::Count => {
+                    let metric = format!("volley_{}_total", c.name);
+                    counter(&mut out, &metric, c.help, c.value);
+                }
             }
         }
         self.batch_messages.render(
@@ -411,36 +414,43 @@ fn gauge(out: &mut String, name: &str, help: &str, sample: &str) {
     );
 }
 
-/// Broker stats that are levels, not counts.
-pub(crate) const BROKER_GAUGES: &[&str] = &["redis_peers"];
+/// Whether a counter only grows or is a level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Only grows: exposed as `volley_<name>_total`; summed over engines, and an engine
+    /// shut down keeps counting in the total.
+    Count,
+    /// A level now: exposed as `volley_<name>`; an engine shut down no longer has one.
+    Level,
+}
 
-fn broker_help(name: &str) -> String {
-    match name {
-        "redis_dropped_publishes" => {
-            "Publishes dropped: at shutdown with Redis unreachable or the drain timeout reached, or refused by Redis with an error.".into()
+/// One figure of an engine, as it describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// Without the `volley_` prefix and `_total` suffix: `redis_pipelines`.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: CounterKind,
+    pub value: u64,
+}
+
+impl Counter {
+    pub const fn count(name: &'static str, help: &'static str, value: u64) -> Counter {
+        Counter {
+            name,
+            help,
+            kind: CounterKind::Count,
+            value,
         }
-        "redis_unconfirmed_publishes" => {
-            "Publishes in pipelines Redis may or may not have run (a reply timeout, a broken connection); never sent again.".into()
+    }
+
+    pub const fn level(name: &'static str, help: &'static str, value: u64) -> Counter {
+        Counter {
+            name,
+            help,
+            kind: CounterKind::Level,
+            value,
         }
-        "redis_oversized_payloads" => "Messages from Redis over limits.max_frame_bytes, dropped.".into(),
-        "redis_bad_envelopes" => {
-            "Messages from Redis that are not envelopes or carry over redis.max_envelope_messages, dropped.".into()
-        }
-        "redis_peers" => "Other live nodes this node saw at its last probe.".into(),
-        "redis_reconnects" => "Times publishing to Redis resumed after a failure.".into(),
-        "redis_subscriber_restarts" => "Pub/sub connections replaced after missed probes.".into(),
-        "redis_subscriber_disconnects" => {
-            "Pub/sub connections lost (killed, cut, Redis restarted); each reconnects and subscribes again.".into()
-        }
-        "redis_failovers" => "Times the node moved to a new master that Sentinel named.".into(),
-        "redis_nodes_reaped" => {
-            "Dead nodes (presence expired) whose users this node announced gone: presence disconnected, user_left in their rooms.".into()
-        }
-        "redis_cluster_changes" => "Times the node followed a new Redis Cluster slot map (slots moved, masters added, removed or failed over).".into(),
-        "redis_redirected_publishes" => {
-            "Publishes sent again through another engine: refused by Redis without running (a cluster's MOVED, ASK, TRYAGAIN or CLUSTERDOWN, a demoted master's READONLY), or still held by an engine replaced at a failover.".into()
-        }
-        other => format!("Broker figure {other}."),
     }
 }
 

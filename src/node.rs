@@ -512,12 +512,11 @@ impl Node {
 
     /// `/metrics`: every figure of this node in the Prometheus text format.
     pub fn prometheus(&self) -> String {
-        let broker_stats = self.broker.stats();
         self.stats.render_prometheus(
             &self.id,
             self.broker.engine(),
             self.hub.room_count(),
-            &broker_stats,
+            &self.broker.counters(),
         )
     }
 
@@ -533,7 +532,12 @@ impl Node {
             broker_state: self.broker.state(),
             rooms: self.hub.room_count(),
             stats: self.stats.snapshot(),
-            broker_stats: self.broker.stats().into_iter().collect(),
+            broker_stats: self
+                .broker
+                .counters()
+                .into_iter()
+                .map(|c| (c.name, c.value))
+                .collect(),
         }
     }
 }

@@ -28,10 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, Body};
-use crate::broker::redis::RedisStartError;
-use crate::broker::{
-    Broker, ClusterBroker, MemoryBroker, RedisBroker, SentinelBroker, ShardedBroker,
-};
+use crate::broker::{Broker, RedisStartError};
 use crate::config::Config;
 use crate::connection;
 use crate::features::Features;
@@ -85,20 +82,10 @@ pub struct ShutdownReport {
 }
 
 impl Server {
-    /// Binds `server.listen` and serves with the broker the config asks for: Redis when
-    /// `redis.url` is set, else the embedded memory broker.
+    /// Binds `server.listen` and serves with the broker the config asks for
+    /// (`broker::start`).
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
-        let broker: Arc<dyn Broker> = if !config.redis.sentinels.is_empty() {
-            SentinelBroker::start(&config)?
-        } else if !config.redis.shards.is_empty() {
-            ShardedBroker::start(&config)?
-        } else if !config.redis.cluster_nodes.is_empty() {
-            ClusterBroker::start(&config)?
-        } else if config.redis.url.is_empty() {
-            Arc::new(MemoryBroker::standalone())
-        } else {
-            RedisBroker::start(&config)?
-        };
+        let broker = crate::broker::start(&config)?;
         Self::bind_with_broker(config, broker).await
     }
 
@@ -262,7 +249,7 @@ async fn handle(
     if req.method() == hyper::Method::GET && fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Ok(upgrade(&shared, peer, req));
     }
-    Ok(api::route(&shared.node, &shared.features.cluster, req).await)
+    Ok(api::route(&shared.node, &shared.features.reports, req).await)
 }
 
 fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Response<Body> {

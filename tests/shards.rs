@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use volley::broker::sharded::pick;
+use volley::broker::routed::pick;
 
 #[tokio::test]
 async fn rooms_live_on_their_shard_and_one_shard_down_stops_only_its_rooms() {

@@ -21,8 +21,9 @@ use parking_lot::{Mutex, RwLock};
 
 use super::ring::Ring;
 use super::{
-    BoxFuture, Broker, BrokerState, Envelope, EnvelopeSink, History, HistoryError, Kind,
-    OnlineUsers, PresenceError, PresenceEvent, PublishError, Target, UserPresence,
+    BoxFuture, Broker, BrokerState, Envelope, EnvelopeSink, Health, History, HistoryFuture, Kind,
+    OnlineUsers, Presence, PresenceError, PresenceEvent, PublishError, Reports, Target,
+    UserPresence,
 };
 use crate::config::Durability;
 use crate::metrics::Stats;
@@ -125,11 +126,20 @@ impl MemoryBroker {
     }
 }
 
-impl Broker for MemoryBroker {
+impl Health for MemoryBroker {
     fn engine(&self) -> &'static str {
         "memory"
     }
 
+    fn state(&self) -> BrokerState {
+        BrokerState::Connected
+    }
+}
+
+/// Reports of nodes on one bus are not shared: each node shows itself.
+impl Reports for MemoryBroker {}
+
+impl Broker for MemoryBroker {
     fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, _stats: Arc<Stats>) {
         let member = Arc::new(Member {
             node_id,
@@ -183,10 +193,22 @@ impl Broker for MemoryBroker {
         }
     }
 
-    fn state(&self) -> BrokerState {
-        BrokerState::Connected
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        replay: &'a Replay,
+        durability: Durability,
+    ) -> HistoryFuture<'a> {
+        let _ = durability;
+        let history = match self.bus.existing_ring(room, Instant::now()) {
+            Some(ring) => ring.lock().query(replay),
+            None => History::none(replay),
+        };
+        Box::pin(std::future::ready(Ok(history)))
     }
+}
 
+impl Presence for MemoryBroker {
     fn user_online(&self, user: &Arc<str>) {
         let Some(me) = self.me() else {
             return;
@@ -236,20 +258,6 @@ impl Broker for MemoryBroker {
             Some(presence(user, &member.node_id, since))
         });
         Box::pin(std::future::ready(Ok(found)))
-    }
-
-    fn history<'a>(
-        &'a self,
-        room: &'a str,
-        replay: &'a Replay,
-        durability: Durability,
-    ) -> BoxFuture<'a, Result<History, HistoryError>> {
-        let _ = durability;
-        let history = match self.bus.existing_ring(room, Instant::now()) {
-            Some(ring) => ring.lock().query(replay),
-            None => History::none(replay),
-        };
-        Box::pin(std::future::ready(Ok(history)))
     }
 }
 

@@ -1,38 +1,63 @@
 //! The broker seam: how a node reaches the other nodes that share its rooms.
 //!
 //! A node serves its own sockets itself, at once; the broker only carries envelopes to
-//! other nodes and brings theirs back. Engines differ in transport, not in contract:
-//! `memory` (in-process, the default) and, with a Redis URL, `redis`. The hub and the
-//! connection code never see which one runs.
+//! other nodes and brings theirs back. Engines differ in transport, not in contract
+//! (`tests/engines.rs` runs one contract against every one):
+//!
+//! | file | job |
+//! | --- | --- |
+//! | `mod.rs` | the seam: `Broker` (publish, subscribe, history, lifecycle), `start` (the engine the config asks for) |
+//! | `presence.rs` | `Presence`: who is online anywhere |
+//! | `health.rs` | `Health`: state for `/readyz`, the engine's own counters, described by it |
+//! | `reports.rs` | `Reports`: where node reports are kept for `/api/cluster` |
+//! | `memory.rs`, `ring.rs` | the embedded engine (the default): an in-process bus, durable rooms in rings |
+//! | `redis/` | the Redis engine on one Redis server (`redis.url`) |
+//! | `routed/` | several Redis engines behind one route: shards, Sentinel, Redis Cluster |
 //!
 //! Every method is non-blocking: an engine that talks to a network queues the work and
 //! does it on its own tasks, so a publish never waits on I/O in the caller.
 
+mod health;
 pub mod memory;
+mod presence;
 pub mod redis;
-pub mod redis_cluster;
+mod reports;
 mod ring;
-pub mod sentinel;
-pub mod sharded;
+pub mod routed;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::config::Durability;
+use crate::config::{Config, Durability};
 use crate::metrics::Stats;
 use crate::protocol::inbound::Replay;
 use crate::protocol::Encoded;
 
-pub use self::redis::RedisBroker;
+pub use self::redis::{RedisBroker, RedisStartError};
+pub use health::{add_counters, BrokerState, Counter, CounterKind, Health};
 pub use memory::{MemoryBroker, MemoryBus};
-pub use redis_cluster::ClusterBroker;
-pub use sentinel::SentinelBroker;
-pub use sharded::ShardedBroker;
+pub use presence::{OnlineUsers, Presence, PresenceError, PresenceEvent, UserPresence};
+pub use reports::{ReportError, Reports, StoredReport};
 
-/// An engine's own counters, as `name -> value` (`redis_pipelines`, ...).
-pub type BrokerStats = Vec<(&'static str, u64)>;
+/// Starts the engine the config asks for: Sentinel (`redis.sentinels`), shards
+/// (`redis.shards`), a Redis Cluster (`redis.cluster_nodes`), one Redis (`redis.url`),
+/// or else the embedded memory engine. The config is validated: at most one is set.
+pub fn start(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
+    let redis = &config.redis;
+    Ok(if !redis.sentinels.is_empty() {
+        routed::sentinel(config)?
+    } else if !redis.shards.is_empty() {
+        routed::shards(config)?
+    } else if !redis.cluster_nodes.is_empty() {
+        routed::cluster(config)?
+    } else if redis.url.is_empty() {
+        Arc::new(MemoryBroker::standalone())
+    } else {
+        RedisBroker::start(config)?
+    })
+}
 
 /// A publish the broker could not take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -52,40 +77,6 @@ pub enum Target {
     Broadcast,
     /// Every socket of one user, on every node (channel `user:<id>`).
     User(Arc<str>),
-}
-
-/// One user online, as the presence index has it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UserPresence {
-    pub user_id: String,
-    /// A node the user has a socket on.
-    pub server_id: String,
-    pub connected_at: u64,
-    pub last_seen: u64,
-}
-
-/// An answer to "who is online", at most the asked-for number.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct OnlineUsers {
-    pub users: Vec<UserPresence>,
-    /// More users are online than were listed.
-    pub truncated: bool,
-}
-
-/// A user's first socket anywhere appeared, or their last one went.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PresenceEvent {
-    pub connected: bool,
-    pub user_id: Arc<str>,
-    pub server_id: Arc<str>,
-}
-
-/// Why a presence query could not be answered.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PresenceError {
-    #[error("presence is not available: {0}")]
-    Unavailable(String),
 }
 
 /// What an envelope carries, for an engine that can tell who is listening.
@@ -174,70 +165,15 @@ pub trait EnvelopeSink: Send + Sync {
     }
 }
 
-/// How a broker is doing, for `/healthz`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BrokerState {
-    Connected,
-    Reconnecting,
-    /// Another live node reports this node's id: the two would drop each other's
-    /// messages as their own echo, so neither may count as ready.
-    DuplicateNodeId,
-}
-
-impl BrokerState {
-    /// Several engines together (shards, cluster masters): connected only while every
-    /// one is, since a node that cannot reach one cannot serve that one's rooms.
-    pub fn all(states: impl IntoIterator<Item = BrokerState>) -> BrokerState {
-        let mut all = BrokerState::Connected;
-        for state in states {
-            match state {
-                BrokerState::DuplicateNodeId => return BrokerState::DuplicateNodeId,
-                BrokerState::Reconnecting => all = BrokerState::Reconnecting,
-                BrokerState::Connected => {}
-            }
-        }
-        all
-    }
-}
-
-/// Waits for the next round of an owner engine's watch (Sentinel, cluster): at least
-/// `soonest` after the last one, then `every`, or sooner when `soon` is notified (an
-/// engine handed something back). False once `stop` is cancelled.
-pub(crate) async fn next_round(
-    every: Duration,
-    soonest: Duration,
-    soon: &tokio::sync::Notify,
-    stop: &tokio_util::sync::CancellationToken,
-) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(soonest) => {}
-        _ = stop.cancelled() => return false,
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(every.saturating_sub(soonest)) => true,
-        _ = soon.notified() => true,
-        _ = stop.cancelled() => false,
-    }
-}
-
-/// Adds an engine's counters into `total`, by name.
-pub fn add_stats(total: &mut BrokerStats, more: BrokerStats) {
-    for (name, value) in more {
-        match total.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, sum)) => *sum += value,
-            None => total.push((name, value)),
-        }
-    }
-}
-
 /// The future a `Broker` query returns (the trait must stay object safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-pub trait Broker: Send + Sync {
-    /// The engine's name, as configured (`memory`, `redis`).
-    fn engine(&self) -> &'static str;
+/// What `Broker::history` returns.
+pub type HistoryFuture<'a> = BoxFuture<'a, Result<History, HistoryError>>;
 
+/// The transport side of the broker seam, with the engine's presence, health and
+/// reports beside it (one engine is all four).
+pub trait Broker: Presence + Health + Reports {
     /// Connects the node that receives this broker's inbound envelopes, and the node's
     /// stats the engine records into (pipeline sizes, publish latency). Called once.
     fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>);
@@ -261,56 +197,17 @@ pub trait Broker: Send + Sync {
         None
     }
 
-    fn state(&self) -> BrokerState;
-
     /// A durable room's history: the last N messages, or everything after a position.
     fn history<'a>(
         &'a self,
         room: &'a str,
         replay: &'a Replay,
         durability: Durability,
-    ) -> BoxFuture<'a, Result<History, HistoryError>> {
+    ) -> HistoryFuture<'a> {
         let _ = (room, replay, durability);
         Box::pin(std::future::ready(Err(HistoryError::Unavailable(
             "this engine keeps no history".into(),
         ))))
-    }
-
-    /// A user's first socket on this node appeared: the user is online here; their
-    /// direct messages are wanted here.
-    fn user_online(&self, user: &Arc<str>) {
-        let _ = user;
-    }
-
-    /// A user's last socket on this node went.
-    fn user_offline(&self, user: &Arc<str>) {
-        let _ = user;
-    }
-
-    /// The rooms a user's sockets on this node are in changed (`EnvelopeSink::rooms_of`
-    /// says which now).
-    fn user_rooms_changed(&self, user: &Arc<str>) {
-        let _ = user;
-    }
-
-    /// Who is online anywhere, at most `max` of them.
-    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
-        let _ = max;
-        Box::pin(std::future::ready(Ok(OnlineUsers::default())))
-    }
-
-    /// One user's presence, if online anywhere.
-    fn presence_of<'a>(
-        &'a self,
-        user: &'a str,
-    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
-        let _ = user;
-        Box::pin(std::future::ready(Ok(None)))
-    }
-
-    /// The engine's own counters, for `/healthz` and `/metrics`.
-    fn stats(&self) -> BrokerStats {
-        Vec::new()
     }
 
     /// Sends what is still queued, then stops the engine's tasks, by `deadline` at the

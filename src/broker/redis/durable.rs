@@ -28,7 +28,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 
-use super::Shared;
+use super::Core;
 use crate::broker::{Envelope, History, HistoryError, Kind, Target};
 use crate::config::Durability;
 use crate::protocol::inbound::Replay;
@@ -141,7 +141,7 @@ return {epoch, out}
 "#;
 
 /// The same in a Redis Cluster.
-static PUBLISH_SHARDED: LazyLock<String> = LazyLock::new(|| super::sharded_script(PUBLISH));
+static PUBLISH_SHARDED: LazyLock<String> = LazyLock::new(|| super::start::sharded_script(PUBLISH));
 
 /// How long a history read or a repair may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -159,7 +159,7 @@ pub(super) struct Mode {
 /// (`check`: skip those the stream already has, see `PUBLISH`).
 pub(super) fn add_publish(
     pipe: &mut redis::Pipeline,
-    shared: &Shared,
+    core: &Core,
     room: &str,
     durability: Durability,
     head: &[u8],
@@ -168,15 +168,15 @@ pub(super) fn add_publish(
 ) {
     let cmd = pipe
         .cmd("EVAL")
-        .arg(if shared.sharded() {
+        .arg(if core.sharded() {
             PUBLISH_SHARDED.as_str()
         } else {
             PUBLISH
         })
         .arg(2)
-        .arg(shared.keys.stream(room))
-        .arg(shared.keys.position(room))
-        .arg(shared.keys.room(room))
+        .arg(core.keys.stream(room))
+        .arg(core.keys.position(room))
+        .arg(core.keys.room(room))
         .arg(durability.history_size)
         .arg(durability.ttl.as_secs().max(1))
         .arg(head)
@@ -193,7 +193,7 @@ pub(super) fn add_publish(
 
 /// Reads a durable room's history as a join asks for it.
 pub(super) async fn history(
-    shared: &Shared,
+    core: &Core,
     mut conn: ConnectionManager,
     room: &str,
     replay: &Replay,
@@ -206,8 +206,8 @@ pub(super) async fn history(
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(HISTORY)
         .arg(2)
-        .arg(shared.keys.stream(room))
-        .arg(shared.keys.position(room))
+        .arg(core.keys.stream(room))
+        .arg(core.keys.position(room))
         .arg(mode)
         .arg(position)
         .arg(epoch)
@@ -271,7 +271,7 @@ struct Gap {
 impl Position {
     /// Takes one message in order: delivers it if it is the next one of its epoch (a new
     /// epoch starts again after 0), drops a duplicate, or returns the gap before it.
-    fn step(&mut self, shared: &Shared, room: &Arc<str>, item: &Held) -> Option<Gap> {
+    fn step(&mut self, core: &Core, room: &Arc<str>, item: &Held) -> Option<Gap> {
         if self.epoch != item.epoch {
             // The room's history started again (Redis lost it): so do its offsets.
             self.epoch = item.epoch.clone();
@@ -279,13 +279,7 @@ impl Position {
         }
         if item.offset == self.last + 1 {
             self.last = item.offset;
-            deliver(
-                shared,
-                room,
-                &item.origin,
-                &self.epoch,
-                item.message.clone(),
-            );
+            deliver(core, room, &item.origin, &self.epoch, item.message.clone());
             None
         } else if item.offset > self.last + 1 {
             Some(Gap {
@@ -305,7 +299,7 @@ impl Positions {
     /// repair if one runs or this one shows a gap, dropped if it was delivered already.
     pub(super) fn receive(
         &self,
-        shared: &Arc<Shared>,
+        core: &Arc<Core>,
         room: &Arc<str>,
         epoch: &str,
         origin: &Arc<str>,
@@ -335,9 +329,9 @@ impl Positions {
             held.push(item);
             return;
         }
-        if let Some(gap) = position.step(shared, room, &item) {
+        if let Some(gap) = position.step(core, room, &item) {
             position.held = Some(vec![item]);
-            spawn_repair(shared.clone(), room.clone(), gap);
+            spawn_repair(core.clone(), room.clone(), gap);
         }
     }
 
@@ -381,7 +375,7 @@ impl Positions {
     /// then up to the offset the earlier check saw (from 1, in a new epoch).
     pub(super) fn behind(
         &self,
-        shared: &Arc<Shared>,
+        core: &Arc<Core>,
         room: &Arc<str>,
         delivered: (Arc<str>, u64),
         stream: (Arc<str>, u64),
@@ -409,21 +403,15 @@ impl Positions {
                     from: position.last + 1,
                     to: now.stream.1,
                 };
-                spawn_repair(shared.clone(), room.clone(), gap);
+                spawn_repair(core.clone(), room.clone(), gap);
             }
             _ => position.behind = Some(now),
         }
     }
 }
 
-fn deliver(
-    shared: &Shared,
-    room: &Arc<str>,
-    origin: &Arc<str>,
-    epoch: &Arc<str>,
-    payload: Encoded,
-) {
-    if let Some(sink) = shared.sink() {
+fn deliver(core: &Core, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, payload: Encoded) {
+    if let Some(sink) = core.sink() {
         sink.deliver(Envelope {
             origin: origin.clone(),
             target: Target::Room(room.clone()),
@@ -436,20 +424,19 @@ fn deliver(
 
 /// Reads the gap's offsets from the room's stream, delivers them, then what was held
 /// meanwhile, in order; repairs again if what was held shows another gap.
-fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, gap: Gap) {
+fn spawn_repair(core: Arc<Core>, room: Arc<str>, gap: Gap) {
     tokio::spawn(async move {
-        shared
-            .counters
+        core.counters
             .repairs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let read = match shared.reader.get() {
+        let read = match core.reader.get() {
             Some(conn) => {
                 let mut conn = conn.clone();
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(REPAIR)
                     .arg(2)
-                    .arg(shared.keys.stream(&room))
-                    .arg(shared.keys.position(&room))
+                    .arg(core.keys.stream(&room))
+                    .arg(core.keys.position(&room))
                     .arg(gap.from)
                     .arg(gap.to)
                     .arg(&*gap.epoch);
@@ -462,7 +449,7 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, gap: Gap) {
             None => None,
         };
         let origin: Arc<str> = Arc::from("stream");
-        let mut rooms = shared.positions.rooms.lock();
+        let mut rooms = core.positions.rooms.lock();
         let Some(position) = rooms.get_mut(&room) else {
             return;
         };
@@ -479,7 +466,7 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, gap: Gap) {
                     };
                     if offset > position.last {
                         position.last = offset;
-                        deliver(&shared, &room, &origin, &position.epoch, message);
+                        deliver(&core, &room, &origin, &position.epoch, message);
                     }
                 }
             }
@@ -489,8 +476,7 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, gap: Gap) {
                     None => "Redis did not answer",
                 };
                 tracing::warn!(room = %room, from = gap.from, to = gap.to, why, "could not read a durable room's missed messages from Redis; they are skipped");
-                shared
-                    .counters
+                core.counters
                     .repair_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if position.epoch == gap.epoch {
@@ -501,12 +487,12 @@ fn spawn_repair(shared: Arc<Shared>, room: Arc<str>, gap: Gap) {
         // What waited: in order, and into another repair if it shows another gap.
         let mut rest = held.into_iter();
         while let Some(item) = rest.next() {
-            if let Some(gap) = position.step(&shared, &room, &item) {
+            if let Some(gap) = position.step(&core, &room, &item) {
                 let mut again = vec![item];
                 again.extend(rest);
                 position.held = Some(again);
                 drop(rooms);
-                spawn_repair(shared.clone(), room.clone(), gap);
+                spawn_repair(core.clone(), room.clone(), gap);
                 return;
             }
         }

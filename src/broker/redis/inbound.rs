@@ -6,12 +6,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{decode, presence, Shared};
+use super::{decode, presence, Core};
 use crate::broker::{Envelope, Kind, Target};
 use crate::protocol::{now_ms, outbound, Encoded};
 use crate::throttle::LogThrottle;
 
-impl Shared {
+impl Core {
     /// One message from a subscribed channel.
     pub(super) fn on_message(self: &Arc<Self>, channel: &[u8], message: &[u8]) {
         if channel == self.keys.probe.as_bytes() {

@@ -26,14 +26,15 @@ use redis::aio::ConnectionManager;
 use redis::{Client, PushInfo, PushKind, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{manager_config, Shared, Subscriptions, BACKOFF};
+use super::core::{Core, Subscriptions};
+use super::start::{manager_config, BACKOFF};
 use crate::protocol::now_ms;
 
 /// Probes in a row that may go missing before the connection is replaced.
 const MISSES_BEFORE_RESTART: u32 = 2;
 
 pub(super) async fn run(
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     subscriptions: Arc<Subscriptions>,
     client: Client,
     mut probe_conn: ConnectionManager,
@@ -55,16 +56,16 @@ pub(super) async fn run(
     // A live node is listed until this long after its last probe.
     let alive_for_ms = 3 * probe_interval.as_millis() as u64 + 1000;
     loop {
-        if shared.resubscribe.swap(false, Relaxed) {
+        if core.resubscribe.swap(false, Relaxed) {
             current.clear();
         }
         // Before: reads that wait for a subscription must not trust a dropped one.
         if current.is_empty() || conn.is_none() {
-            shared.subscribed.lock().clear();
+            core.subscribed.lock().clear();
         }
         let fresh = current.is_empty() || conn.is_none();
-        if let Err(e) = reconcile(&shared, &subscriptions, &client, &mut conn, &mut current).await {
-            if shared.subscriber_ok.swap(false, Relaxed) {
+        if let Err(e) = reconcile(&core, &subscriptions, &client, &mut conn, &mut current).await {
+            if core.subscriber_ok.swap(false, Relaxed) {
                 tracing::warn!(error = %e, "Redis subscriber unavailable; retrying");
             } else if !ever_connected {
                 ever_connected = true;
@@ -85,9 +86,9 @@ pub(super) async fn run(
         if fresh {
             subscribed_after = probe_sent;
         }
-        if *shared.subscribed.lock() != current {
-            *shared.subscribed.lock() = current.clone();
-            shared.subscribed_changed.notify_waiters();
+        if *core.subscribed.lock() != current {
+            *core.subscribed.lock() = current.clone();
+            core.subscribed_changed.notify_waiters();
         }
         backoff = BACKOFF.start();
         tokio::select! {
@@ -98,23 +99,23 @@ pub(super) async fn run(
                 // Redis is unreachable no probe is published, so nothing is judged.
                 if probe_sent > judged {
                     judged = probe_sent;
-                    if shared.probe_seen.load(Relaxed) >= probe_sent {
+                    if core.probe_seen.load(Relaxed) >= probe_sent {
                         misses = 0;
-                        if probe_sent > subscribed_after && !shared.subscriber_ok.swap(true, Relaxed) {
+                        if probe_sent > subscribed_after && !core.subscriber_ok.swap(true, Relaxed) {
                             tracing::info!("Redis subscriber delivering");
                         }
                     } else {
                         misses += 1;
-                        if shared.subscriber_ok.swap(false, Relaxed) {
+                        if core.subscriber_ok.swap(false, Relaxed) {
                             tracing::warn!("a Redis probe did not come back; not ready until one does");
                         }
                     }
                 }
                 if misses >= MISSES_BEFORE_RESTART {
                     tracing::warn!(misses, "Redis subscriber stopped delivering probes; reconnecting it");
-                    shared.subscriber_ok.store(false, Relaxed);
-                    shared.counters.subscriber_restarts.fetch_add(1, Relaxed);
-                    shared.generation.fetch_add(1, Relaxed);
+                    core.subscriber_ok.store(false, Relaxed);
+                    core.counters.subscriber_restarts.fetch_add(1, Relaxed);
+                    core.generation.fetch_add(1, Relaxed);
                     if let Some(mut old) = conn.take() {
                         // Best effort: a deaf connection should not stay subscribed.
                         let channels: Vec<String> = current.iter().cloned().collect();
@@ -124,32 +125,32 @@ pub(super) async fn run(
                     continue;
                 }
                 let n = probe_sent + 1;
-                match probe(&shared, &mut probe_conn, n, alive_for_ms).await {
+                match probe(&core, &mut probe_conn, n, alive_for_ms).await {
                     Ok((receivers, alive)) => {
                         probe_sent = n;
                         if receivers == 0 {
                             // Redis does not know this node's subscription: it restarted,
                             // or the connection was cut. Subscribe everything again now.
-                            if shared.subscriber_ok.swap(false, Relaxed) {
+                            if core.subscriber_ok.swap(false, Relaxed) {
                                 tracing::warn!("Redis lost this node's subscriptions; subscribing again");
                             }
-                            shared.resubscribe.store(true, Relaxed);
+                            core.resubscribe.store(true, Relaxed);
                         }
-                        let peers: Vec<String> = alive.into_iter().filter(|id| *id != *shared.node_id).collect();
-                        *shared.peers.lock() = peers;
-                        check_positions(&shared, &mut probe_conn).await;
+                        let peers: Vec<String> = alive.into_iter().filter(|id| *id != *core.node_id).collect();
+                        *core.peers.lock() = peers;
+                        check_positions(&core, &mut probe_conn).await;
                         // After the subscription check above, so a restarted Redis never
                         // reads as ready for a moment.
-                        if !shared.publisher_ok.swap(true, Relaxed) {
-                            shared.counters.reconnects.fetch_add(1, Relaxed);
+                        if !core.publisher_ok.swap(true, Relaxed) {
+                            core.counters.reconnects.fetch_add(1, Relaxed);
                             tracing::info!("Redis reachable");
                         }
                     }
                     Err(e) => {
                         // Nothing is heard from an unreachable Redis either: ready again
                         // only after a probe comes back.
-                        shared.subscriber_ok.store(false, Relaxed);
-                        if shared.publisher_ok.swap(false, Relaxed) {
+                        core.subscriber_ok.store(false, Relaxed);
+                        if core.publisher_ok.swap(false, Relaxed) {
                             tracing::warn!(error = %e, "Redis unreachable");
                         }
                     }
@@ -162,15 +163,15 @@ pub(super) async fn run(
 /// Compares each durable room's stream offset with what was delivered here, and repairs
 /// a room that is behind: a message lost without a later one to show the gap (a pub/sub
 /// connection that dropped, or went deaf for a while).
-async fn check_positions(shared: &Arc<Shared>, conn: &mut ConnectionManager) {
-    let rooms = shared.positions.snapshot();
+async fn check_positions(core: &Arc<Core>, conn: &mut ConnectionManager) {
+    let rooms = core.positions.snapshot();
     if rooms.is_empty() {
         return;
     }
     let mut pipe = redis::pipe();
     for (room, _, _) in &rooms {
         pipe.cmd("HMGET")
-            .arg(shared.keys.position(room))
+            .arg(core.keys.position(room))
             .arg("offset")
             .arg("epoch");
     }
@@ -182,9 +183,8 @@ async fn check_positions(shared: &Arc<Shared>, conn: &mut ConnectionManager) {
     };
     for ((room, epoch, last), top) in rooms.into_iter().zip(tops) {
         if let (Some(top), Some(top_epoch)) = top {
-            shared
-                .positions
-                .behind(shared, &room, (epoch, last), (Arc::from(top_epoch), top));
+            core.positions
+                .behind(core, &room, (epoch, last), (Arc::from(top_epoch), top));
         }
     }
 }
@@ -192,23 +192,23 @@ async fn check_positions(shared: &Arc<Shared>, conn: &mut ConnectionManager) {
 /// Publishes probe `n` and, in the same round trip, lists this node as alive and reads
 /// the other live nodes. Returns the probe's receivers and the live node ids.
 async fn probe(
-    shared: &Shared,
+    core: &Core,
     conn: &mut ConnectionManager,
     n: u64,
     alive_for_ms: u64,
 ) -> redis::RedisResult<(i64, Vec<String>)> {
     let message = format!(
         r#"{{"serverId":{},"probe":{n},"instance":{}}}"#,
-        serde_json::Value::from(&*shared.node_id),
-        shared.instance
+        serde_json::Value::from(&*core.node_id),
+        core.instance
     );
     let now = now_ms();
-    let alive = &shared.keys.alive;
+    let alive = &core.keys.alive;
     let (receivers, live): (i64, Vec<String>) = redis::pipe()
-        .cmd(shared.publish_command())
-        .arg(&shared.keys.probe)
+        .cmd(core.publish_command())
+        .arg(&core.keys.probe)
         .arg(message)
-        .zadd(alive, &*shared.node_id, now + alive_for_ms)
+        .zadd(alive, &*core.node_id, now + alive_for_ms)
         .ignore()
         .zrembyscore(alive, "-inf", now)
         .ignore()
@@ -221,36 +221,36 @@ async fn probe(
 /// Makes Redis' subscriptions match the wanted set, connecting first if needed. On a
 /// fresh connection the probe channel is subscribed last, after every room.
 async fn reconcile(
-    shared: &Arc<Shared>,
+    core: &Arc<Core>,
     subscriptions: &Arc<Subscriptions>,
     client: &Client,
     conn: &mut Option<ConnectionManager>,
     current: &mut HashSet<String>,
 ) -> redis::RedisResult<()> {
     if conn.is_none() {
-        *conn = Some(connect(shared, subscriptions, client).await?);
+        *conn = Some(connect(core, subscriptions, client).await?);
         current.clear();
     }
     let Some(conn) = conn.as_mut() else {
         return Ok(());
     };
-    for channel in std::mem::take(&mut *shared.moved_channels.lock()) {
+    for channel in std::mem::take(&mut *core.moved_channels.lock()) {
         current.remove(&channel);
     }
     let mut wanted = subscriptions.rooms.lock().clone();
-    if shared.home.load(Relaxed) {
-        wanted.insert(shared.keys.broadcast.clone());
-        wanted.insert(shared.keys.presence_updates.clone());
+    if core.home.load(Relaxed) {
+        wanted.insert(core.keys.broadcast.clone());
+        wanted.insert(core.keys.presence_updates.clone());
     }
-    let probe = &shared.keys.probe;
+    let probe = &core.keys.probe;
     let add: Vec<String> = wanted.difference(current).cloned().collect();
     let remove: Vec<String> = current
         .difference(&wanted)
         .filter(|c| *c != probe)
         .cloned()
         .collect();
-    if shared.sharded() {
-        return reconcile_sharded(shared, conn, current, add, remove).await;
+    if core.sharded() {
+        return reconcile_sharded(core, conn, current, add, remove).await;
     }
     if !add.is_empty() {
         conn.subscribe(&add).await?;
@@ -274,13 +274,13 @@ async fn reconcile(
 /// lives elsewhere now) stays unsubscribed here and wakes the cluster engine, which
 /// moves the room to the engine of its new master.
 async fn reconcile_sharded(
-    shared: &Arc<Shared>,
+    core: &Arc<Core>,
     conn: &mut ConnectionManager,
     current: &mut HashSet<String>,
     mut add: Vec<String>,
     remove: Vec<String>,
 ) -> redis::RedisResult<()> {
-    let probe = &shared.keys.probe;
+    let probe = &core.keys.probe;
     if !current.contains(probe) {
         // Last, as outside a cluster: the probe channel vouches for every room.
         add.push(probe.clone());
@@ -304,8 +304,8 @@ async fn reconcile_sharded(
         }
         if refused > 0 {
             tracing::debug!(refused, "sharded channels live on another master now");
-            if let Some(redirected) = &shared.redirected {
-                redirected.notify.notify_one();
+            if let Some(hand_back) = &core.hand_back {
+                hand_back.notify.notify_one();
             }
         }
     }
@@ -324,12 +324,12 @@ async fn reconcile_sharded(
 }
 
 async fn connect(
-    shared: &Arc<Shared>,
+    core: &Arc<Core>,
     subscriptions: &Arc<Subscriptions>,
     client: &Client,
 ) -> redis::RedisResult<ConnectionManager> {
-    let generation = shared.generation.load(Relaxed);
-    let handler = shared.clone();
+    let generation = core.generation.load(Relaxed);
+    let handler = core.clone();
     let changed = subscriptions.clone();
     // No automatic resubscription: after a disconnection this task subscribes everything
     // again itself, in the order that lets other nodes trust its probe channel.
@@ -343,11 +343,11 @@ async fn connect(
     ConnectionManager::new_with_config(client.clone(), config).await
 }
 
-fn on_push(shared: &Arc<Shared>, subscriptions: &Subscriptions, info: PushInfo) {
+fn on_push(core: &Arc<Core>, subscriptions: &Subscriptions, info: PushInfo) {
     match info.kind {
         PushKind::Message | PushKind::SMessage => {
             if let [Value::BulkString(channel), Value::BulkString(message)] = &info.data[..] {
-                shared.on_message(channel, message);
+                core.on_message(channel, message);
             }
         }
         PushKind::SUnsubscribe => {
@@ -358,22 +358,22 @@ fn on_push(shared: &Arc<Shared>, subscriptions: &Subscriptions, info: PushInfo) 
                     return;
                 };
                 if subscriptions.rooms.lock().contains(channel) {
-                    shared.moved_channels.lock().push(channel.to_string());
+                    core.moved_channels.lock().push(channel.to_string());
                     subscriptions.changed.notify_one();
-                    if let Some(redirected) = &shared.redirected {
-                        redirected.notify.notify_one();
+                    if let Some(hand_back) = &core.hand_back {
+                        hand_back.notify.notify_one();
                     }
                 }
             }
         }
         PushKind::Disconnection => {
-            shared.counters.subscriber_disconnects.fetch_add(1, Relaxed);
-            if shared.subscriber_ok.swap(false, Relaxed) {
+            core.counters.subscriber_disconnects.fetch_add(1, Relaxed);
+            if core.subscriber_ok.swap(false, Relaxed) {
                 tracing::warn!(
                     "Redis subscriber connection lost; it reconnects and subscribes again"
                 );
             }
-            shared.resubscribe.store(true, Relaxed);
+            core.resubscribe.store(true, Relaxed);
             subscriptions.changed.notify_one();
         }
         _ => {}

@@ -3,21 +3,21 @@
 
 use redis::aio::ConnectionManager;
 
-use super::super::Shared;
+use super::super::Core;
 use crate::broker::{OnlineUsers, PresenceError, UserPresence};
 use crate::protocol::now_ms;
 
 /// Who is online: the live part of the index (at most `max`), then their listing
 /// entries, in two commands.
 pub(in crate::broker::redis) async fn online_users(
-    shared: &Shared,
+    core: &Core,
     mut conn: ConnectionManager,
     max: usize,
 ) -> Result<OnlineUsers, PresenceError> {
     let unavailable = |e: redis::RedisError| PresenceError::Unavailable(e.to_string());
     let now = now_ms();
     let mut listed: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(&shared.keys.presence_index)
+        .arg(&core.keys.presence_index)
         .arg(now)
         .arg("+inf")
         .arg("BYSCORE")
@@ -31,17 +31,17 @@ pub(in crate::broker::redis) async fn online_users(
     let truncated = listed.len() > max;
     listed.truncate(max);
     listed.sort_by(|a, b| a.0.cmp(&b.0));
-    let users = entries(shared, &mut conn, &listed).await?;
+    let users = entries(core, &mut conn, &listed).await?;
     Ok(OnlineUsers { users, truncated })
 }
 
 pub(in crate::broker::redis) async fn presence_of(
-    shared: &Shared,
+    core: &Core,
     mut conn: ConnectionManager,
     user: &str,
 ) -> Result<Option<UserPresence>, PresenceError> {
     let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(&shared.keys.presence_index)
+        .arg(&core.keys.presence_index)
         .arg(user)
         .query_async(&mut conn)
         .await
@@ -49,7 +49,7 @@ pub(in crate::broker::redis) async fn presence_of(
     let Some(expires) = score.filter(|expires| *expires > now_ms() as f64) else {
         return Ok(None);
     };
-    Ok(entries(shared, &mut conn, &[(user.to_string(), expires)])
+    Ok(entries(core, &mut conn, &[(user.to_string(), expires)])
         .await?
         .pop())
 }
@@ -58,7 +58,7 @@ pub(in crate::broker::redis) async fn presence_of(
 /// info hash in one `HMGET`; a user without one (written by an older node) is read from
 /// its reference hash instead.
 async fn entries(
-    shared: &Shared,
+    core: &Core,
     conn: &mut ConnectionManager,
     listed: &[(String, f64)],
 ) -> Result<Vec<UserPresence>, PresenceError> {
@@ -75,12 +75,12 @@ async fn entries(
     let unavailable = |e: redis::RedisError| PresenceError::Unavailable(e.to_string());
     let ids: Vec<&str> = listed.iter().map(|(id, _)| id.as_str()).collect();
     let infos: Vec<Option<String>> = redis::cmd("HMGET")
-        .arg(&shared.keys.presence_info)
+        .arg(&core.keys.presence_info)
         .arg(&ids)
         .query_async(conn)
         .await
         .map_err(unavailable)?;
-    let ttl_ms = shared.presence_ttl_ms;
+    let ttl_ms = core.presence_ttl_ms;
     let mut users = Vec::with_capacity(listed.len());
     let mut missing = Vec::new();
     for ((id, expires), info) in listed.iter().zip(infos) {
@@ -98,7 +98,7 @@ async fn entries(
     if !missing.is_empty() {
         let mut pipe = redis::pipe();
         for id in &missing {
-            pipe.cmd("HMGET").arg(shared.keys.presence(id)).arg(&[
+            pipe.cmd("HMGET").arg(core.keys.presence(id)).arg(&[
                 "serverId",
                 "connectedAt",
                 "lastSeen",

@@ -33,7 +33,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::Core;
 use crate::broker::PresenceEvent;
 use crate::config::PresenceConfig;
 use crate::protocol::now_ms;
@@ -93,8 +93,8 @@ impl Here {
 }
 
 /// A user's rooms on this node, as the record keeps them: a JSON list of room ids.
-fn record(shared: &Shared, user: &str) -> Option<String> {
-    let rooms = shared.sink()?.rooms_of(user);
+fn record(core: &Core, user: &str) -> Option<String> {
+    let rooms = core.sink()?.rooms_of(user);
     let rooms: Vec<&str> = rooms.iter().map(|r| &**r).collect();
     serde_json::to_string(&rooms).ok()
 }
@@ -103,7 +103,7 @@ fn record(shared: &Shared, user: &str) -> Option<String> {
 /// and (on the engine that serves the presence keys) announces the users of nodes that
 /// died. At shutdown it says goodbye for its users.
 pub(super) async fn run(
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     mut conn: ConnectionManager,
     mut changes: mpsc::UnboundedReceiver<Change>,
     config: PresenceConfig,
@@ -128,8 +128,8 @@ pub(super) async fn run(
                 while let Ok(change) = changes.try_recv() {
                     here.apply(change, &mut writes);
                 }
-                write(&shared, &mut conn, &mut here, writes, ttl_ms).await;
-                goodbye(&shared, &mut conn, &here).await;
+                write(&core, &mut conn, &mut here, writes, ttl_ms).await;
+                goodbye(&core, &mut conn, &here).await;
                 return;
             }
             change = changes.recv() => {
@@ -140,15 +140,15 @@ pub(super) async fn run(
                 while let Ok(change) = changes.try_recv() {
                     here.apply(change, &mut writes);
                 }
-                write(&shared, &mut conn, &mut here, writes, ttl_ms).await;
+                write(&core, &mut conn, &mut here, writes, ttl_ms).await;
             }
             _ = refresh.tick() => {
                 if std::mem::take(&mut previous_life) {
-                    reap(&shared, &mut conn, Some(&shared.node_id)).await;
+                    reap(&core, &mut conn, Some(&core.node_id)).await;
                 }
-                refresh_here(&shared, &mut conn, &mut here, ttl_ms).await;
-                if shared.home.load(std::sync::atomic::Ordering::Relaxed) {
-                    reap(&shared, &mut conn, None).await;
+                refresh_here(&core, &mut conn, &mut here, ttl_ms).await;
+                if core.home.load(std::sync::atomic::Ordering::Relaxed) {
+                    reap(&core, &mut conn, None).await;
                 }
             }
         }
@@ -164,7 +164,7 @@ fn record_ttl_ms(ttl_ms: u64) -> u64 {
 /// One pipeline: the online and offline scripts in order, then the records of users
 /// whose rooms changed.
 async fn write(
-    shared: &Shared,
+    core: &Core,
     conn: &mut ConnectionManager,
     here: &mut Here,
     writes: Writes,
@@ -175,14 +175,14 @@ async fn write(
         return;
     }
     let now = now_ms();
-    let record_key = shared.keys.presence_node(&shared.node_id);
+    let record_key = core.keys.presence_node(&core.node_id);
     let mut pipe = redis::pipe();
     for (user, online) in &writes.scripts {
-        add_change(&mut pipe, shared, user, *online, now, ttl_ms);
+        add_change(&mut pipe, core, user, *online, now, ttl_ms);
     }
     let mut written = 0;
     for user in dirty.iter().filter(|u| here.users.contains(*u)) {
-        if let Some(rooms) = record(shared, user) {
+        if let Some(rooms) = record(core, user) {
             pipe.hset(&record_key, &**user, rooms).ignore();
             written += 1;
         }
@@ -204,16 +204,16 @@ async fn write(
 /// One user's online or offline script.
 fn add_change(
     pipe: &mut redis::Pipeline,
-    shared: &Shared,
+    core: &Core,
     user: &str,
     online: bool,
     now: u64,
     ttl_ms: u64,
 ) {
-    let keys = &shared.keys;
+    let keys = &core.keys;
     let cmd = pipe.cmd("EVAL");
     if online {
-        cmd.arg(if shared.sharded() {
+        cmd.arg(if core.sharded() {
             ONLINE_SHARDED.as_str()
         } else {
             ONLINE
@@ -224,14 +224,14 @@ fn add_change(
         .arg(&keys.presence_index)
         .arg(&keys.presence_info)
         .arg(&keys.presence_nodes)
-        .arg(keys.presence_node(&shared.node_id))
+        .arg(keys.presence_node(&core.node_id))
         .arg(user)
-        .arg(&*shared.node_id)
+        .arg(&*core.node_id)
         .arg(now)
         .arg(ttl_ms)
         .arg(&keys.presence_updates);
     } else {
-        cmd.arg(if shared.sharded() {
+        cmd.arg(if core.sharded() {
             OFFLINE_SHARDED.as_str()
         } else {
             OFFLINE.as_str()
@@ -241,9 +241,9 @@ fn add_change(
         .arg(keys.presence_nodes(user))
         .arg(&keys.presence_index)
         .arg(&keys.presence_info)
-        .arg(keys.presence_node(&shared.node_id))
+        .arg(keys.presence_node(&core.node_id))
         .arg(user)
-        .arg(&*shared.node_id)
+        .arg(&*core.node_id)
         .arg(now)
         .arg(&keys.presence_updates);
     }
@@ -253,15 +253,15 @@ fn add_change(
 /// Refreshes every user here, the node's liveness and its record. A node that finds its
 /// liveness gone while it has users was announced dead (Redis was out of its reach for
 /// longer than the TTL): its users are announced online again and its record rewritten.
-async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut Here, ttl_ms: u64) {
-    let keys = &shared.keys;
+async fn refresh_here(core: &Core, conn: &mut ConnectionManager, here: &mut Here, ttl_ms: u64) {
+    let keys = &core.keys;
     let now = now_ms();
     let expires = now + ttl_ms;
-    let record_key = keys.presence_node(&shared.node_id);
+    let record_key = keys.presence_node(&core.node_id);
     if !here.users.is_empty() {
         let listed: Result<Option<f64>, _> = redis::cmd("ZSCORE")
             .arg(&keys.presence_nodes)
-            .arg(&*shared.node_id)
+            .arg(&*core.node_id)
             .query_async(conn)
             .await;
         if let Ok(None) = listed {
@@ -273,13 +273,13 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
                 scripts: here.users.iter().map(|u| (u.clone(), true)).collect(),
             };
             here.dirty.extend(here.users.iter().cloned());
-            write(shared, conn, here, writes, ttl_ms).await;
+            write(core, conn, here, writes, ttl_ms).await;
             return;
         }
     }
     // Records that could not be written before go again now.
     if !here.dirty.is_empty() {
-        write(shared, conn, here, Writes::default(), ttl_ms).await;
+        write(core, conn, here, Writes::default(), ttl_ms).await;
     }
     // Six commands a user: the listing entry and the record change only with the user's
     // presence and rooms (written then, and all again when Redis lost them).
@@ -287,7 +287,7 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
     for user in &here.users {
         let nodes = keys.presence_nodes(user);
         let hash = keys.presence(user);
-        pipe.zadd(&nodes, &*shared.node_id, expires)
+        pipe.zadd(&nodes, &*core.node_id, expires)
             .ignore()
             .cmd("PEXPIRE")
             .arg(&nodes)
@@ -298,7 +298,7 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
             .cmd("HSETNX")
             .arg(&hash)
             .arg("serverId")
-            .arg(&*shared.node_id)
+            .arg(&*core.node_id)
             .ignore()
             .cmd("PEXPIRE")
             .arg(&hash)
@@ -309,7 +309,7 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
     }
     // The node is alive, users or not: only a node that stops refreshing is announced
     // dead (a node that shuts down takes itself off).
-    pipe.zadd(&keys.presence_nodes, &*shared.node_id, expires)
+    pipe.zadd(&keys.presence_nodes, &*core.node_id, expires)
         .ignore()
         .cmd("PEXPIRE")
         .arg(&record_key)
@@ -334,10 +334,10 @@ async fn refresh_here(shared: &Shared, conn: &mut ConnectionManager, here: &mut 
 /// Claims the nodes whose liveness expired (or `node`, this node's previous life) and
 /// announces their users gone: the script publishes `disconnected` for each user no
 /// other node has; the rooms it returns get a `user_left` per user, from this node.
-async fn reap(shared: &Shared, conn: &mut ConnectionManager, node: Option<&str>) {
-    let keys = &shared.keys;
+async fn reap(core: &Core, conn: &mut ConnectionManager, node: Option<&str>) {
+    let keys = &core.keys;
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(if shared.sharded() {
+    cmd.arg(if core.sharded() {
         REAP_SHARDED.as_str()
     } else {
         REAP.as_str()
@@ -373,16 +373,15 @@ async fn reap(shared: &Shared, conn: &mut ConnectionManager, node: Option<&str>)
                 rooms.push((room, count));
             }
         }
-        if node == *shared.node_id {
+        if node == *core.node_id {
             tracing::info!(rooms = rooms.len(), "this node's previous life left users behind (it died without a goodbye): they are announced gone");
         } else {
             tracing::info!(node = %node, rooms = rooms.len(), "a node's presence expired: its users are announced gone");
         }
-        shared
-            .counters
+        core.counters
             .nodes_reaped
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(sink) = shared.sink() {
+        if let Some(sink) = core.sink() {
             sink.users_gone(&node, &rooms);
         }
     }
@@ -390,16 +389,16 @@ async fn reap(shared: &Shared, conn: &mut ConnectionManager, node: Option<&str>)
 
 /// At shutdown: every user still here goes offline as a live node would take them, and
 /// the node leaves the live set, so nobody announces it dead later.
-async fn goodbye(shared: &Shared, conn: &mut ConnectionManager, here: &Here) {
-    let keys = &shared.keys;
+async fn goodbye(core: &Core, conn: &mut ConnectionManager, here: &Here) {
+    let keys = &core.keys;
     let now = now_ms();
     let mut pipe = redis::pipe();
     for user in &here.users {
-        add_change(&mut pipe, shared, user, false, now, 0);
+        add_change(&mut pipe, core, user, false, now, 0);
     }
-    pipe.zrem(&keys.presence_nodes, &*shared.node_id)
+    pipe.zrem(&keys.presence_nodes, &*core.node_id)
         .ignore()
-        .del(keys.presence_node(&shared.node_id))
+        .del(keys.presence_node(&core.node_id))
         .ignore();
     if let Err(e) = pipe.query_async::<()>(conn).await {
         tracing::warn!(users = here.users.len(), error = %e, "could not say goodbye for this node's users; they expire after presence.ttl_s and are announced gone then");

@@ -118,8 +118,8 @@ return out
 
 /// The same in a Redis Cluster (`SPUBLISH`: every name here shares the home tag).
 pub(super) static ONLINE_SHARDED: LazyLock<String> =
-    LazyLock::new(|| super::super::sharded_script(ONLINE));
+    LazyLock::new(|| super::super::start::sharded_script(ONLINE));
 pub(super) static OFFLINE_SHARDED: LazyLock<String> =
-    LazyLock::new(|| super::super::sharded_script(&OFFLINE));
+    LazyLock::new(|| super::super::start::sharded_script(&OFFLINE));
 pub(super) static REAP_SHARDED: LazyLock<String> =
-    LazyLock::new(|| super::super::sharded_script(&REAP));
+    LazyLock::new(|| super::super::start::sharded_script(&REAP));

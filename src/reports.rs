@@ -1,24 +1,23 @@
-//! Cluster reports: every node's summary, for `/api/cluster` and `/dashboard`.
+//! Node reports: every node's summary, for `/api/cluster` and `/dashboard` (the route
+//! keeps the reference servers' name; "cluster" elsewhere in volley means Redis Cluster).
 //!
 //! Every `metrics.report_s` a node turns its counters into a report (rates over the last
 //! interval, batch size, delivery latency p50/p99 from the histogram's bucket deltas) and
-//! keeps the last `metrics.history` reports. With Redis, it also writes the report to the
-//! hash `metrics:<serverId>` (TTL 300 s, the reference servers' field names, plus
-//! volley's counters and the history as JSON) and adds its id to the set `volley:nodes`.
-//! `/api/cluster` reads that set and the hashes, never `KEYS`; ids whose hash has expired
-//! are removed from the set as they are found. Without Redis the cluster is this node.
+//! keeps the last `metrics.history` reports. Where the broker keeps reports (Redis, in
+//! every topology: `broker::Reports`), it also writes the report there (the hash
+//! `metrics:<serverId>`, TTL 300 s, the reference servers' field names, plus volley's
+//! counters and the history as JSON, and its id in the set `volley:nodes`), and
+//! `/api/cluster` reads every node's. Without one, the deployment shown is this node.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::redis::{manager_config, Keys};
+use crate::broker::{Broker, ReportError};
 use crate::config::Config;
 use crate::metrics::StatsSnapshot;
 use crate::node::Node;
@@ -54,77 +53,45 @@ pub struct NodeReport {
     pub history: Vec<Report>,
 }
 
-pub struct Cluster {
+pub struct NodeReports {
     node_id: String,
-    redis_url: String,
-    keys: Keys,
     history_len: usize,
     history: Mutex<VecDeque<Report>>,
-    redis: OnceCell<ConnectionManager>,
 }
 
-impl Cluster {
-    pub fn new(config: &Config) -> Cluster {
-        let node_id = config.server.node_id.clone();
-        Cluster {
-            keys: Keys::new(&config.redis.key_prefix, &node_id),
-            node_id,
-            redis_url: config.redis.url.clone(),
+/// The fields `/api/cluster` reads back.
+const READ: [&str; 3] = ["updatedAt", "latest", "history"];
+
+impl NodeReports {
+    pub fn new(config: &Config) -> NodeReports {
+        NodeReports {
+            node_id: config.server.node_id.clone(),
             history_len: config.metrics.history,
             history: Mutex::new(VecDeque::new()),
-            redis: OnceCell::new(),
         }
     }
 
-    /// Every live node's report, sorted by id: from Redis when configured, else this
-    /// node's own.
-    pub async fn nodes(&self) -> Result<Vec<NodeReport>, redis::RedisError> {
-        if self.redis_url.is_empty() {
+    /// Every live node's report, sorted by id: from the broker's store where it keeps
+    /// one, else this node's own.
+    pub async fn nodes(&self, broker: &dyn Broker) -> Result<Vec<NodeReport>, ReportError> {
+        if !broker.keeps_reports() {
             return Ok(vec![self.own()]);
         }
-        let mut conn = self.connection().await?;
-        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&self.keys.nodes)
-            .query_async(&mut conn)
-            .await?;
-        ids.sort();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HMGET").arg(self.keys.metrics_of(id)).arg(&[
-                "updatedAt",
-                "latest",
-                "history",
-            ]);
-        }
-        let rows: Vec<(Option<u64>, Option<String>, Option<String>)> =
-            pipe.query_async(&mut conn).await?;
-        let mut nodes = Vec::with_capacity(ids.len());
-        let mut gone = Vec::new();
-        for (id, row) in ids.into_iter().zip(rows) {
-            match row {
-                (Some(updated_at), Some(latest), history) => nodes.push(NodeReport {
-                    latest: serde_json::from_str(&latest).unwrap_or_default(),
+        let rows = broker.read_reports(&READ).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let [updated_at, latest, history] = <[Option<String>; 3]>::try_from(fields).ok()?;
+                Some(NodeReport {
+                    latest: serde_json::from_str(&latest?).unwrap_or_default(),
                     history: history
                         .and_then(|h| serde_json::from_str(&h).ok())
                         .unwrap_or_default(),
                     server_id: id,
-                    updated_at,
-                }),
-                _ => gone.push(id),
-            }
-        }
-        if !gone.is_empty() {
-            // Their hashes expired: those nodes stopped reporting.
-            let _: Result<(), _> = redis::cmd("SREM")
-                .arg(&self.keys.nodes)
-                .arg(&gone)
-                .query_async(&mut conn)
-                .await;
-        }
-        Ok(nodes)
+                    updated_at: updated_at?.parse().ok()?,
+                })
+            })
+            .collect())
     }
 
     fn own(&self) -> NodeReport {
@@ -137,18 +104,6 @@ impl Cluster {
         }
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-        self.redis
-            .get_or_try_init(|| async {
-                let client = redis::Client::open(self.redis_url.as_str())?;
-                // A report waits at most 2 s: the next one comes an interval later.
-                let config = manager_config().set_response_timeout(Some(Duration::from_secs(2)));
-                ConnectionManager::new_with_config(client, config).await
-            })
-            .await
-            .cloned()
-    }
-
     fn remember(&self, report: Report) {
         let mut history = self.history.lock();
         if history.len() >= self.history_len {
@@ -157,53 +112,37 @@ impl Cluster {
         history.push_back(report);
     }
 
-    /// Writes the report to Redis: the reference servers' fields, volley's, and the history.
+    /// Writes the report where every node reads it: the reference servers' fields,
+    /// volley's, and the history.
     async fn publish(
         &self,
+        broker: &dyn Broker,
         report: &Report,
         totals: &StatsSnapshot,
         publish_avg_ms: f64,
-    ) -> Result<(), redis::RedisError> {
+    ) -> Result<(), ReportError> {
         let latest = serde_json::to_string(report).unwrap_or_default();
         let history = serde_json::to_string(&self.own().history).unwrap_or_default();
-        let mut conn = self.connection().await?;
-        redis::pipe()
-            .atomic()
-            .cmd("HSET")
-            .arg(&self.keys.metrics)
-            .arg("serverId")
-            .arg(&self.node_id)
-            .arg("timestamp")
-            .arg(report.timestamp)
-            .arg("updatedAt")
-            .arg(report.timestamp)
-            .arg("messagesPublished")
-            .arg(totals.messages_in() - totals.messages_in_broker)
-            .arg("messagesReceived")
-            .arg(totals.messages_in_broker)
-            .arg("avgPublishLatencyMs")
-            .arg(format!("{publish_avg_ms:.2}"))
-            .arg("avgDeliveryLatencyMs")
-            .arg(format!("{:.2}", report.delivery_p50_ms))
-            .arg("errors")
-            .arg(totals.protocol_errors)
-            .arg("connections")
-            .arg(report.connections)
-            .arg("latest")
-            .arg(latest)
-            .arg("history")
-            .arg(history)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&self.keys.metrics)
-            .arg(REPORT_TTL_S)
-            .ignore()
-            .cmd("SADD")
-            .arg(&self.keys.nodes)
-            .arg(&self.node_id)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
+        let fields = vec![
+            ("serverId", self.node_id.clone()),
+            ("timestamp", report.timestamp.to_string()),
+            ("updatedAt", report.timestamp.to_string()),
+            (
+                "messagesPublished",
+                (totals.messages_in() - totals.messages_in_broker).to_string(),
+            ),
+            ("messagesReceived", totals.messages_in_broker.to_string()),
+            ("avgPublishLatencyMs", format!("{publish_avg_ms:.2}")),
+            (
+                "avgDeliveryLatencyMs",
+                format!("{:.2}", report.delivery_p50_ms),
+            ),
+            ("errors", totals.protocol_errors.to_string()),
+            ("connections", report.connections.to_string()),
+            ("latest", latest),
+            ("history", history),
+        ];
+        broker.write_report(fields, REPORT_TTL_S).await
     }
 }
 
@@ -217,7 +156,7 @@ struct Previous {
 }
 
 /// Reports every `metrics.report_s` until `stop` is cancelled.
-pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken) {
+pub async fn run(node: Arc<Node>, reports: Arc<NodeReports>, stop: CancellationToken) {
     let every = Duration::from_secs(node.config().metrics.report_s);
     let mut previous: Option<Previous> = None;
     let mut ticker = tokio::time::interval(every);
@@ -235,8 +174,9 @@ pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken
         let publish = stats.publish_latency.sum_count();
         if let Some(prev) = &previous {
             let report = report(&node, prev, now, &totals, &latency);
-            cluster.remember(report.clone());
-            if !cluster.redis_url.is_empty() {
+            reports.remember(report.clone());
+            let broker = node.broker();
+            if broker.keeps_reports() {
                 let (sum, count) = (publish.0 - prev.publish.0, publish.1 - prev.publish.1);
                 let publish_avg_ms = if count == 0 {
                     0.0
@@ -244,18 +184,18 @@ pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken
                     sum as f64 / count as f64 / 1000.0
                 };
                 let written = tokio::select! {
-                    written = cluster.publish(&report, &totals, publish_avg_ms) => written,
+                    written = reports.publish(&**broker, &report, &totals, publish_avg_ms) => written,
                     _ = stop.cancelled() => return,
                 };
                 match written {
                     Ok(()) if failing => {
                         failing = false;
-                        tracing::info!("cluster report written again");
+                        tracing::info!("node report written again");
                     }
                     Ok(()) => {}
                     Err(e) if !failing => {
                         failing = true;
-                        tracing::warn!(error = %e, "cluster report not written; retrying every interval");
+                        tracing::warn!(error = %e, "node report not written; retrying every interval");
                     }
                     Err(_) => {}
                 }

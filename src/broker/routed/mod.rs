@@ -1,0 +1,681 @@
+//! Several Redis engines behind one route: the topologies where a node talks to more than
+//! one Redis server, or to one that can change.
+//!
+//! An `EngineSet` is written once for all of them: it holds the engines of the current
+//! `Layout` (the engines and the route between them: which engine serves a room, a user,
+//! the node-wide things), the node's rooms and online users (what a new engine must take
+//! over), and its watch; it forwards the seam's every method through the route. A
+//! topology is its route plus its watch:
+//!
+//! | file | topology | route | watch |
+//! | --- | --- | --- | --- |
+//! | `shards.rs` | `redis.shards`: independent servers | rendezvous hashing of the room (user) id | none: the shards are fixed |
+//! | `sentinel.rs` | `redis.sentinels`: one master, replaced on failover | everything on the one engine | ask the sentinels every 500 ms |
+//! | `cluster.rs` | `redis.cluster_nodes`: a Redis Cluster | the room's slot's master; the rest on the home slot's | read `CLUSTER SLOTS` every second |
+//!
+//! When the watch finds a new layout, the set hands over: engines that leave stop
+//! delivering at once; with both sets locked, every room whose engine changed takes its
+//! durable position to the new engine and is subscribed there, and every user whose
+//! engine changed goes online there; the layout is swapped; the engines that left are
+//! shut down, and what they held comes back (handed back, with their last seconds of
+//! durable appends as doubtful) and is routed by the new layout; only then do the new
+//! engines (gated) send anything. Durable rooms repair any gap from their streams.
+//!
+//! Why not redis-rs's own clients (checked against redis 1.x with `cluster-async` and
+//! `sentinel`): `ClusterConnection` routes commands by key and retries `MOVED`/`ASK` on
+//! its own, but its pub/sub follows a slot move only by resubscribing inside the client,
+//! with no moment where volley could move a durable room's position, hold the room's
+//! joins, or learn that a publish was refused without running (it retries, or fails
+//! without saying whether it ran); it has no per-master probe either, which is how an
+//! engine here learns that pub/sub stopped delivering. `SentinelClient` gives a
+//! connection to the current master, but no signal when the master changes, so the
+//! hand-over (stop delivering, move positions, hand back what the old master held)
+//! would have no place to run. Both ask the deployment the same questions these watches
+//! do (`CLUSTER SLOTS`, `SENTINEL get-master-addr-by-name`); volley asks them itself and
+//! keeps one Redis engine per server, with its pipelines, probe and hand-back.
+
+mod cluster;
+mod sentinel;
+mod shards;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use super::redis::{EngineOptions, HandBack, RedisStartError};
+use super::{
+    add_counters, BoxFuture, Broker, BrokerState, Counter, CounterKind, Envelope, EnvelopeSink,
+    Health, HistoryError, HistoryFuture, OnlineUsers, Presence, PresenceError, PublishError,
+    RedisBroker, ReportError, Reports, StoredReport, Target, UserPresence,
+};
+use crate::config::{Config, Durability};
+use crate::metrics::Stats;
+use crate::protocol::inbound::Replay;
+
+pub use shards::pick;
+
+/// The engines for `redis.sentinels`.
+pub fn sentinel(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
+    Ok(EngineSet::start(config, sentinel::Sentinel::new(config))?)
+}
+
+/// The engines for `redis.cluster_nodes`.
+pub fn cluster(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
+    Ok(EngineSet::start(config, cluster::Cluster::new(config)?)?)
+}
+
+/// The engines for `redis.shards`.
+pub fn shards(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
+    Ok(EngineSet::start(config, shards::Shards::new(config))?)
+}
+
+/// Which engine of a layout serves what (an index into its engines; `None`: nothing
+/// serves it yet).
+pub(crate) trait Route: Send + Sync + 'static {
+    fn room(&self, room: &str) -> Option<usize>;
+    /// A user's presence and direct messages.
+    fn user(&self, user: &str) -> Option<usize>;
+    /// Broadcasts and node reports.
+    fn home(&self) -> Option<usize>;
+    /// The engines whose listings of online users together list everyone.
+    fn listing(&self) -> Vec<usize>;
+    /// Every room has an engine (in a cluster: every slot a master).
+    fn complete(&self) -> bool {
+        true
+    }
+}
+
+/// The engines, and the route between them.
+pub(crate) struct Layout<R> {
+    pub engines: Vec<Arc<RedisBroker>>,
+    pub route: R,
+}
+
+impl<R: Route> Layout<R> {
+    fn at(&self, index: Option<usize>) -> Option<&Arc<RedisBroker>> {
+        index.and_then(|i| self.engines.get(i))
+    }
+
+    fn room(&self, room: &str) -> Option<&Arc<RedisBroker>> {
+        self.at(self.route.room(room))
+    }
+
+    fn user(&self, user: &str) -> Option<&Arc<RedisBroker>> {
+        self.at(self.route.user(user))
+    }
+
+    fn home(&self) -> Option<&Arc<RedisBroker>> {
+        self.at(self.route.home())
+    }
+
+    fn target(&self, target: &Target) -> Option<usize> {
+        match target {
+            Target::Room(room) => self.route.room(room),
+            Target::User(user) => self.route.user(user),
+            Target::Broadcast => self.route.home(),
+        }
+    }
+
+    fn has(&self, engine: &Arc<RedisBroker>) -> bool {
+        self.engines.iter().any(|e| Arc::ptr_eq(e, engine))
+    }
+}
+
+/// A topology: its route, its watch, and what it says when nothing serves a room yet.
+pub(crate) trait Topology: Send + Sync + Sized + 'static {
+    type Route: Route;
+    /// The watch's own state between rounds (a connection it keeps).
+    type Watch: Default + Send;
+    /// The engine's name (`Health::engine`).
+    const ENGINE: &'static str;
+    /// How often the watch looks, and the shortest pause between two looks however
+    /// often engines hand back; `None` for a fixed topology (no watch).
+    const ROUNDS: Option<(Duration, Duration)>;
+    /// Why a room (or the users) cannot be served yet.
+    const UNSERVED: &'static str;
+
+    /// The layout the node starts with.
+    fn first(&self, starter: &Starter) -> Result<Layout<Self::Route>, RedisStartError>;
+
+    /// Looks at the deployment; a new layout when it changed (its new engines started
+    /// with `starter`, the engines it keeps shared with `current`).
+    fn look<'a>(
+        &'a self,
+        starter: &'a Starter,
+        current: &'a Layout<Self::Route>,
+        watch: &'a mut Self::Watch,
+    ) -> impl Future<Output = Option<Layout<Self::Route>>> + Send + 'a;
+
+    /// A new layout replaced `was`: log it, count it.
+    fn changed(&self, was: &Layout<Self::Route>, now: &Layout<Self::Route>) {
+        let _ = (was, now);
+    }
+
+    /// The topology's own counters.
+    fn counters(&self) -> Vec<Counter> {
+        Vec::new()
+    }
+}
+
+/// What `attach` handed over, kept so every new engine can be attached the same way.
+type Attached = (Arc<str>, Weak<dyn EnvelopeSink>, Arc<Stats>);
+
+/// How long an engine that leaves the layout has to hand back what it holds.
+const RETIRE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Starts the engines of a set.
+pub(crate) struct Starter {
+    config: Config,
+    /// The set's hand-back, for a topology that changes (a fixed one's engines keep and
+    /// count what they hold, as one alone).
+    hand_back: Option<Arc<HandBack>>,
+}
+
+impl Starter {
+    pub(crate) fn start(
+        &self,
+        mut options: EngineOptions,
+    ) -> Result<Arc<RedisBroker>, RedisStartError> {
+        options.hand_back = self.hand_back.clone();
+        RedisBroker::start_with(&self.config, options)
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// Several Redis engines behind one route (see the module docs).
+pub(crate) struct EngineSet<T: Topology> {
+    topology: T,
+    starter: Starter,
+    layout: RwLock<Arc<Layout<T::Route>>>,
+    attached: OnceLock<Attached>,
+    /// What a new engine must take over: the rooms with local sockets, the users online
+    /// here.
+    rooms: Mutex<HashSet<Arc<str>>>,
+    users: Mutex<HashSet<Arc<str>>>,
+    /// What the engines hand back, for the watch to route again.
+    hand_back: Arc<HandBack>,
+    /// Publishes sent again through another engine.
+    handed_back: AtomicU64,
+    /// Publishes handed back that no engine would take.
+    dropped: AtomicU64,
+    /// Counters of engines that left the layout, so the node's totals never go back:
+    /// engines still shutting down, and the final counts of those done.
+    retiring: Mutex<Vec<Arc<RedisBroker>>>,
+    retired: Mutex<Vec<Counter>>,
+    stop: CancellationToken,
+}
+
+impl<T: Topology> EngineSet<T> {
+    fn start(config: &Config, topology: T) -> Result<Arc<EngineSet<T>>, RedisStartError> {
+        let hand_back = Arc::new(HandBack::default());
+        let starter = Starter {
+            config: config.clone(),
+            hand_back: T::ROUNDS.map(|_| hand_back.clone()),
+        };
+        let first = topology.first(&starter)?;
+        let set = Arc::new(EngineSet {
+            topology,
+            starter,
+            layout: RwLock::new(Arc::new(first)),
+            attached: OnceLock::new(),
+            rooms: Mutex::new(HashSet::new()),
+            users: Mutex::new(HashSet::new()),
+            hand_back,
+            handed_back: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            retiring: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
+        });
+        if let Some((every, soonest)) = T::ROUNDS {
+            tokio::spawn(watch(
+                Arc::downgrade(&set),
+                every,
+                soonest,
+                set.stop.clone(),
+            ));
+        }
+        Ok(set)
+    }
+
+    fn layout(&self) -> Arc<Layout<T::Route>> {
+        self.layout.read().clone()
+    }
+
+    /// Follows a new layout (see the module docs).
+    fn replace(self: &Arc<Self>, next: Layout<T::Route>) {
+        let current = self.layout();
+        let next = Arc::new(next);
+        let retiring: Vec<Arc<RedisBroker>> = current
+            .engines
+            .iter()
+            .filter(|e| !next.has(e))
+            .cloned()
+            .collect();
+        let started: Vec<Arc<RedisBroker>> = next
+            .engines
+            .iter()
+            .filter(|e| !current.has(e))
+            .cloned()
+            .collect();
+        if let Some((id, sink, stats)) = self.attached.get() {
+            for engine in &started {
+                engine.attach(id.clone(), sink.clone(), stats.clone());
+            }
+        }
+        // From now on only the new engines' messages are delivered, and durable rooms go
+        // on from what was delivered here: a message an old master took after the
+        // change, and the new one gets again, is not delivered twice.
+        for engine in &retiring {
+            engine.stop_delivering();
+        }
+        let stays = |engine: &Arc<RedisBroker>| next.has(engine);
+        // Holding both sets until the swap: a join or a user arriving meanwhile waits and
+        // then reaches the engine of the new layout (their calls take the set's lock
+        // first).
+        let rooms = self.rooms.lock();
+        let users = self.users.lock();
+        for room in rooms.iter() {
+            let (was, now) = (current.room(room), next.room(room));
+            if same(was, now) {
+                continue;
+            }
+            if let Some(now) = now {
+                if let Some(was) = was {
+                    now.take_position(was, room);
+                }
+                now.subscribe(room);
+            }
+            // One that leaves is shut down instead.
+            if let Some(was) = was.filter(|e| stays(e)) {
+                was.unsubscribe(room);
+            }
+        }
+        for user in users.iter() {
+            let (was, now) = (current.user(user), next.user(user));
+            if same(was, now) {
+                continue;
+            }
+            if let Some(now) = now {
+                now.user_online(user);
+            }
+            if let Some(was) = was.filter(|e| stays(e)) {
+                was.user_offline(user);
+            }
+        }
+        let home = next.home();
+        for engine in &next.engines {
+            engine.set_home(home.is_some_and(|home| Arc::ptr_eq(home, engine)));
+        }
+        *self.layout.write() = next.clone();
+        drop((rooms, users));
+        self.topology.changed(&current, &next);
+        self.retire(retiring, started);
+    }
+
+    /// Shuts engines down in the background; what they held comes back and is routed
+    /// by the new layout; then the new engines may send.
+    fn retire(self: &Arc<Self>, engines: Vec<Arc<RedisBroker>>, started: Vec<Arc<RedisBroker>>) {
+        self.retiring.lock().extend(engines.iter().cloned());
+        let set = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + RETIRE_WITHIN;
+            for engine in &engines {
+                engine.shutdown(deadline).await;
+            }
+            if let Some(set) = set.upgrade() {
+                // Both locks at once, so `counters` never counts an engine twice or not
+                // at all.
+                let mut retiring = set.retiring.lock();
+                let mut retired = set.retired.lock();
+                for engine in &engines {
+                    retiring.retain(|e| !Arc::ptr_eq(e, engine));
+                    add_counters(&mut retired, counts_only(engine.counters()));
+                }
+                drop((retiring, retired));
+                set.route_handed_back();
+            }
+            for engine in &started {
+                engine.open_gate();
+            }
+        });
+    }
+
+    /// Routes again what engines handed back: doubtful durable messages first (they are
+    /// the older ones, and are checked against the stream), then the rest, in order.
+    /// What nothing serves yet waits for the next layout.
+    fn route_handed_back(&self) {
+        let layout = self.layout();
+        let mut unroutable = Vec::new();
+        for envelope in self.hand_back.take_doubtful() {
+            match layout.at(layout.target(&envelope.target)) {
+                Some(engine) => {
+                    self.handed_back.fetch_add(1, Relaxed);
+                    engine.publish_doubtful(std::slice::from_ref(&envelope));
+                }
+                None => unroutable.push(envelope),
+            }
+        }
+        if !unroutable.is_empty() {
+            self.hand_back.hand_back_doubtful(unroutable);
+        }
+        let envelopes = self.hand_back.take();
+        let mut unroutable = Vec::new();
+        for_each_run(&layout, &envelopes, |engine, run| {
+            match layout.at(engine) {
+                Some(engine) => {
+                    self.handed_back.fetch_add(run.len() as u64, Relaxed);
+                    if let Err(e) = engine.publish(run) {
+                        self.dropped.fetch_add(run.len() as u64, Relaxed);
+                        tracing::warn!(publishes = run.len(), "publishes handed back dropped: {e}");
+                    }
+                }
+                None => unroutable.extend_from_slice(run),
+            }
+            Ok::<(), PublishError>(())
+        })
+        .ok();
+        if !unroutable.is_empty() {
+            self.hand_back.hand_back(unroutable);
+        }
+    }
+}
+
+/// Calls `f` with each run of consecutive envelopes that go to the same engine.
+fn for_each_run<R: Route, E>(
+    layout: &Layout<R>,
+    envelopes: &[Envelope],
+    mut f: impl FnMut(Option<usize>, &[Envelope]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut start = 0;
+    let mut engine = None;
+    for (i, envelope) in envelopes.iter().enumerate() {
+        let this = layout.target(&envelope.target);
+        if i > start && this != engine {
+            f(engine, &envelopes[start..i])?;
+            start = i;
+        }
+        engine = this;
+    }
+    if start < envelopes.len() {
+        f(engine, &envelopes[start..])?;
+    }
+    Ok(())
+}
+
+/// An engine's counts without its levels: an engine that left has no level any more.
+fn counts_only(counters: Vec<Counter>) -> impl Iterator<Item = Counter> {
+    counters
+        .into_iter()
+        .filter(|c| c.kind == CounterKind::Count)
+}
+
+/// Whether two lookups found the same engine (or both none).
+fn same(a: Option<&Arc<RedisBroker>>, b: Option<&Arc<RedisBroker>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Looks every `every` (at least `soonest` after the last look, sooner when an engine
+/// handed something back) and routes what came back.
+async fn watch<T: Topology>(
+    set: Weak<EngineSet<T>>,
+    every: Duration,
+    soonest: Duration,
+    stop: CancellationToken,
+) {
+    let Some(hand_back) = set.upgrade().map(|s| s.hand_back.clone()) else {
+        return;
+    };
+    let mut state = T::Watch::default();
+    loop {
+        let Some(set) = set.upgrade() else { return };
+        let current = set.layout();
+        if let Some(next) = set.topology.look(&set.starter, &current, &mut state).await {
+            set.replace(next);
+        }
+        set.route_handed_back();
+        drop((set, current));
+        tokio::select! {
+            _ = tokio::time::sleep(soonest) => {}
+            _ = stop.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every.saturating_sub(soonest)) => {}
+            _ = hand_back.notify.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+impl<T: Topology> Health for EngineSet<T> {
+    fn engine(&self) -> &'static str {
+        T::ENGINE
+    }
+
+    /// Connected while every room has an engine and every engine is connected.
+    fn state(&self) -> BrokerState {
+        let layout = self.layout();
+        if !layout.route.complete() {
+            return BrokerState::Reconnecting;
+        }
+        BrokerState::all(layout.engines.iter().map(|e| e.state()))
+    }
+
+    /// Every engine's counters summed by name (with those of engines that left), the
+    /// publishes handed back, and the topology's own.
+    fn counters(&self) -> Vec<Counter> {
+        let mut total = Vec::new();
+        for engine in &self.layout().engines {
+            add_counters(&mut total, engine.counters());
+        }
+        let retiring = self.retiring.lock();
+        let retired = self.retired.lock();
+        for engine in retiring.iter() {
+            add_counters(&mut total, counts_only(engine.counters()));
+        }
+        add_counters(&mut total, retired.iter().copied());
+        drop((retiring, retired));
+        add_counters(
+            &mut total,
+            [super::redis::dropped_publishes(self.dropped.load(Relaxed))],
+        );
+        if T::ROUNDS.is_some() {
+            let handed_back = self.handed_back.load(Relaxed);
+            total.push(Counter::count(
+                "redis_handed_back_publishes",
+                HANDED_BACK_HELP,
+                handed_back,
+            ));
+            total.push(Counter::count(
+                "redis_redirected_publishes",
+                "Deprecated, the same as volley_redis_handed_back_publishes_total (the old name, kept for one release).",
+                handed_back,
+            ));
+        }
+        total.extend(self.topology.counters());
+        total
+    }
+}
+
+const HANDED_BACK_HELP: &str = "Publishes sent again through another engine of the set: refused by Redis without running (a cluster's MOVED, ASK, TRYAGAIN or CLUSTERDOWN, a demoted master's READONLY or NOREPLICAS), or still held by an engine replaced at a failover or slot change.";
+
+impl<T: Topology> Broker for EngineSet<T> {
+    fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>) {
+        for engine in &self.layout().engines {
+            engine.attach(node_id.clone(), sink.clone(), stats.clone());
+        }
+        let _ = self.attached.set((node_id, sink, stats));
+    }
+
+    fn publish(&self, batch: &[Envelope]) -> Result<(), PublishError> {
+        let layout = self.layout.read();
+        for_each_run(&layout, batch, |engine, run| match layout.at(engine) {
+            Some(engine) => engine.publish(run),
+            None => {
+                // Nothing serves it yet (no slot map): held for the next layout, within
+                // the same bound as an engine's queue.
+                if self.hand_back.len() + run.len() > self.starter.config.redis.outage_buffer {
+                    return Err(PublishError::Overloaded);
+                }
+                self.hand_back.hand_back(run.iter().cloned());
+                Ok(())
+            }
+        })
+    }
+
+    fn subscribe(&self, room: &Arc<str>) {
+        let mut rooms = self.rooms.lock();
+        rooms.insert(room.clone());
+        if let Some(engine) = self.layout.read().room(room) {
+            engine.subscribe(room);
+        }
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        let mut rooms = self.rooms.lock();
+        rooms.remove(room);
+        if let Some(engine) = self.layout.read().room(room) {
+            engine.unsubscribe(room);
+        }
+    }
+
+    fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
+        match self.layout().room(room) {
+            Some(engine) => engine.until_subscribed(room),
+            // Nothing serves the room yet: nothing to wait for that would come.
+            None => Some(Box::pin(std::future::ready(false))),
+        }
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        replay: &'a Replay,
+        durability: Durability,
+    ) -> HistoryFuture<'a> {
+        let engine = self.layout().room(room).cloned();
+        Box::pin(async move {
+            let Some(engine) = engine else {
+                return Err(HistoryError::Unavailable(T::UNSERVED.into()));
+            };
+            engine.history(room, replay, durability).await
+        })
+    }
+
+    fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ()> {
+        self.stop.cancel();
+        let layout = self.layout();
+        Box::pin(async move {
+            for engine in &layout.engines {
+                engine.shutdown(deadline).await;
+            }
+        })
+    }
+}
+
+impl<T: Topology> Presence for EngineSet<T> {
+    fn user_online(&self, user: &Arc<str>) {
+        let mut users = self.users.lock();
+        users.insert(user.clone());
+        if let Some(engine) = self.layout.read().user(user) {
+            engine.user_online(user);
+        }
+    }
+
+    fn user_offline(&self, user: &Arc<str>) {
+        let mut users = self.users.lock();
+        users.remove(user);
+        if let Some(engine) = self.layout.read().user(user) {
+            engine.user_offline(user);
+        }
+    }
+
+    fn user_rooms_changed(&self, user: &Arc<str>) {
+        // An engine that takes a user over writes their rooms at its first refresh.
+        if let Some(engine) = self.layout.read().user(user) {
+            engine.user_rooms_changed(user);
+        }
+    }
+
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
+        let layout = self.layout();
+        Box::pin(async move {
+            let engines: Vec<&Arc<RedisBroker>> = layout
+                .route
+                .listing()
+                .into_iter()
+                .filter_map(|i| layout.engines.get(i))
+                .collect();
+            match engines.as_slice() {
+                [] => Err(PresenceError::Unavailable(T::UNSERVED.into())),
+                [one] => one.online_users(max).await,
+                many => {
+                    let mut parts = Vec::with_capacity(many.len());
+                    for engine in many {
+                        parts.push(engine.online_users(max).await?);
+                    }
+                    Ok(OnlineUsers::merge(parts, max))
+                }
+            }
+        })
+    }
+
+    fn presence_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
+        let engine = self.layout().user(user).cloned();
+        Box::pin(async move {
+            match engine {
+                Some(engine) => engine.presence_of(user).await,
+                None => Err(PresenceError::Unavailable(T::UNSERVED.into())),
+            }
+        })
+    }
+}
+
+/// Reports are kept on the home engine's server, in every topology.
+impl<T: Topology> Reports for EngineSet<T> {
+    fn keeps_reports(&self) -> bool {
+        true
+    }
+
+    fn write_report(
+        &self,
+        fields: Vec<(&'static str, String)>,
+        ttl_s: u64,
+    ) -> BoxFuture<'_, Result<(), ReportError>> {
+        let home = self.layout().home().cloned();
+        Box::pin(async move {
+            match home {
+                Some(home) => home.write_report(fields, ttl_s).await,
+                None => Err(ReportError::Unavailable(T::UNSERVED.into())),
+            }
+        })
+    }
+
+    fn read_reports<'a>(
+        &'a self,
+        fields: &'a [&'static str],
+    ) -> BoxFuture<'a, Result<Vec<StoredReport>, ReportError>> {
+        let home = self.layout().home().cloned();
+        Box::pin(async move {
+            match home {
+                Some(home) => home.read_reports(fields).await,
+                None => Err(ReportError::Unavailable(T::UNSERVED.into())),
+            }
+        })
+    }
+}
