@@ -822,3 +822,30 @@ async fn a_killed_master_stops_the_cluster_and_what_was_published_meanwhile_arri
     let offsets: Vec<u64> = durable_seen.iter().map(|(_, o)| *o).collect();
     assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
 }
+
+#[tokio::test]
+async fn the_cluster_view_shows_every_node_from_the_home_master() {
+    let cluster = Cluster::start().await;
+    let reporting = |id: &'static str| {
+        let node = on_cluster(&cluster, id);
+        move |c: &mut Config| {
+            node(c);
+            c.metrics.report_s = 1;
+        }
+    };
+    let one = start(reporting("one")).await;
+    let two = start(reporting("two")).await;
+    for node in [&one, &two] {
+        wait_status(node.local_addr(), "/readyz", 200).await;
+        cluster_view(node.local_addr(), &["one", "two"]).await;
+    }
+    // Kept under the home tag, on the master of its slot.
+    let home = cluster.owner(volley::broker::redis::slot(b"volley")).await;
+    let mut conn = cluster.servers[home].conn().await;
+    let ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("{volley}:volley:nodes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+}

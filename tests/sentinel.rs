@@ -384,3 +384,33 @@ async fn publishing_through_a_killed_master_loses_nothing_of_a_durable_room() {
     // Meanwhile the nodes hold what is published, then hand it to the new master.
     publish_through(Failure::Killed, 600).await;
 }
+
+#[tokio::test]
+async fn the_cluster_view_shows_every_node_and_follows_a_failover() {
+    let setup = Setup::start(1, false).await;
+    let reporting = |id: &'static str| {
+        let node = setup.node(id);
+        move |c: &mut volley::Config| {
+            node(c);
+            c.metrics.report_s = 1;
+        }
+    };
+    let a = start(reporting("node-a")).await;
+    let b = start(reporting("node-b")).await;
+    for node in [&a, &b] {
+        wait_status(node.local_addr(), "/readyz", 200).await;
+        cluster_view(node.local_addr(), &["node-a", "node-b"]).await;
+    }
+    // After a failover the reports are written to (and read from) the new master.
+    setup.sentinels[0].ask(&["failover", "volley"]).await;
+    both_followed([&a, &b]).await;
+    let mut conn = setup.replicas[0].conn().await;
+    let _: () = redis::cmd("DEL")
+        .arg("volley:nodes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for node in [&a, &b] {
+        cluster_view(node.local_addr(), &["node-a", "node-b"]).await;
+    }
+}

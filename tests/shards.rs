@@ -108,3 +108,38 @@ async fn rooms_live_on_their_shard_and_one_shard_down_stops_only_its_rooms() {
         (rooms[0].as_str(), "after")
     );
 }
+
+#[tokio::test]
+async fn the_cluster_view_shows_every_node_from_the_first_shard() {
+    let shards = [RedisServer::start().await, RedisServer::start().await];
+    let urls: Vec<String> = shards.iter().map(|s| s.url()).collect();
+    let sharded = |id: &'static str| {
+        let urls = urls.clone();
+        move |c: &mut volley::Config| {
+            c.redis.shards = urls;
+            c.server.node_id = id.into();
+            c.metrics.report_s = 1;
+        }
+    };
+    let one = start(sharded("one")).await;
+    let two = start(sharded("two")).await;
+    for node in [&one, &two] {
+        wait_status(node.local_addr(), "/readyz", 200).await;
+        cluster_view(node.local_addr(), &["one", "two"]).await;
+    }
+    // The reports live on the first shard (the home of what is not a room).
+    let mut conn = shards[0].conn().await;
+    let ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("volley:nodes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let mut conn = shards[1].conn().await;
+    let elsewhere: i64 = redis::cmd("EXISTS")
+        .arg("volley:nodes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(elsewhere, 0);
+}

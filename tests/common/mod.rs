@@ -840,3 +840,31 @@ pub async fn publish_and_expect_one_order(
         "every subscriber saw the same order"
     );
 }
+
+/// Until `/api/cluster` on `addr` lists exactly the nodes `ids` (in order), each with a
+/// report; returns the listed nodes.
+pub async fn cluster_view(addr: SocketAddr, ids: &[&str]) -> Vec<Value> {
+    let mut last = String::new();
+    let seen = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let (status, body) = http(addr, "GET", "/api/cluster", &[], b"").await;
+            assert_eq!(status, 200, "{body}");
+            let parsed: Value = serde_json::from_str(&body).unwrap();
+            let nodes = parsed["nodes"].as_array().cloned().unwrap_or_default();
+            let listed: Vec<&str> = nodes
+                .iter()
+                .filter_map(|n| n["serverId"].as_str())
+                .collect();
+            let reported = nodes
+                .iter()
+                .all(|n| n["history"].as_array().is_some_and(|h| !h.is_empty()));
+            if listed == ids && reported {
+                return nodes;
+            }
+            last = body;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    seen.unwrap_or_else(|_| panic!("/api/cluster never listed {ids:?}; last: {last}"))
+}
