@@ -11,7 +11,8 @@
 //!
 //! Imports point down this table, never up (`tests/layering.rs` checks it): the core runs
 //! `protocol` <- `batch` <- `outbox` <- `hub` <- `node` <- `connection` / `server` / `api`;
-//! `config`, `metrics`, `throttle` and `tls` are leaves anyone may use; `broker` sits beside the
+//! `config`, `metrics`, `throttle` and `tls` are leaves anyone may use (they import only each other and
+//! `protocol`, which imports nothing of ours); `broker` sits beside the
 //! hub (the node owns both, and neither sees the other); the features sit on the node.
 //!
 //! | module | job |

@@ -357,31 +357,35 @@ impl Stats {
                 }
             }
         }
+        self.render_histograms(&mut out);
+        out
+    }
+
+    fn render_histograms(&self, out: &mut String) {
         self.batch_messages.render(
-            &mut out,
+            out,
             "volley_batch_messages",
             "Messages per frame written to a socket.",
             1.0,
         );
         self.pipeline_commands.render(
-            &mut out,
+            out,
             "volley_publish_pipeline_commands",
             "Commands per Redis publish pipeline.",
             1.0,
         );
         self.publish_latency.render(
-            &mut out,
+            out,
             "volley_publish_latency_seconds",
             "Per Redis pipeline: from its oldest message's enqueue to Redis's reply.",
             1e-6,
         );
         self.delivery_latency.render(
-            &mut out,
+            out,
             "volley_delivery_latency_seconds",
             "Per socket write: how long its oldest message waited in the outbox.",
             1e-6,
         );
-        out
     }
 }
 

@@ -294,15 +294,7 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
             "this node is at limits.max_connections",
         );
     };
-    let deflate = config.compression.enabled && {
-        let offers: Vec<&str> = req
-            .headers()
-            .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        crate::deflate::accepts(&offers.join(","))
-    };
+    let deflate = config.compression.enabled && offers_deflate(&req);
     let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -332,27 +324,42 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
                 return;
             }
         };
-        let (transport, early) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (
-                connection::Transport::Tcp(parts.io.into_inner()),
-                parts.read_buf,
-            ),
-            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-                Ok(parts) => {
-                    let (tcp, session) = parts.io.into_inner().into_inner();
-                    let tls = TlsSocket::new(tcp, session);
-                    (connection::Transport::Tls(tls), parts.read_buf)
-                }
-                Err(_) => {
-                    tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
-                    node.disconnect(&outbox);
-                    return;
-                }
-            },
+        let Some((transport, early)) = transport(upgraded) else {
+            tracing::error!("upgraded connection is neither TCP nor TLS over TCP");
+            node.disconnect(&outbox);
+            return;
         };
         connection::serve(node, outbox, transport, early, credentials, deflate).await
     });
     response.map(|_| Body::default())
+}
+
+/// Whether the upgrade offers permessage-deflate in a form volley accepts.
+fn offers_deflate(req: &Request<Incoming>) -> bool {
+    let offers: Vec<&str> = req
+        .headers()
+        .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    crate::deflate::accepts(&offers.join(","))
+}
+
+/// The socket under an upgraded connection (TCP, or TLS over TCP), with the bytes
+/// hyper read past the request.
+fn transport(upgraded: hyper::upgrade::Upgraded) -> Option<(connection::Transport, bytes::Bytes)> {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((
+            connection::Transport::Tcp(parts.io.into_inner()),
+            parts.read_buf,
+        )),
+        Err(upgraded) => {
+            let parts = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>().ok()?;
+            let (tcp, session) = parts.io.into_inner().into_inner();
+            let tls = TlsSocket::new(tcp, session);
+            Some((connection::Transport::Tls(tls), parts.read_buf))
+        }
+    }
 }
 
 /// Whether a page of `origin` may open a WebSocket: any when the list is empty, else an

@@ -101,9 +101,7 @@ async fn read_frames(
     let verdict = Verdict::default();
     let mut rules = FrameRules::new(stream, &verdict).with_deflate(limits.deflate);
     let mut no_obligations = |_: Frame<'_>| ready(Ok::<(), Infallible>(()));
-    // A fragmented message being put together: its opcode, bytes, and whether they are
-    // compressed (permessage-deflate).
-    let mut fragments: Option<(OpCode, Vec<u8>, bool)> = None;
+    let mut message = Message::default();
     let mut watch = Watch::new(limits);
     let grace = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(grace);
@@ -162,64 +160,9 @@ async fn read_frames(
                 }
                 OpCode::Pong => {}
                 _ if watch.closing => {}
-                OpCode::Text | OpCode::Binary => {
-                    if fragments.is_some() {
-                        return protocol_close(
-                            close_code::PROTOCOL_ERROR,
-                            "new message inside a fragmented one",
-                        );
-                    }
-                    // With permessage-deflate the rules know how the message began.
-                    let start = verdict.next_start().unwrap_or(Start {
-                        compressed: false,
-                        text: frame.opcode == OpCode::Text,
-                    });
-                    let opcode = if start.text {
-                        OpCode::Text
-                    } else {
-                        OpCode::Binary
-                    };
-                    if !frame.fin {
-                        fragments = Some((opcode, frame.payload.to_vec(), start.compressed));
-                    } else if start.compressed {
-                        match inflated(opcode, &frame.payload, max_bytes) {
-                            Ok(message) => deliver(session, opcode, &message),
-                            Err(end) => return end,
-                        }
-                    } else {
-                        deliver(session, opcode, &frame.payload);
-                    }
-                }
-                OpCode::Continuation => {
-                    let Some((_, buf, _)) = fragments.as_mut() else {
-                        return protocol_close(
-                            close_code::PROTOCOL_ERROR,
-                            "continuation without a message",
-                        );
-                    };
-                    if buf.len() + frame.payload.len() > max_bytes {
-                        return Ended::Broken(too_big());
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if frame.fin {
-                        if let Some((opcode, message, compressed)) = fragments.take() {
-                            let message = if compressed {
-                                match inflated(opcode, &message, max_bytes) {
-                                    Ok(message) => message,
-                                    Err(end) => return end,
-                                }
-                            } else if opcode == OpCode::Text
-                                && std::str::from_utf8(&message).is_err()
-                            {
-                                return protocol_close(
-                                    close_code::INVALID_DATA,
-                                    "text message is not UTF-8",
-                                );
-                            } else {
-                                message
-                            };
-                            deliver(session, opcode, &message);
-                        }
+                OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                    if let Err(end) = message.add(&frame, &verdict, session, max_bytes) {
+                        return end;
                     }
                 }
             }
@@ -227,6 +170,87 @@ async fn read_frames(
                 break;
             }
         }
+    }
+}
+
+/// A message being put together from its frames: while fragmented, its opcode, its bytes
+/// so far, and whether they are compressed (permessage-deflate).
+#[derive(Default)]
+struct Message {
+    fragments: Option<(OpCode, Vec<u8>, bool)>,
+}
+
+impl Message {
+    /// A data frame (text, binary, continuation): a whole message is delivered to the
+    /// session; a broken sequence ends the socket.
+    fn add(
+        &mut self,
+        frame: &Frame<'_>,
+        verdict: &Verdict,
+        session: &mut Session,
+        max_bytes: usize,
+    ) -> Result<(), Ended> {
+        let fragments = &mut self.fragments;
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary => {
+                if fragments.is_some() {
+                    return Err(protocol_close(
+                        close_code::PROTOCOL_ERROR,
+                        "new message inside a fragmented one",
+                    ));
+                }
+                // With permessage-deflate the rules know how the message began.
+                let start = verdict.next_start().unwrap_or(Start {
+                    compressed: false,
+                    text: frame.opcode == OpCode::Text,
+                });
+                let opcode = if start.text {
+                    OpCode::Text
+                } else {
+                    OpCode::Binary
+                };
+                if !frame.fin {
+                    *fragments = Some((opcode, frame.payload.to_vec(), start.compressed));
+                } else if start.compressed {
+                    deliver(
+                        session,
+                        opcode,
+                        &inflated(opcode, &frame.payload, max_bytes)?,
+                    );
+                } else {
+                    deliver(session, opcode, &frame.payload);
+                }
+            }
+            OpCode::Continuation => {
+                let Some((_, buf, _)) = fragments.as_mut() else {
+                    return Err(protocol_close(
+                        close_code::PROTOCOL_ERROR,
+                        "continuation without a message",
+                    ));
+                };
+                if buf.len() + frame.payload.len() > max_bytes {
+                    return Err(Ended::Broken(too_big()));
+                }
+                buf.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    if let Some((opcode, message, compressed)) = fragments.take() {
+                        let message = if compressed {
+                            inflated(opcode, &message, max_bytes)?
+                        } else if opcode == OpCode::Text && std::str::from_utf8(&message).is_err() {
+                            return Err(protocol_close(
+                                close_code::INVALID_DATA,
+                                "text message is not UTF-8",
+                            ));
+                        } else {
+                            message
+                        };
+                        deliver(session, opcode, &message);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 

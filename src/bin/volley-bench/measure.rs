@@ -31,10 +31,92 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             .map(|r| format!("{}-{r}", args.room_prefix))
             .collect(),
     );
-    let per_room = Arc::new(plan.subscribers_per_room());
     let stop_subscribers = CancellationToken::new();
     let stop_publishers = CancellationToken::new();
+    let mut subscribers = connect(args, &plan, &rooms, &run, &stop_subscribers).await?;
+    let per_room = Arc::new(plan.subscribers_per_room());
+    let mut publishers = JoinSet::new();
+    for p in 0..plan.publishers {
+        let url = args.urls[p % args.urls.len()].clone();
+        publishers.spawn(publisher(Publisher {
+            url,
+            index: p,
+            plan: plan.clone(),
+            rooms: rooms.clone(),
+            subscribers_per_room: per_room.clone(),
+            run: run.clone(),
+            via: args.via,
+            api_key: args.api_key.clone(),
+            stop: stop_publishers.clone(),
+        }));
+    }
+    let (progress, ticker) = show_progress(args, &run);
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    let before = Reading::take(args).await;
+    let started = Instant::now();
+    let wire_before = run.wire_bytes.load(Relaxed);
+    run.measure_from_us.store(now_us(), Relaxed);
+    let storm = (args.storm > 0).then(|| {
+        let (urls, prefix, hold) = (
+            args.urls.clone(),
+            args.room_prefix.clone(),
+            stop_subscribers.clone(),
+        );
+        let (sockets, concurrency) = (args.storm, args.storm_concurrency);
+        tokio::spawn(async move { storm::run(&urls, sockets, concurrency, &prefix, hold).await })
+    });
+    // With a storm, the measured seconds are the storm's: the latency is during it.
+    let storm = match storm {
+        Some(task) => task.await.ok(),
+        None => {
+            tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+            None
+        }
+    };
+    run.measure_until_us.store(now_us(), Relaxed);
+    let wire_bytes = run.wire_bytes.load(Relaxed) - wire_before;
+    let counters_after = server_counters(args).await;
+    let counted_secs = started.elapsed().as_secs_f64();
+    ticker.abort();
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    stop_publishers.cancel();
+    while let Some(result) = publishers.join_next().await {
+        if let Ok(Err(e)) = result {
+            return Err(BenchError::Publisher(Box::new(e)));
+        }
+    }
+    settle(&run).await;
+    let after = Reading {
+        counters: counters_after,
+        ..Reading::take_cpu(args)
+    };
+    stop_subscribers.cancel();
+    let tally = Tally::collect(&mut subscribers).await?;
+    Ok(report(
+        args,
+        &plan,
+        &run,
+        Measured {
+            seconds,
+            counted_secs,
+            wire_bytes,
+            before,
+            after,
+            tally,
+            storm,
+        },
+    ))
+}
 
+/// Connects every subscriber socket and waits until each has joined its rooms.
+async fn connect(
+    args: &Args,
+    plan: &Plan,
+    rooms: &[String],
+    run: &Arc<Run>,
+    stop: &CancellationToken,
+) -> Result<JoinSet<Result<crate::clients::SubscriberResult, BenchError>>, BenchError> {
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(plan.sockets.max(1));
     let mut subscribers = JoinSet::new();
     for s in 0..plan.sockets {
@@ -49,7 +131,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             my_rooms,
             run.clone(),
             ready_tx.clone(),
-            stop_subscribers.clone(),
+            stop.clone(),
             args.deflate,
         ));
         if s % 100 == 99 {
@@ -76,22 +158,14 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             });
         }
     }
+    Ok(subscribers)
+}
 
-    let mut publishers = JoinSet::new();
-    for p in 0..plan.publishers {
-        let url = args.urls[p % args.urls.len()].clone();
-        publishers.spawn(publisher(Publisher {
-            url,
-            index: p,
-            plan: plan.clone(),
-            rooms: rooms.clone(),
-            subscribers_per_room: per_room.clone(),
-            run: run.clone(),
-            via: args.via,
-            api_key: args.api_key.clone(),
-            stop: stop_publishers.clone(),
-        }));
-    }
+/// The progress bar (hidden with `--json`), ticking every 100 ms.
+fn show_progress(
+    args: &Args,
+    run: &Arc<Run>,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
     let progress = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -121,44 +195,11 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
-    let counters_before = server_counters(args).await;
-    let cpu_before = total_cpu(&args.pids);
-    let redis_cpu_before = args.redis_pid.and_then(cpu_seconds);
-    let started = Instant::now();
-    let wire_before = run.wire_bytes.load(Relaxed);
-    run.measure_from_us.store(now_us(), Relaxed);
-    let storm = (args.storm > 0).then(|| {
-        let (urls, prefix, hold) = (
-            args.urls.clone(),
-            args.room_prefix.clone(),
-            stop_subscribers.clone(),
-        );
-        let (sockets, concurrency) = (args.storm, args.storm_concurrency);
-        tokio::spawn(async move { storm::run(&urls, sockets, concurrency, &prefix, hold).await })
-    });
-    // With a storm, the measured seconds are the storm's: the latency is during it.
-    let storm = match storm {
-        Some(task) => task.await.ok(),
-        None => {
-            tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
-            None
-        }
-    };
-    run.measure_until_us.store(now_us(), Relaxed);
-    let wire_bytes = run.wire_bytes.load(Relaxed) - wire_before;
-    let counters_after = server_counters(args).await;
-    let counted_secs = started.elapsed().as_secs_f64();
-    ticker.abort();
-    progress.finish_and_clear();
-    let measured = started.elapsed().as_secs_f64();
-    stop_publishers.cancel();
-    while let Some(result) = publishers.join_next().await {
-        if let Ok(Err(e)) = result {
-            return Err(BenchError::Publisher(Box::new(e)));
-        }
-    }
-    // Wait for what is in flight: until deliveries stop growing (at most 10 s).
+    (progress, ticker)
+}
+
+/// Waits for what is in flight: until deliveries stop growing (at most 10 s).
+async fn settle(run: &Run) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = run.progress.load(Relaxed);
     while Instant::now() < deadline {
@@ -169,79 +210,136 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
         }
         last = now;
     }
-    let cpu_after = total_cpu(&args.pids);
-    let redis_cpu_after = args.redis_pid.and_then(cpu_seconds);
-    stop_subscribers.cancel();
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
-        .map_err(|e| BenchError::Histogram(e.to_string()))?;
-    let (mut frames, mut delivered, mut disordered, mut failed) = (0u64, 0u64, 0u64, 0usize);
-    while let Some(result) = subscribers.join_next().await {
-        match result {
-            Ok(Ok(r)) => {
-                frames += r.frames;
-                delivered += r.delivered;
-                disordered += r.disordered;
-                if let Some(h) = r.latency {
-                    let _ = latency.add(h);
-                }
-            }
-            _ => failed += 1,
+}
+
+/// What the servers had done at one moment: their counters and CPU seconds.
+struct Reading {
+    counters: ServerCounters,
+    cpu: Option<f64>,
+    redis_cpu: Option<f64>,
+}
+
+impl Reading {
+    async fn take(args: &Args) -> Reading {
+        Reading {
+            counters: server_counters(args).await,
+            ..Reading::take_cpu(args)
         }
     }
+
+    fn take_cpu(args: &Args) -> Reading {
+        Reading {
+            counters: ServerCounters::default(),
+            cpu: total_cpu(&args.pids),
+            redis_cpu: args.redis_pid.and_then(cpu_seconds),
+        }
+    }
+}
+
+/// What the subscribers saw, summed.
+struct Tally {
+    frames: u64,
+    delivered: u64,
+    disordered: u64,
+    failed: usize,
+    latency: Histogram<u64>,
+}
+
+impl Tally {
+    async fn collect(
+        subscribers: &mut JoinSet<Result<crate::clients::SubscriberResult, BenchError>>,
+    ) -> Result<Tally, BenchError> {
+        let mut tally = Tally {
+            frames: 0,
+            delivered: 0,
+            disordered: 0,
+            failed: 0,
+            latency: Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
+                .map_err(|e| BenchError::Histogram(e.to_string()))?,
+        };
+        while let Some(result) = subscribers.join_next().await {
+            match result {
+                Ok(Ok(r)) => {
+                    tally.frames += r.frames;
+                    tally.delivered += r.delivered;
+                    tally.disordered += r.disordered;
+                    if let Some(h) = r.latency {
+                        let _ = tally.latency.add(h);
+                    }
+                }
+                _ => tally.failed += 1,
+            }
+        }
+        Ok(tally)
+    }
+}
+
+/// The measured seconds, and what was read around them.
+struct Measured {
+    seconds: f64,
+    /// From the first reading of the counters to the last.
+    counted_secs: f64,
+    wire_bytes: u64,
+    before: Reading,
+    after: Reading,
+    tally: Tally,
+    storm: Option<storm::Storm>,
+}
+
+fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
+    let Measured {
+        seconds,
+        counted_secs,
+        wire_bytes,
+        before,
+        after,
+        tally,
+        storm,
+    } = m;
+    let delivered = tally.delivered;
     let expected = run.expected.load(Relaxed);
-    let cpu = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let cpu = before.cpu.zip(after.cpu).map(|(a, b)| b - a);
     let ms = |us: u64| us as f64 / 1000.0;
-    Ok(Report {
+    let (b, a) = (before.counters, after.counters);
+    Report {
         sockets: plan.sockets,
         rooms: plan.rooms,
         rooms_per_socket: plan.rooms_per_socket,
         publishers: plan.publishers,
         rate: plan.rate,
         payload_bytes: plan.payload,
-        seconds: measured,
+        seconds,
         published: run.published.load(Relaxed),
         expected,
         delivered,
         lost: expected.saturating_sub(delivered),
-        disordered_or_duplicate: disordered,
-        failed_sockets: failed,
+        disordered_or_duplicate: tally.disordered,
+        failed_sockets: tally.failed,
         error_frames: run.errors.load(Relaxed),
-        delivered_per_s: delivered as f64 / measured,
-        frames_per_socket_per_s: frames as f64 / measured / plan.sockets.max(1) as f64,
+        delivered_per_s: delivered as f64 / seconds,
+        frames_per_socket_per_s: tally.frames as f64 / seconds / plan.sockets.max(1) as f64,
         latency_ms: Latency {
-            p50: ms(latency.value_at_quantile(0.50)),
-            p99: ms(latency.value_at_quantile(0.99)),
-            p999: ms(latency.value_at_quantile(0.999)),
-            max: ms(latency.max()),
+            p50: ms(tally.latency.value_at_quantile(0.50)),
+            p99: ms(tally.latency.value_at_quantile(0.99)),
+            p999: ms(tally.latency.value_at_quantile(0.999)),
+            max: ms(tally.latency.max()),
         },
         server_cpu_s: cpu,
-        redis_commands_per_s: rate(
-            counters_before.redis_commands,
-            counters_after.redis_commands,
-            counted_secs,
-        ),
-        redis_publish_per_s: rate(
-            counters_before.redis_publish,
-            counters_after.redis_publish,
-            counted_secs,
-        ),
-        publish_pipelines_per_s: rate(
-            counters_before.pipelines,
-            counters_after.pipelines,
-            counted_secs,
-        ),
+        redis_commands_per_s: rate(b.redis_commands, a.redis_commands, counted_secs),
+        redis_publish_per_s: rate(b.redis_publish, a.redis_publish, counted_secs),
+        publish_pipelines_per_s: rate(b.pipelines, a.pipelines, counted_secs),
         wire_bytes_per_delivery: (delivered > 0).then(|| wire_bytes as f64 / delivered as f64),
         server_cpu_us_per_delivery: cpu
             .filter(|_| delivered > 0)
             .map(|s| s * 1e6 / delivered as f64),
-        redis_cpu_s: redis_cpu_before.zip(redis_cpu_after).map(|(a, b)| b - a),
+        redis_cpu_s: before.redis_cpu.zip(after.redis_cpu).map(|(a, b)| b - a),
         storm: storm.map(|s| StormReport {
             sockets: args.storm,
             joined: s.joined,
             failed: s.failed,
             seconds: s.seconds,
         }),
-    })
+    }
 }
 
 /// Counters read at the start and the end of the measurement, outside the servers' CPU.

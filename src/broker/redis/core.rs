@@ -11,6 +11,7 @@ use redis::aio::ConnectionManager;
 
 use super::{durable, HandBack, Keys};
 use crate::broker::{BrokerState, Counter, EnvelopeSink, PresenceError};
+use crate::config::Config;
 use crate::metrics::Stats;
 use crate::protocol::now_ms;
 
@@ -162,6 +163,50 @@ impl Gate {
 }
 
 impl Core {
+    pub(super) fn new(
+        config: &Config,
+        keys: Keys,
+        sharded: bool,
+        hand_back: Option<Arc<HandBack>>,
+        gated: bool,
+    ) -> Core {
+        let node_id: Arc<str> = Arc::from(config.server.node_id.as_str());
+        Core {
+            keys,
+            node_id,
+            home: AtomicBool::new(!sharded),
+            sharded,
+            hand_back,
+            sink: OnceLock::new(),
+            stats: OnceLock::new(),
+            publisher_ok: AtomicBool::new(false),
+            subscriber_ok: AtomicBool::new(false),
+            probe_seen: AtomicU64::new(0),
+            instance: fastrand::u64(..),
+            duplicate_seen_ms: AtomicU64::new(0),
+            duplicate_hold_ms: 3 * config.redis.probe_interval_ms + 1000,
+            generation: AtomicU64::new(0),
+            resubscribe: AtomicBool::new(false),
+            peers: Mutex::new(Vec::new()),
+            inbound: InboundLimits {
+                max_messages: config.redis.max_envelope_messages,
+                // A message frame wraps at most max_frame_bytes of client input in a few
+                // dozen bytes (type, roomId, timestamp).
+                max_payload_bytes: config.limits.max_frame_bytes + 512,
+            },
+            presence_ttl_ms: config.presence.ttl_s * 1000,
+            shutdown_deadline: Mutex::new(None),
+            positions: durable::Positions::default(),
+            reader: OnceLock::new(),
+            subscribed: Mutex::new(Default::default()),
+            subscribed_changed: tokio::sync::Notify::new(),
+            moved_channels: Mutex::new(Vec::new()),
+            delivering: AtomicBool::new(true),
+            gate: gated.then(Gate::default),
+            counters: Counts::default(),
+        }
+    }
+
     /// Where received messages go, unless this engine was told to stop delivering.
     pub(super) fn sink(&self) -> Option<Arc<dyn EnvelopeSink>> {
         if !self.delivering.load(Relaxed) {

@@ -1,7 +1,6 @@
 //! Starting an engine: the options that say what it is for, and its tasks.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -9,11 +8,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 use tokio_util::sync::CancellationToken;
 
-use super::core::{Core, Counts, Gate, InboundLimits, Subscriptions};
-use super::{
-    durable, presence, publisher, subscriber, HandBack, Keys, PublishPaces, PublishQueue,
-    RedisBroker,
-};
+use super::core::{Core, Subscriptions};
+use super::{presence, publisher, subscriber, PublishPaces, PublishQueue, RedisBroker};
+use super::{HandBack, Keys};
 use crate::config::Config;
 
 /// Why the engine could not start.
@@ -81,41 +78,7 @@ impl RedisBroker {
             .map_err(RedisStartError::BadUrl)?;
         let client = Client::open(info).map_err(RedisStartError::BadUrl)?;
 
-        let node_id: Arc<str> = Arc::from(config.server.node_id.as_str());
-        let core = Arc::new(Core {
-            keys,
-            node_id,
-            home: AtomicBool::new(!sharded),
-            sharded,
-            hand_back,
-            sink: OnceLock::new(),
-            stats: OnceLock::new(),
-            publisher_ok: AtomicBool::new(false),
-            subscriber_ok: AtomicBool::new(false),
-            probe_seen: AtomicU64::new(0),
-            instance: fastrand::u64(..),
-            duplicate_seen_ms: AtomicU64::new(0),
-            duplicate_hold_ms: 3 * config.redis.probe_interval_ms + 1000,
-            generation: AtomicU64::new(0),
-            resubscribe: AtomicBool::new(false),
-            peers: Mutex::new(Vec::new()),
-            inbound: InboundLimits {
-                max_messages: config.redis.max_envelope_messages,
-                // A message frame wraps at most max_frame_bytes of client input in a few
-                // dozen bytes (type, roomId, timestamp).
-                max_payload_bytes: config.limits.max_frame_bytes + 512,
-            },
-            presence_ttl_ms: config.presence.ttl_s * 1000,
-            shutdown_deadline: Mutex::new(None),
-            positions: durable::Positions::default(),
-            reader: OnceLock::new(),
-            subscribed: Mutex::new(Default::default()),
-            subscribed_changed: tokio::sync::Notify::new(),
-            moved_channels: Mutex::new(Vec::new()),
-            delivering: AtomicBool::new(true),
-            gate: gated.then(Gate::default),
-            counters: Counts::default(),
-        });
+        let core = Arc::new(Core::new(config, keys, sharded, hand_back, gated));
         let queue = Arc::new(PublishQueue::new(
             config.redis.outage_buffer,
             PublishPaces::new(config),

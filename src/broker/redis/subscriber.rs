@@ -46,15 +46,14 @@ pub(super) async fn run(
     let mut backoff = BACKOFF.start();
     let mut ticker = tokio::time::interval(probe_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut probe_sent = 0u64;
-    let mut judged = 0u64;
-    let mut misses = 0u32;
-    // The last probe number sent before everything was subscribed anew: only later
-    // probes prove the subscription.
-    let mut subscribed_after = 0u64;
+    let mut probes = Probes {
+        sent: 0,
+        judged: 0,
+        misses: 0,
+        subscribed_after: 0,
+        alive_for_ms: 3 * probe_interval.as_millis() as u64 + 1000,
+    };
     let mut ever_connected = false;
-    // A live node is listed until this long after its last probe.
-    let alive_for_ms = 3 * probe_interval.as_millis() as u64 + 1000;
     loop {
         if core.resubscribe.swap(false, Relaxed) {
             current.clear();
@@ -84,7 +83,7 @@ pub(super) async fn run(
         }
         ever_connected = true;
         if fresh {
-            subscribed_after = probe_sent;
+            probes.subscribed_after = probes.sent;
         }
         if *core.subscribed.lock() != current {
             *core.subscribed.lock() = current.clone();
@@ -95,68 +94,113 @@ pub(super) async fn run(
             _ = subscriptions.changed.notified() => {}
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {
-                // Judge each published probe once, an interval after it was sent. While
-                // Redis is unreachable no probe is published, so nothing is judged.
-                if probe_sent > judged {
-                    judged = probe_sent;
-                    if core.probe_seen.load(Relaxed) >= probe_sent {
-                        misses = 0;
-                        if probe_sent > subscribed_after && !core.subscriber_ok.swap(true, Relaxed) {
-                            tracing::info!("Redis subscriber delivering");
-                        }
-                    } else {
-                        misses += 1;
-                        if core.subscriber_ok.swap(false, Relaxed) {
-                            tracing::warn!("a Redis probe did not come back; not ready until one does");
-                        }
-                    }
-                }
-                if misses >= MISSES_BEFORE_RESTART {
-                    tracing::warn!(misses, "Redis subscriber stopped delivering probes; reconnecting it");
-                    core.subscriber_ok.store(false, Relaxed);
-                    core.counters.subscriber_restarts.fetch_add(1, Relaxed);
-                    core.generation.fetch_add(1, Relaxed);
-                    if let Some(mut old) = conn.take() {
-                        // Best effort: a deaf connection should not stay subscribed.
-                        let channels: Vec<String> = current.iter().cloned().collect();
-                        let _ = tokio::time::timeout(probe_interval, old.unsubscribe(&channels)).await;
-                    }
-                    misses = 0;
+                if probes.judge(&core) {
+                    replace_deaf(&core, &mut conn, &current, probe_interval).await;
                     continue;
                 }
-                let n = probe_sent + 1;
-                match probe(&core, &mut probe_conn, n, alive_for_ms).await {
-                    Ok((receivers, alive)) => {
-                        probe_sent = n;
-                        if receivers == 0 {
-                            // Redis does not know this node's subscription: it restarted,
-                            // or the connection was cut. Subscribe everything again now.
-                            if core.subscriber_ok.swap(false, Relaxed) {
-                                tracing::warn!("Redis lost this node's subscriptions; subscribing again");
-                            }
-                            core.resubscribe.store(true, Relaxed);
-                        }
-                        let peers: Vec<String> = alive.into_iter().filter(|id| *id != *core.node_id).collect();
-                        *core.peers.lock() = peers;
-                        check_positions(&core, &mut probe_conn).await;
-                        // After the subscription check above, so a restarted Redis never
-                        // reads as ready for a moment.
-                        if !core.publisher_ok.swap(true, Relaxed) {
-                            core.counters.reconnects.fetch_add(1, Relaxed);
-                            tracing::info!("Redis reachable");
-                        }
-                    }
-                    Err(e) => {
-                        // Nothing is heard from an unreachable Redis either: ready again
-                        // only after a probe comes back.
-                        core.subscriber_ok.store(false, Relaxed);
-                        if core.publisher_ok.swap(false, Relaxed) {
-                            tracing::warn!(error = %e, "Redis unreachable");
-                        }
-                    }
+                probes.send(&core, &mut probe_conn).await;
+            }
+        }
+    }
+}
+
+/// The probes: numbered, one published every interval, each judged once an interval
+/// after it was sent.
+struct Probes {
+    sent: u64,
+    judged: u64,
+    misses: u32,
+    /// The last probe number sent before everything was subscribed anew: only later
+    /// probes prove the subscription.
+    subscribed_after: u64,
+    /// A live node is listed until this long after its last probe.
+    alive_for_ms: u64,
+}
+
+impl Probes {
+    /// Judges the last probe sent (once). While Redis is unreachable no probe is
+    /// published, so nothing is judged. True when so many were missed in a row that the
+    /// pub/sub connection must be replaced.
+    fn judge(&mut self, core: &Core) -> bool {
+        if self.sent > self.judged {
+            self.judged = self.sent;
+            if core.probe_seen.load(Relaxed) >= self.sent {
+                self.misses = 0;
+                if self.sent > self.subscribed_after && !core.subscriber_ok.swap(true, Relaxed) {
+                    tracing::info!("Redis subscriber delivering");
+                }
+            } else {
+                self.misses += 1;
+                if core.subscriber_ok.swap(false, Relaxed) {
+                    tracing::warn!("a Redis probe did not come back; not ready until one does");
                 }
             }
         }
+        if self.misses >= MISSES_BEFORE_RESTART {
+            tracing::warn!(
+                misses = self.misses,
+                "Redis subscriber stopped delivering probes; reconnecting it"
+            );
+            self.misses = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Publishes the next probe; learns from it whether Redis still knows this node's
+    /// subscriptions, and which other nodes are alive.
+    async fn send(&mut self, core: &Arc<Core>, probe_conn: &mut ConnectionManager) {
+        let n = self.sent + 1;
+        match probe(core, probe_conn, n, self.alive_for_ms).await {
+            Ok((receivers, alive)) => {
+                self.sent = n;
+                if receivers == 0 {
+                    // Redis does not know this node's subscription: it restarted, or the
+                    // connection was cut. Subscribe everything again now.
+                    if core.subscriber_ok.swap(false, Relaxed) {
+                        tracing::warn!("Redis lost this node's subscriptions; subscribing again");
+                    }
+                    core.resubscribe.store(true, Relaxed);
+                }
+                let peers: Vec<String> = alive
+                    .into_iter()
+                    .filter(|id| *id != *core.node_id)
+                    .collect();
+                *core.peers.lock() = peers;
+                check_positions(core, probe_conn).await;
+                // After the subscription check above, so a restarted Redis never reads as
+                // ready for a moment.
+                if !core.publisher_ok.swap(true, Relaxed) {
+                    core.counters.reconnects.fetch_add(1, Relaxed);
+                    tracing::info!("Redis reachable");
+                }
+            }
+            Err(e) => {
+                // Nothing is heard from an unreachable Redis either: ready again only
+                // after a probe comes back.
+                core.subscriber_ok.store(false, Relaxed);
+                if core.publisher_ok.swap(false, Relaxed) {
+                    tracing::warn!(error = %e, "Redis unreachable");
+                }
+            }
+        }
+    }
+}
+
+/// Drops a pub/sub connection that stopped delivering; the next round makes a new one.
+async fn replace_deaf(
+    core: &Core,
+    conn: &mut Option<ConnectionManager>,
+    current: &HashSet<String>,
+    probe_interval: Duration,
+) {
+    core.subscriber_ok.store(false, Relaxed);
+    core.counters.subscriber_restarts.fetch_add(1, Relaxed);
+    core.generation.fetch_add(1, Relaxed);
+    if let Some(mut old) = conn.take() {
+        // Best effort: a deaf connection should not stay subscribed.
+        let channels: Vec<String> = current.iter().cloned().collect();
+        let _ = tokio::time::timeout(probe_interval, old.unsubscribe(&channels)).await;
     }
 }
 

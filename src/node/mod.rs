@@ -23,7 +23,6 @@ use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
 use crate::metrics::{Stats, StatsSnapshot};
 use crate::online::OnlineListing;
-use crate::protocol::inbound::Replay;
 use crate::protocol::{ErrorCode, ProtocolError};
 
 pub use crate::hub::FanOut;
@@ -32,6 +31,12 @@ use crate::outbox::{CloseReason, ConnId, DueList, Outbox};
 use crate::protocol::outbound::{self, Membership};
 use crate::protocol::{now_ms, Encoded};
 use crate::throttle::LogThrottle;
+
+mod replay;
+
+/// How long a read from the broker (a room's history, a user's presence) may take
+/// before it is answered as unavailable.
+const READ_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Node {
     config: Config,
@@ -293,7 +298,7 @@ impl Node {
     /// One user's presence, if online anywhere.
     pub async fn presence_of(&self, user: &str) -> Result<Option<UserPresence>, PresenceError> {
         let read = self.broker.presence_of(user);
-        tokio::time::timeout(HISTORY_WAIT, read)
+        tokio::time::timeout(READ_WAIT, read)
             .await
             .unwrap_or_else(|_| Err(PresenceError::Unavailable("timed out".into())))
     }
@@ -335,105 +340,6 @@ impl Node {
             }])
             .map_err(|e| ProtocolError::new(ErrorCode::Overloaded, e.to_string()))?;
         Ok(self.log_slow_consumers(self.hub.fan_out_user(to, &frame)))
-    }
-
-    /// A durable room's history, for the HTTP API; `None` for a plain room.
-    pub async fn history(
-        &self,
-        room: &str,
-        replay: &Replay,
-    ) -> Result<Option<crate::broker::History>, crate::broker::HistoryError> {
-        let Some(durability) = self.classes.durability(room) else {
-            return Ok(None);
-        };
-        let read = self.broker.history(room, replay, durability);
-        match tokio::time::timeout(HISTORY_WAIT, read).await {
-            Ok(history) => history.map(Some),
-            Err(_) => Err(crate::broker::HistoryError::Unavailable(
-                "timed out reading it".into(),
-            )),
-        }
-    }
-
-    /// Puts a socket in a room with a replay of its history: the `history` frame (or an
-    /// `error` if the history cannot be read), then every later message, none twice and
-    /// none missed, then live. A plain room has no history: its frame is empty, and a
-    /// `since` join learns `"recovered":false`.
-    ///
-    /// The socket is in the room at once (what the room sends is held for it); the
-    /// history is read on a task of its own, so a join waiting for a slow or absent Redis
-    /// never holds up the socket's other frames.
-    pub fn join_replaying(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, replay: Replay) {
-        let Some(ticket) = self
-            .hub
-            .join_replaying(room, outbox, |name| self.broker.subscribe(name))
-        else {
-            return;
-        };
-        self.stats.joined();
-        let (node, outbox, room) = (self.clone(), outbox.clone(), Arc::<str>::from(room));
-        tokio::spawn(async move { node.replay(&outbox, &room, ticket, &replay).await });
-    }
-
-    /// Reads a replaying join's history and ends the replay (see `join_replaying`).
-    async fn replay(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        room: &str,
-        ticket: u64,
-        replay: &Replay,
-    ) {
-        let since = match replay {
-            Replay::Since { offset, .. } => Some(*offset),
-            Replay::Last(_) => None,
-        };
-        let (first, after, epoch) = match self.classes.durability(room) {
-            None => (
-                outbound::history(room, "", &[], since.map(|_| false)),
-                0,
-                None,
-            ),
-            Some(durability) => {
-                let read = self.broker.history(room, replay, durability);
-                match tokio::time::timeout(HISTORY_WAIT, read).await {
-                    Ok(Ok(history)) => {
-                        let newest = history
-                            .messages
-                            .last()
-                            .and_then(|m| outbound::offset_of(m.json()));
-                        let after = match (newest, history.recovered, since) {
-                            (Some(offset), _, _) => offset,
-                            (None, Some(true), Some(offset)) => offset,
-                            _ => 0,
-                        };
-                        let frame = outbound::history(
-                            room,
-                            &history.epoch,
-                            &history.messages,
-                            history.recovered,
-                        );
-                        (frame, after, Some(history.epoch))
-                    }
-                    Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0, None),
-                    Err(_) => (history_unavailable(room, "timed out reading it"), 0, None),
-                }
-            }
-        };
-        // A socket that left (or closed) meanwhile is not told anything.
-        let Some(fan) = self
-            .hub
-            .finish_replay(room, ticket, &first, after, epoch.as_ref())
-        else {
-            return;
-        };
-        self.log_slow_consumers(fan);
-        if self.classes.durability(room).is_some() {
-            // The engine's history read waited for the room's subscription already (and
-            // gave up on it when Redis was away): no second wait.
-            self.notify_room(room, Membership::Joined, self.hub.members(room));
-        } else {
-            self.answer_join(outbox, room);
-        }
     }
 
     /// Sends `payload`, as given, to every socket on every node; returns the local fan-out.
@@ -588,14 +494,4 @@ impl EnvelopeSink for Node {
             "announced a dead node's users gone"
         );
     }
-}
-
-/// How long a join waits for a room's history before it answers `history_unavailable`.
-const HISTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-fn history_unavailable(room: &str, why: &str) -> crate::protocol::Encoded {
-    outbound::error(&ProtocolError::new(
-        ErrorCode::HistoryUnavailable,
-        format!("the history of room {room:?} could not be read ({why}); live messages follow"),
-    ))
 }

@@ -1,0 +1,105 @@
+//! The presence and report sides of an engine set: a user's engine by the route, the
+//! listing from the engines that together list everyone, reports on the home engine.
+
+use std::sync::Arc;
+
+use super::{EngineSet, Route, Topology};
+use crate::broker::{
+    BoxFuture, OnlineUsers, Presence, PresenceError, RedisBroker, ReportError, Reports,
+    StoredReport, UserPresence,
+};
+
+impl<T: Topology> Presence for EngineSet<T> {
+    fn user_online(&self, user: &Arc<str>) {
+        let mut users = self.users.lock();
+        users.insert(user.clone());
+        if let Some(engine) = self.layout.read().user(user) {
+            engine.user_online(user);
+        }
+    }
+
+    fn user_offline(&self, user: &Arc<str>) {
+        let mut users = self.users.lock();
+        users.remove(user);
+        if let Some(engine) = self.layout.read().user(user) {
+            engine.user_offline(user);
+        }
+    }
+
+    fn user_rooms_changed(&self, user: &Arc<str>) {
+        // An engine that takes a user over writes their rooms at its first refresh.
+        if let Some(engine) = self.layout.read().user(user) {
+            engine.user_rooms_changed(user);
+        }
+    }
+
+    fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
+        let layout = self.layout();
+        Box::pin(async move {
+            let engines: Vec<&Arc<RedisBroker>> = layout
+                .route
+                .listing()
+                .into_iter()
+                .filter_map(|i| layout.engines.get(i))
+                .collect();
+            match engines.as_slice() {
+                [] => Err(PresenceError::Unavailable(T::UNSERVED.into())),
+                [one] => one.online_users(max).await,
+                many => {
+                    let mut parts = Vec::with_capacity(many.len());
+                    for engine in many {
+                        parts.push(engine.online_users(max).await?);
+                    }
+                    Ok(OnlineUsers::merge(parts, max))
+                }
+            }
+        })
+    }
+
+    fn presence_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
+        let engine = self.layout().user(user).cloned();
+        Box::pin(async move {
+            match engine {
+                Some(engine) => engine.presence_of(user).await,
+                None => Err(PresenceError::Unavailable(T::UNSERVED.into())),
+            }
+        })
+    }
+}
+
+/// Reports are kept on the home engine's server, in every topology.
+impl<T: Topology> Reports for EngineSet<T> {
+    fn keeps_reports(&self) -> bool {
+        true
+    }
+
+    fn write_report(
+        &self,
+        fields: Vec<(&'static str, String)>,
+        ttl_s: u64,
+    ) -> BoxFuture<'_, Result<(), ReportError>> {
+        let home = self.layout().home().cloned();
+        Box::pin(async move {
+            match home {
+                Some(home) => home.write_report(fields, ttl_s).await,
+                None => Err(ReportError::Unavailable(T::UNSERVED.into())),
+            }
+        })
+    }
+
+    fn read_reports<'a>(
+        &'a self,
+        fields: &'a [&'static str],
+    ) -> BoxFuture<'a, Result<Vec<StoredReport>, ReportError>> {
+        let home = self.layout().home().cloned();
+        Box::pin(async move {
+            match home {
+                Some(home) => home.read_reports(fields).await,
+                None => Err(ReportError::Unavailable(T::UNSERVED.into())),
+            }
+        })
+    }
+}

@@ -1,0 +1,276 @@
+//! Each section checks itself; `Config::validate` asks them in turn, then the checks
+//! that span sections. Every error names its key.
+
+use super::{
+    BatchConfig, CompressionConfig, Config, ConfigError, DemoConfig, LimitsConfig, MetricsConfig,
+    PresenceConfig, RedisConfig, RoomClass, RoomClasses, ServerConfig,
+};
+
+type Checked = Result<(), ConfigError>;
+
+fn invalid(key: &'static str, reason: &str) -> Checked {
+    Err(ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    })
+}
+
+/// `value` must be at least `least`.
+fn at_least(key: &'static str, value: u64, least: u64) -> Checked {
+    if value < least {
+        return invalid(key, &format!("must be at least {least}"));
+    }
+    Ok(())
+}
+
+/// A window in milliseconds: at most a minute.
+fn window(key: &'static str, ms: u64) -> Checked {
+    if ms > 60_000 {
+        return invalid(key, "must be at most 60000 (one minute)");
+    }
+    Ok(())
+}
+
+/// The one check of a Redis URL (`redis.url`, each of `redis.shards` and
+/// `redis.cluster_nodes`): `redis://`, and one redis-rs can connect with.
+fn redis_url(key: &'static str, url: &str) -> Checked {
+    use redis::IntoConnectionInfo;
+    // TLS (rediss://) is not built in: refuse it here rather than fail at connect.
+    if !url.starts_with("redis://") {
+        return invalid(
+            key,
+            &format!("{url}: must start with redis:// (TLS is not supported)"),
+        );
+    }
+    if let Err(e) = url.into_connection_info() {
+        return invalid(key, &format!("{url}: not a usable Redis URL: {e}"));
+    }
+    Ok(())
+}
+
+/// `1..=0` style bursts: a rate needs a burst of at least one.
+fn burst(key: &'static str, rate: u32, burst: u32, rate_key: &str) -> Checked {
+    if rate > 0 && burst < 1 {
+        return invalid(key, &format!("must be at least 1 when {rate_key} is set"));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Every section's checks, the room classes compiled, and the checks across
+    /// sections.
+    pub fn validate(&self) -> Checked {
+        RoomClasses::compile(&self.rooms, &self.batch)?;
+        for (index, class) in self.rooms.iter().enumerate() {
+            class.validate(index)?;
+        }
+        self.server.validate()?;
+        self.limits.validate()?;
+        self.batch.validate()?;
+        self.compression.validate()?;
+        self.presence.validate()?;
+        self.redis.validate()?;
+        self.metrics.validate()?;
+        self.demo.validate()?;
+        if self.limits.max_outbox_bytes < self.limits.max_frame_bytes + 1024 {
+            return invalid(
+                "limits.max_outbox_bytes",
+                "must exceed limits.max_frame_bytes by at least 1024, or no message would fit",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl RoomClass {
+    fn validate(&self, index: usize) -> Checked {
+        let reason = if self.delivery_window_ms.is_some_and(|ms| ms > 60_000) {
+            "delivery_window_ms must be at most 60000 (one minute)"
+        } else if self.conflate.as_ref().is_some_and(|f| f.is_empty()) {
+            "conflate must name a field of the message content"
+        } else if self.publish_window_ms.is_some_and(|ms| ms > 60_000) {
+            "publish_window_ms must be at most 60000 (one minute)"
+        } else if self.history_size > 100_000 {
+            "history_size must be at most 100000"
+        } else if self.history_size > 0 && self.history_ttl_s < 1 {
+            "history_ttl_s must be at least 1 for a durable class"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::Room {
+            index,
+            reason: reason.into(),
+        })
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Checked {
+        if self.node_id.trim().is_empty() {
+            return invalid("server.node_id", "must not be empty");
+        }
+        at_least("server.header_timeout_ms", self.header_timeout_ms, 100)?;
+        at_least("server.body_timeout_ms", self.body_timeout_ms, 100)?;
+        if self.idle_timeout_ms > 0
+            && self.ping_interval_ms > 0
+            && self.idle_timeout_ms <= self.ping_interval_ms
+        {
+            return invalid(
+                "server.idle_timeout_ms",
+                "must be longer than server.ping_interval_ms (or 0), so a live peer has time to answer a ping",
+            );
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return invalid(
+                    "server.allowed_origins",
+                    &format!(
+                        "{origin}: expected scheme://host[:port], e.g. https://app.example.com"
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Checked {
+        if self.max_frame_bytes < 128 || self.max_frame_bytes > 64 << 20 {
+            return invalid("limits.max_frame_bytes", "must be between 128 and 67108864");
+        }
+        at_least("limits.max_json_depth", self.max_json_depth as u64, 1)?;
+        at_least("limits.max_connections", self.max_connections as u64, 1)?;
+        at_least(
+            "limits.max_rooms_per_socket",
+            self.max_rooms_per_socket as u64,
+            1,
+        )?;
+        burst(
+            "limits.join_burst",
+            self.join_rate,
+            self.join_burst,
+            "join_rate",
+        )?;
+        burst(
+            "limits.presence_burst",
+            self.presence_rate,
+            self.presence_burst,
+            "presence_rate",
+        )?;
+        burst(
+            "limits.publish_burst",
+            self.publish_rate,
+            self.publish_burst,
+            "publish_rate",
+        )
+    }
+}
+
+impl BatchConfig {
+    fn validate(&self) -> Checked {
+        window("batch.delivery_window_ms", self.delivery_window_ms)?;
+        window("batch.publish_window_ms", self.publish_window_ms)?;
+        at_least(
+            "batch.max_batch_messages",
+            self.max_batch_messages as u64,
+            1,
+        )?;
+        at_least("batch.max_batch_bytes", self.max_batch_bytes as u64, 1024)
+    }
+}
+
+impl CompressionConfig {
+    fn validate(&self) -> Checked {
+        if !(1..=9).contains(&self.level) {
+            return invalid("compression.level", "must be 1 (fastest) to 9 (smallest)");
+        }
+        Ok(())
+    }
+}
+
+impl PresenceConfig {
+    fn validate(&self) -> Checked {
+        if self.refresh_s < 1 || self.refresh_s >= self.ttl_s {
+            return invalid(
+                "presence.refresh_s",
+                "must be at least 1 and below presence.ttl_s",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl RedisConfig {
+    fn validate(&self) -> Checked {
+        let topologies = [
+            !self.url.is_empty(),
+            !self.shards.is_empty(),
+            !self.sentinels.is_empty(),
+            !self.cluster_nodes.is_empty(),
+        ];
+        if topologies.iter().filter(|given| **given).count() > 1 {
+            return invalid(
+                "redis",
+                "give one of redis.url, redis.shards, redis.sentinels or redis.cluster_nodes",
+            );
+        }
+        if !self.url.is_empty() {
+            redis_url("redis.url", &self.url)?;
+        }
+        for url in &self.shards {
+            redis_url("redis.shards", url)?;
+        }
+        for url in &self.cluster_nodes {
+            redis_url("redis.cluster_nodes", url)?;
+        }
+        if !self.cluster_nodes.is_empty() && self.key_prefix.contains(['{', '}']) {
+            return invalid(
+                "redis.key_prefix",
+                "must not contain { or } with redis.cluster_nodes (it would pin every key to one hash slot)",
+            );
+        }
+        if !self.sentinels.is_empty() && self.master_name.is_empty() {
+            return invalid("redis.master_name", "is required with redis.sentinels");
+        }
+        for sentinel in &self.sentinels {
+            let port = sentinel.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+            if !matches!(port, Some(Ok(_))) {
+                return invalid(
+                    "redis.sentinels",
+                    &format!("{sentinel}: expected host:port"),
+                );
+            }
+        }
+        at_least("redis.outage_buffer", self.outage_buffer as u64, 1)?;
+        at_least(
+            "redis.max_envelope_messages",
+            self.max_envelope_messages as u64,
+            1,
+        )?;
+        at_least("redis.max_pipeline", self.max_pipeline as u64, 1)?;
+        at_least("redis.probe_interval_ms", self.probe_interval_ms, 50)
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Checked {
+        at_least("metrics.report_s", self.report_s, 1)?;
+        at_least("metrics.history", self.history as u64, 2)
+    }
+}
+
+impl DemoConfig {
+    fn validate(&self) -> Checked {
+        if self.matches > 100 {
+            return invalid("demo.matches", "at most 100");
+        }
+        if self.symbols > 1000 {
+            return invalid("demo.symbols", "at most 1000");
+        }
+        if self.ticker_rate > 100_000 {
+            return invalid("demo.ticker_rate", "at most 100000 updates per second");
+        }
+        Ok(())
+    }
+}
