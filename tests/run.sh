@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs (Debian's redis-server,
-# chromium and nginx-light, and Python's websockets from PyPI), then runs it.
+# chromium and nginx-light, and Python's websockets from PyPI), checks formatting, clippy
+# and the docs, then runs the suite.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
 # nothing here touches a system Redis on 6379. The browser tests drive Debian's
 # chromium headless against nodes on 127.0.0.1 (screenshots in target/test-output/).
@@ -22,5 +23,15 @@ fi
 
 # Python's websockets: a real client not written here, for the permessage-deflate tests.
 python3 -c 'import websockets' 2>/dev/null || python3 -m pip install -q websockets
+
+# The house's lints: formatting, clippy with every warning an error, and documentation
+# (private items included) without a warning. rustup's default profile has both tools;
+# a minimal one gets them added.
+if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+  rustup component add clippy rustfmt
+fi
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --document-private-items
 
 cargo test --locked

@@ -63,7 +63,7 @@ pub(super) static OFFLINE: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Claims the nodes whose liveness expired (at most ARGV[5]), or with ARGV[6] that one
+/// Claims the nodes whose liveness expired (at most `ARGV[5]`), or with `ARGV[6]` that one
 /// node whatever its liveness (a node claims its own previous life at start), and takes
 /// their users off them. KEYS: live nodes, index, info. ARGV: now ms, the users' hash
 /// prefix (`presence:`), the node record prefix, updates channel, most nodes, a node or
