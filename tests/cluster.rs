@@ -8,284 +8,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::topologies::*;
 use common::*;
-use redis::Value;
 use serde_json::{json, Value as Value2};
 use volley::broker::redis::Keys;
 use volley::config::RoomClass;
 use volley::{Config, Server};
-
-/// Three cluster-enabled redis-servers joined into one cluster, slots split evenly (and
-/// with `replicas`, that many replicas of each: `servers[3..]`).
-struct Cluster {
-    servers: Vec<RedisServer>,
-    ids: Vec<String>,
-}
-
-/// A free port for a cluster node: its cluster bus (the port + 10 000) must be a port
-/// too, and free. Both stay below the ephemeral range (from 32 768), where the tests' own
-/// client connections could take them, and come from one counter so that tests running at
-/// once never pick the same.
-fn cluster_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        fastrand::u16(20_000..22_000),
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    loop {
-        let port = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + port.wrapping_sub(20_000) % 2_700;
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && free(port + 10_000) {
-            return port;
-        }
-    }
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        Self::start_with(0).await
-    }
-
-    async fn start_with(replicas: usize) -> Cluster {
-        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| cluster_port()).collect();
-        Self::start_on(&ports, replicas).await
-    }
-
-    /// On these ports (3 masters, then the replicas).
-    async fn start_on(ports: &[u16], replicas: usize) -> Cluster {
-        let mut masters = Vec::new();
-        for &port in ports {
-            masters.push(
-                RedisServer::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                    ],
-                )
-                .await,
-            );
-        }
-        let addrs: Vec<String> = masters
-            .iter()
-            .map(|m| format!("127.0.0.1:{}", m.port))
-            .collect();
-        let created = std::process::Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .expect("redis-cli must be installed (bash tests/run.sh installs it)");
-        assert!(
-            created.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&created.stdout)
-        );
-        let mut ids = Vec::new();
-        for master in &masters {
-            ids.push(
-                redis::cmd("CLUSTER")
-                    .arg("MYID")
-                    .query_async::<String>(&mut master.conn().await)
-                    .await
-                    .unwrap(),
-            );
-        }
-        let cluster = Cluster {
-            servers: masters,
-            ids,
-        };
-        cluster.wait_ok().await;
-        cluster
-    }
-
-    /// Until every master says `cluster_state:ok` and knows the whole slot map.
-    async fn wait_ok(&self) {
-        let waited = tokio::time::timeout(Duration::from_secs(20), async {
-            'again: loop {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                for master in &self.servers {
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query_async(&mut master.conn().await)
-                        .await
-                        .unwrap();
-                    let known = format!("cluster_known_nodes:{}", self.servers.len());
-                    if !info.contains("cluster_state:ok") || !info.contains(&known) {
-                        continue 'again;
-                    }
-                }
-                return;
-            }
-        })
-        .await;
-        assert!(waited.is_ok(), "the cluster never became ok");
-    }
-
-    fn urls(&self) -> Vec<String> {
-        vec![self.servers[0].url()]
-    }
-
-    /// Which master (index) serves `slot`, as the first master sees the map.
-    async fn owner(&self, slot: u16) -> usize {
-        let map: Value = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut self.servers[0].conn().await)
-            .await
-            .unwrap();
-        let Value::Array(ranges) = map else {
-            panic!("CLUSTER SLOTS: {map:?}")
-        };
-        for range in ranges {
-            let Value::Array(parts) = range else { continue };
-            let (Value::Int(first), Value::Int(last), Value::Array(node)) =
-                (&parts[0], &parts[1], &parts[2])
-            else {
-                continue;
-            };
-            if (*first..=*last).contains(&i64::from(slot)) {
-                let Value::Int(port) = node[1] else {
-                    panic!("port")
-                };
-                return self
-                    .servers
-                    .iter()
-                    .position(|m| i64::from(m.port) == port)
-                    .expect("a master of ours");
-            }
-        }
-        panic!("slot {slot} unserved")
-    }
-
-    /// One room name per master, `<stem>-<n>`, and the slot of each.
-    async fn one_room_per_master(&self, stem: &str) -> Vec<(String, u16)> {
-        let keys = Keys::cluster("", "test", "");
-        let mut rooms: Vec<Option<(String, u16)>> = vec![None; 3];
-        for n in 0.. {
-            let room = format!("{stem}-{n}");
-            let slot = keys.room_slot(&room);
-            let owner = self.owner(slot).await;
-            if rooms[owner].is_none() {
-                rooms[owner] = Some((room, slot));
-            }
-            if rooms.iter().all(Option::is_some) {
-                break;
-            }
-        }
-        rooms.into_iter().flatten().collect()
-    }
-
-    /// `PUBSUB SHARDCHANNELS` on one master: the sharded channels it has subscribers for.
-    async fn shard_channels(&self, master: usize, pattern: &str) -> Vec<String> {
-        let mut channels: Vec<String> = redis::cmd("PUBSUB")
-            .arg("SHARDCHANNELS")
-            .arg(pattern)
-            .query_async(&mut self.servers[master].conn().await)
-            .await
-            .unwrap();
-        channels.sort();
-        channels
-    }
-
-    /// Waits until `channel` has `n` sharded subscribers on server `i`.
-    async fn wait_shardnumsub(&self, i: usize, channel: &str, n: i64) {
-        let waited = tokio::time::timeout(WAIT, async {
-            loop {
-                let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
-                    .arg("SHARDNUMSUB")
-                    .arg(channel)
-                    .query_async(&mut self.servers[i].conn().await)
-                    .await
-                    .unwrap();
-                if counts[0].1 == n {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(
-            waited.is_ok(),
-            "{channel} never had {n} subscribers on server {i}"
-        );
-    }
-
-    /// Calls of one command on one master (`INFO commandstats`).
-    async fn calls(&self, master: usize, command: &str) -> u64 {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut self.servers[master].conn().await)
-            .await
-            .unwrap();
-        info.lines()
-            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Moves one slot (and its keys) from one master to another, the way
-    /// `redis-cli --cluster reshard` does it.
-    async fn move_slot(&self, slot: u16, from: usize, to: usize) {
-        let setslot = |state: &str, id: &str| {
-            let mut cmd = redis::cmd("CLUSTER");
-            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
-            cmd
-        };
-        let mut src = self.servers[from].conn().await;
-        let mut dst = self.servers[to].conn().await;
-        let _: () = setslot("IMPORTING", &self.ids[from])
-            .query_async(&mut dst)
-            .await
-            .unwrap();
-        let _: () = setslot("MIGRATING", &self.ids[to])
-            .query_async(&mut src)
-            .await
-            .unwrap();
-        loop {
-            let keys: Vec<String> = redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(100)
-                .query_async(&mut src)
-                .await
-                .unwrap();
-            if keys.is_empty() {
-                break;
-            }
-            let _: () = redis::cmd("MIGRATE")
-                .arg("127.0.0.1")
-                .arg(self.servers[to].port)
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("KEYS")
-                .arg(&keys)
-                .query_async(&mut src)
-                .await
-                .unwrap();
-        }
-        for master in [to, from] {
-            let _: () = setslot("NODE", &self.ids[to])
-                .query_async(&mut self.servers[master].conn().await)
-                .await
-                .unwrap();
-        }
-        let third = 3 - from - to;
-        let _: () = setslot("NODE", &self.ids[to])
-            .query_async(&mut self.servers[third].conn().await)
-            .await
-            .unwrap();
-    }
-}
 
 /// What a subscriber saw of a plain and a durable room: seqs in arrival order, and the
 /// durable room's offsets (its `"end"` included).
@@ -373,7 +101,7 @@ fn assert_kept_delivering(seen: &[u64], count: u64) {
     );
 }
 
-fn on_cluster(cluster: &Cluster, id: &'static str) -> impl FnOnce(&mut Config) {
+fn on_cluster(cluster: &RedisCluster, id: &'static str) -> impl FnOnce(&mut Config) {
     let urls = cluster.urls();
     move |c: &mut Config| {
         c.redis.cluster_nodes = urls;
@@ -389,7 +117,7 @@ fn on_cluster(cluster: &Cluster, id: &'static str) -> impl FnOnce(&mut Config) {
     }
 }
 
-async fn two_nodes(cluster: &Cluster) -> (Server, Server) {
+async fn two_nodes(cluster: &RedisCluster) -> (Server, Server) {
     let one = start(on_cluster(cluster, "one")).await;
     let two = start(on_cluster(cluster, "two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
@@ -399,7 +127,7 @@ async fn two_nodes(cluster: &Cluster) -> (Server, Server) {
 
 #[tokio::test]
 async fn rooms_on_all_three_shards_cross_nodes_through_their_own_master_only() {
-    let cluster = Cluster::start().await;
+    let cluster = RedisCluster::start().await;
     let (one, two) = two_nodes(&cluster).await;
     let plain = cluster.one_room_per_master("match").await;
     let durable = cluster.one_room_per_master("ledger").await;
@@ -507,7 +235,7 @@ async fn rooms_on_all_three_shards_cross_nodes_through_their_own_master_only() {
 
 #[tokio::test]
 async fn a_resharding_during_traffic_keeps_delivering() {
-    let cluster = Cluster::start().await;
+    let cluster = RedisCluster::start().await;
     let (one, two) = two_nodes(&cluster).await;
     // A plain and a durable room on master 0, both moved to master 1 mid-feed.
     let plain = cluster.one_room_per_master("ticker").await.remove(0);
@@ -565,7 +293,7 @@ async fn a_resharding_during_traffic_keeps_delivering() {
 
 #[tokio::test]
 async fn presence_and_direct_messages_live_on_the_home_master() {
-    let cluster = Cluster::start().await;
+    let cluster = RedisCluster::start().await;
     let (one, two) = two_nodes(&cluster).await;
     let home = cluster.owner(volley::broker::redis::slot(b"volley")).await;
     let mut watcher = Client::connect(two.local_addr()).await;
@@ -611,7 +339,7 @@ async fn presence_and_direct_messages_live_on_the_home_master() {
 
 #[tokio::test]
 async fn a_masters_failover_during_traffic_loses_nothing_of_a_durable_room() {
-    let cluster = Cluster::start_with(1).await;
+    let cluster = RedisCluster::start_with(1).await;
     let (one, two) = two_nodes(&cluster).await;
     let keys = Keys::cluster("", "test", "");
     // A durable and a plain room on the same master, and that master's replica.
@@ -742,7 +470,7 @@ async fn a_node_started_before_its_cluster_serves_locally_then_joins_it() {
     assert_eq!(here.next_room_message().await["content"], "local");
 
     // The cluster comes up: both nodes read its map and carry the room across.
-    let cluster = Cluster::start_on(&ports, 0).await;
+    let cluster = RedisCluster::start_on(&ports, 0).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
     wait_status(two.local_addr(), "/readyz", 200).await;
     let mut there = Client::connect(two.local_addr()).await;
@@ -759,7 +487,7 @@ async fn a_node_started_before_its_cluster_serves_locally_then_joins_it() {
 
 #[tokio::test]
 async fn a_killed_master_stops_the_cluster_and_what_was_published_meanwhile_arrives_after() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = RedisCluster::start().await;
     let (one, two) = two_nodes(&cluster).await;
     // A durable room on the master that dies, a plain room on one that lives.
     let durable = cluster.one_room_per_master("ledger").await[0].0.clone();
@@ -825,7 +553,7 @@ async fn a_killed_master_stops_the_cluster_and_what_was_published_meanwhile_arri
 
 #[tokio::test]
 async fn the_cluster_view_shows_every_node_from_the_home_master() {
-    let cluster = Cluster::start().await;
+    let cluster = RedisCluster::start().await;
     let reporting = |id: &'static str| {
         let node = on_cluster(&cluster, id);
         move |c: &mut Config| {

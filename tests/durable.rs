@@ -1,15 +1,14 @@
-//! Durable rooms on the embedded engine: offsets that count up by one in one order on
-//! every node, the history on join before any live message, recovery from a position
-//! with nothing missed and nothing twice, and `recovered:false` when it cannot be whole.
+//! Durable rooms on the embedded engine, beyond the contract every engine keeps
+//! (`tests/engines.rs`: one order, history first, recovery from a position):
+//! `recovered:false` when a position cannot be served whole, plain rooms keeping
+//! nothing, bad classes, the history API, and an expired history's new epoch.
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use volley::broker::MemoryBus;
 use volley::config::RoomClass;
 use volley::Config;
 
@@ -24,99 +23,6 @@ fn durable(pattern: &str, size: usize) -> impl Fn(&mut Config) {
             ..Default::default()
         }];
     }
-}
-
-#[tokio::test]
-async fn every_node_sees_one_order_with_offsets_counting_up_by_one() {
-    let bus = MemoryBus::new();
-    let mut nodes = Vec::new();
-    for id in ["n1", "n2", "n3"] {
-        let tweak = durable("scores:*", 1000);
-        nodes.push(
-            start_with_broker(
-                |c| {
-                    tweak(c);
-                    c.server.node_id = id.into();
-                },
-                Arc::new(bus.broker()),
-            )
-            .await,
-        );
-    }
-    let mut subscribers = Vec::new();
-    for node in &nodes {
-        let mut c = Client::connect(node.local_addr()).await;
-        c.join("scores:final").await;
-        subscribers.push(c);
-    }
-    let addrs: Vec<_> = nodes.iter().map(|n| n.local_addr()).collect();
-    publish_and_expect_one_order(&addrs, &mut subscribers, "scores:final").await;
-}
-
-#[tokio::test]
-async fn the_history_comes_first_then_live_messages() {
-    let server = start(durable("scores:*", 100)).await;
-    let addr = server.local_addr();
-    for goal in 1..=5 {
-        api_publish(
-            addr,
-            &json!({"roomId":"scores:m1","content":{"goals":goal}}),
-        )
-        .await;
-    }
-    let mut late = Client::connect(addr).await;
-    let history = join_with(&mut late, "scores:m1", json!({"history":3})).await;
-    assert_eq!(offsets(&history["messages"]), vec![3, 4, 5]);
-    assert_eq!(history["messages"][2]["content"], json!({"goals":5}));
-    let epoch = history["epoch"].as_str().unwrap().to_string();
-    assert!(!epoch.is_empty());
-    assert!(
-        history.get("recovered").is_none(),
-        "only a since join is told"
-    );
-    api_publish(addr, &json!({"roomId":"scores:m1","content":{"goals":6}})).await;
-    let live = late.next_room_message().await;
-    assert_eq!(
-        (live["offset"].as_u64(), live["content"].clone()),
-        (Some(6), json!({"goals":6}))
-    );
-
-    // history: 1 is the current value.
-    let mut now = Client::connect(addr).await;
-    let current = join_with(&mut now, "scores:m1", json!({"history":1})).await;
-    assert_eq!(offsets(&current["messages"]), vec![6]);
-    assert_eq!(current["epoch"], epoch.as_str());
-}
-
-#[tokio::test]
-async fn since_replays_everything_missed_while_publishing_goes_on() {
-    let server = start(durable("ticker:*", 10_000)).await;
-    let addr = server.local_addr();
-    let mut first = Client::connect(addr).await;
-    let history = join_with(&mut first, "ticker:ACME", json!({"history":1})).await;
-    // No history yet: no epoch either, and a read creates none.
-    assert_eq!(history["epoch"], "");
-    let mut epoch = String::new();
-    // A feed publishes 300 prices, paced, while a client leaves and comes back.
-    let feed = spawn_paced_feed(addr, "ticker:ACME", 300, Duration::from_millis(5));
-    let mut last = 0;
-    while last < 50 {
-        last = first.next_durable_message(&mut epoch).await["offset"]
-            .as_u64()
-            .unwrap();
-    }
-    assert!(
-        !epoch.is_empty(),
-        "the first message came after an epoch_changed"
-    );
-    drop(first);
-    let seen = come_back_until_end(addr, "ticker:ACME", last, &epoch).await;
-    feed.await.unwrap();
-    assert_eq!(
-        seen,
-        (last + 1..=301).collect::<Vec<_>>(),
-        "every message after the position, once, in order"
-    );
 }
 
 #[tokio::test]

@@ -4,180 +4,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::topologies::*;
 use common::*;
 use serde_json::json;
-use volley::config::RoomClass;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One sentinel process, with its config file in a directory of its own.
-struct Sentinel {
-    port: u16,
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Sentinel {
-    fn start(master_port: u16) -> Sentinel {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("volley-sentinel-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor volley 127.0.0.1 {master_port} 2\n\
-                 sentinel down-after-milliseconds volley 1000\nsentinel failover-timeout volley 3000\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        Sentinel { port, child, dir }
-    }
-
-    async fn ask(&self, args: &[&str]) -> redis::Value {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let mut cmd = redis::cmd("SENTINEL");
-        for a in args {
-            cmd.arg(*a);
-        }
-        cmd.query_async(&mut conn).await.unwrap()
-    }
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A master, its replicas and three sentinels watching it. With `safe`, every server
-/// refuses writes without a replica in sync (`min-replicas-to-write 1`), as README
-/// advises for two replicas or more.
-struct Setup {
-    master: RedisServer,
-    replicas: Vec<RedisServer>,
-    sentinels: Vec<Sentinel>,
-}
-
-const SAFE_WRITES: [&str; 4] = [
-    "--min-replicas-to-write",
-    "1",
-    "--min-replicas-max-lag",
-    "2",
-];
-
-impl Setup {
-    async fn start(replicas: usize, safe: bool) -> Setup {
-        let mut args = vec!["--repl-diskless-sync-delay", "0"];
-        if safe {
-            args.extend(SAFE_WRITES);
-        }
-        let master = RedisServer::start_with(free_port(), &args).await;
-        let master_port = master.port.to_string();
-        let mut started = Vec::new();
-        for _ in 0..replicas {
-            let mut args = args.clone();
-            args.extend(["--replicaof", "127.0.0.1", &master_port]);
-            started.push(RedisServer::start_with(free_port(), &args).await);
-        }
-        // Every replica has synced with the master.
-        for replica in &started {
-            replica.wait_replica_synced().await;
-        }
-        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
-        // The sentinels know every replica before a failover can promote one.
-        tokio::time::timeout(WAIT, async {
-            loop {
-                let sentinel_connected = async {
-                    let client =
-                        redis::Client::open(format!("redis://127.0.0.1:{}", sentinels[0].port))
-                            .ok()?;
-                    client.get_multiplexed_async_connection().await.ok()
-                };
-                if sentinel_connected.await.is_some() {
-                    if let redis::Value::Array(known) =
-                        sentinels[0].ask(&["replicas", "volley"]).await
-                    {
-                        if known.len() == replicas {
-                            return;
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await
-        .expect("the sentinels never saw the replicas");
-        Setup {
-            master,
-            replicas: started,
-            sentinels,
-        }
-    }
-
-    fn node(&self, id: &'static str) -> impl FnOnce(&mut volley::Config) {
-        let addresses: Vec<String> = self
-            .sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect();
-        move |c: &mut volley::Config| {
-            c.server.node_id = id.into();
-            c.redis.sentinels = addresses;
-            c.redis.master_name = "volley".into();
-            c.redis.probe_interval_ms = 100;
-            c.limits.publish_rate = 0;
-            c.rooms = vec![RoomClass {
-                pattern: "scores:*".into(),
-                history_size: 10_000,
-                history_ttl_s: 3600,
-                ..Default::default()
-            }];
-        }
-    }
-
-    /// Until the replica at index `i` has a durable room's offset `offset` (or later).
-    async fn replicated(&self, i: usize, room: &str, offset: u64) {
-        tokio::time::timeout(WAIT, async {
-            let mut conn = self.replicas[i].conn().await;
-            loop {
-                let at: Option<u64> = redis::cmd("HGET")
-                    .arg(format!("stream:{room}:position"))
-                    .arg("offset")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                if at >= Some(offset) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the replica never caught up");
-    }
-}
 
 /// Until both nodes report a failover (`redis_failovers` in `/healthz`) and are ready.
 async fn both_followed(nodes: [&volley::Server; 2]) {
@@ -202,7 +33,7 @@ async fn both_followed(nodes: [&volley::Server; 2]) {
 
 #[tokio::test]
 async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
-    let setup = Setup::start(1, false).await;
+    let setup = SentinelSetup::start(1, false).await;
     let one = start(setup.node("one")).await;
     let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
@@ -272,7 +103,7 @@ async fn read_feed(client: &mut Client, room: &str) -> (Vec<u64>, Vec<u64>) {
 
 /// The durable room's history on whichever server Sentinel names master now: every
 /// message once, in publish order, offsets 1, 2, 3, ...
-async fn assert_history_whole(setup: &Setup, room: &str, count: u64) {
+async fn assert_history_whole(setup: &SentinelSetup, room: &str, count: u64) {
     let (host, port) = match setup.sentinels[0]
         .ask(&["get-master-addr-by-name", "volley"])
         .await
@@ -336,7 +167,7 @@ enum Failure {
 /// every message once at the socket, offsets without a gap, the new master's history
 /// whole and in order, and no pause in delivery of 5 s or more.
 async fn publish_through(failure: Failure, count: u64) {
-    let mut setup = Setup::start(2, true).await;
+    let mut setup = SentinelSetup::start(2, true).await;
     let one = start(setup.node("one")).await;
     let two = start(setup.node("two")).await;
     wait_status(one.local_addr(), "/readyz", 200).await;
@@ -387,7 +218,7 @@ async fn publishing_through_a_killed_master_loses_nothing_of_a_durable_room() {
 
 #[tokio::test]
 async fn the_cluster_view_shows_every_node_and_follows_a_failover() {
-    let setup = Setup::start(1, false).await;
+    let setup = SentinelSetup::start(1, false).await;
     let reporting = |id: &'static str| {
         let node = setup.node(id);
         move |c: &mut volley::Config| {
