@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
-use volley::bench::{batch_frame, compress_frame, DeliveryWindow, Drained, Hub, Outbox, Pace};
+use volley::bench::{batch_frame, compress_frame, DeliveryPolicy, Drained, Hub, Outbox, Pace};
 use volley::config::BatchConfig;
 use volley::protocol::{self, outbound, Encoded};
 
@@ -68,7 +68,7 @@ fn batch_assembly(c: &mut Criterion) {
             |b, items| b.iter(|| black_box(batch_frame(items))),
         );
         // The path a socket takes at its window: split by limits, reuse a shared frame.
-        let window = DeliveryWindow::new(&BatchConfig {
+        let window = DeliveryPolicy::new(&BatchConfig {
             delivery_window_ms: 50,
             ..BatchConfig::default()
         });
@@ -98,7 +98,7 @@ fn deflate(c: &mut Criterion) {
     group.bench_function("shared/100_subscribers", |b| {
         b.iter(|| {
             // A new tick: the first subscriber compresses, the other 99 share it.
-            let window = DeliveryWindow::new(&BatchConfig::default()).with_compression(256, 1);
+            let window = DeliveryPolicy::new(&BatchConfig::default()).with_compression(256, 1);
             for _ in 0..100 {
                 black_box(window.compressed(&frame));
             }
@@ -115,7 +115,7 @@ fn deflate(c: &mut Criterion) {
 }
 
 /// A hub with `subscribers` outboxes (no sockets; unbounded) in one room, "room".
-fn subscribed_hub(window: &Arc<DeliveryWindow>, subscribers: u64) -> (Hub, Vec<Arc<Outbox>>) {
+fn subscribed_hub(window: &Arc<DeliveryPolicy>, subscribers: u64) -> (Hub, Vec<Arc<Outbox>>) {
     let hub = Hub::with_window(window.clone(), Arc::default(), usize::MAX);
     let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
         .map(|id| {
@@ -139,7 +139,7 @@ fn hub_fan_out(c: &mut Criterion) {
     let message = messages(1).pop().unwrap();
     // Window 0: each first push wakes the (absent) writer instead of listing the socket
     // for a tick that no clock would serve here.
-    let window = Arc::new(DeliveryWindow::new(&BatchConfig {
+    let window = Arc::new(DeliveryPolicy::new(&BatchConfig {
         delivery_window_ms: 0,
         ..BatchConfig::default()
     }));
@@ -185,7 +185,7 @@ fn room_window(c: &mut Criterion) {
     let batch = messages(10);
     group.throughput(Throughput::Elements(SUBSCRIBERS * batch.len() as u64));
     for (name, window_ms) in [("per_message", 0), ("room_major", 50)] {
-        let window = Arc::new(DeliveryWindow::new(&BatchConfig {
+        let window = Arc::new(DeliveryPolicy::new(&BatchConfig {
             delivery_window_ms: window_ms,
             leading_edge: false,
             ..BatchConfig::default()
@@ -213,7 +213,7 @@ fn outbox_push_drain(c: &mut Criterion) {
     let mut group = c.benchmark_group("outbox");
     let items = messages(16);
     group.throughput(Throughput::Elements(items.len() as u64));
-    let window = Arc::new(DeliveryWindow::new(&BatchConfig {
+    let window = Arc::new(DeliveryPolicy::new(&BatchConfig {
         delivery_window_ms: 0,
         ..BatchConfig::default()
     }));

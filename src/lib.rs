@@ -9,11 +9,20 @@
 //!
 //! ## Layout
 //!
-//! Imports point down this table, never up (`tests/layering.rs` checks it): the core runs
-//! `protocol` <- `batch` <- `outbox` <- `hub` <- `node` <- `connection` / `server` / `api`;
-//! `config`, `metrics`, `throttle` and `tls` are leaves anyone may use (they import only each other and
-//! `protocol`, which imports nothing of ours); `broker` sits beside the
-//! hub (the node owns both, and neither sees the other); the features sit on the node.
+//! Imports point down this table, never up (`tests/layering.rs` reads the source with
+//! `syn` and checks it): the core runs `protocol` <- `batch` <- `outbox` <- `hub` <-
+//! `node` <- `connection` / `server` / `api`; `config`, `metrics`, `throttle` and `tls`
+//! are leaves anyone may use (they import only each other and `protocol`, which imports
+//! nothing of ours); `broker` sits beside the hub (the node owns both, and neither sees
+//! the other); the features sit on the node. No file is over 600 lines, no function over
+//! 100.
+//!
+//! One word per thing: a *window* is an interval (a room class's delivery or publish
+//! window); what a room collected during one is its `Collected`; how delivery batches is
+//! the `DeliveryPolicy`. A *shard* is one of `redis.shards`; the hub's room map has
+//! *stripes*; Redis Cluster's sharded pub/sub is `spublish`. *Cluster* is Redis Cluster;
+//! the nodes' summaries are *reports* (served at `/api/cluster`, the reference servers'
+//! route). An engine *hands back* publishes to its set; a set *hands over* to a new layout.
 //!
 //! | module | job |
 //! | --- | --- |
@@ -23,15 +32,15 @@
 //! | `tls` | rustls for `wss://` / `https://`; an upgraded TLS socket shared by its reader and outbox |
 //! | `throttle` | log lines that repeat under pressure, at most once per interval |
 //! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
-//! | `batch` | delivery-window policy: window clocks, a pace per room class's window, leading edge, batch frames, shared-batch memo |
+//! | `batch` | the delivery policy: window clocks, a pace per room class's window, leading edge, batch frames, shared-batch memo |
 //! | `outbox` | one socket's bounded queue and its writes (inline, writer task); the due list and its tick task |
-//! | `hub` | sharded room -> local subscribers map (each room with its pace and conflation field); `room.rs`: a room's window, collected once and delivered at its tick as shared frames |
-//! | [`broker`] | the seam to other nodes: `memory` engine (default), `redis` (pub/sub, pipelined publish windows, durable streams, presence, keys), `sharded` (rooms over independent Redis servers), `redis_cluster` (a Redis engine per cluster master, sharded pub/sub, following the slot map) and `sentinel` (the Redis engine on whichever master Sentinel names) |
-//! | [`node`] | owns hub, broker, delivery window and due list; where a message enters and fans out |
-//! //! | `online` | who is online, as the node answers it: one listing a second from the broker, shared by every asker |
+//! | `hub` | striped room -> local subscribers map (each room with its pace and conflation field); `room.rs`: what a room collected in its window, delivered at its tick as shared frames |
+//! | [`broker`] | the seam to other nodes (`Broker`, `Presence`, `Health`, `Reports`; `broker::start` picks the engine): `memory` (default), `redis` (one server: pub/sub, pipelined publish windows, durable streams, presence, reports), `routed` (an engine set over a route: `shards`, `sentinel`, `cluster`, one hand-over for all) |
+//! | [`node`] | owns hub, broker, delivery policy and due list; where a message enters and fans out; `replay.rs`: joins with history |
+//! | `online` | who is online, as the node answers it: one listing a second from the broker, shared by every asker |
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |
-//! | `cluster` | feature: per-node reports in Redis (`metrics:<serverId>`), read by `/api/cluster` |
+//! | `reports` | feature: per-node reports, kept by the broker (`metrics:<serverId>` on Redis), read by `/api/cluster` |
 //! | `demo` | feature: the built-in feed, simulated matches and a ticker (`--demo`) |
 //! | `features` | starts the features for the server, stops them first on shutdown |
 //! | `web` | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
@@ -83,7 +92,7 @@ pub mod fuzzing;
 #[doc(hidden)]
 pub mod bench {
     pub use crate::batch::delivery::batch_frame;
-    pub use crate::batch::{DeliveryWindow, Pace};
+    pub use crate::batch::{DeliveryPolicy, Pace};
     pub use crate::deflate::compress_frame;
     pub use crate::hub::Hub;
     pub use crate::metrics::Stats;

@@ -243,5 +243,11 @@ async fn the_cluster_view_shows_every_node_and_follows_a_failover() {
         .unwrap();
     for node in [&a, &b] {
         cluster_view(node.local_addr(), &["node-a", "node-b"]).await;
+        // The hand-back counter, under its name and (for one release) its old one.
+        let addr = node.local_addr();
+        assert_eq!(
+            metric(addr, "volley_redis_handed_back_publishes_total").await,
+            metric(addr, "volley_redis_redirected_publishes_total").await
+        );
     }
 }

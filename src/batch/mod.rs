@@ -3,7 +3,7 @@
 //! `delivery` coalesces what one socket receives inside a delivery window into one
 //! `batch` frame. Windows are aligned to one clock for the whole node, so every socket
 //! in a room drains the same messages at the same tick and the batch frame for them is
-//! built once and shared (see `DeliveryWindow::frames`).
+//! built once and shared (see `DeliveryPolicy::frames`).
 //!
 //! Both windows, delivery and publish, tick on the wall clock (multiples of the window
 //! since the Unix epoch), so every node's ticks are in phase. Delivery ticks come a
@@ -17,7 +17,7 @@ pub mod delivery;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use delivery::{DeliveryWindow, Pace};
+pub use delivery::{DeliveryPolicy, Pace};
 
 /// A periodic tick in phase with the wall clock: at `offset` after every multiple of
 /// `period` since the Unix epoch.

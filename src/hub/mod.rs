@@ -1,6 +1,7 @@
 //! The hub: which local sockets are in which room, and local fan-out.
 //!
-//! Rooms live in a sharded map (`DashMap`), so lookups for different rooms rarely meet.
+//! Rooms live in a striped map (`DashMap`, each stripe its own lock), so lookups for
+//! different rooms rarely meet. ("Shard" in volley means one of `redis.shards`.)
 //! A room's members sit behind the room's own short lock: fan-out takes it for the
 //! length of one synchronous loop of outbox pushes, which keeps every subscriber of a
 //! room seeing that room's messages in the same order, and is never held across an
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use indexmap::IndexMap;
 
-use crate::batch::{DeliveryWindow, Pace};
+use crate::batch::{DeliveryPolicy, Pace};
 use crate::config::BatchConfig;
 use crate::metrics::Stats;
 use crate::outbox::{with_scratch, ConnId, Outbox};
@@ -31,7 +32,7 @@ pub use room::FanOut;
 use room::{DueRooms, Room};
 
 /// Shards for the room map; more than the default keeps unrelated rooms apart on big nodes.
-const ROOM_SHARDS: usize = 64;
+const ROOM_STRIPES: usize = 64;
 
 pub struct Hub {
     rooms: DashMap<Arc<str>, Arc<Room>>,
@@ -150,19 +151,19 @@ impl Default for Hub {
 impl Hub {
     /// A hub whose rooms all keep `[batch]`'s default window.
     pub fn new() -> Hub {
-        let window = Arc::new(DeliveryWindow::new(&BatchConfig::default()));
+        let window = Arc::new(DeliveryPolicy::new(&BatchConfig::default()));
         Hub::with_window(window, Arc::default(), usize::MAX)
     }
 
     /// A hub whose rooms keep the paces `window` gives their classes, and collect at most
     /// `max_window_bytes` (one outbox's bound) per window before delivering early.
     pub fn with_window(
-        window: Arc<DeliveryWindow>,
+        window: Arc<DeliveryPolicy>,
         stats: Arc<Stats>,
         max_window_bytes: usize,
     ) -> Hub {
         Hub {
-            rooms: DashMap::with_shard_amount(ROOM_SHARDS),
+            rooms: DashMap::with_shard_amount(ROOM_STRIPES),
             sockets: DashMap::new(),
             users: DashMap::new(),
             watchers: DashMap::new(),
@@ -416,7 +417,7 @@ impl Hub {
                     let name: Arc<str> = Arc::from(room);
                     self.rooms
                         .entry(name.clone())
-                        .or_insert_with(|| Arc::new(Room::new(name, &self.due_rooms.window)))
+                        .or_insert_with(|| Arc::new(Room::new(name, &self.due_rooms.policy)))
                         .value()
                         .clone()
                 }

@@ -25,7 +25,7 @@ use std::time::Instant;
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
-use crate::batch::{DeliveryWindow, Pace};
+use crate::batch::{DeliveryPolicy, Pace};
 use crate::metrics::Stats;
 use crate::outbox::{CloseReason, ConnId, Outbox, Pushed};
 use crate::protocol::{outbound, Encoded};
@@ -45,7 +45,7 @@ pub(super) struct Room {
 
 /// The node's rooms with a collected window, per pace, and what delivering them needs.
 pub(super) struct DueRooms {
-    pub window: Arc<DeliveryWindow>,
+    pub policy: Arc<DeliveryPolicy>,
     pub stats: Arc<Stats>,
     /// Most bytes a room's window collects before it is delivered early.
     pub max_window_bytes: usize,
@@ -53,10 +53,10 @@ pub(super) struct DueRooms {
 }
 
 impl DueRooms {
-    pub fn new(window: Arc<DeliveryWindow>, stats: Arc<Stats>, max_window_bytes: usize) -> Self {
+    pub fn new(policy: Arc<DeliveryPolicy>, stats: Arc<Stats>, max_window_bytes: usize) -> Self {
         DueRooms {
-            lists: window.paces().map(|_| Mutex::default()).collect(),
-            window,
+            lists: policy.paces().map(|_| Mutex::default()).collect(),
+            policy,
             stats,
             max_window_bytes,
         }
@@ -89,7 +89,7 @@ pub(super) struct Members {
     /// A durable room's epoch, as its members last learned it (from a message, or a
     /// joiner's history); `None` until one of them did.
     pub epoch: Option<Arc<str>>,
-    window: Window,
+    collected: Collected,
 }
 
 pub(super) struct Member {
@@ -109,9 +109,9 @@ pub(super) struct Replaying {
     from: u64,
 }
 
-/// The messages a room collected for its next tick.
+/// The messages a room collected for its next tick (its window's worth).
 #[derive(Default)]
-struct Window {
+struct Collected {
     messages: Vec<Encoded>,
     /// Each message's sequence number (from 1), for members that came in between.
     seqs: Vec<u64>,
@@ -123,7 +123,7 @@ struct Window {
     last_sent: Option<Instant>,
 }
 
-impl Window {
+impl Collected {
     /// The sequence number a member coming now starts at: after everything collected.
     fn start_now(&self) -> u64 {
         if self.messages.is_empty() {
@@ -176,7 +176,7 @@ impl FanOut {
 }
 
 impl Room {
-    pub fn new(name: Arc<str>, window: &DeliveryWindow) -> Room {
+    pub fn new(name: Arc<str>, window: &DeliveryPolicy) -> Room {
         Room {
             pace: window.pace_of(&name),
             conflate: window.conflate_of(&name),
@@ -203,23 +203,23 @@ impl Room {
         due: &mut Vec<Arc<Outbox>>,
     ) -> FanOut {
         let mut members = self.members.lock();
-        let window = &rooms.window;
-        if window.is_immediate(self.pace) {
+        let policy = &rooms.policy;
+        if policy.is_immediate(self.pace) {
             return members.push_each(message, self.pace, due);
         }
         // The clock is read only for a window's first message: the leading-edge check
         // and the latency mark; the messages after it only join the window.
-        let w = &mut members.window;
+        let w = &mut members.collected;
         if w.messages.is_empty() {
             let now = Instant::now();
-            if window.sends_at_once(self.pace, w.last_sent, now) {
+            if policy.sends_at_once(self.pace, w.last_sent, now) {
                 w.last_sent = Some(now);
                 return members.push_each(message, self.pace, due);
             }
         }
         let mut out = FanOut::default();
-        if !members.window.messages.is_empty()
-            && members.window.bytes + message.wire_len() > rooms.max_window_bytes
+        if !members.collected.messages.is_empty()
+            && members.collected.bytes + message.wire_len() > rooms.max_window_bytes
         {
             // More than one outbox's worth in one window: deliver what is collected now;
             // the outboxes' bound decides who can take it.
@@ -246,13 +246,13 @@ impl Members {
 
     /// Adds a member; it gets what the room collects from now on.
     pub fn insert(&mut self, outbox: Arc<Outbox>) {
-        let from = self.window.start_now();
+        let from = self.collected.start_now();
         self.by_id.insert(outbox.id(), Member { outbox, from });
     }
 
     /// Adds a replaying joiner; what the room sends from now on is held for it.
     pub fn insert_replaying(&mut self, outbox: Arc<Outbox>, ticket: u64) {
-        let from = self.window.start_now();
+        let from = self.collected.start_now();
         self.replaying.push(Replaying {
             outbox,
             ticket,
@@ -272,8 +272,13 @@ impl Members {
     ) -> (Arc<Outbox>, Vec<Encoded>) {
         let joiner = self.replaying.swap_remove(at);
         let mut due: Vec<Encoded> = joiner.held.into_iter().filter(|m| keep(m)).collect();
-        due.extend(self.window.after(joiner.from).filter(|m| keep(m)).cloned());
-        let from = self.window.start_now();
+        due.extend(
+            self.collected
+                .after(joiner.from)
+                .filter(|m| keep(m))
+                .cloned(),
+        );
+        let from = self.collected.start_now();
         let outbox = joiner.outbox;
         self.by_id.insert(
             outbox.id(),
@@ -303,7 +308,7 @@ impl Members {
     pub fn remove(&mut self, id: ConnId, pace: Pace, due: &mut Vec<Arc<Outbox>>) -> bool {
         if let Some(member) = self.by_id.swap_remove(&id) {
             let mut out = FanOut::default();
-            for message in self.window.after(member.from) {
+            for message in self.collected.after(member.from) {
                 out.count(member.outbox.push_paced(message, pace), &member.outbox, due);
             }
             return true;
@@ -337,7 +342,7 @@ impl Members {
     /// Adds a message to the window (the latest per key, in a conflated room); true if
     /// it is the window's first, so the room must be listed for its tick.
     fn collect(&mut self, message: &Encoded, stats: &Stats) -> bool {
-        let w = &mut self.window;
+        let w = &mut self.collected;
         let key = message.conflation_key();
         if key != 0 {
             if let Some(at) = w.messages.iter().rposition(|m| m.conflation_key() == key) {
@@ -367,15 +372,17 @@ impl Members {
         due: &mut Vec<Arc<Outbox>>,
     ) -> FanOut {
         let mut out = FanOut::default();
-        let Some(since) = self.window.since.take() else {
+        let Some(since) = self.collected.since.take() else {
             return out;
         };
         let mut frames = Vec::new();
         if !conflated {
-            rooms.window.room_frames(&self.window.messages, &mut frames);
+            rooms
+                .policy
+                .room_frames(&self.collected.messages, &mut frames);
         }
         let shared = if conflated {
-            &self.window.messages
+            &self.collected.messages
         } else {
             &frames
         };
@@ -388,7 +395,7 @@ impl Members {
                     }
                 }
                 from => {
-                    for message in self.window.after(from) {
+                    for message in self.collected.after(from) {
                         out.count(outbox.push_due(message, since), outbox, due);
                     }
                 }
@@ -396,9 +403,9 @@ impl Members {
         }
         for joiner in &mut self.replaying {
             let from = std::mem::take(&mut joiner.from);
-            hold(joiner, self.window.after(from), &mut out);
+            hold(joiner, self.collected.after(from), &mut out);
         }
-        let w = &mut self.window;
+        let w = &mut self.collected;
         w.messages.clear();
         w.seqs.clear();
         w.bytes = 0;

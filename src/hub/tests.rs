@@ -11,7 +11,7 @@ fn outbox(id: ConnId) -> Arc<Outbox> {
     Arc::new(Outbox::new(
         id,
         1 << 20,
-        Arc::new(crate::batch::DeliveryWindow::new(&immediate)),
+        Arc::new(crate::batch::DeliveryPolicy::new(&immediate)),
         Arc::default(),
         Arc::default(),
     ))
@@ -25,7 +25,7 @@ fn collecting_hub() -> Hub {
         leading_edge: false,
         ..Default::default()
     };
-    let window = Arc::new(DeliveryWindow::new(&window));
+    let window = Arc::new(DeliveryPolicy::new(&window));
     Hub::with_window(window, Arc::default(), usize::MAX)
 }
 
@@ -92,7 +92,7 @@ fn windows_under_concurrent_ticks_and_churn_lose_nothing_and_never_reorder() {
         ..Default::default()
     };
     let hub = Arc::new(Hub::with_window(
-        Arc::new(DeliveryWindow::new(&window)),
+        Arc::new(DeliveryPolicy::new(&window)),
         Arc::default(),
         usize::MAX,
     ));

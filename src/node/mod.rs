@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::auth::Authenticator;
-use crate::batch::{DeliveryWindow, Pace};
+use crate::batch::{DeliveryPolicy, Pace};
 use crate::broker::{
     Broker, BrokerState, Envelope, EnvelopeSink, Kind, PresenceError, PresenceEvent, PublishError,
     Target, UserPresence,
@@ -42,7 +42,7 @@ pub struct Node {
     config: Config,
     id: Arc<str>,
     hub: Hub,
-    window: Arc<DeliveryWindow>,
+    policy: Arc<DeliveryPolicy>,
     /// Sockets waiting for the next delivery tick; its tick task is the node's clock.
     due: Arc<DueList>,
     /// The `[[rooms]]` classes, compiled once and shared with the delivery window: which
@@ -87,18 +87,18 @@ impl Node {
                 RoomClasses::compile(&config.rooms, &config.batch)
                     .unwrap_or_else(|_| RoomClasses::plain(&config.batch)),
             );
-            let window = Arc::new(
-                DeliveryWindow::with_classes(&config.batch, classes.clone())
+            let policy = Arc::new(
+                DeliveryPolicy::with_classes(&config.batch, classes.clone())
                     .with_compression(config.compression.min_bytes, config.compression.level),
             );
-            let due: Arc<DueList> = Arc::new(DueList::new(window.paces().count()));
-            for pace in window.paces() {
+            let due: Arc<DueList> = Arc::new(DueList::new(policy.paces().count()));
+            for pace in policy.paces() {
                 // At each tick the rooms deliver their windows first, then the sockets
                 // listed for the tick write what they hold (the window's clock, once).
                 let me = me.clone();
                 tokio::spawn(DueList::run_ticks(
                     Arc::downgrade(&due),
-                    window.clone(),
+                    policy.clone(),
                     pace,
                     move |pace| {
                         me.upgrade()
@@ -108,7 +108,7 @@ impl Node {
                 ));
             }
             let hub = Hub::with_window(
-                window.clone(),
+                policy.clone(),
                 stats.clone(),
                 config.limits.max_outbox_bytes,
             );
@@ -116,7 +116,7 @@ impl Node {
             let auth =
                 Authenticator::new(&config.auth).unwrap_or_else(|_| Authenticator::refusing());
             Node {
-                window,
+                policy,
                 due,
                 classes,
                 auth,
@@ -162,7 +162,7 @@ impl Node {
         let outbox = Arc::new(Outbox::new(
             id,
             self.config.limits.max_outbox_bytes,
-            self.window.clone(),
+            self.policy.clone(),
             self.due.clone(),
             self.stats.clone(),
         ));
@@ -408,7 +408,7 @@ impl Node {
     /// Asks every socket to flush what it has queued and close with 1001.
     pub fn close_all_sockets(&self) {
         // What rooms collected for their next tick goes out with the rest.
-        for pace in self.window.paces() {
+        for pace in self.policy.paces() {
             self.deliver_windows(pace);
         }
         for socket in self.hub.sockets() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::{Outbox, SocketWrite};
-use crate::batch::{DeliveryWindow, Pace};
+use crate::batch::{DeliveryPolicy, Pace};
 
 pub struct DueList<W: SocketWrite = super::SocketOut> {
     /// Per pace; each socket is listed at most once per tick (`Outbox::push_paced` sees
@@ -47,23 +47,23 @@ impl<W: SocketWrite> DueList<W> {
     /// delivery), so what they push leaves in the same writes.
     pub async fn run_ticks(
         list: Weak<DueList<W>>,
-        window: Arc<DeliveryWindow>,
+        policy: Arc<DeliveryPolicy>,
         pace: Pace,
         first: impl Fn(Pace) -> bool,
     ) {
         // Window 0 sends everything at once and never schedules: no clock to run (it
         // would wake every millisecond for nothing).
-        if window.is_immediate(pace) {
+        if policy.is_immediate(pace) {
             return;
         }
         let mut due = Vec::new();
         loop {
-            let next = window.next_tick(pace, Instant::now());
+            let next = policy.next_tick(pace, Instant::now());
             tokio::time::sleep_until(next.into()).await;
             let Some(list) = list.upgrade() else {
                 return;
             };
-            window.new_tick();
+            policy.new_tick();
             if !first(pace) {
                 return;
             }

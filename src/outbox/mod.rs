@@ -36,7 +36,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::batch::{DeliveryWindow, Pace};
+use crate::batch::{DeliveryPolicy, Pace};
 use crate::metrics::Stats;
 use crate::protocol::{close_code, outbound, Encoded};
 
@@ -102,7 +102,7 @@ pub struct Outbox<W: SocketWrite = SocketOut> {
     max_bytes: usize,
     state: Mutex<State>,
     /// Decides when a queued message may leave: at once, or at the next window tick.
-    window: Arc<DeliveryWindow>,
+    policy: Arc<DeliveryPolicy>,
     /// Where a socket with messages for the next tick is listed.
     due: Arc<DueList<W>>,
     stats: Arc<Stats>,
@@ -149,7 +149,7 @@ struct State {
     unsent: Vec<Bytes>,
     /// A flush left the rest of its write (`unsent`, or a backlog below the socket's
     /// write) to the writer task, which is now the one writing.
-    handed_over: bool,
+    left_to_writer: bool,
 }
 
 /// What the writer takes from the outbox in one step.
@@ -168,7 +168,7 @@ impl<W: SocketWrite> Outbox<W> {
     pub fn new(
         id: ConnId,
         max_bytes: usize,
-        window: Arc<DeliveryWindow>,
+        policy: Arc<DeliveryPolicy>,
         due: Arc<DueList<W>>,
         stats: Arc<Stats>,
     ) -> Outbox<W> {
@@ -176,7 +176,7 @@ impl<W: SocketWrite> Outbox<W> {
             id,
             max_bytes,
             state: Mutex::new(State::default()),
-            window,
+            policy,
             due,
             stats,
             io: OnceLock::new(),
@@ -215,14 +215,14 @@ impl<W: SocketWrite> Outbox<W> {
             let first = frames.len();
             let batch_messages = &self.stats.batch_messages;
             let mut delivered = 0;
-            self.window
+            self.policy
                 .frames(&drained.messages, drained.batched, frames, |messages, n| {
                     delivered += messages * n;
                     batch_messages.record_n(messages as u64, n as u64)
                 });
             if self.deflate.load(Ordering::Relaxed) {
                 for frame in &mut frames[first..] {
-                    *frame = self.window.compressed(frame);
+                    *frame = self.policy.compressed(frame);
                 }
             }
             self.stats.record_write(delivered, frames.len() - first);
@@ -259,13 +259,13 @@ impl<W: SocketWrite> Outbox<W> {
         }
         state.queue.push(message.clone());
         state.bytes += message.wire_len();
-        let immediate = self.window.is_immediate(pace);
+        let immediate = self.policy.is_immediate(pace);
         state.batched |= !immediate;
         if state.wake_pending || state.scheduled & pace.bit() != 0 {
             return Pushed::Queued;
         }
         let now = now.unwrap_or_else(Instant::now);
-        if self.window.sends_at_once(pace, state.last_flush, now) {
+        if self.policy.sends_at_once(pace, state.last_flush, now) {
             state.wake_pending = true;
             return Pushed::Due;
         }
@@ -422,7 +422,7 @@ impl<W: SocketWrite> Outbox<W> {
                 Ok(false) => {
                     // The socket is full: the writer task waits until it takes the rest.
                     state.unsent.append(frames);
-                    state.handed_over = true;
+                    state.left_to_writer = true;
                     drop(state);
                     self.wake.notify_one();
                     return;
@@ -443,11 +443,11 @@ impl<W: SocketWrite> Outbox<W> {
     /// flush is writing (then that flush takes them when done). Marks the socket busy.
     fn take_for_writer(&self, into: &mut Drained, unsent: &mut Vec<Bytes>) -> bool {
         let mut state = self.state.lock();
-        if state.busy && !state.handed_over {
+        if state.busy && !state.left_to_writer {
             state.due_while_busy = true;
             return false;
         }
-        state.handed_over = false;
+        state.left_to_writer = false;
         unsent.append(&mut state.unsent);
         take(&mut state, into);
         state.busy = true;

@@ -89,8 +89,8 @@ impl SocketWrite for Arc<Scripted> {
     }
 }
 
-fn window(ms: u64) -> Arc<DeliveryWindow> {
-    Arc::new(DeliveryWindow::new(&crate::config::BatchConfig {
+fn window(ms: u64) -> Arc<DeliveryPolicy> {
+    Arc::new(DeliveryPolicy::new(&crate::config::BatchConfig {
         delivery_window_ms: ms,
         ..Default::default()
     }))

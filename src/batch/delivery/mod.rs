@@ -76,7 +76,10 @@ impl Timing {
     }
 }
 
-pub struct DeliveryWindow {
+/// How delivery batches: each room class's window (an interval), the leading edge, the
+/// batch bounds, and the shared frames they make. ("Window" in volley is the interval;
+/// what a room collected during one is its `Collected`.)
+pub struct DeliveryPolicy {
     /// Indexed by `Pace`; 0 is `[batch]`'s.
     paces: Vec<Timing>,
     /// The room classes, compiled once (`config::RoomClasses`): each room's pace and
@@ -109,17 +112,17 @@ struct MemoEntry {
     frame: Bytes,
 }
 
-impl DeliveryWindow {
+impl DeliveryPolicy {
     /// One pace for every room: `[batch]`'s.
-    pub fn new(config: &BatchConfig) -> DeliveryWindow {
-        DeliveryWindow::with_classes(config, Arc::new(RoomClasses::plain(config)))
+    pub fn new(config: &BatchConfig) -> DeliveryPolicy {
+        DeliveryPolicy::with_classes(config, Arc::new(RoomClasses::plain(config)))
     }
 
     /// `[batch]`'s pace, and one more for each distinct window the `[[rooms]]` classes
     /// give (classes with the same window and leading edge share a pace), as `classes`
     /// compiled them.
-    pub fn with_classes(config: &BatchConfig, classes: Arc<RoomClasses>) -> DeliveryWindow {
-        DeliveryWindow {
+    pub fn with_classes(config: &BatchConfig, classes: Arc<RoomClasses>) -> DeliveryPolicy {
+        DeliveryPolicy {
             paces: classes
                 .delivery_windows()
                 .iter()
@@ -137,7 +140,7 @@ impl DeliveryWindow {
     }
 
     /// With `compression.min_bytes` and `compression.level`.
-    pub fn with_compression(mut self, min_bytes: usize, level: u32) -> DeliveryWindow {
+    pub fn with_compression(mut self, min_bytes: usize, level: u32) -> DeliveryPolicy {
         self.compress_min = min_bytes;
         self.compress_level = level;
         self

@@ -1,8 +1,8 @@
 use super::*;
 use crate::config::RoomClass;
 
-fn window(ms: u64, max_messages: usize, max_bytes: usize) -> DeliveryWindow {
-    DeliveryWindow::new(&BatchConfig {
+fn window(ms: u64, max_messages: usize, max_bytes: usize) -> DeliveryPolicy {
+    DeliveryPolicy::new(&BatchConfig {
         delivery_window_ms: ms,
         leading_edge: true,
         max_batch_messages: max_messages,
@@ -208,7 +208,7 @@ fn room_classes_get_paces_of_their_own_and_share_equal_ones() {
         &config,
     )
     .unwrap();
-    let w = DeliveryWindow::with_classes(&config, Arc::new(classes));
+    let w = DeliveryPolicy::with_classes(&config, Arc::new(classes));
     assert_eq!(
         w.paces().count(),
         4,

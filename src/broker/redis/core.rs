@@ -21,7 +21,7 @@ pub(super) struct Core {
     pub(super) keys: Keys,
     /// In a Redis Cluster this engine is one of several, one per master: its channels
     /// are sharded (`SPUBLISH` / `SSUBSCRIBE`).
-    pub(super) sharded: bool,
+    pub(super) spublish: bool,
     /// Where publishes go that this engine's Redis refused (a cluster redirection, a
     /// demoted master's `READONLY`) or that it still held when it was shut down: the
     /// engine that owns this one (cluster, Sentinel) routes them again. Without one they
@@ -166,7 +166,7 @@ impl Core {
     pub(super) fn new(
         config: &Config,
         keys: Keys,
-        sharded: bool,
+        spublish: bool,
         hand_back: Option<Arc<HandBack>>,
         gated: bool,
     ) -> Core {
@@ -174,8 +174,8 @@ impl Core {
         Core {
             keys,
             node_id,
-            home: AtomicBool::new(!sharded),
-            sharded,
+            home: AtomicBool::new(!spublish),
+            spublish,
             hand_back,
             sink: OnceLock::new(),
             stats: OnceLock::new(),
@@ -215,14 +215,14 @@ impl Core {
         self.sink.get().and_then(Weak::upgrade)
     }
 
-    /// Whether channels are sharded (a Redis Cluster).
-    pub(super) fn sharded(&self) -> bool {
-        self.sharded
+    /// Whether channels are Redis Cluster's sharded pub/sub (`SPUBLISH`).
+    pub(super) fn spublish(&self) -> bool {
+        self.spublish
     }
 
     /// `PUBLISH`, or `SPUBLISH` in a cluster.
     pub(super) fn publish_command(&self) -> &'static str {
-        if self.sharded() {
+        if self.spublish() {
             "SPUBLISH"
         } else {
             "PUBLISH"

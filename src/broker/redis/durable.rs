@@ -141,7 +141,8 @@ return {epoch, out}
 "#;
 
 /// The same in a Redis Cluster.
-static PUBLISH_SHARDED: LazyLock<String> = LazyLock::new(|| super::start::sharded_script(PUBLISH));
+static PUBLISH_SPUBLISH: LazyLock<String> =
+    LazyLock::new(|| super::start::spublish_script(PUBLISH));
 
 /// How long a history read or a repair may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -168,8 +169,8 @@ pub(super) fn add_publish(
 ) {
     let cmd = pipe
         .cmd("EVAL")
-        .arg(if core.sharded() {
-            PUBLISH_SHARDED.as_str()
+        .arg(if core.spublish() {
+            PUBLISH_SPUBLISH.as_str()
         } else {
             PUBLISH
         })

@@ -26,7 +26,7 @@ pub struct EngineOptions {
     pub keys: Keys,
     /// Sharded pub/sub (`SPUBLISH` / `SSUBSCRIBE`): one master of a Redis Cluster. It
     /// subscribes the node-wide channels only after `set_home(true)`.
-    pub sharded: bool,
+    pub spublish: bool,
     /// Where publishes go that this engine's Redis refused or that it still holds at
     /// shutdown: the set that owns it routes them again. Without one they are held
     /// here, and dropped and counted at shutdown.
@@ -47,7 +47,7 @@ impl EngineOptions {
                 .into_connection_info()
                 .map_err(RedisStartError::BadUrl)?,
             keys: Keys::new(&config.redis.key_prefix, &config.server.node_id),
-            sharded: false,
+            spublish: false,
             hand_back: None,
             gated: false,
             previous_life: true,
@@ -65,7 +65,7 @@ impl RedisBroker {
         let EngineOptions {
             info,
             keys,
-            sharded,
+            spublish,
             hand_back,
             gated,
             previous_life,
@@ -78,7 +78,7 @@ impl RedisBroker {
             .map_err(RedisStartError::BadUrl)?;
         let client = Client::open(info).map_err(RedisStartError::BadUrl)?;
 
-        let core = Arc::new(Core::new(config, keys, sharded, hand_back, gated));
+        let core = Arc::new(Core::new(config, keys, spublish, hand_back, gated));
         let queue = Arc::new(PublishQueue::new(
             config.redis.outage_buffer,
             PublishPaces::new(config),
@@ -134,7 +134,7 @@ impl RedisBroker {
 }
 
 /// A script with its `PUBLISH` calls made `SPUBLISH`, for a Redis Cluster.
-pub(super) fn sharded_script(script: &str) -> String {
+pub(super) fn spublish_script(script: &str) -> String {
     script.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
 }
 

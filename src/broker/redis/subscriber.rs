@@ -293,7 +293,7 @@ async fn reconcile(
         .filter(|c| *c != probe)
         .cloned()
         .collect();
-    if core.sharded() {
+    if core.spublish() {
         return reconcile_sharded(core, conn, current, add, remove).await;
     }
     if !add.is_empty() {

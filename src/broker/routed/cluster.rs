@@ -1,5 +1,5 @@
 //! Redis Cluster (`redis.cluster_nodes`): rooms use sharded pub/sub (`SPUBLISH` /
-//! `SSUBSCRIBE`), so a room's messages travel only within the shard that owns its slot,
+//! `SSUBSCRIBE`), so a room's messages travel only to the master that owns its slot (and its replicas),
 //! instead of plain `PUBLISH`, which a cluster copies to every one of its nodes.
 //!
 //! The node reads the slot map (`CLUSTER SLOTS`) and runs one Redis engine per master
@@ -238,7 +238,7 @@ impl Cluster {
                     .clone()
                     .set_addr(ConnectionAddr::Tcp(host.clone(), port)),
                 keys: Keys::cluster(&self.prefix, &self.node_id, &tag),
-                sharded: true,
+                spublish: true,
                 hand_back: None,
                 // Engines of the first slot map start with the node; later ones take over.
                 gated: !first_map,

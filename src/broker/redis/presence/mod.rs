@@ -42,7 +42,7 @@ mod listing;
 mod scripts;
 
 pub(super) use listing::{online_users, presence_of};
-use scripts::{OFFLINE, OFFLINE_SHARDED, ONLINE, ONLINE_SHARDED, REAP, REAP_SHARDED};
+use scripts::{OFFLINE, OFFLINE_SPUBLISH, ONLINE, ONLINE_SPUBLISH, REAP, REAP_SPUBLISH};
 
 /// Most dead nodes one reaping call claims (the rest wait for the next refresh).
 const REAP_BATCH: usize = 16;
@@ -213,8 +213,8 @@ fn add_change(
     let keys = &core.keys;
     let cmd = pipe.cmd("EVAL");
     if online {
-        cmd.arg(if core.sharded() {
-            ONLINE_SHARDED.as_str()
+        cmd.arg(if core.spublish() {
+            ONLINE_SPUBLISH.as_str()
         } else {
             ONLINE
         })
@@ -231,8 +231,8 @@ fn add_change(
         .arg(ttl_ms)
         .arg(&keys.presence_updates);
     } else {
-        cmd.arg(if core.sharded() {
-            OFFLINE_SHARDED.as_str()
+        cmd.arg(if core.spublish() {
+            OFFLINE_SPUBLISH.as_str()
         } else {
             OFFLINE.as_str()
         })
@@ -337,8 +337,8 @@ async fn refresh_here(core: &Core, conn: &mut ConnectionManager, here: &mut Here
 async fn reap(core: &Core, conn: &mut ConnectionManager, node: Option<&str>) {
     let keys = &core.keys;
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(if core.sharded() {
-        REAP_SHARDED.as_str()
+    cmd.arg(if core.spublish() {
+        REAP_SPUBLISH.as_str()
     } else {
         REAP.as_str()
     })

@@ -117,9 +117,9 @@ return out
 });
 
 /// The same in a Redis Cluster (`SPUBLISH`: every name here shares the home tag).
-pub(super) static ONLINE_SHARDED: LazyLock<String> =
-    LazyLock::new(|| super::super::start::sharded_script(ONLINE));
-pub(super) static OFFLINE_SHARDED: LazyLock<String> =
-    LazyLock::new(|| super::super::start::sharded_script(&OFFLINE));
-pub(super) static REAP_SHARDED: LazyLock<String> =
-    LazyLock::new(|| super::super::start::sharded_script(&REAP));
+pub(super) static ONLINE_SPUBLISH: LazyLock<String> =
+    LazyLock::new(|| super::super::start::spublish_script(ONLINE));
+pub(super) static OFFLINE_SPUBLISH: LazyLock<String> =
+    LazyLock::new(|| super::super::start::spublish_script(&OFFLINE));
+pub(super) static REAP_SPUBLISH: LazyLock<String> =
+    LazyLock::new(|| super::super::start::spublish_script(&REAP));

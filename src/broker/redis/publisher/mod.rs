@@ -450,7 +450,7 @@ impl Publisher {
             .map(|peer| self.core.keys.probe_of(peer))
             .collect();
         let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
-            .arg(if self.core.sharded() {
+            .arg(if self.core.spublish() {
                 "SHARDNUMSUB"
             } else {
                 "NUMSUB"
