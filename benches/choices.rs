@@ -236,7 +236,9 @@ fn handoff(c: &mut Criterion) {
                 .map(|_| {
                     let queue = Arc::new(PublishQueue::new(
                         usize::MAX / 2,
-                        PublishPaces::new(&volley::Config::default()),
+                        PublishPaces::new(std::sync::Arc::new(
+                            volley::config::RoomClasses::compiled(&volley::Config::default()),
+                        )),
                     ));
                     let producer_queue = queue.clone();
                     let e = one.clone();

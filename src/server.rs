@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, Body};
 use crate::broker::{Broker, RedisStartError};
-use crate::config::Config;
+use crate::config::{Config, RoomClasses};
 use crate::connection;
 use crate::features::Features;
 use crate::node::Node;
@@ -83,28 +83,33 @@ pub struct ShutdownReport {
 
 impl Server {
     /// Binds `server.listen` and serves with the broker the config asks for
-    /// (`broker::start`).
+    /// (`broker::start`), which shares the node's room classes, compiled once.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
-        let broker = crate::broker::start(&config)?;
-        Self::bind_with_broker(config, broker).await
+        let (config, classes) = prepare(config)?;
+        let broker = crate::broker::start(&config, &classes)?;
+        Self::serve(config, broker, classes).await
     }
 
     /// Binds `server.listen` and serves with the given broker engine.
     pub async fn bind_with_broker(
-        mut config: Config,
+        config: Config,
         broker: Arc<dyn Broker>,
     ) -> Result<Server, ServeError> {
-        if config.demo.enabled {
-            config.add_demo_rooms();
-        }
-        config.validate()?;
-        crate::auth::Authenticator::new(&config.auth)?;
+        let (config, classes) = prepare(config)?;
+        Self::serve(config, broker, classes).await
+    }
+
+    async fn serve(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        classes: Arc<RoomClasses>,
+    ) -> Result<Server, ServeError> {
         let tls = tls::acceptor(&config.tls)?;
         let addr = config.server.listen;
         let listen_error = |source| ServeError::Listen { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
-        let node = Node::new(config, broker);
+        let node = Node::with_classes(config, broker, classes);
         let shared = Arc::new(Shared {
             features: Features::start(&node),
             node: node.clone(),
@@ -332,6 +337,18 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
         connection::serve(node, outbox, transport, early, credentials, deflate).await
     });
     response.map(|_| Body::default())
+}
+
+/// The config as the node runs it (with the demo's rooms under `--demo`), checked, and
+/// its room classes compiled once.
+fn prepare(mut config: Config) -> Result<(Config, Arc<RoomClasses>), ServeError> {
+    if config.demo.enabled {
+        config.add_demo_rooms();
+    }
+    config.validate()?;
+    crate::auth::Authenticator::new(&config.auth)?;
+    let classes = Arc::new(RoomClasses::compile(&config.rooms, &config.batch)?);
+    Ok((config, classes))
 }
 
 /// Whether the upgrade offers permessage-deflate in a form volley accepts.

@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use crate::config::{Config, Durability};
+use crate::config::{Config, Durability, RoomClasses};
 use crate::metrics::Stats;
 use crate::protocol::inbound::Replay;
 use crate::protocol::Encoded;
@@ -43,19 +43,27 @@ pub use reports::{ReportError, Reports, StoredReport};
 
 /// Starts the engine the config asks for: Sentinel (`redis.sentinels`), shards
 /// (`redis.shards`), a Redis Cluster (`redis.cluster_nodes`), one Redis (`redis.url`),
-/// or else the embedded memory engine. The config is validated: at most one is set.
-pub fn start(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
+/// or else the embedded memory engine. The config was validated (at most one is set);
+/// `classes` are its room classes, compiled once for the node and its engines.
+pub fn start(
+    config: &Config,
+    classes: &Arc<RoomClasses>,
+) -> Result<Arc<dyn Broker>, RedisStartError> {
     let redis = &config.redis;
     Ok(if !redis.sentinels.is_empty() {
-        routed::sentinel(config)?
+        routed::sentinel(config, classes)?
     } else if !redis.shards.is_empty() {
-        routed::shards(config)?
+        routed::shards(config, classes)?
     } else if !redis.cluster_nodes.is_empty() {
-        routed::cluster(config)?
+        routed::cluster(config, classes)?
     } else if redis.url.is_empty() {
         Arc::new(MemoryBroker::standalone())
     } else {
-        RedisBroker::start(config)?
+        let options = redis::EngineOptions {
+            classes: Some(classes.clone()),
+            ..redis::EngineOptions::standalone(config, &redis.url)?
+        };
+        RedisBroker::start_with(config, options)?
     })
 }
 

@@ -89,6 +89,13 @@ pub struct RoomClasses {
 
 impl RoomClasses {
     /// No classes: every room plain, on `batch`'s windows.
+    /// The config's classes, for a config that passed `Config::validate` (one that did
+    /// not, built by hand, gets none: every room plain).
+    pub fn compiled(config: &super::Config) -> RoomClasses {
+        RoomClasses::compile(&config.rooms, &config.batch)
+            .unwrap_or_else(|_| RoomClasses::plain(&config.batch))
+    }
+
     pub fn plain(batch: &BatchConfig) -> RoomClasses {
         RoomClasses {
             classes: Vec::new(),

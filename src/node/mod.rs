@@ -75,18 +75,25 @@ pub struct Health {
 }
 
 impl Node {
-    /// Builds a node and starts its delivery-window clock; call inside a Tokio runtime.
+    /// Builds a node and starts its delivery clocks; call inside a Tokio runtime. The
+    /// room classes are compiled from the config (one that failed `Config::validate`
+    /// gets none).
     pub fn new(config: Config, broker: Arc<dyn Broker>) -> Arc<Node> {
+        let classes = Arc::new(RoomClasses::compiled(&config));
+        Self::with_classes(config, broker, classes)
+    }
+
+    /// A node with its room classes compiled already (shared with the broker's engines).
+    pub fn with_classes(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        classes: Arc<RoomClasses>,
+    ) -> Arc<Node> {
         Arc::new_cyclic(|me: &Weak<Node>| {
             let id: Arc<str> = Arc::from(config.server.node_id.as_str());
             let sink: Weak<dyn EnvelopeSink> = me.clone();
             let stats = Arc::new(Stats::default());
             broker.attach(id.clone(), sink, stats.clone());
-            // Server::bind validated the classes; a hand-built bad config gets none.
-            let classes = Arc::new(
-                RoomClasses::compile(&config.rooms, &config.batch)
-                    .unwrap_or_else(|_| RoomClasses::plain(&config.batch)),
-            );
             let policy = Arc::new(
                 DeliveryPolicy::with_classes(&config.batch, classes.clone())
                     .with_compression(config.compression.min_bytes, config.compression.level),

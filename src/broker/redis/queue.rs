@@ -4,12 +4,13 @@
 //! lock per batch and one swap per window beat a channel's per-envelope send and receive.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::broker::{Envelope, PublishError, Target};
-use crate::config::{Config, RoomClasses};
+use crate::config::RoomClasses;
 
 /// Which publish window an envelope waits for: pace 0 is `batch.publish_window_ms`, the
 /// others come from `[[rooms]]` classes with a `publish_window_ms` of their own (classes
@@ -17,14 +18,12 @@ use crate::config::{Config, RoomClasses};
 /// direct messages keep pace 0.
 pub struct PublishPaces {
     windows: Vec<Duration>,
-    classes: RoomClasses,
+    classes: Arc<RoomClasses>,
 }
 
 impl PublishPaces {
-    pub fn new(config: &Config) -> PublishPaces {
-        // Validated at start; a hand-built bad config gets no classes.
-        let classes = RoomClasses::compile(&config.rooms, &config.batch)
-            .unwrap_or_else(|_| RoomClasses::plain(&config.batch));
+    /// The paces of the node's room classes, compiled once and shared with its delivery.
+    pub fn new(classes: Arc<RoomClasses>) -> PublishPaces {
         PublishPaces {
             windows: classes
                 .publish_windows()

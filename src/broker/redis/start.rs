@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::core::{Core, Subscriptions};
 use super::{presence, publisher, subscriber, PublishPaces, PublishQueue, RedisBroker};
 use super::{HandBack, Keys};
-use crate::config::Config;
+use crate::config::{Config, RoomClasses};
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,10 @@ pub struct EngineOptions {
     /// Starts with the node (not taking over from a live engine): first announces what
     /// a previous life of this node id left behind (see `presence`).
     pub previous_life: bool,
+    /// The node's room classes, compiled once and shared by its delivery and every
+    /// engine's publish queue; `None` compiles them from the config (an engine built
+    /// alone, as the benches build one).
+    pub classes: Option<Arc<RoomClasses>>,
 }
 
 impl EngineOptions {
@@ -51,6 +55,7 @@ impl EngineOptions {
             hand_back: None,
             gated: false,
             previous_life: true,
+            classes: None,
         })
     }
 }
@@ -69,7 +74,9 @@ impl RedisBroker {
             hand_back,
             gated,
             previous_life,
+            classes,
         } = options;
+        let classes = classes.unwrap_or_else(|| Arc::new(RoomClasses::compiled(config)));
         let resp3 = info
             .redis_settings()
             .clone()
@@ -81,7 +88,7 @@ impl RedisBroker {
         let core = Arc::new(Core::new(config, keys, spublish, hand_back, gated));
         let queue = Arc::new(PublishQueue::new(
             config.redis.outage_buffer,
-            PublishPaces::new(config),
+            PublishPaces::new(classes),
         ));
         let subscriptions = Arc::new(Subscriptions {
             rooms: Mutex::new(Default::default()),

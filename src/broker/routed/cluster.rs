@@ -243,6 +243,7 @@ impl Cluster {
                 // Engines of the first slot map start with the node; later ones take over.
                 gated: !first_map,
                 previous_life: first_map,
+                classes: None,
             };
             match starter.start(options) {
                 Ok(engine) => {

@@ -21,18 +21,21 @@
 //! durable appends as doubtful) and is routed by the new layout; only then do the new
 //! engines (gated) send anything. Durable rooms repair any gap from their streams.
 //!
-//! Why not redis-rs's own clients (checked against redis 1.x with `cluster-async` and
-//! `sentinel`): `ClusterConnection` routes commands by key and retries `MOVED`/`ASK` on
-//! its own, but its pub/sub follows a slot move only by resubscribing inside the client,
-//! with no moment where volley could move a durable room's position, hold the room's
-//! joins, or learn that a publish was refused without running (it retries, or fails
-//! without saying whether it ran); it has no per-master probe either, which is how an
-//! engine here learns that pub/sub stopped delivering. `SentinelClient` gives a
-//! connection to the current master, but no signal when the master changes, so the
-//! hand-over (stop delivering, move positions, hand back what the old master held)
-//! would have no place to run. Both ask the deployment the same questions these watches
-//! do (`CLUSTER SLOTS`, `SENTINEL get-master-addr-by-name`); volley asks them itself and
-//! keeps one Redis engine per server, with its pipelines, probe and hand-back.
+//! Why not redis-rs's own clients (read in redis 1.8.1, features `cluster-async` and
+//! `sentinel`): `cluster_async::ClusterConnection` routes each command by its key and
+//! follows `MOVED`/`ASK` by itself, and its `ssubscribe` keeps a `SubscriptionTracker`
+//! that subscribes again inside the client after the slot map changes. That is what a
+//! plain client wants, and what volley cannot use: it never says that a room's slot
+//! moved, so there is no moment to stop delivering from the old master, move a durable
+//! room's position, or hold the room's joins until the new subscription is confirmed; a
+//! refused publish is retried inside the client instead of handed back in its window's
+//! order; and it has no probe per master, which is how an engine here learns
+//! that pub/sub stopped delivering. `sentinel::SentinelClient` opens a connection to
+//! whichever server is the master when it is called (`get_async_connection`), with no
+//! signal when the master changes, so the hand-over would have no place to run either.
+//! Both ask the deployment what these watches ask (`CLUSTER SLOTS`,
+//! `SENTINEL get-master-addr-by-name`); volley asks it itself and keeps one Redis engine
+//! per server, with its pipelines, probe and hand-back.
 
 mod cluster;
 mod handover;
@@ -55,25 +58,46 @@ use super::{
     add_counters, BoxFuture, Broker, BrokerState, Counter, Envelope, EnvelopeSink, Health,
     HistoryError, HistoryFuture, PublishError, RedisBroker, Target,
 };
-use crate::config::{Config, Durability};
+use crate::config::{Config, Durability, RoomClasses};
 use crate::metrics::Stats;
 use crate::protocol::inbound::Replay;
 
 pub use shards::pick;
 
 /// The engines for `redis.sentinels`.
-pub fn sentinel(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
-    Ok(EngineSet::start(config, sentinel::Sentinel::new(config))?)
+pub fn sentinel(
+    config: &Config,
+    classes: &Arc<RoomClasses>,
+) -> Result<Arc<dyn Broker>, RedisStartError> {
+    Ok(EngineSet::start(
+        config,
+        classes,
+        sentinel::Sentinel::new(config),
+    )?)
 }
 
 /// The engines for `redis.cluster_nodes`.
-pub fn cluster(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
-    Ok(EngineSet::start(config, cluster::Cluster::new(config)?)?)
+pub fn cluster(
+    config: &Config,
+    classes: &Arc<RoomClasses>,
+) -> Result<Arc<dyn Broker>, RedisStartError> {
+    Ok(EngineSet::start(
+        config,
+        classes,
+        cluster::Cluster::new(config)?,
+    )?)
 }
 
 /// The engines for `redis.shards`.
-pub fn shards(config: &Config) -> Result<Arc<dyn Broker>, RedisStartError> {
-    Ok(EngineSet::start(config, shards::Shards::new(config))?)
+pub fn shards(
+    config: &Config,
+    classes: &Arc<RoomClasses>,
+) -> Result<Arc<dyn Broker>, RedisStartError> {
+    Ok(EngineSet::start(
+        config,
+        classes,
+        shards::Shards::new(config),
+    )?)
 }
 
 /// Which engine of a layout serves what (an index into its engines; `None`: nothing
@@ -176,6 +200,7 @@ pub(crate) struct Starter {
     /// The set's hand-back, for a topology that changes (a fixed one's engines keep and
     /// count what they hold, as one alone).
     hand_back: Option<Arc<HandBack>>,
+    classes: Arc<RoomClasses>,
 }
 
 impl Starter {
@@ -184,6 +209,7 @@ impl Starter {
         mut options: EngineOptions,
     ) -> Result<Arc<RedisBroker>, RedisStartError> {
         options.hand_back = self.hand_back.clone();
+        options.classes = Some(self.classes.clone());
         RedisBroker::start_with(&self.config, options)
     }
 
@@ -216,11 +242,16 @@ pub(crate) struct EngineSet<T: Topology> {
 }
 
 impl<T: Topology> EngineSet<T> {
-    fn start(config: &Config, topology: T) -> Result<Arc<EngineSet<T>>, RedisStartError> {
+    fn start(
+        config: &Config,
+        classes: &Arc<RoomClasses>,
+        topology: T,
+    ) -> Result<Arc<EngineSet<T>>, RedisStartError> {
         let hand_back = Arc::new(HandBack::default());
         let starter = Starter {
             config: config.clone(),
             hand_back: T::ROUNDS.map(|_| hand_back.clone()),
+            classes: classes.clone(),
         };
         let first = topology.first(&starter)?;
         let set = Arc::new(EngineSet {
