@@ -353,48 +353,7 @@ async fn a_masters_failover_during_traffic_loses_nothing_of_a_durable_room() {
             break;
         }
     }
-    let replicas: Vec<String> = tokio::time::timeout(WAIT, async {
-        loop {
-            let replicas: Vec<String> = redis::cmd("CLUSTER")
-                .arg("REPLICAS")
-                .arg(&cluster.ids[master])
-                .query_async(&mut cluster.servers[master].conn().await)
-                .await
-                .unwrap();
-            if !replicas.is_empty() {
-                return replicas;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the master never knew its replica");
-    let replica_port: u16 = replicas[0]
-        .split_whitespace()
-        .nth(1)
-        .and_then(|addr| addr.split(['@', ':']).nth(1))
-        .and_then(|port| port.parse().ok())
-        .expect("the replica's address");
-    let replica = cluster
-        .servers
-        .iter()
-        .position(|s| s.port == replica_port)
-        .expect("a server of ours");
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut cluster.servers[replica].conn().await)
-                .await
-                .unwrap();
-            if info.contains("master_link_status:up") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the replica never synced");
+    let replica = cluster.replica_of(master).await;
 
     let mut remote = Client::connect(two.local_addr()).await;
     remote.join(&plain).await;

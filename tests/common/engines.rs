@@ -9,7 +9,7 @@ use volley::broker::MemoryBus;
 use volley::{Config, Server};
 
 use super::topologies::{RedisCluster, SentinelSetup};
-use super::{health, start, start_with_broker, wait_status, RedisServer, WAIT};
+use super::{health, start, start_with_broker, wait_status, RedisServer};
 
 /// The engines the contract runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,31 +163,7 @@ impl RedisCluster {
     pub async fn fail_over_room(&self, room: &str) {
         let keys = volley::broker::redis::Keys::cluster("", "test", "");
         let master = self.owner(keys.room_slot(room)).await;
-        let replica = tokio::time::timeout(WAIT, async {
-            loop {
-                let replicas: Vec<String> = redis::cmd("CLUSTER")
-                    .arg("REPLICAS")
-                    .arg(&self.ids[master])
-                    .query_async(&mut self.servers[master].conn().await)
-                    .await
-                    .unwrap();
-                let port: Option<u16> = replicas.first().and_then(|line| {
-                    line.split_whitespace()
-                        .nth(1)
-                        .and_then(|addr| addr.split(['@', ':']).nth(1))
-                        .and_then(|port| port.parse().ok())
-                });
-                if let Some(port) = port {
-                    if let Some(i) = self.servers.iter().position(|s| s.port == port) {
-                        return i;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .expect("the master never knew its replica");
-        self.servers[replica].wait_replica_synced().await;
+        let replica = self.replica_of(master).await;
         let _: () = redis::cmd("CLUSTER")
             .arg("FAILOVER")
             .query_async(&mut self.servers[replica].conn().await)

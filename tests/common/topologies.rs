@@ -210,6 +210,34 @@ pub fn cluster_port() -> u16 {
 }
 
 impl RedisCluster {
+    /// The index of `master`'s replica, once the master knows it and it has synced.
+    pub async fn replica_of(&self, master: usize) -> usize {
+        let replica = tokio::time::timeout(WAIT, async {
+            loop {
+                let replicas: Vec<String> = redis::cmd("CLUSTER")
+                    .arg("REPLICAS")
+                    .arg(&self.ids[master])
+                    .query_async(&mut self.servers[master].conn().await)
+                    .await
+                    .unwrap();
+                let port: Option<u16> = replicas.first().and_then(|line| {
+                    line.split_whitespace()
+                        .nth(1)
+                        .and_then(|addr| addr.split(['@', ':']).nth(1))
+                        .and_then(|port| port.parse().ok())
+                });
+                if let Some(i) = port.and_then(|p| self.servers.iter().position(|s| s.port == p)) {
+                    return i;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the master never knew its replica");
+        self.servers[replica].wait_replica_synced().await;
+        replica
+    }
+
     pub async fn start() -> RedisCluster {
         Self::start_with(0).await
     }
