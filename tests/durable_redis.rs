@@ -557,3 +557,41 @@ async fn an_expired_history_loses_no_accepted_message_whatever_was_seen_before()
         epoch_change_loses_nothing(Loss::Expiry, seen).await;
     }
 }
+
+/// What a replaced engine hands over may be all there is: the last publishes before a
+/// failover, with nothing published after. The engine taking over sends them at once,
+/// without waiting for another publish to wake it.
+#[tokio::test]
+async fn durable_messages_handed_over_alone_are_appended_at_once() {
+    use std::sync::Arc;
+    use volley::broker::redis::EngineOptions;
+    use volley::broker::{Envelope, Kind, RedisBroker, Target};
+    use volley::config::Durability;
+    use volley::protocol::Encoded;
+
+    let redis = RedisServer::start().await;
+    let config = common::config();
+    let options = EngineOptions {
+        gated: true,
+        ..EngineOptions::standalone(&config, &redis.url()).unwrap()
+    };
+    let engine: Arc<RedisBroker> = RedisBroker::start_with(&config, options).unwrap();
+    let durable = Kind::Durable(Durability {
+        history_size: 100,
+        ttl: Duration::from_secs(3600),
+    });
+    let handed_over: Vec<Envelope> = (1..=3)
+        .map(|n| Envelope {
+            origin: Arc::from(config.server.node_id.as_str()),
+            target: Target::Room(Arc::from("scores:alone")),
+            payload: Encoded::from_json(
+                format!(r#"{{"type":"message","roomId":"scores:alone","content":{n}}}"#).as_bytes(),
+            ),
+            kind: durable,
+            epoch: None,
+        })
+        .collect();
+    engine.publish_doubtful(&handed_over);
+    engine.open_gate();
+    redis.wait_answer(&["XLEN", "stream:scores:alone"], 3).await;
+}

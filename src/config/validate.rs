@@ -33,13 +33,13 @@ fn window(key: &'static str, ms: u64) -> Checked {
 
 /// The one check of a Redis URL (`redis.url`, each of `redis.shards` and
 /// `redis.cluster_nodes`): `redis://`, and one redis-rs can connect with.
-fn redis_url(key: &'static str, url: &str) -> Checked {
+fn redis_url(key: &'static str, url: &str, hint: &str) -> Checked {
     use redis::IntoConnectionInfo;
     // TLS (rediss://) is not built in: refuse it here rather than fail at connect.
     if !url.starts_with("redis://") {
         return invalid(
             key,
-            &format!("{url}: must start with redis:// (TLS is not supported)"),
+            &format!("{url}: must start with redis:// (TLS is not supported{hint})"),
         );
     }
     if let Err(e) = url.into_connection_info() {
@@ -216,13 +216,13 @@ impl RedisConfig {
             );
         }
         if !self.url.is_empty() {
-            redis_url("redis.url", &self.url)?;
+            redis_url("redis.url", &self.url, "; empty = the memory broker")?;
         }
         for url in &self.shards {
-            redis_url("redis.shards", url)?;
+            redis_url("redis.shards", url, "")?;
         }
         for url in &self.cluster_nodes {
-            redis_url("redis.cluster_nodes", url)?;
+            redis_url("redis.cluster_nodes", url, "")?;
         }
         if !self.cluster_nodes.is_empty() && self.key_prefix.contains(['{', '}']) {
             return invalid(

@@ -136,6 +136,11 @@ impl PublishQueue {
         self.ready.notify_one();
     }
 
+    /// Whether doubtful messages wait: they are due at once, whatever the windows.
+    pub fn has_doubtful(&self) -> bool {
+        !self.items.lock().doubtful.is_empty()
+    }
+
     /// Takes the doubtful messages queued (see `push_doubtful`).
     pub fn take_doubtful(&self, into: &mut Vec<Envelope>) {
         into.append(&mut self.items.lock().doubtful);
