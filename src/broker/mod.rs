@@ -50,12 +50,8 @@ pub fn start(
     classes: &Arc<RoomClasses>,
 ) -> Result<Arc<dyn Broker>, RedisStartError> {
     let redis = &config.redis;
-    Ok(if !redis.sentinels.is_empty() {
-        routed::sentinel(config, classes)?
-    } else if !redis.shards.is_empty() {
-        routed::shards(config, classes)?
-    } else if !redis.cluster_nodes.is_empty() {
-        routed::cluster(config, classes)?
+    Ok(if let Some(set) = routed::start(config, classes)? {
+        set
     } else if redis.url.is_empty() {
         Arc::new(MemoryBroker::standalone())
     } else {

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use redis::aio::ConnectionManager;
 
 use super::{durable, HandBack, Keys};
-use crate::broker::{BrokerState, Counter, EnvelopeSink, PresenceError};
+use crate::broker::{BrokerState, Counter, EnvelopeSink};
 use crate::config::Config;
 use crate::metrics::Stats;
 use crate::protocol::now_ms;
@@ -245,11 +245,16 @@ impl Core {
     }
 
     /// The connection presence queries read with.
-    pub(super) fn reader_for_presence(&self) -> Result<ConnectionManager, PresenceError> {
+    /// The connection reads go through (a handle on the publisher's), or the caller's
+    /// "unavailable" error before it exists.
+    pub(super) fn reader_for<E>(
+        &self,
+        unavailable: impl FnOnce(String) -> E,
+    ) -> Result<ConnectionManager, E> {
         self.reader
             .get()
             .cloned()
-            .ok_or_else(|| PresenceError::Unavailable("no Redis connection".into()))
+            .ok_or_else(|| unavailable("no Redis connection".into()))
     }
 
     /// Waits (bounded) until Redis has confirmed the subscription to `channel`.

@@ -208,10 +208,8 @@ impl Broker for RedisBroker {
                     "not subscribed to the room yet".into(),
                 ));
             }
-            let Some(conn) = self.core.reader.get() else {
-                return Err(HistoryError::Unavailable("no Redis connection".into()));
-            };
-            durable::history(&self.core, conn.clone(), room, replay, durability).await
+            let conn = self.core.reader_for(HistoryError::Unavailable)?;
+            durable::history(&self.core, conn, room, replay, durability).await
         })
     }
 
@@ -251,7 +249,7 @@ impl Presence for RedisBroker {
 
     fn online_users(&self, max: usize) -> BoxFuture<'_, Result<OnlineUsers, PresenceError>> {
         Box::pin(async move {
-            let conn = self.core.reader_for_presence()?;
+            let conn = self.core.reader_for(PresenceError::Unavailable)?;
             presence::online_users(&self.core, conn, max).await
         })
     }
@@ -261,7 +259,7 @@ impl Presence for RedisBroker {
         user: &'a str,
     ) -> BoxFuture<'a, Result<Option<UserPresence>, PresenceError>> {
         Box::pin(async move {
-            let conn = self.core.reader_for_presence()?;
+            let conn = self.core.reader_for(PresenceError::Unavailable)?;
             presence::presence_of(&self.core, conn, user).await
         })
     }

@@ -22,9 +22,7 @@ impl Reports for RedisBroker {
     ) -> BoxFuture<'_, Result<(), ReportError>> {
         Box::pin(async move {
             let keys = &self.core.keys;
-            let Some(mut conn) = self.core.reader.get().cloned() else {
-                return Err(ReportError::Unavailable("no Redis connection".into()));
-            };
+            let mut conn = self.core.reader_for(ReportError::Unavailable)?;
             redis::pipe()
                 .atomic()
                 .hset_multiple(&keys.metrics, &fields)
@@ -45,9 +43,7 @@ impl Reports for RedisBroker {
     ) -> BoxFuture<'a, Result<Vec<StoredReport>, ReportError>> {
         Box::pin(async move {
             let keys = &self.core.keys;
-            let Some(mut conn) = self.core.reader.get().cloned() else {
-                return Err(ReportError::Unavailable("no Redis connection".into()));
-            };
+            let mut conn = self.core.reader_for(ReportError::Unavailable)?;
             let mut ids: Vec<String> = redis::cmd("SMEMBERS")
                 .arg(&keys.nodes)
                 .query_async(&mut conn)

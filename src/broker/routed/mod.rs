@@ -64,40 +64,23 @@ use crate::protocol::inbound::Replay;
 
 pub use shards::pick;
 
-/// The engines for `redis.sentinels`.
-pub fn sentinel(
+/// The engine set the config asks for (`redis.sentinels`, `redis.shards` or
+/// `redis.cluster_nodes`), or `None` when it asks for none of them.
+pub fn start(
     config: &Config,
     classes: &Arc<RoomClasses>,
-) -> Result<Arc<dyn Broker>, RedisStartError> {
-    Ok(EngineSet::start(
-        config,
-        classes,
-        sentinel::Sentinel::new(config),
-    )?)
-}
-
-/// The engines for `redis.cluster_nodes`.
-pub fn cluster(
-    config: &Config,
-    classes: &Arc<RoomClasses>,
-) -> Result<Arc<dyn Broker>, RedisStartError> {
-    Ok(EngineSet::start(
-        config,
-        classes,
-        cluster::Cluster::new(config)?,
-    )?)
-}
-
-/// The engines for `redis.shards`.
-pub fn shards(
-    config: &Config,
-    classes: &Arc<RoomClasses>,
-) -> Result<Arc<dyn Broker>, RedisStartError> {
-    Ok(EngineSet::start(
-        config,
-        classes,
-        shards::Shards::new(config),
-    )?)
+) -> Result<Option<Arc<dyn Broker>>, RedisStartError> {
+    let redis = &config.redis;
+    let set: Arc<dyn Broker> = if !redis.sentinels.is_empty() {
+        EngineSet::start(config, classes, sentinel::Sentinel::new(config))?
+    } else if !redis.shards.is_empty() {
+        EngineSet::start(config, classes, shards::Shards::new(config))?
+    } else if !redis.cluster_nodes.is_empty() {
+        EngineSet::start(config, classes, cluster::Cluster::new(config)?)?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(set))
 }
 
 /// Which engine of a layout serves what (an index into its engines; `None`: nothing

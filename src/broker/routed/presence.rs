@@ -81,25 +81,25 @@ impl<T: Topology> Reports for EngineSet<T> {
         fields: Vec<(&'static str, String)>,
         ttl_s: u64,
     ) -> BoxFuture<'_, Result<(), ReportError>> {
-        let home = self.layout().home().cloned();
-        Box::pin(async move {
-            match home {
-                Some(home) => home.write_report(fields, ttl_s).await,
-                None => Err(ReportError::Unavailable(T::UNSERVED.into())),
-            }
-        })
+        let home = self.report_home();
+        Box::pin(async move { home?.write_report(fields, ttl_s).await })
     }
 
     fn read_reports<'a>(
         &'a self,
         fields: &'a [&'static str],
     ) -> BoxFuture<'a, Result<Vec<StoredReport>, ReportError>> {
-        let home = self.layout().home().cloned();
-        Box::pin(async move {
-            match home {
-                Some(home) => home.read_reports(fields).await,
-                None => Err(ReportError::Unavailable(T::UNSERVED.into())),
-            }
-        })
+        let home = self.report_home();
+        Box::pin(async move { home?.read_reports(fields).await })
+    }
+}
+
+impl<T: Topology> EngineSet<T> {
+    /// The engine that keeps the reports, if anything serves the home yet.
+    fn report_home(&self) -> Result<Arc<RedisBroker>, ReportError> {
+        self.layout()
+            .home()
+            .cloned()
+            .ok_or_else(|| ReportError::Unavailable(T::UNSERVED.into()))
     }
 }
