@@ -1,4 +1,4 @@
-//! Background features: the node reporter and the demo feed. The server starts them once the node exists and
+//! Background features: the node reporter, the demo feed, and boards' entry expiry. The server starts them once the node exists and
 //! stops them first on shutdown, under one cancellation token and task tracker, so none
 //! publishes while sockets drain or the broker flushes. The node itself starts only what
 //! a node is: its delivery clock.
@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::demo;
+use crate::{boards, demo};
 use crate::node::Node;
 use crate::reports::{self, NodeReports};
 
@@ -27,6 +27,9 @@ impl Features {
         let tasks = TaskTracker::new();
         let reports = Arc::new(NodeReports::new(config));
         tasks.spawn(reports::run(node.clone(), reports.clone(), stop.clone()));
+        if boards::needed(node) {
+            tasks.spawn(boards::run(node.clone(), stop.clone()));
+        }
         if config.demo.enabled {
             tasks.spawn(demo::run(node.clone(), config.demo.clone(), stop.clone()));
         }

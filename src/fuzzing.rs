@@ -19,7 +19,7 @@ use crate::protocol::outbound;
 pub fn client_frame(data: &[u8]) {
     if let Ok(frame) = inbound::parse(data) {
         match frame {
-            ClientFrame::Message { room, content } => {
+            ClientFrame::Message { room, content, .. } => {
                 assert!(!room.is_empty());
                 if inbound::check_content(content, "content", 32).is_ok() {
                     // The server frame a checked message becomes is JSON again.

@@ -41,6 +41,7 @@
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |
 //! | `reports` | feature: per-node reports, kept by the broker (`metrics:<serverId>` on Redis), read by `/api/cluster` |
+//! | `boards` | feature: state rooms' entries past their TTL leave quiet boards on time |
 //! | `demo` | feature: the built-in feed, simulated matches and a ticker (`--demo`) |
 //! | `features` | starts the features for the server, stops them first on shutdown |
 //! | `web` | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
@@ -68,6 +69,7 @@ pub mod server;
 mod api;
 mod auth;
 mod batch;
+mod boards;
 mod connection;
 mod deflate;
 mod demo;

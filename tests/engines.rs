@@ -6,6 +6,8 @@
 //! 2. a durable room has one order on every node, offsets counting up by one;
 //! 3. its history comes first on join, and `since` recovers what was missed;
 //! 4. a user online on one node is listed and reachable from the other, and gone after;
+//! 4b. a state room's board: snapshot on join, removals, `state_full`, `since` recovered
+//!    or a fresh snapshot when trimmed, the same board on both nodes and in the API;
 //! 5. the engine's hand-over (a restarted Redis or shard, a Sentinel failover, a cluster
 //!    master failed over) loses and doubles nothing of a durable room under traffic.
 //!
@@ -16,6 +18,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::boards::{api_state, join_board, next_board_message, Board};
 use common::engines::{Deployment, Engine};
 use common::*;
 use serde_json::{json, Value};
@@ -23,12 +26,22 @@ use volley::config::RoomClass;
 use volley::{Config, Server};
 
 fn rooms(c: &mut Config) {
-    c.rooms = vec![RoomClass {
-        pattern: "ledger-*".into(),
-        history_size: 10_000,
-        history_ttl_s: 3600,
-        ..Default::default()
-    }];
+    c.rooms = vec![
+        RoomClass {
+            pattern: "ledger-*".into(),
+            history_size: 10_000,
+            history_ttl_s: 3600,
+            ..Default::default()
+        },
+        RoomClass {
+            pattern: "board-*".into(),
+            state_key: Some("symbol".into()),
+            state_max_keys: 3,
+            history_size: 4,
+            history_ttl_s: 3600,
+            ..Default::default()
+        },
+    ];
 }
 
 async fn keeps_the_contract(engine: Engine) {
@@ -39,6 +52,7 @@ async fn keeps_the_contract(engine: Engine) {
     durable_rooms_have_one_order(&a, &b).await;
     history_comes_first_and_since_recovers(&a, &b).await;
     presence_is_seen_from_the_other_node(&a, &b).await;
+    boards_are_one_state_everywhere(&a, &b).await;
     hand_over_loses_and_doubles_nothing(&mut deployment, &a, &b).await;
 }
 
@@ -129,6 +143,76 @@ async fn history_comes_first_and_since_recovers(a: &Server, b: &Server) {
         (last + 1..=206).collect::<Vec<_>>(),
         "everything after the position, once, in order"
     );
+}
+
+async fn boards_are_one_state_everywhere(a: &Server, b: &Server) {
+    let room = "board-quotes";
+    let quote = |symbol: &str, last: u64| json!({"symbol":symbol,"last":last});
+    let publish = |symbol: &str, last: u64| {
+        json!({"type":"message","roomId":room,"content":quote(symbol, last)})
+    };
+    let mut watcher = Client::connect(b.local_addr()).await;
+    let first = join_board(&mut watcher, room, None).await;
+    assert_eq!(first["entries"], json!([]), "an empty board: {first}");
+    assert_eq!(first["offset"], 0);
+    let mut board = Board::from_snapshot(&first);
+    let mut publisher = Client::connect(a.local_addr()).await;
+    publisher
+        .send_burst(&[publish("A", 1), publish("B", 1), publish("A", 2)])
+        .await;
+    for _ in 0..3 {
+        next_board_message(&mut watcher, &mut board).await;
+    }
+    assert_eq!(watcher_copy(&board, "\"A\""), quote("A", 2));
+    // A late joiner on either node gets the whole board at once.
+    let mut late = Client::connect(a.local_addr()).await;
+    let snapshot = join_board(&mut late, room, None).await;
+    assert_eq!(snapshot["offset"], 3);
+    assert_eq!(snapshot["epoch"], board.epoch.as_str());
+    assert_eq!(Board::from_snapshot(&snapshot).contents(), board.contents());
+    // Removal through the API: answered with its offset, announced to the room.
+    let (status, answer) = api_publish(
+        a.local_addr(),
+        &json!({"roomId":room,"content":{"symbol":"B"},"remove":true}),
+    )
+    .await;
+    assert_eq!((status, answer["offset"].as_u64()), (200, Some(4)), "{answer}");
+    let removal = next_board_message(&mut watcher, &mut board).await;
+    assert_eq!(
+        removal,
+        json!({"type":"message","roomId":room,"key":"B","removed":true,"offset":4})
+    );
+    // Three keys fill the board: a fourth is refused, and nothing else changes.
+    publisher.send_burst(&[publish("C", 1), publish("D", 1)]).await;
+    for _ in 0..2 {
+        next_board_message(&mut watcher, &mut board).await;
+    }
+    publisher.send(publish("E", 1)).await;
+    let refused = publisher.expect_error("state_full").await;
+    assert!(refused["message"].as_str().unwrap().contains("state_max_keys = 3"), "{refused}");
+    let (status, answer) = api_publish(a.local_addr(), &json!({"roomId":room,"content":quote("E", 2)})).await;
+    assert_eq!((status, answer["error"].as_str()), (409, Some("state_full")), "{answer}");
+    publisher.send(publish("A", 3)).await;
+    let m = next_board_message(&mut watcher, &mut board).await;
+    assert_eq!((m["key"].as_str(), m["offset"].as_u64()), (Some("A"), Some(7)), "the refusals took no offset: {m}");
+    // The API's snapshot is the board the watcher built.
+    let (status, api) = api_state(b.local_addr(), room).await;
+    assert_eq!(status, 200, "{api}");
+    assert_eq!(Board::from_snapshot(&api), board);
+    // Back from a position the history holds: only the changes.
+    let mut back = Client::connect(a.local_addr()).await;
+    let answer = join_board(&mut back, room, Some((5, &board.epoch))).await;
+    assert_eq!((answer["type"].as_str(), offsets(&answer["messages"])), (Some("history"), vec![6, 7]), "{answer}");
+    // Back from a position trimmed away (4 kept): a fresh snapshot, whole anyway.
+    let mut trimmed = Client::connect(b.local_addr()).await;
+    let answer = join_board(&mut trimmed, room, Some((1, &board.epoch))).await;
+    assert_eq!((answer["type"].as_str(), &answer["recovered"]), (Some("snapshot"), &json!(false)), "{answer}");
+    assert_eq!(Board::from_snapshot(&answer), board);
+}
+
+/// The content of `key` on a client's board.
+fn watcher_copy(board: &Board, key: &str) -> Value {
+    board.entries.get(key).map(|(v, _)| v.clone()).unwrap_or(Value::Null)
 }
 
 async fn presence_is_seen_from_the_other_node(a: &Server, b: &Server) {

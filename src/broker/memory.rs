@@ -28,6 +28,7 @@ use super::{
 use crate::config::Durability;
 use crate::metrics::Stats;
 use crate::protocol::inbound::Replay;
+use crate::protocol::Encoded;
 
 /// An in-process message bus shared by the nodes built on it.
 #[derive(Default)]
@@ -64,19 +65,51 @@ impl MemoryBus {
         ring.clone()
     }
 
-    /// Gives a durable message its offset and delivers it to every node in the room.
+    /// Gives a durable message its offset (a state room's writes its board too, or is
+    /// refused) and delivers it to every node in the room. A state room's entries past
+    /// their TTL leave first, as on Redis.
     fn publish_durable(&self, envelope: &Envelope, durability: Durability) {
         let Target::Room(room) = &envelope.target else {
             return;
         };
-        let ring = self.ring(room, durability, Instant::now());
+        let now = Instant::now();
+        let ring = self.ring(room, durability, now);
         let mut ring = ring.lock();
-        let message = ring.append(&envelope.payload, Instant::now());
-        let delivered = Envelope {
-            payload: message,
-            epoch: Some(ring.epoch().clone()),
-            ..envelope.clone()
+        let message = match &envelope.board {
+            None => Some(ring.append(&envelope.payload, now)),
+            Some(write) => {
+                for removal in ring.expire(room, now) {
+                    self.deliver_durable(room, &envelope.origin, ring.epoch(), removal);
+                }
+                match ring.write(&envelope.payload, write, now) {
+                    Ok(message) => message,
+                    Err(refused) => {
+                        if let Some(outcome) = &envelope.outcome {
+                            outcome.tell(Err(refused));
+                        }
+                        return;
+                    }
+                }
+            }
         };
+        if let Some(outcome) = &envelope.outcome {
+            outcome.tell(Ok(ring.last()));
+        }
+        if let Some(message) = message {
+            self.deliver_durable(room, &envelope.origin, ring.epoch(), message);
+        }
+    }
+
+    /// Delivers a durable message, with its offset, to every node in the room (under the
+    /// ring's lock: one order for all).
+    fn deliver_durable(&self, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, message: Encoded) {
+        let mut delivered = Envelope::new(
+            origin.clone(),
+            Target::Room(room.clone()),
+            message,
+            Kind::Message,
+        );
+        delivered.epoch = Some(epoch.clone());
         for member in self.members.read().iter() {
             if member.rooms.lock().contains(room) {
                 if let Some(sink) = member.sink.upgrade() {
@@ -200,11 +233,27 @@ impl Broker for MemoryBroker {
         durability: Durability,
     ) -> HistoryFuture<'a> {
         let _ = durability;
-        let history = match self.bus.existing_ring(room, Instant::now()) {
-            Some(ring) => ring.lock().query(replay),
+        let now = Instant::now();
+        let history = match self.bus.existing_ring(room, now) {
+            Some(ring) => ring.lock().query(replay, now),
             None => History::none(replay),
         };
         Box::pin(std::future::ready(Ok(history)))
+    }
+
+    fn expire_entries(&self, room: &Arc<str>, durability: Durability) {
+        let now = Instant::now();
+        if durability.board.is_none() {
+            return;
+        }
+        let Some(ring) = self.bus.existing_ring(room, now) else {
+            return;
+        };
+        let mut ring = ring.lock();
+        let origin: Arc<str> = Arc::from("board");
+        for removal in ring.expire(room, now) {
+            self.bus.deliver_durable(room, &origin, ring.epoch(), removal);
+        }
     }
 }
 

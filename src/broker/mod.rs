@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use crate::config::{Config, Durability, RoomClasses};
 use crate::metrics::Stats;
+use crate::protocol::board::BoardWrite;
 use crate::protocol::inbound::Replay;
 use crate::protocol::Encoded;
 
@@ -106,20 +107,59 @@ pub struct History {
     pub messages: Vec<Encoded>,
     /// For a `since` join: whether everything after the position could be served.
     pub recovered: Option<bool>,
+    /// For a join that asked for a state room's board (and, with `since`, could not be
+    /// served from the history): the board instead of messages.
+    pub board: Option<Snapshot>,
+}
+
+/// A state room's board at one offset: every entry (`{"key","content","offset"}`) that
+/// the messages up to `offset` left.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub offset: u64,
+    pub entries: Vec<bytes::Bytes>,
+}
+
+/// Why an engine refused a message of a state room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the board holds its most entries (state_max_keys = {max_keys}); a new key is refused until one is removed")]
+    StateFull { max_keys: usize },
+}
+
+/// Told once what became of a state room's message: its offset, or why it was refused.
+/// Not told at all when the engine could not learn it (Redis went away meanwhile).
+#[derive(Clone)]
+pub struct Outcome(Arc<dyn Fn(Result<u64, Refused>) + Send + Sync>);
+
+impl Outcome {
+    pub fn new(tell: impl Fn(Result<u64, Refused>) + Send + Sync + 'static) -> Outcome {
+        Outcome(Arc::new(tell))
+    }
+
+    pub fn tell(&self, outcome: Result<u64, Refused>) {
+        (self.0)(outcome)
+    }
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outcome")
+    }
 }
 
 impl History {
     /// The history of a durable room that has none (never published to, or expired):
     /// no messages and the epoch `""`. A `since` from epoch `""` (taken when the room
     /// had no history either) missed nothing; from any other epoch it cannot be served.
+    /// A board join gets the empty board at offset 0 (unless its `since` missed nothing).
     pub fn none(replay: &Replay) -> History {
+        let recovered = replay.since_epoch().map(str::is_empty);
         History {
             epoch: Arc::from(""),
             messages: Vec::new(),
-            recovered: match replay {
-                Replay::Last(_) => None,
-                Replay::Since { epoch, .. } => Some(epoch.is_empty()),
-            },
+            recovered,
+            board: (replay.wants_board() && recovered != Some(true)).then(Snapshot::default),
         }
     }
 }
@@ -144,6 +184,25 @@ pub struct Envelope {
     /// engine that gave the message its offset says. The node tells the room's sockets
     /// when it changes (`epoch_changed`). `None` on everything else.
     pub epoch: Option<Arc<str>>,
+    /// On a state room's message on its way to the engine: the entry it sets or removes.
+    pub board: Option<BoardWrite>,
+    /// On a state room's message on its way to the engine: who to tell what became of it.
+    pub outcome: Option<Outcome>,
+}
+
+impl Envelope {
+    /// An envelope of `kind` from `origin`, with nothing of a durable or state room's.
+    pub fn new(origin: Arc<str>, target: Target, payload: Encoded, kind: Kind) -> Envelope {
+        Envelope {
+            origin,
+            target,
+            payload,
+            kind,
+            epoch: None,
+            board: None,
+            outcome: None,
+        }
+    }
 }
 
 /// The receiving side of a broker: a node.
@@ -199,6 +258,13 @@ pub trait Broker: Presence + Health + Reports {
     fn until_subscribed(&self, room: &str) -> Option<BoxFuture<'static, bool>> {
         let _ = room;
         None
+    }
+
+    /// A state room's entries not updated for the class's `state_ttl_s` leave its board,
+    /// each announced as a removal, as a publish would (the node asks, now and then, for
+    /// the rooms it has members in; publishes and reads expire entries too).
+    fn expire_entries(&self, room: &Arc<str>, durability: Durability) {
+        let _ = (room, durability);
     }
 
     /// A durable room's history: the last N messages, or everything after a position.

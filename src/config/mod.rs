@@ -60,7 +60,7 @@ mod tests;
 mod validate;
 
 pub use load::Overrides;
-pub use rooms::{Durability, RoomClass, RoomClasses, MAX_PACES};
+pub use rooms::{BoardLimits, Durability, RoomClass, RoomClasses, DELTA_FOSSIL, MAX_PACES};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -35,6 +35,23 @@ pub struct RoomClass {
     /// is replaced by a newer one with the same value, so it gets the latest per key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conflate: Option<String>,
+    /// A field of the message content (`"symbol"`) whose value names a board entry: the
+    /// class's rooms are state rooms, keeping the latest message per key (and durable:
+    /// `history_size` 0 there means the default, 1 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_key: Option<String>,
+    /// Most entries a state room's board holds: a publish of a new key past it is
+    /// refused (`state_full`).
+    #[serde(default = "default_state_max_keys")]
+    pub state_max_keys: usize,
+    /// An entry not updated for this long leaves the board, announced as a removal;
+    /// 0 = entries stay until removed.
+    #[serde(default)]
+    pub state_ttl_s: u64,
+    /// Deltas for subscribers that ask for them: `"fossil"` (a state room's message
+    /// against the last of its key the subscriber received).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<String>,
 }
 
 impl Default for RoomClass {
@@ -47,6 +64,10 @@ impl Default for RoomClass {
             leading_edge: None,
             publish_window_ms: None,
             conflate: None,
+            state_key: None,
+            state_max_keys: default_state_max_keys(),
+            state_ttl_s: 0,
+            delta: None,
         }
     }
 }
@@ -55,12 +76,44 @@ fn default_history_ttl_s() -> u64 {
     86_400
 }
 
-/// What a durable room keeps: its class's history options.
+fn default_state_max_keys() -> usize {
+    10_000
+}
+
+/// The history a state room keeps when its class gives none.
+pub const STATE_HISTORY_SIZE: usize = 1_000;
+
+impl RoomClass {
+    /// The messages its rooms keep: `history_size`, or for a state room that gives none,
+    /// `STATE_HISTORY_SIZE`; 0 = not durable.
+    pub fn kept_history(&self) -> usize {
+        match (self.history_size, &self.state_key) {
+            (0, Some(_)) => STATE_HISTORY_SIZE,
+            (size, _) => size,
+        }
+    }
+}
+
+/// What a durable room keeps: its class's history options, and a state room's board.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Durability {
     pub history_size: usize,
     pub ttl: Duration,
+    /// Set for a state room: it keeps the latest message per key beside its history.
+    pub board: Option<BoardLimits>,
 }
+
+/// What a state room's board may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoardLimits {
+    /// `state_max_keys`.
+    pub max_keys: usize,
+    /// `state_ttl_s`: an entry not updated for this long leaves; `None` = kept.
+    pub entry_ttl: Option<Duration>,
+}
+
+/// The one delta encoding volley offers.
+pub const DELTA_FOSSIL: &str = "fossil";
 
 /// Most distinct delivery windows, and most distinct publish windows, on a node: a socket
 /// keeps one bit per delivery pace, the publisher one per publish pace.
@@ -159,14 +212,29 @@ impl RoomClasses {
         self.globs.iter().position(|g| g.is_match(room))
     }
 
-    /// The history a room keeps, if it is durable.
+    /// The history a room keeps (and its board, for a state room), if it is durable.
     pub fn durability(&self, room: &str) -> Option<Durability> {
         self.class_of(room)
-            .filter(|c| c.history_size > 0)
+            .filter(|c| c.kept_history() > 0)
             .map(|c| Durability {
-                history_size: c.history_size,
+                history_size: c.kept_history(),
                 ttl: Duration::from_secs(c.history_ttl_s),
+                board: c.state_key.as_ref().map(|_| BoardLimits {
+                    max_keys: c.state_max_keys,
+                    entry_ttl: (c.state_ttl_s > 0).then(|| Duration::from_secs(c.state_ttl_s)),
+                }),
             })
+    }
+
+    /// The content field naming a state room's entries (its class's `state_key`).
+    pub fn state_key_of(&self, room: &str) -> Option<&str> {
+        self.class_of(room).and_then(|c| c.state_key.as_deref())
+    }
+
+    /// Whether `room`'s class offers Fossil deltas (`delta = "fossil"`).
+    pub fn offers_delta(&self, room: &str) -> bool {
+        self.class_of(room)
+            .is_some_and(|c| c.delta.as_deref() == Some(DELTA_FOSSIL))
     }
 
     /// The distinct delivery windows, (ms, leading edge), indexed by delivery pace; 0 is

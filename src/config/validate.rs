@@ -92,8 +92,22 @@ impl RoomClass {
             "publish_window_ms must be at most 60000 (one minute)"
         } else if self.history_size > 100_000 {
             "history_size must be at most 100000"
-        } else if self.history_size > 0 && self.history_ttl_s < 1 {
+        } else if self.kept_history() > 0 && self.history_ttl_s < 1 {
             "history_ttl_s must be at least 1 for a durable class"
+        } else if self.state_key.as_ref().is_some_and(|f| f.is_empty()) {
+            "state_key must name a field of the message content"
+        } else if self.state_key.is_some() && !(1..=1_000_000).contains(&self.state_max_keys) {
+            "state_max_keys must be between 1 and 1000000"
+        } else if self.state_key.is_none() && self.state_ttl_s > 0 {
+            "state_ttl_s needs state_key (only a state room has a board)"
+        } else if self
+            .delta
+            .as_ref()
+            .is_some_and(|d| d != super::rooms::DELTA_FOSSIL)
+        {
+            "delta must be \"fossil\" (the one delta encoding volley offers)"
+        } else if self.delta.is_some() && self.state_key.is_none() {
+            "delta needs state_key (a delta is against the last message of the same key)"
         } else {
             return Ok(());
         };

@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::access::{Access, Expiry, UpgradeAuth};
-use crate::broker::PublishError;
+use crate::broker::{Outcome, PublishError};
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::outbox::Outbox;
@@ -243,13 +243,26 @@ impl Session {
                 }
                 self.leave(&room);
             }
-            ClientFrame::Message { room, content } => {
+            ClientFrame::Message {
+                room,
+                content,
+                remove,
+            } => {
                 self.access.may_publish(&room)?;
                 protocol::check_content(content, "content", self.max_json_depth)?;
                 self.spend_publish()?;
+                // A state room's refusal (`state_full`) comes from the engine, later.
+                let (node, outbox) = (Arc::downgrade(&self.node), Arc::downgrade(&self.outbox));
+                let outcome = Outcome::new(move |outcome| {
+                    if let (Err(refused), Some(node), Some(outbox)) =
+                        (outcome, node.upgrade(), outbox.upgrade())
+                    {
+                        let e = ProtocolError::new(ErrorCode::StateFull, refused.to_string());
+                        reply_error(&node, &outbox, &e);
+                    }
+                });
                 self.node
-                    .publish(&room, content, Source::Socket)
-                    .map_err(overloaded)?;
+                    .publish_to(&room, content, remove, Source::Socket, Some(outcome))?;
             }
             ClientFrame::Broadcast { payload } => {
                 self.access.may_broadcast()?;

@@ -506,6 +506,11 @@ impl Hub {
         self.sockets.iter().map(|s| s.value().clone()).collect()
     }
 
+    /// The rooms with local sockets (a snapshot).
+    pub fn room_names(&self) -> Vec<Arc<str>> {
+        self.rooms.iter().map(|r| r.key().clone()).collect()
+    }
+
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }

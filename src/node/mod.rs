@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use crate::auth::Authenticator;
 use crate::batch::{DeliveryPolicy, Pace};
 use crate::broker::{
-    Broker, BrokerState, Envelope, EnvelopeSink, Kind, PresenceError, PresenceEvent, PublishError,
-    Target, UserPresence,
+    Broker, BrokerState, Envelope, EnvelopeSink, Kind, Outcome, PresenceError, PresenceEvent,
+    PublishError, Target, UserPresence,
 };
 use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
@@ -29,10 +29,18 @@ pub use crate::hub::FanOut;
 pub use crate::metrics::Source;
 use crate::outbox::{CloseReason, ConnId, DueList, Outbox};
 use crate::protocol::outbound::{self, Membership};
-use crate::protocol::{now_ms, Encoded};
+use crate::protocol::{board, now_ms, Encoded};
 use crate::throttle::LogThrottle;
 
 mod replay;
+
+/// The refusal of a board's option (`remove`, `state`) in a room that keeps no board.
+fn not_a_board(room: &str, option: &str) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::InvalidField,
+        format!("{option} is for state rooms: room {room:?} keeps no board (no [[rooms]] class with state_key matches it)"),
+    )
+}
 
 /// How long a read from the broker (a room's history, a user's presence) may take
 /// before it is answered as unavailable.
@@ -245,29 +253,61 @@ impl Node {
     }
 
     /// Publishes `content` to a room on every node; returns the local fan-out. When the
-    /// broker cannot take it, nobody gets it and the caller must say so.
+    /// broker cannot take it, nobody gets it and the caller must say so (`overloaded`).
     pub fn publish(
         &self,
         room: &str,
         content: &RawValue,
         source: Source,
-    ) -> Result<FanOut, PublishError> {
-        self.stats.message_in(source);
-        let message = outbound::room_message(room, content, now_ms());
-        match self.classes.durability(room) {
-            // The engine gives it its offset and delivers it here too, in the room's order.
-            Some(durability) => {
-                self.broker.publish(&[Envelope {
-                    origin: self.id.clone(),
-                    target: Target::Room(Arc::from(room)),
-                    payload: message,
-                    kind: Kind::Durable(durability),
-                    epoch: None,
-                }])?;
-                Ok(FanOut::default())
+    ) -> Result<FanOut, ProtocolError> {
+        self.publish_to(room, content, false, source, None)
+    }
+
+    /// `publish`, with what a state room's message may ask: `remove` its entry, and an
+    /// `outcome` told what became of it (its offset, or `state_full`). A state room's
+    /// message must name its entry (`state_key`); `remove` is for state rooms only.
+    pub fn publish_to(
+        &self,
+        room: &str,
+        content: &RawValue,
+        remove: bool,
+        source: Source,
+        outcome: Option<Outcome>,
+    ) -> Result<FanOut, ProtocolError> {
+        let overloaded = |e: PublishError| ProtocolError::new(ErrorCode::Overloaded, e.to_string());
+        let Some(durability) = self.classes.durability(room) else {
+            if remove {
+                return Err(not_a_board(room, "remove"));
             }
-            None => self.send_room(room, message, Kind::Message),
-        }
+            self.stats.message_in(source);
+            let message = outbound::room_message(room, content, now_ms());
+            return self.send_room(room, message, Kind::Message).map_err(overloaded);
+        };
+        let (payload, board) = match self.classes.state_key_of(room) {
+            Some(field) => {
+                let key = board::entry_key(content, field)?;
+                let message = if remove {
+                    board::removal(room, key)
+                } else {
+                    board::message(room, key, content, now_ms())
+                };
+                (message.frame, Some(message.write))
+            }
+            None if remove => return Err(not_a_board(room, "remove")),
+            None => (outbound::room_message(room, content, now_ms()), None),
+        };
+        self.stats.message_in(source);
+        // The engine gives it its offset and delivers it here too, in the room's order.
+        let mut envelope = Envelope::new(
+            self.id.clone(),
+            Target::Room(Arc::from(room)),
+            payload,
+            Kind::Durable(durability),
+        );
+        envelope.outcome = outcome.filter(|_| board.is_some());
+        envelope.board = board;
+        self.broker.publish(&[envelope]).map_err(overloaded)?;
+        Ok(FanOut::default())
     }
 
     /// A socket identified as `user`: its user's first socket here puts the user online
@@ -338,13 +378,12 @@ impl Node {
         }
         let frame = outbound::direct_message(from, content);
         self.broker
-            .publish(&[Envelope {
-                origin: self.id.clone(),
-                target: Target::User(Arc::from(to)),
-                payload: frame.clone(),
-                kind: Kind::Message,
-                epoch: None,
-            }])
+            .publish(&[Envelope::new(
+                self.id.clone(),
+                Target::User(Arc::from(to)),
+                frame.clone(),
+                Kind::Message,
+            )])
             .map_err(|e| ProtocolError::new(ErrorCode::Overloaded, e.to_string()))?;
         Ok(self.log_slow_consumers(self.hub.fan_out_user(to, &frame)))
     }
@@ -353,13 +392,12 @@ impl Node {
     pub fn broadcast(&self, payload: &RawValue, source: Source) -> Result<FanOut, PublishError> {
         self.stats.message_in(source);
         let message = Encoded::from_json(payload.get().as_bytes());
-        self.broker.publish(&[Envelope {
-            origin: self.id.clone(),
-            target: Target::Broadcast,
-            payload: message.clone(),
-            kind: Kind::Message,
-            epoch: None,
-        }])?;
+        self.broker.publish(&[Envelope::new(
+            self.id.clone(),
+            Target::Broadcast,
+            message.clone(),
+            Kind::Message,
+        )])?;
         Ok(self.log_slow_consumers(self.hub.fan_out_all(&message)))
     }
 
@@ -370,13 +408,12 @@ impl Node {
         let name = local
             .as_ref()
             .map_or_else(|| Arc::from(room), |r| r.name().clone());
-        let sent = self.broker.publish(&[Envelope {
-            origin: self.id.clone(),
-            target: Target::Room(name),
-            payload: message.clone(),
+        let sent = self.broker.publish(&[Envelope::new(
+            self.id.clone(),
+            Target::Room(name),
+            message.clone(),
             kind,
-            epoch: None,
-        }]);
+        )]);
         // A message the other nodes cannot get goes to nobody, so the publisher can retry
         // it; a notice is best effort and still reaches the local members.
         if kind == Kind::Message {

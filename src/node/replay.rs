@@ -8,7 +8,7 @@ use crate::broker::{History, HistoryError};
 use crate::outbox::Outbox;
 use crate::protocol::inbound::Replay;
 use crate::protocol::outbound::{self, Membership};
-use crate::protocol::{Encoded, ErrorCode, ProtocolError};
+use crate::protocol::{board, Encoded, ErrorCode, ProtocolError};
 
 impl Node {
     /// A durable room's history, for the HTTP API; `None` for a plain room.
@@ -55,11 +55,11 @@ impl Node {
         ticket: u64,
         replay: &Replay,
     ) {
-        let since = match replay {
-            Replay::Since { offset, .. } => Some(*offset),
-            Replay::Last(_) => None,
-        };
+        let since = replay.since();
         let (first, after, epoch) = match self.classes.durability(room) {
+            _ if replay.wants_board() && !self.keeps_board(room) => {
+                (outbound::error(&super::not_a_board(room, "state")), 0, None)
+            }
             None => (
                 outbound::history(room, "", &[], since.map(|_| false)),
                 0,
@@ -68,24 +68,7 @@ impl Node {
             Some(durability) => {
                 let read = self.broker.history(room, replay, durability);
                 match tokio::time::timeout(READ_WAIT, read).await {
-                    Ok(Ok(history)) => {
-                        let newest = history
-                            .messages
-                            .last()
-                            .and_then(|m| outbound::offset_of(m.json()));
-                        let after = match (newest, history.recovered, since) {
-                            (Some(offset), _, _) => offset,
-                            (None, Some(true), Some(offset)) => offset,
-                            _ => 0,
-                        };
-                        let frame = outbound::history(
-                            room,
-                            &history.epoch,
-                            &history.messages,
-                            history.recovered,
-                        );
-                        (frame, after, Some(history.epoch))
-                    }
+                    Ok(Ok(history)) => self.replay_frame(room, since, history),
                     Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0, None),
                     Err(_) => (history_unavailable(room, "timed out reading it"), 0, None),
                 }
@@ -106,6 +89,64 @@ impl Node {
         } else {
             self.answer_join(outbox, room);
         }
+    }
+}
+
+impl Node {
+    /// What a replaying join gets first (the history frame, or a state room's snapshot),
+    /// the offset after which live messages follow it, and the room's epoch.
+    fn replay_frame(
+        &self,
+        room: &str,
+        since: Option<u64>,
+        history: History,
+    ) -> (Encoded, u64, Option<Arc<str>>) {
+        if let Some(snapshot) = &history.board {
+            let frame = board::snapshot(
+                room,
+                &history.epoch,
+                snapshot.offset,
+                &snapshot.entries,
+                history.recovered,
+            );
+            let bound = self.config.limits.max_outbox_bytes;
+            if frame.wire_len() > bound {
+                let why = format!(
+                    "the board is {} bytes, more than limits.max_outbox_bytes ({bound}): raise it, or lower the class's state_max_keys",
+                    frame.wire_len()
+                );
+                return (history_unavailable(room, &why), 0, None);
+            }
+            return (frame, snapshot.offset, Some(history.epoch));
+        }
+        let newest = history
+            .messages
+            .last()
+            .and_then(|m| outbound::offset_of(m.json()));
+        let after = match (newest, history.recovered, since) {
+            (Some(offset), _, _) => offset,
+            (None, Some(true), Some(offset)) => offset,
+            _ => 0,
+        };
+        let frame = outbound::history(room, &history.epoch, &history.messages, history.recovered);
+        (frame, after, Some(history.epoch))
+    }
+
+    /// Asks the engine to take expired entries off the boards of the state rooms with
+    /// local members (see `boards`).
+    pub(crate) fn expire_board_entries(&self) {
+        for room in self.hub.room_names() {
+            if let Some(durability) = self.classes.durability(&room) {
+                if durability.board.is_some_and(|b| b.entry_ttl.is_some()) {
+                    self.broker.expire_entries(&room, durability);
+                }
+            }
+        }
+    }
+
+    /// Whether `room` is a state room (its class has a `state_key`).
+    pub fn keeps_board(&self, room: &str) -> bool {
+        self.classes.state_key_of(room).is_some()
     }
 }
 

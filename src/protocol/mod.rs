@@ -5,6 +5,7 @@
 //! frame once, already WebSocket-framed, as a shared `Bytes` every subscriber can write;
 //! `frame_scan` follows a stream of frames by their headers, for code that watches bytes.
 
+pub mod board;
 pub mod frame_scan;
 pub mod inbound;
 pub mod outbound;
@@ -60,11 +61,13 @@ pub enum ErrorCode {
     UserOffline,
     /// Who is online could not be read (Redis is away); asking again later may work.
     PresenceUnavailable,
+    /// A state room's board holds `state_max_keys` entries: a new key is refused.
+    StateFull,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::MissingField,
@@ -81,6 +84,7 @@ impl ErrorCode {
         ErrorCode::TokenExpired,
         ErrorCode::UserOffline,
         ErrorCode::PresenceUnavailable,
+        ErrorCode::StateFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +105,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::UserOffline => "user_offline",
             ErrorCode::PresenceUnavailable => "presence_unavailable",
+            ErrorCode::StateFull => "state_full",
         }
     }
 }

@@ -114,6 +114,11 @@ impl Builder {
         Builder { buf }
     }
 
+    /// The JSON written so far, in bytes.
+    pub fn json_len(&self) -> usize {
+        self.buf.len() - MAX_HEADER
+    }
+
     pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(bytes);
         self

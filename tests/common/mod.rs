@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod boards;
 pub mod engines;
 pub mod process;
 pub mod topologies;

@@ -203,6 +203,9 @@ pub(super) async fn history(
     let (mode, position, epoch) = match replay {
         Replay::Last(n) => ("last", *n as u64, ""),
         Replay::Since { offset, epoch } => ("since", *offset, epoch.as_str()),
+        Replay::Snapshot | Replay::SinceOrSnapshot { .. } => {
+            return super::board::read(core, conn, room, replay, durability).await
+        }
     };
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(HISTORY)
@@ -226,6 +229,7 @@ pub(super) async fn history(
             "0" => Some(false),
             _ => None,
         },
+        board: None,
     })
 }
 
@@ -413,13 +417,10 @@ impl Positions {
 
 fn deliver(core: &Core, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, payload: Encoded) {
     if let Some(sink) = core.sink() {
-        sink.deliver(Envelope {
-            origin: origin.clone(),
-            target: Target::Room(room.clone()),
-            payload,
-            kind: Kind::Message,
-            epoch: Some(epoch.clone()),
-        });
+        let mut envelope =
+            Envelope::new(origin.clone(), Target::Room(room.clone()), payload, Kind::Message);
+        envelope.epoch = Some(epoch.clone());
+        sink.deliver(envelope);
     }
 }
 

@@ -91,13 +91,12 @@ impl Core {
                         }
                     }
                 },
-                None => sink.deliver(Envelope {
-                    origin: origin.clone(),
-                    target: target.clone(),
+                None => sink.deliver(Envelope::new(
+                    origin.clone(),
+                    target.clone(),
                     payload,
-                    kind: Kind::Message,
-                    epoch: None,
-                }),
+                    Kind::Message,
+                )),
             }
         }
     }

@@ -137,6 +137,16 @@ impl Keys {
         format!("{}{room}{}:position", self.stream_prefix, self.room_suffix)
     }
 
+    /// A state room's board (hash: key -> entry), beside its stream.
+    pub fn board(&self, room: &str) -> String {
+        format!("{}{room}{}:board", self.stream_prefix, self.room_suffix)
+    }
+
+    /// When each entry of a state room's board was last written (sorted set, ms).
+    pub fn board_times(&self, room: &str) -> String {
+        format!("{}{room}{}:board-times", self.stream_prefix, self.room_suffix)
+    }
+
     /// Another node's cluster report hash.
     pub fn metrics_of(&self, node_id: &str) -> String {
         format!("{}{node_id}", self.metrics_prefix)

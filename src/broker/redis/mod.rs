@@ -26,10 +26,12 @@
 //! | `inbound.rs` | what arrives: envelopes to the node, probes |
 //! | `envelope.rs` | the wire format (the reference servers') |
 //! | `durable.rs` | durable rooms: the append script, positions, repairs, history |
+//! | `board.rs` | state rooms: the board beside the stream, written in the append's step; snapshots |
 //! | `presence/` | the presence task, its scripts and listing |
 //! | `reports.rs` | node reports (`metrics:<serverId>`, `volley:nodes`) |
 //! | `keys.rs` | every channel and key name |
 
+mod board;
 mod core;
 mod durable;
 mod envelope;
@@ -211,6 +213,12 @@ impl Broker for RedisBroker {
             let conn = self.core.reader_for(HistoryError::Unavailable)?;
             durable::history(&self.core, conn, room, replay, durability).await
         })
+    }
+
+    fn expire_entries(&self, room: &Arc<str>, durability: Durability) {
+        if durability.board.is_some_and(|b| b.entry_ttl.is_some()) {
+            tokio::spawn(board::expire(self.core.clone(), room.clone(), durability));
+        }
     }
 
     fn shutdown(&self, deadline: Instant) -> BoxFuture<'_, ()> {

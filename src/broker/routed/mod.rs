@@ -367,6 +367,12 @@ impl<T: Topology> Broker for EngineSet<T> {
         }
     }
 
+    fn expire_entries(&self, room: &Arc<str>, durability: Durability) {
+        if let Some(engine) = self.layout().room(room) {
+            engine.expire_entries(room, durability);
+        }
+    }
+
     fn history<'a>(
         &'a self,
         room: &'a str,

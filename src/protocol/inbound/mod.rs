@@ -28,6 +28,8 @@ pub enum ClientFrame<'a> {
     Message {
         room: Cow<'a, str>,
         content: &'a RawValue,
+        /// `"remove":true`: a state room's entry named by the content's key leaves.
+        remove: bool,
     },
     Broadcast {
         payload: &'a RawValue,
@@ -57,6 +59,34 @@ pub enum Replay {
     Last(usize),
     /// `"since":{"offset":O,"epoch":E}`: everything after O, if the room is still in epoch E.
     Since { offset: u64, epoch: String },
+    /// `"state":true`: a state room's board (the latest message per key) at one offset.
+    Snapshot,
+    /// `"state":true` with `"since"`: everything after O if the history still holds it,
+    /// else the board (a fresh snapshot): either way the joiner's board is whole.
+    SinceOrSnapshot { offset: u64, epoch: String },
+}
+
+impl Replay {
+    /// The position a `since` join asked to continue from.
+    pub fn since(&self) -> Option<u64> {
+        match self {
+            Replay::Since { offset, .. } | Replay::SinceOrSnapshot { offset, .. } => Some(*offset),
+            Replay::Last(_) | Replay::Snapshot => None,
+        }
+    }
+
+    /// The epoch a `since` join asked to continue in.
+    pub fn since_epoch(&self) -> Option<&str> {
+        match self {
+            Replay::Since { epoch, .. } | Replay::SinceOrSnapshot { epoch, .. } => Some(epoch),
+            Replay::Last(_) | Replay::Snapshot => None,
+        }
+    }
+
+    /// Whether the join asked for a state room's board.
+    pub fn wants_board(&self) -> bool {
+        matches!(self, Replay::Snapshot | Replay::SinceOrSnapshot { .. })
+    }
 }
 
 /// A body of `POST /api/publish`.
@@ -65,6 +95,8 @@ pub enum PublishRequest<'a> {
     Room {
         room: Cow<'a, str>,
         content: &'a RawValue,
+        /// `"remove":true`: a state room's entry leaves (see `ClientFrame::Message`).
+        remove: bool,
     },
     Broadcast {
         payload: &'a RawValue,
@@ -76,7 +108,8 @@ pub enum PublishRequest<'a> {
     },
 }
 
-/// Parses `{"roomId":R,"content":ANY}`, `{"userId":U,"content":ANY}` or `{"broadcast":ANY}`.
+/// Parses `{"roomId":R,"content":ANY}` (with `"remove":true` for a state room's entry),
+/// `{"userId":U,"content":ANY}` or `{"broadcast":ANY}`.
 pub fn parse_publish_request(body: &[u8]) -> Result<PublishRequest<'_>, ProtocolError> {
     let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
         ProtocolError::new(
@@ -111,7 +144,12 @@ pub fn parse_publish_request(body: &[u8]) -> Result<PublishRequest<'_>, Protocol
     let content = fields
         .content
         .ok_or_else(|| missing("content", "a room publish request"))?;
-    Ok(PublishRequest::Room { room, content })
+    let remove = flag(fields.remove, "remove")?;
+    Ok(PublishRequest::Room {
+        room,
+        content,
+        remove,
+    })
 }
 
 /// Parses one text frame. Every failure is a `ProtocolError` naming what was wrong.
@@ -129,7 +167,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
     match &*ty {
         "join" => Ok(ClientFrame::Join {
             room: room_id(fields.room_id, "join")?,
-            replay: replay(fields.history, fields.since)?,
+            replay: replay(fields.history, fields.since, flag(fields.state, "state")?)?,
         }),
         "leave" => Ok(ClientFrame::Leave {
             room: room_id(fields.room_id, "leave")?,
@@ -139,7 +177,12 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
             let content = fields
                 .content
                 .ok_or_else(|| missing("content", "message"))?;
-            Ok(ClientFrame::Message { room, content })
+            let remove = flag(fields.remove, "remove")?;
+            Ok(ClientFrame::Message {
+                room,
+                content,
+                remove,
+            })
         }
         "auth" => {
             let token = fields.token.map(|t| string_field(t, "token")).transpose()?;
@@ -277,12 +320,37 @@ fn hex4(digits: Option<&[u8]>) -> Option<u32> {
     u32::from_str_radix(digits, 16).ok()
 }
 
-/// `history` (a count) or `since` (a position), not both.
+/// A `true`/`false` field; absent is false.
+fn flag(raw: Option<&RawValue>, name: &str) -> Result<bool, ProtocolError> {
+    match raw.map(RawValue::get) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("{name} must be true or false"),
+        )),
+    }
+}
+
+/// `history` (a count) or `since` (a position), not both; `state` (the board) with or
+/// without `since`, never with `history`.
 fn replay(
     history: Option<&RawValue>,
     since: Option<&RawValue>,
+    state: bool,
 ) -> Result<Option<Replay>, ProtocolError> {
     let invalid = |message: &str| ProtocolError::new(ErrorCode::InvalidField, message);
+    if state {
+        if history.is_some() {
+            return Err(invalid(
+                "give either history or state, not both (state is the whole board)",
+            ));
+        }
+        return Ok(Some(match replay(None, since, false)? {
+            Some(Replay::Since { offset, epoch }) => Replay::SinceOrSnapshot { offset, epoch },
+            _ => Replay::Snapshot,
+        }));
+    }
     match (history, since) {
         (None, None) => Ok(None),
         (Some(_), Some(_)) => Err(invalid("give either history or since, not both")),
@@ -394,6 +462,8 @@ struct Fields<'a> {
     content: Option<&'a RawValue>,
     payload: Option<&'a RawValue>,
     broadcast: Option<&'a RawValue>,
+    state: Option<&'a RawValue>,
+    remove: Option<&'a RawValue>,
 }
 
 enum Key {
@@ -407,6 +477,8 @@ enum Key {
     Content,
     Payload,
     Broadcast,
+    State,
+    Remove,
     Other,
 }
 
@@ -430,6 +502,8 @@ impl<'de> Deserialize<'de> for Key {
                     "content" => Key::Content,
                     "payload" => Key::Payload,
                     "broadcast" => Key::Broadcast,
+                    "state" => Key::State,
+                    "remove" => Key::Remove,
                     _ => Key::Other,
                 })
             }
@@ -460,6 +534,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         Key::Content => &mut fields.content,
                         Key::Payload => &mut fields.payload,
                         Key::Broadcast => &mut fields.broadcast,
+                        Key::State => &mut fields.state,
+                        Key::Remove => &mut fields.remove,
                         Key::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;

@@ -324,7 +324,7 @@ impl Publisher {
             None => {
                 built
                     .pipe
-                    .query_async::<Vec<redis::RedisResult<i64>>>(&mut self.conn)
+                    .query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut self.conn)
                     .await
             }
         };
@@ -335,13 +335,23 @@ impl Publisher {
     }
 
     /// Redis answered the pipeline, command by command.
-    async fn answered(&mut self, built: &Built, replies: &[redis::RedisResult<i64>]) -> Step {
+    async fn answered(
+        &mut self,
+        built: &Built,
+        replies: &[redis::RedisResult<redis::Value>],
+    ) -> Step {
         let used = built.used;
+        let refused = self.tell_outcomes(built, replies);
         let kept_here = if replies.iter().all(Result::is_ok) {
-            self.recent.confirmed(self.held.pending.drain(..used));
+            let confirmed = self.held.pending.drain(..used).enumerate();
+            self.recent.confirmed(
+                confirmed
+                    .filter(|(i, _)| !refused.contains(i))
+                    .map(|(_, e)| e),
+            );
             0
         } else {
-            self.sort_refusals(built, replies)
+            self.sort_refusals(built, replies, &refused)
         };
         let held = &mut self.held;
         held.recheck = held.recheck.saturating_sub(used) + if built.check { kept_here } else { 0 };

@@ -6,11 +6,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
+use super::super::board;
 use super::pipeline::{durability, Built};
 use super::{Publisher, MAX_REMEMBERED_CHANNELS};
-use crate::broker::Envelope;
+use crate::broker::{Envelope, Refused};
 use crate::throttle::LogThrottle;
 
 /// How long, and how many, confirmed durable messages are kept for a failover.
@@ -95,15 +96,56 @@ impl Recent {
 
 impl Publisher {
     /// Per channel, its subscribers at this PUBLISH (a hint for recovery).
-    pub(super) fn remember(&mut self, channels: &[String], replies: &[redis::RedisResult<i64>]) {
+    pub(super) fn remember(&mut self, channels: &[String], replies: &[redis::RedisResult<Value>]) {
         if self.listeners.len() > MAX_REMEMBERED_CHANNELS {
             // Only a hint for recovery: forgetting it is safe.
             self.listeners.clear();
         }
         for (channel, reply) in channels.iter().zip(replies) {
-            let Ok(&all) = reply.as_ref() else { continue };
+            // A PUBLISH answers its receivers; a state room's script, those first.
+            let all = match reply {
+                Ok(Value::Int(all)) => *all,
+                Ok(Value::Array(items)) => match items.first() {
+                    Some(Value::Int(all)) => *all,
+                    _ => continue,
+                },
+                _ => continue,
+            };
             self.listeners.insert(channel.clone(), all);
         }
+    }
+
+    /// Tells each state room's message what became of it (its offset, or `state_full`),
+    /// as its script call answered. Returns the refused ones (indices into `pending`):
+    /// they were not appended, so they are no confirmed messages.
+    pub(super) fn tell_outcomes(
+        &self,
+        built: &Built,
+        replies: &[redis::RedisResult<Value>],
+    ) -> Vec<usize> {
+        let mut refused = Vec::new();
+        for (span, reply) in built.spans.iter().zip(replies) {
+            let Some(offsets) = reply.as_ref().ok().and_then(board::offsets) else {
+                continue;
+            };
+            for (&i, offset) in built.members[span.clone()].iter().zip(offsets) {
+                let envelope = &self.held.pending[i];
+                let outcome = match offset {
+                    Some(offset) => Ok(offset),
+                    None => {
+                        refused.push(i);
+                        let max_keys = durability(envelope)
+                            .and_then(|d| d.board)
+                            .map_or(0, |b| b.max_keys);
+                        Err(Refused::StateFull { max_keys })
+                    }
+                };
+                if let Some(tell) = &envelope.outcome {
+                    tell.tell(outcome);
+                }
+            }
+        }
+        refused
     }
 
     /// Sorts out a pipeline some of whose commands Redis refused. A command refused by a
@@ -115,7 +157,8 @@ impl Publisher {
     pub(super) fn sort_refusals(
         &mut self,
         built: &Built,
-        replies: &[redis::RedisResult<i64>],
+        replies: &[redis::RedisResult<Value>],
+        refused: &[usize],
     ) -> usize {
         #[derive(Clone, Copy, PartialEq)]
         enum Fate {
@@ -149,6 +192,10 @@ impl Publisher {
                 .counters
                 .dropped_publishes
                 .fetch_add(dropped as u64, Relaxed);
+        }
+        for &i in refused {
+            // The board refused it: it ran, and appended nothing.
+            fates[i] = Fate::Dropped;
         }
         let (mut ran, mut back, mut retry) = (Vec::new(), Vec::new(), Vec::new());
         for (i, envelope) in self.held.pending.drain(..built.used).enumerate() {

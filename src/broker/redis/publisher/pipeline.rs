@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use indexmap::IndexMap;
 
-use super::super::durable;
+use super::super::{board, durable};
 use super::Publisher;
 use crate::broker::{Envelope, Kind, Target};
 use crate::config::{Durability, EnvelopeMode};
@@ -49,11 +49,17 @@ impl Publisher {
         pipe.ignore_errors();
         let single = self.mode == EnvelopeMode::Single;
         // Groups in order of first appearance, messages in publish order within each.
-        let mut groups: IndexMap<(String, bool), Vec<usize>> = IndexMap::new();
+        // Keyed by channel, durability and board: a state room's messages go in a call of
+        // their own.
+        let mut groups: IndexMap<(String, bool, bool), Vec<usize>> = IndexMap::new();
         let mut commands = 0;
         let mut used = 0;
         for (i, envelope) in pending.iter().take(limit).enumerate() {
-            let key = (self.channel(envelope), durability(envelope).is_some());
+            let key = (
+                self.channel(envelope),
+                durability(envelope).is_some(),
+                envelope.board.is_some(),
+            );
             let group = groups.get(&key).map_or(0, Vec::len);
             let new_command = if single && !key.1 {
                 true
@@ -72,7 +78,7 @@ impl Publisher {
         let mut channels = Vec::with_capacity(commands);
         let mut members = Vec::with_capacity(used);
         let mut spans = Vec::with_capacity(commands);
-        for ((channel, _), indices) in groups {
+        for ((channel, _, _), indices) in groups {
             let per_command = if single && durability(&pending[indices[0]]).is_none() {
                 1
             } else {
@@ -81,6 +87,20 @@ impl Publisher {
             for chunk in indices.chunks(per_command) {
                 let first = &pending[chunk[0]];
                 match (durability(first), &first.target) {
+                    (Some(durability), Target::Room(room)) if first.board.is_some() => {
+                        board::add_publish(
+                            &mut pipe,
+                            &self.core,
+                            room,
+                            durability,
+                            self.writer.head(),
+                            durable::Mode { single, check },
+                            chunk.iter().filter_map(|&i| {
+                                let e = &pending[i];
+                                e.board.as_ref().map(|write| (&e.payload, write))
+                            }),
+                        )
+                    }
                     (Some(durability), Target::Room(room)) => durable::add_publish(
                         &mut pipe,
                         &self.core,

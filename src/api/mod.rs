@@ -3,7 +3,10 @@
 //!
 //! `POST /api/publish` lets a backend push a scoreboard update without holding a socket.
 //! It goes through the same `Node::publish` as a socket's `message`, so API publishes
-//! reach the same subscribers, on every node, in the same frames.
+//! reach the same subscribers, on every node, in the same frames. `state.rs`: state
+//! rooms' routes (the board's snapshot, and publishes that wait for the engine's answer).
+
+mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::inbound::Replay;
 use crate::protocol::inbound::{check_room_id, parse_publish_request, PublishRequest};
-use crate::protocol::{check_content, outbound};
+use crate::protocol::{check_content, outbound, ErrorCode, ProtocolError};
 use crate::reports::NodeReports;
 
 pub type Body = Full<Bytes>;
@@ -40,6 +43,7 @@ pub async fn route(
         (&Method::GET, "/readyz") => ready(node),
         (&Method::POST, "/api/publish") => publish(node, req).await,
         (&Method::GET, path) if path.starts_with("/api/history/") => history(node, req).await,
+        (&Method::GET, path) if path.starts_with("/api/state/") => state::snapshot(node, req).await,
         (&Method::GET, path) if path == "/api/presence" || path.starts_with("/api/presence/") => {
             presence(node, req).await
         }
@@ -96,6 +100,23 @@ fn refusal<B>(node: &Node, req: &Request<B>) -> Option<Response<Body>> {
     None
 }
 
+/// The room id after `prefix` in the path, checked as a join checks it: an id no socket
+/// could join is not read either.
+fn room_in_path<B>(req: &Request<B>, prefix: &str) -> Result<String, Response<Body>> {
+    let encoded = req.uri().path().trim_start_matches(prefix);
+    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "roomId is not UTF-8 once percent-decoded",
+        ));
+    };
+    if let Err(e) = check_room_id(&room) {
+        return Err(error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message));
+    }
+    Ok(room.into_owned())
+}
+
 /// `GET /api/history/{roomId}?limit=N` (the last N) or `?since=O[&epoch=E]` (everything
 /// after offset O; without an epoch, the room's current one): the history frame a join
 /// would get.
@@ -103,18 +124,10 @@ async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     if let Some(refused) = refusal(node, &req) {
         return refused;
     }
-    let encoded = req.uri().path().trim_start_matches("/api/history/");
-    // Checked as a join checks it: an id no socket could join is not read either.
-    let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_field",
-            "roomId is not UTF-8 once percent-decoded",
-        );
+    let room = match room_in_path(&req, "/api/history/") {
+        Ok(room) => room,
+        Err(refused) => return refused,
     };
-    if let Err(e) = check_room_id(&room) {
-        return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
-    }
     let (mut limit, mut since, mut epoch) = (None, None, None);
     for pair in req
         .uri()
@@ -251,8 +264,25 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     };
     let max_depth = node.config().limits.max_json_depth;
     let published = match parse_publish_request(&body) {
-        Ok(PublishRequest::Room { room, content }) => check_content(content, "content", max_depth)
-            .map(|()| node.publish(&room, content, Source::Api)),
+        Ok(PublishRequest::Room {
+            room,
+            content,
+            remove,
+        }) => {
+            if let Err(e) = check_content(content, "content", max_depth) {
+                return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+            }
+            if node.keeps_board(&room) {
+                return state::publish(node, &room, content, remove).await;
+            }
+            return match node.publish_to(&room, content, remove, Source::Api, None) {
+                Ok(fan) => json_response(
+                    StatusCode::OK,
+                    &json!({ "ok": true, "delivered": fan.queued }),
+                ),
+                Err(e) => publish_refused(&e),
+            };
+        }
         Ok(PublishRequest::Broadcast { payload }) => check_content(payload, "broadcast", max_depth)
             .map(|()| node.broadcast(payload, Source::Api)),
         Ok(PublishRequest::User { user, content }) => {
@@ -287,6 +317,17 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             &e.to_string(),
         ),
     }
+}
+
+/// A publish the node refused: the client's mistake (400), or the node cannot take it now
+/// (503, `overloaded`).
+fn publish_refused(e: &ProtocolError) -> Response<Body> {
+    let status = match e.code {
+        ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::StateFull => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    error(status, e.code.as_str(), &e.message)
 }
 
 /// Every live node's report (`{"nodes":[...]}`), or 503 when Redis cannot be read.
