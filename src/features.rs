@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{boards, demo};
 use crate::node::Node;
 use crate::reports::{self, NodeReports};
+use crate::{boards, demo};
 
 pub struct Features {
     stop: CancellationToken,

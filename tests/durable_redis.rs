@@ -579,16 +579,19 @@ async fn durable_messages_handed_over_alone_are_appended_at_once() {
     let durable = Kind::Durable(Durability {
         history_size: 100,
         ttl: Duration::from_secs(3600),
+        board: None,
     });
     let handed_over: Vec<Envelope> = (1..=3)
-        .map(|n| Envelope {
-            origin: Arc::from(config.server.node_id.as_str()),
-            target: Target::Room(Arc::from("scores:alone")),
-            payload: Encoded::from_json(
-                format!(r#"{{"type":"message","roomId":"scores:alone","content":{n}}}"#).as_bytes(),
-            ),
-            kind: durable,
-            epoch: None,
+        .map(|n| {
+            Envelope::new(
+                Arc::from(config.server.node_id.as_str()),
+                Target::Room(Arc::from("scores:alone")),
+                Encoded::from_json(
+                    format!(r#"{{"type":"message","roomId":"scores:alone","content":{n}}}"#)
+                        .as_bytes(),
+                ),
+                durable,
+            )
         })
         .collect();
     engine.publish_doubtful(&handed_over);

@@ -148,9 +148,7 @@ async fn history_comes_first_and_since_recovers(a: &Server, b: &Server) {
 async fn boards_are_one_state_everywhere(a: &Server, b: &Server) {
     let room = "board-quotes";
     let quote = |symbol: &str, last: u64| json!({"symbol":symbol,"last":last});
-    let publish = |symbol: &str, last: u64| {
-        json!({"type":"message","roomId":room,"content":quote(symbol, last)})
-    };
+    let publish = |symbol: &str, last: u64| json!({"type":"message","roomId":room,"content":quote(symbol, last)});
     let mut watcher = Client::connect(b.local_addr()).await;
     let first = join_board(&mut watcher, room, None).await;
     assert_eq!(first["entries"], json!([]), "an empty board: {first}");
@@ -176,25 +174,49 @@ async fn boards_are_one_state_everywhere(a: &Server, b: &Server) {
         &json!({"roomId":room,"content":{"symbol":"B"},"remove":true}),
     )
     .await;
-    assert_eq!((status, answer["offset"].as_u64()), (200, Some(4)), "{answer}");
+    assert_eq!(
+        (status, answer["offset"].as_u64()),
+        (200, Some(4)),
+        "{answer}"
+    );
     let removal = next_board_message(&mut watcher, &mut board).await;
     assert_eq!(
         removal,
         json!({"type":"message","roomId":room,"key":"B","removed":true,"offset":4})
     );
     // Three keys fill the board: a fourth is refused, and nothing else changes.
-    publisher.send_burst(&[publish("C", 1), publish("D", 1)]).await;
+    publisher
+        .send_burst(&[publish("C", 1), publish("D", 1)])
+        .await;
     for _ in 0..2 {
         next_board_message(&mut watcher, &mut board).await;
     }
     publisher.send(publish("E", 1)).await;
     let refused = publisher.expect_error("state_full").await;
-    assert!(refused["message"].as_str().unwrap().contains("state_max_keys = 3"), "{refused}");
-    let (status, answer) = api_publish(a.local_addr(), &json!({"roomId":room,"content":quote("E", 2)})).await;
-    assert_eq!((status, answer["error"].as_str()), (409, Some("state_full")), "{answer}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("state_max_keys = 3"),
+        "{refused}"
+    );
+    let (status, answer) = api_publish(
+        a.local_addr(),
+        &json!({"roomId":room,"content":quote("E", 2)}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("state_full")),
+        "{answer}"
+    );
     publisher.send(publish("A", 3)).await;
     let m = next_board_message(&mut watcher, &mut board).await;
-    assert_eq!((m["key"].as_str(), m["offset"].as_u64()), (Some("A"), Some(7)), "the refusals took no offset: {m}");
+    assert_eq!(
+        (m["key"].as_str(), m["offset"].as_u64()),
+        (Some("A"), Some(7)),
+        "the refusals took no offset: {m}"
+    );
     // The API's snapshot is the board the watcher built.
     let (status, api) = api_state(b.local_addr(), room).await;
     assert_eq!(status, 200, "{api}");
@@ -202,17 +224,29 @@ async fn boards_are_one_state_everywhere(a: &Server, b: &Server) {
     // Back from a position the history holds: only the changes.
     let mut back = Client::connect(a.local_addr()).await;
     let answer = join_board(&mut back, room, Some((5, &board.epoch))).await;
-    assert_eq!((answer["type"].as_str(), offsets(&answer["messages"])), (Some("history"), vec![6, 7]), "{answer}");
+    assert_eq!(
+        (answer["type"].as_str(), offsets(&answer["messages"])),
+        (Some("history"), vec![6, 7]),
+        "{answer}"
+    );
     // Back from a position trimmed away (4 kept): a fresh snapshot, whole anyway.
     let mut trimmed = Client::connect(b.local_addr()).await;
     let answer = join_board(&mut trimmed, room, Some((1, &board.epoch))).await;
-    assert_eq!((answer["type"].as_str(), &answer["recovered"]), (Some("snapshot"), &json!(false)), "{answer}");
+    assert_eq!(
+        (answer["type"].as_str(), &answer["recovered"]),
+        (Some("snapshot"), &json!(false)),
+        "{answer}"
+    );
     assert_eq!(Board::from_snapshot(&answer), board);
 }
 
 /// The content of `key` on a client's board.
 fn watcher_copy(board: &Board, key: &str) -> Value {
-    board.entries.get(key).map(|(v, _)| v.clone()).unwrap_or(Value::Null)
+    board
+        .entries
+        .get(key)
+        .map(|(v, _)| v.clone())
+        .unwrap_or(Value::Null)
 }
 
 async fn presence_is_seen_from_the_other_node(a: &Server, b: &Server) {

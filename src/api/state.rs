@@ -57,7 +57,11 @@ pub(super) async fn snapshot(node: &Arc<Node>, req: Request<Incoming>) -> Respon
                 .body(Body::from(Bytes::copy_from_slice(frame.json())))
                 .unwrap_or_default()
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, "not_a_board", "the room keeps no board"),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_a_board",
+            "the room keeps no board",
+        ),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "state_unavailable",

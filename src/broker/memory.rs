@@ -102,7 +102,13 @@ impl MemoryBus {
 
     /// Delivers a durable message, with its offset, to every node in the room (under the
     /// ring's lock: one order for all).
-    fn deliver_durable(&self, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, message: Encoded) {
+    fn deliver_durable(
+        &self,
+        room: &Arc<str>,
+        origin: &Arc<str>,
+        epoch: &Arc<str>,
+        message: Encoded,
+    ) {
         let mut delivered = Envelope::new(
             origin.clone(),
             Target::Room(room.clone()),
@@ -252,7 +258,8 @@ impl Broker for MemoryBroker {
         let mut ring = ring.lock();
         let origin: Arc<str> = Arc::from("board");
         for removal in ring.expire(room, now) {
-            self.bus.deliver_durable(room, &origin, ring.epoch(), removal);
+            self.bus
+                .deliver_durable(room, &origin, ring.epoch(), removal);
         }
     }
 }

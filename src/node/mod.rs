@@ -281,7 +281,9 @@ impl Node {
             }
             self.stats.message_in(source);
             let message = outbound::room_message(room, content, now_ms());
-            return self.send_room(room, message, Kind::Message).map_err(overloaded);
+            return self
+                .send_room(room, message, Kind::Message)
+                .map_err(overloaded);
         };
         let (payload, board) = match self.classes.state_key_of(room) {
             Some(field) => {

@@ -89,7 +89,9 @@ pub fn entry_key<'a>(content: &'a RawValue, field: &str) -> Result<&'a str, Prot
 pub fn message(room: &str, key: &str, content: &RawValue, timestamp_ms: u64) -> BoardMessage {
     let content = content.get().as_bytes();
     let mut b = Builder::with_capacity(64 + room.len() + key.len() + content.len());
-    b.raw(br#"{"type":"message","roomId":"#).string(room).raw(b",");
+    b.raw(br#"{"type":"message","roomId":"#)
+        .string(room)
+        .raw(b",");
     let start = b.json_len();
     b.raw(br#""key":"#)
         .raw(key.as_bytes())
@@ -198,7 +200,13 @@ mod tests {
         let e = entry_key(&raw(r#"{"x":1}"#), "id").unwrap_err();
         assert_eq!(e.code, ErrorCode::MissingField);
         assert!(e.message.contains("content.id"), "{}", e.message);
-        for bad in [r#"{"id":null}"#, r#"{"id":[1]}"#, r#"{"id":{}}"#, "3", r#""s""#] {
+        for bad in [
+            r#"{"id":null}"#,
+            r#"{"id":[1]}"#,
+            r#"{"id":{}}"#,
+            "3",
+            r#""s""#,
+        ] {
             let e = entry_key(&raw(bad), "id").unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidField, "{bad}");
         }

@@ -29,7 +29,10 @@ impl Board {
         };
         for entry in snapshot["entries"].as_array().expect("entries") {
             let offset = entry["offset"].as_u64().expect("an entry offset");
-            assert!(offset <= board.offset, "an entry from after the snapshot: {entry}");
+            assert!(
+                offset <= board.offset,
+                "an entry from after the snapshot: {entry}"
+            );
             let key = entry["key"].to_string();
             let fresh = board
                 .entries

@@ -417,8 +417,12 @@ impl Positions {
 
 fn deliver(core: &Core, room: &Arc<str>, origin: &Arc<str>, epoch: &Arc<str>, payload: Encoded) {
     if let Some(sink) = core.sink() {
-        let mut envelope =
-            Envelope::new(origin.clone(), Target::Room(room.clone()), payload, Kind::Message);
+        let mut envelope = Envelope::new(
+            origin.clone(),
+            Target::Room(room.clone()),
+            payload,
+            Kind::Message,
+        );
         envelope.epoch = Some(epoch.clone());
         sink.deliver(envelope);
     }

@@ -144,7 +144,10 @@ impl Keys {
 
     /// When each entry of a state room's board was last written (sorted set, ms).
     pub fn board_times(&self, room: &str) -> String {
-        format!("{}{room}{}:board-times", self.stream_prefix, self.room_suffix)
+        format!(
+            "{}{room}{}:board-times",
+            self.stream_prefix, self.room_suffix
+        )
     }
 
     /// Another node's cluster report hash.
