@@ -113,7 +113,7 @@ fn client_frame(c: &mut Criterion) {
     let frame = br#"{"type":"message","roomId":"match:42","content":{"home":2,"away":1,"minute":77,"events":[{"t":"goal","p":"Ruiz"}]}}"#;
     group.bench_function("serde_json_raw", |b| {
         b.iter(|| match protocol::parse(black_box(frame)) {
-            Ok(protocol::ClientFrame::Message { room, content }) => {
+            Ok(protocol::ClientFrame::Message { room, content, .. }) => {
                 black_box(outbound::room_message(&room, content, 1).wire_len())
             }
             _ => 0,
@@ -183,13 +183,12 @@ const PER_PRODUCER: usize = 10_000;
 const PRODUCERS: usize = 2;
 
 fn envelope() -> Envelope {
-    Envelope {
-        origin: Arc::from("server-1"),
-        target: Target::Room(Arc::from("ticker:ACME")),
-        payload: Encoded::from_json(&room_messages(1)[0]),
-        kind: Kind::Message,
-        epoch: None,
-    }
+    Envelope::new(
+        Arc::from("server-1"),
+        Target::Room(Arc::from("ticker:ACME")),
+        Encoded::from_json(&room_messages(1)[0]),
+        Kind::Message,
+    )
 }
 
 /// Runs `PRODUCERS` threads that each call `send` `PER_PRODUCER` times, as connection

@@ -6,9 +6,9 @@
 //! 2. a durable room has one order on every node, offsets counting up by one;
 //! 3. its history comes first on join, and `since` recovers what was missed;
 //! 4. a user online on one node is listed and reachable from the other, and gone after;
-//! 4b. a state room's board: snapshot on join, removals, `state_full`, `since` recovered
+//! 5. a state room's board: snapshot on join, removals, `state_full`, `since` recovered
 //!    or a fresh snapshot when trimmed, the same board on both nodes and in the API;
-//! 5. the engine's hand-over (a restarted Redis or shard, a Sentinel failover, a cluster
+//! 6. the engine's hand-over (a restarted Redis or shard, a Sentinel failover, a cluster
 //!    master failed over) loses and doubles nothing of a durable room under traffic.
 //!
 //! Behaviour only one engine has (stream key names, pipelines, probes) is tested in its

@@ -102,19 +102,21 @@ fn refusal<B>(node: &Node, req: &Request<B>) -> Option<Response<Body>> {
 
 /// The room id after `prefix` in the path, checked as a join checks it: an id no socket
 /// could join is not read either.
-fn room_in_path<B>(req: &Request<B>, prefix: &str) -> Result<String, Response<Body>> {
+fn room_in_path<B>(req: &Request<B>, prefix: &str) -> Result<String, ProtocolError> {
     let encoded = req.uri().path().trim_start_matches(prefix);
     let Ok(room) = percent_encoding::percent_decode_str(encoded).decode_utf8() else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "invalid_field",
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
             "roomId is not UTF-8 once percent-decoded",
         ));
     };
-    if let Err(e) = check_room_id(&room) {
-        return Err(error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message));
-    }
+    check_room_id(&room)?;
     Ok(room.into_owned())
+}
+
+/// A request the client got wrong: 400 with its code.
+fn bad_request(e: &ProtocolError) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message)
 }
 
 /// `GET /api/history/{roomId}?limit=N` (the last N) or `?since=O[&epoch=E]` (everything
@@ -126,7 +128,7 @@ async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     }
     let room = match room_in_path(&req, "/api/history/") {
         Ok(room) => room,
-        Err(refused) => return refused,
+        Err(e) => return bad_request(&e),
     };
     let (mut limit, mut since, mut epoch) = (None, None, None);
     for pair in req

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{error, json_response, publish_refused, refusal, room_in_path, Body};
+use super::{bad_request, error, json_response, publish_refused, refusal, room_in_path, Body};
 use crate::broker::Outcome;
 use crate::metrics::Source;
 use crate::node::Node;
@@ -33,7 +33,7 @@ pub(super) async fn snapshot(node: &Arc<Node>, req: Request<Incoming>) -> Respon
     }
     let room = match room_in_path(&req, "/api/state/") {
         Ok(room) => room,
-        Err(refused) => return refused,
+        Err(e) => return bad_request(&e),
     };
     if !node.keeps_board(&room) {
         return error(
