@@ -79,7 +79,7 @@ fn inbound_fan_out(c: &mut Criterion) {
     let outboxes: Vec<_> = (0..subscribers)
         .map(|_| {
             let outbox = node.open_socket().unwrap();
-            node.join(&outbox, "ticker:ACME");
+            node.join(&outbox, "ticker:ACME", false);
             outbox
         })
         .collect();

@@ -129,7 +129,7 @@ fn subscribed_hub(window: &Arc<DeliveryPolicy>, subscribers: u64) -> (Hub, Vec<A
         })
         .collect();
     for outbox in &outboxes {
-        hub.join("room", outbox, |_| {});
+        hub.join("room", outbox, false, |_| {});
     }
     (hub, outboxes)
 }

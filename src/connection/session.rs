@@ -141,8 +141,8 @@ impl Session {
     /// Starts work that waits for another node or Redis.
     fn start(&mut self, later: Later) {
         match later {
-            Later::Replay(room, replay) => {
-                self.node.join_replaying(&self.outbox, &room, replay);
+            Later::Replay(room, replay, delta) => {
+                self.node.join_replaying(&self.outbox, &room, replay, delta);
             }
             Later::OnlineUsers => {
                 let (node, outbox) = (self.node.clone(), self.outbox.clone());
@@ -211,11 +211,23 @@ impl Session {
                     content: content.to_owned(),
                 })));
             }
-            ClientFrame::Join { room, replay } => {
+            ClientFrame::Join {
+                room,
+                replay,
+                delta,
+            } => {
                 if self.rooms.contains(&*room) {
                     return Ok(None);
                 }
                 self.access.may_join(&room)?;
+                if delta && !self.node.offers_delta(&room) {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        format!(
+                            r#"room {room:?} offers no deltas (no [[rooms]] class with delta = "fossil" matches it); join without delta"#
+                        ),
+                    ));
+                }
                 if self.rooms.len() >= self.max_rooms {
                     return Err(ProtocolError::new(
                         ErrorCode::TooManyRooms,
@@ -230,8 +242,8 @@ impl Session {
                     self.node.user_in_room(user, &room, true);
                 }
                 match replay {
-                    Some(replay) => return Ok(Some(Later::Replay(room, replay))),
-                    None => self.node.join(&self.outbox, &room),
+                    Some(replay) => return Ok(Some(Later::Replay(room, replay, delta))),
+                    None => self.node.join(&self.outbox, &room, delta),
                 }
             }
             ClientFrame::Leave { room } => {
@@ -304,7 +316,8 @@ impl Session {
 
 /// Work a frame leaves for a task of its own.
 enum Later {
-    Replay(Box<str>, Replay),
+    /// A join with a replay; `true`: with deltas.
+    Replay(Box<str>, Replay, bool),
     OnlineUsers,
     Direct(Direct),
 }

@@ -12,8 +12,10 @@
 //! | --- | --- |
 //! | `mod.rs` | the maps (rooms, sockets, users, presence watchers), join and leave, the tick |
 //! | `room.rs` | one room: its members and its window (room-major delivery: collected once, one shared frame per subscriber at the tick) |
+//! | `delta.rs` | a state room's Fossil deltas: made once per message per room, against what the room last delivered |
 //! | `tests.rs` | the hub's tests |
 
+mod delta;
 mod room;
 
 use std::cell::RefCell;
@@ -183,8 +185,7 @@ impl Hub {
             with_due(|due| {
                 let mut out = FanOut::default();
                 for room in rooms.drain(..) {
-                    let conflated = room.conflate.is_some();
-                    out.add(room.members.lock().deliver(conflated, &self.due_rooms, due));
+                    out.add(room.members.lock().deliver(&room, &self.due_rooms, due));
                 }
                 out
             })
@@ -304,13 +305,15 @@ impl Hub {
     /// Adds the socket to `room`. `on_first` runs, under the room's lock, when the room
     /// had no local socket before: subscribing there orders it after the unsubscribe of
     /// a previous, emptied incarnation of the room.
+    /// With `delta`, the socket takes the room's deltas (if its class offers them).
     pub fn join(
         &self,
         room: &str,
         outbox: &Arc<Outbox>,
+        delta: bool,
         on_first: impl FnOnce(&Arc<str>),
     ) -> Joined {
-        self.join_as(room, outbox, None, on_first)
+        self.join_as(room, outbox, None, delta, on_first)
     }
 
     /// Adds the socket to `room` as a replaying joiner: messages for it are held until
@@ -320,10 +323,11 @@ impl Hub {
         &self,
         room: &str,
         outbox: &Arc<Outbox>,
+        delta: bool,
         on_first: impl FnOnce(&Arc<str>),
     ) -> Option<u64> {
         let ticket = self.next_ticket.fetch_add(1, Relaxed);
-        match self.join_as(room, outbox, Some(ticket), on_first) {
+        match self.join_as(room, outbox, Some(ticket), delta, on_first) {
             Joined::New { .. } => Some(ticket),
             Joined::Already => None,
         }
@@ -408,6 +412,7 @@ impl Hub {
         room: &str,
         outbox: &Arc<Outbox>,
         replaying: Option<u64>,
+        delta: bool,
         on_first: impl FnOnce(&Arc<str>),
     ) -> Joined {
         loop {
@@ -433,9 +438,10 @@ impl Hub {
                 return Joined::Already;
             }
             let first = members.count() == 0;
+            let delta = delta && entry.offers_delta;
             match replaying {
-                Some(ticket) => members.insert_replaying(outbox.clone(), ticket),
-                None => members.insert(outbox.clone()),
+                Some(ticket) => members.insert_replaying(outbox.clone(), ticket, delta),
+                None => members.insert(outbox.clone(), delta),
             }
             if first {
                 on_first(&entry.name);

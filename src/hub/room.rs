@@ -25,6 +25,7 @@ use std::time::Instant;
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
+use super::delta::{Deltas, Variant};
 use crate::batch::{DeliveryPolicy, Pace};
 use crate::metrics::Stats;
 use crate::outbox::{CloseReason, ConnId, Outbox, Pushed};
@@ -40,6 +41,8 @@ pub(super) struct Room {
     pub pace: Pace,
     /// Its class's conflation field: each message gets its key here, once per room.
     pub conflate: Option<Arc<str>>,
+    /// Its class offers Fossil deltas (`delta = "fossil"`) to subscribers that ask.
+    pub offers_delta: bool,
     pub members: Mutex<Members>,
 }
 
@@ -90,6 +93,10 @@ pub(super) struct Members {
     /// joiner's history); `None` until one of them did.
     pub epoch: Option<Arc<str>>,
     collected: Collected,
+    /// The bases of the room's deltas, while it has delta subscribers.
+    deltas: Deltas,
+    /// Members (and replaying joiners) that take deltas.
+    delta_members: usize,
 }
 
 pub(super) struct Member {
@@ -97,6 +104,9 @@ pub(super) struct Member {
     /// The first window message (by sequence number) this member gets; 0 = all of them.
     /// Set for a member that came while the window was open; cleared at delivery.
     from: u64,
+    /// For a member that takes deltas: the room's delta number when it came (it has the
+    /// bases delivered after that; see `delta.rs`).
+    delta: Option<u64>,
 }
 
 pub(super) struct Replaying {
@@ -107,6 +117,8 @@ pub(super) struct Replaying {
     pub held: Vec<Encoded>,
     /// As `Member::from`.
     from: u64,
+    /// It takes deltas once it is a member.
+    delta: bool,
 }
 
 /// The messages a room collected for its next tick (its window's worth).
@@ -180,6 +192,7 @@ impl Room {
         Room {
             pace: window.pace_of(&name),
             conflate: window.conflate_of(&name),
+            offers_delta: window.offers_delta(&name),
             name,
             members: Mutex::default(),
         }
@@ -205,7 +218,7 @@ impl Room {
         let mut members = self.members.lock();
         let policy = &rooms.policy;
         if policy.is_immediate(self.pace) {
-            return members.push_each(message, self.pace, due);
+            return members.push_each(&self.name, message, self.pace, due);
         }
         // The clock is read only for a window's first message: the leading-edge check
         // and the latency mark; the messages after it only join the window.
@@ -214,7 +227,7 @@ impl Room {
             let now = Instant::now();
             if policy.sends_at_once(self.pace, w.last_sent, now) {
                 w.last_sent = Some(now);
-                return members.push_each(message, self.pace, due);
+                return members.push_each(&self.name, message, self.pace, due);
             }
         }
         let mut out = FanOut::default();
@@ -223,7 +236,7 @@ impl Room {
         {
             // More than one outbox's worth in one window: deliver what is collected now;
             // the outboxes' bound decides who can take it.
-            out = members.deliver(self.conflate.is_some(), rooms, due);
+            out = members.deliver(self, rooms, due);
         }
         let first = members.collect(message, &rooms.stats);
         out.queued += members.count();
@@ -244,21 +257,39 @@ impl Members {
         self.by_id.contains_key(&id) || self.replaying.iter().any(|r| r.outbox.id() == id)
     }
 
-    /// Adds a member; it gets what the room collects from now on.
-    pub fn insert(&mut self, outbox: Arc<Outbox>) {
+    /// Adds a member; it gets what the room collects from now on (as deltas, if `delta`).
+    pub fn insert(&mut self, outbox: Arc<Outbox>, delta: bool) {
         let from = self.collected.start_now();
-        self.by_id.insert(outbox.id(), Member { outbox, from });
+        let delta = self.delta_since(delta);
+        self.by_id.insert(
+            outbox.id(),
+            Member {
+                outbox,
+                from,
+                delta,
+            },
+        );
     }
 
     /// Adds a replaying joiner; what the room sends from now on is held for it.
-    pub fn insert_replaying(&mut self, outbox: Arc<Outbox>, ticket: u64) {
+    pub fn insert_replaying(&mut self, outbox: Arc<Outbox>, ticket: u64, delta: bool) {
         let from = self.collected.start_now();
+        self.delta_members += usize::from(delta);
         self.replaying.push(Replaying {
             outbox,
             ticket,
             held: Vec::new(),
             from,
+            delta,
         });
+    }
+
+    /// A member coming now that takes deltas (`delta`): the number it starts after.
+    fn delta_since(&mut self, delta: bool) -> Option<u64> {
+        delta.then(|| {
+            self.delta_members += 1;
+            self.deltas.now()
+        })
     }
 
     /// Ends a replay: the joiner becomes an ordinary member. Returns it and, in order,
@@ -280,11 +311,14 @@ impl Members {
         );
         let from = self.collected.start_now();
         let outbox = joiner.outbox;
+        // Counted already as a replaying joiner.
+        let delta = joiner.delta.then(|| self.deltas.now());
         self.by_id.insert(
             outbox.id(),
             Member {
                 outbox: outbox.clone(),
                 from,
+                delta,
             },
         );
         (outbox, due)
@@ -307,31 +341,41 @@ impl Members {
     /// out (by `pace`), as the per-message way would have put it there already.
     pub fn remove(&mut self, id: ConnId, pace: Pace, due: &mut Vec<Arc<Outbox>>) -> bool {
         if let Some(member) = self.by_id.swap_remove(&id) {
+            // What it leaves with goes in full: nothing of it is a delta's base any more.
             let mut out = FanOut::default();
             for message in self.collected.after(member.from) {
                 out.count(member.outbox.push_paced(message, pace), &member.outbox, due);
             }
+            self.delta_members -= usize::from(member.delta.is_some());
             return true;
         }
         match self.replaying.iter().position(|r| r.outbox.id() == id) {
             Some(at) => {
-                self.replaying.swap_remove(at);
+                let joiner = self.replaying.swap_remove(at);
+                self.delta_members -= usize::from(joiner.delta);
                 true
             }
             None => false,
         }
     }
 
-    /// Pushes one message into every member's outbox (and holds it for replaying ones).
+    /// Pushes one message into every member's outbox (and holds it for replaying ones);
+    /// members that take deltas get its delta, made once here.
     pub fn push_each(
         &mut self,
+        room: &str,
         message: &Encoded,
         pace: Pace,
         due: &mut Vec<Arc<Outbox>>,
     ) -> FanOut {
         let mut out = FanOut::default();
+        let variant = self.variants(room, std::slice::from_ref(message)).pop();
         for member in self.by_id.values() {
-            out.count(member.outbox.push_paced(message, pace), &member.outbox, due);
+            let frame = match (member.delta, &variant) {
+                (Some(since), Some(variant)) => variant.for_since(since, message),
+                _ => message,
+            };
+            out.count(member.outbox.push_paced(frame, pace), &member.outbox, due);
         }
         for joiner in &mut self.replaying {
             hold(joiner, std::iter::once(message), &mut out);
@@ -363,42 +407,81 @@ impl Members {
         first
     }
 
-    /// The tick: every member gets the window's frames, built once, or (for one that
-    /// came while it was open, and in conflated rooms) its messages one by one.
-    pub fn deliver(
-        &mut self,
-        conflated: bool,
-        rooms: &DueRooms,
-        due: &mut Vec<Arc<Outbox>>,
-    ) -> FanOut {
+    /// The variants of `messages` for delta subscribers, made once (none while the room
+    /// has no delta subscriber: then its bases are dropped).
+    fn variants(&mut self, room: &str, messages: &[Encoded]) -> Vec<Variant> {
+        if self.delta_members == 0 {
+            self.deltas.forget();
+            return Vec::new();
+        }
+        messages
+            .iter()
+            .map(|m| self.deltas.variant(room, m))
+            .collect()
+    }
+
+    /// The tick: every member gets the window's frames, built once (delta subscribers
+    /// the window's deltas, framed once too), or (for one that came while it was open,
+    /// one that lacks a delta's base, and in conflated rooms) its messages one by one.
+    pub fn deliver(&mut self, room: &Room, rooms: &DueRooms, due: &mut Vec<Arc<Outbox>>) -> FanOut {
         let mut out = FanOut::default();
         let Some(since) = self.collected.since.take() else {
             return out;
         };
-        let mut frames = Vec::new();
-        if !conflated {
-            rooms
-                .policy
-                .room_frames(&self.collected.messages, &mut frames);
-        }
+        let conflated = room.conflate.is_some();
+        let messages = std::mem::take(&mut self.collected.messages);
+        let variants = self.variants(&room.name, &messages);
+        self.collected.messages = messages;
+        let frame_once = |messages: &[Encoded]| -> Vec<Encoded> {
+            let mut frames = Vec::new();
+            rooms.policy.room_frames(messages, &mut frames);
+            frames
+        };
+        let frames = if conflated {
+            Vec::new()
+        } else {
+            frame_once(&self.collected.messages)
+        };
         let shared = if conflated {
             &self.collected.messages
         } else {
             &frames
         };
+        // Delta subscribers that have every base the window's deltas need share frames.
+        let needs = variants.iter().map(|v| v.needs).filter(|n| *n > 0).min();
+        let delta_messages: Vec<Encoded> = variants.iter().map(|v| v.frame.clone()).collect();
+        let delta_frames = match (conflated, variants.is_empty()) {
+            (false, false) => frame_once(&delta_messages),
+            _ => Vec::new(),
+        };
+        let delta_shared = if conflated {
+            &delta_messages
+        } else {
+            &delta_frames
+        };
         for member in self.by_id.values_mut() {
             let outbox = &member.outbox;
-            match std::mem::take(&mut member.from) {
-                0 => {
-                    for frame in shared {
+            let from = std::mem::take(&mut member.from);
+            let frames = match member.delta {
+                None if from == 0 => shared,
+                Some(d) if from == 0 && needs.is_none_or(|n| d < n) => delta_shared,
+                delta => {
+                    let window = &self.collected;
+                    for (i, message) in window.messages.iter().enumerate() {
+                        if window.seqs[i] < from {
+                            continue;
+                        }
+                        let frame = match (delta, variants.get(i)) {
+                            (Some(d), Some(variant)) => variant.for_since(d, message),
+                            _ => message,
+                        };
                         out.count(outbox.push_due(frame, since), outbox, due);
                     }
+                    continue;
                 }
-                from => {
-                    for message in self.collected.after(from) {
-                        out.count(outbox.push_due(message, since), outbox, due);
-                    }
-                }
+            };
+            for frame in frames {
+                out.count(outbox.push_due(frame, since), outbox, due);
             }
         }
         for joiner in &mut self.replaying {

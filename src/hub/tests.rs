@@ -44,8 +44,8 @@ fn queued(outbox: &Outbox) -> Vec<String> {
 fn a_replay_that_ends_while_the_window_is_open_gets_only_what_the_history_lacks() {
     let hub = collecting_hub();
     let (member, joiner) = (outbox(1), outbox(2));
-    hub.join("r", &member, |_| {});
-    let ticket = hub.join_replaying("r", &joiner, |_| {}).unwrap();
+    hub.join("r", &member, false, |_| {});
+    let ticket = hub.join_replaying("r", &joiner, false, |_| {}).unwrap();
     let plain = Encoded::from_json(br#"{"n":0}"#);
     let m1 = outbound::with_offset(&plain, 1);
     let m2 = outbound::with_offset(&plain, 2);
@@ -97,7 +97,7 @@ fn windows_under_concurrent_ticks_and_churn_lose_nothing_and_never_reorder() {
         usize::MAX,
     ));
     let (steady, churner) = (outbox(1), outbox(2));
-    hub.join("r", &steady, |_| {});
+    hub.join("r", &steady, false, |_| {});
     const N: u64 = 20_000;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ticker = {
@@ -114,7 +114,7 @@ fn windows_under_concurrent_ticks_and_churn_lose_nothing_and_never_reorder() {
         std::thread::spawn(move || {
             let mut seen = Vec::new();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                hub.join("r", &churner, |_| {});
+                hub.join("r", &churner, false, |_| {});
                 std::thread::yield_now();
                 hub.leave("r", 2, |_| {});
                 seen.extend(numbers(&churner));
@@ -153,9 +153,9 @@ fn first_join_and_last_leave_are_reported() {
         first: false,
         members: 2,
     };
-    assert_eq!(hub.join("r", &a, |_| {}), first);
-    assert_eq!(hub.join("r", &b, |_| {}), second);
-    assert_eq!(hub.join("r", &b, |_| {}), Joined::Already);
+    assert_eq!(hub.join("r", &a, false, |_| {}), first);
+    assert_eq!(hub.join("r", &b, false, |_| {}), second);
+    assert_eq!(hub.join("r", &b, false, |_| {}), Joined::Already);
     let one_left = Left::Gone {
         last: false,
         members: 1,
@@ -182,7 +182,7 @@ fn a_million_join_leave_cycles_leave_nothing_behind() {
                 for i in 0..500_000usize {
                     let s = &sockets[i % sockets.len()];
                     let room = &names[i % names.len()];
-                    hub.join(room, s, |_| {});
+                    hub.join(room, s, false, |_| {});
                     hub.leave(room, s.id(), |_| {});
                 }
             })
@@ -200,7 +200,7 @@ fn fan_out_reaches_members_only() {
     let (a, b) = (outbox(1), outbox(2));
     hub.add_socket(a.clone());
     hub.add_socket(b.clone());
-    hub.join("r", &a, |_| {});
+    hub.join("r", &a, false, |_| {});
     let m = Encoded::from_json(b"1");
     assert_eq!(hub.fan_out("r", &m).queued, 1);
     assert_eq!(hub.fan_out("nobody", &m).queued, 0);

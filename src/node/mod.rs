@@ -194,10 +194,11 @@ impl Node {
     /// Puts a socket in a room and tells the room (`user_joined`, the joiner included:
     /// the join's answer) once the broker hears the room's other nodes (see
     /// `answer_join`).
-    pub fn join(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str) {
+    /// With `delta`, the socket takes a state room's deltas (see `offers_delta`).
+    pub fn join(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, delta: bool) {
         let joined = self
             .hub
-            .join(room, outbox, |name| self.broker.subscribe(name));
+            .join(room, outbox, delta, |name| self.broker.subscribe(name));
         if let Joined::New { .. } = joined {
             self.stats.joined();
             self.answer_join(outbox, room);

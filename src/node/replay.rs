@@ -35,10 +35,16 @@ impl Node {
     /// The socket is in the room at once (what the room sends is held for it); the
     /// history is read on a task of its own, so a join waiting for a slow or absent Redis
     /// never holds up the socket's other frames.
-    pub fn join_replaying(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, replay: Replay) {
+    pub fn join_replaying(
+        self: &Arc<Self>,
+        outbox: &Arc<Outbox>,
+        room: &str,
+        replay: Replay,
+        delta: bool,
+    ) {
         let Some(ticket) = self
             .hub
-            .join_replaying(room, outbox, |name| self.broker.subscribe(name))
+            .join_replaying(room, outbox, delta, |name| self.broker.subscribe(name))
         else {
             return;
         };
@@ -142,6 +148,11 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Whether `room`'s class offers Fossil deltas (`delta = "fossil"`).
+    pub fn offers_delta(&self, room: &str) -> bool {
+        self.classes.offers_delta(room)
     }
 
     /// Whether `room` is a state room (its class has a `state_key`).

@@ -247,8 +247,8 @@ impl<W: SocketWrite> Outbox<W> {
     /// with a window push here only their leading edge; the rest comes at the tick,
     /// framed, through `push_due`.)
     pub fn push_paced(self: &Arc<Self>, message: &Encoded, pace: Pace) -> Pushed {
-        let mut state = match self.admit(message) {
-            Ok(state) => state,
+        let (mut state, message) = match self.admit(message) {
+            Ok(admitted) => admitted,
             Err(refused) => return refused,
         };
         // One clock read serves the latency mark and the leading-edge check: the first
@@ -281,8 +281,8 @@ impl<W: SocketWrite> Outbox<W> {
     /// `Pushed::Due`: the caller flushes the socket once every room of the tick has
     /// pushed, so a socket in several rooms gets all their frames in one vectored write.
     pub fn push_due(&self, message: &Encoded, since: Instant) -> Pushed {
-        let mut state = match self.admit(message) {
-            Ok(state) => state,
+        let (mut state, message) = match self.admit(message) {
+            Ok(admitted) => admitted,
             Err(refused) => return refused,
         };
         if state.queue.is_empty() {
@@ -299,32 +299,41 @@ impl<W: SocketWrite> Outbox<W> {
 
     /// The locked state if `message` may be queued; else why not (the socket is
     /// closing, or this message overflowed it: it is now closing as a slow consumer).
-    fn admit(&self, message: &Encoded) -> Result<parking_lot::MutexGuard<'_, State>, Pushed> {
+    /// The locked state and what to queue for `message` if it may be queued; else why
+    /// not (the socket is closing, or this message overflowed it: it is now closing as
+    /// a slow consumer).
+    fn admit<'m>(
+        &self,
+        message: &'m Encoded,
+    ) -> Result<(parking_lot::MutexGuard<'_, State>, &'m Encoded), Pushed> {
         let mut state = self.state.lock();
         if state.close.is_some() {
             return Err(Pushed::Closed);
         }
-        if !self.make_room(&mut state, message) {
+        let message = self.make_room(&mut state, message);
+        if state.bytes + message.wire_len() > self.max_bytes {
             self.overflow(state);
             return Err(Pushed::Overflowed);
         }
-        Ok(state)
+        Ok((state, message))
     }
 
-    /// Whether `message` fits under the bound. Conflation first: the socket gets the
-    /// latest message per key, never a stale one after a fresh one; a queued older one
-    /// gives way before the bound is checked, so a slow reader of conflated rooms holds
-    /// one message per key.
-    fn make_room(&self, state: &mut State, message: &Encoded) -> bool {
+    /// What to queue for `message`, with room made for it. Conflation first: the socket
+    /// gets the latest message per key, never a stale one after a fresh one; a queued
+    /// older one gives way before the bound is checked, so a slow reader of conflated
+    /// rooms holds one message per key. A delta whose predecessor gave way is queued as
+    /// its full message: a delta applies only to the message before it.
+    fn make_room<'m>(&self, state: &mut State, message: &'m Encoded) -> &'m Encoded {
         let key = message.conflation_key();
         if key != 0 {
             if let Some(at) = state.queue.iter().rposition(|m| m.conflation_key() == key) {
                 let old = state.queue.remove(at);
                 state.bytes -= old.wire_len();
                 self.stats.conflated();
+                return message.full().unwrap_or(message);
             }
         }
-        state.bytes + message.wire_len() <= self.max_bytes
+        message
     }
 
     /// `pace`'s tick: the socket is off that pace's list; writes what is queued.

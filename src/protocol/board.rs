@@ -162,6 +162,62 @@ pub fn snapshot(
     b.finish()
 }
 
+/// What a delta needs of a state room's message frame (with its offset): the entry's
+/// key (raw JSON), its content (raw JSON; `None` for a removal) and its offset. `None` for
+/// any other frame (a notice, a plain message).
+pub struct Parts<'a> {
+    pub key: &'a str,
+    pub content: Option<&'a str>,
+    pub offset: u64,
+}
+
+/// Reads a state room's message frame (one parse, borrowing).
+pub fn parts(json: &[u8]) -> Option<Parts<'_>> {
+    #[derive(serde::Deserialize)]
+    struct Frame<'a> {
+        #[serde(rename = "type")]
+        ty: &'a str,
+        #[serde(borrow)]
+        key: Option<&'a RawValue>,
+        #[serde(borrow)]
+        content: Option<&'a RawValue>,
+        removed: Option<bool>,
+        offset: Option<u64>,
+    }
+    let frame: Frame<'_> = serde_json::from_slice(json).ok()?;
+    if frame.ty != "message" {
+        return None;
+    }
+    let content = match (frame.content, frame.removed) {
+        (_, Some(true)) => None,
+        (Some(content), _) => Some(content.get()),
+        (None, _) => return None,
+    };
+    Some(Parts {
+        key: frame.key?.get(),
+        content,
+        offset: frame.offset?,
+    })
+}
+
+/// `{"type":"message","roomId":R,"key":K,"offset":O,"delta":D}`: a state room's message
+/// as the Fossil delta of its content against the key's previous content. `None` when the
+/// delta is not text (a copy cut a UTF-8 character): the full message goes instead.
+pub fn delta_frame(room: &str, key: &str, offset: u64, delta: &[u8]) -> Option<Encoded> {
+    let delta = std::str::from_utf8(delta).ok()?;
+    let mut b = Builder::with_capacity(64 + room.len() + key.len() + delta.len());
+    b.raw(br#"{"type":"message","roomId":"#)
+        .string(room)
+        .raw(br#","key":"#)
+        .raw(key.as_bytes())
+        .raw(br#","offset":"#)
+        .number(offset)
+        .raw(br#","delta":"#)
+        .string(delta)
+        .raw(b"}");
+    Some(b.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +248,33 @@ mod tests {
             br#"{"type":"message","roomId":"quotes","key":"ACME","removed":true,"offset":13}"#
         );
         assert_eq!(offset_of(with_offset(&m.frame, 12).json()), Some(12));
+    }
+
+    #[test]
+    fn a_board_message_is_read_back_into_its_parts_and_a_delta_frame_names_them() {
+        let content = raw(r#"{"symbol":"ACME","bid":1.5}"#);
+        let m = message("quotes", r#""ACME""#, &content, 7);
+        let full = with_offset(&m.frame, 12);
+        let p = parts(full.json()).unwrap();
+        assert_eq!(
+            (p.key, p.content, p.offset),
+            (r#""ACME""#, Some(content.get()), 12)
+        );
+        let gone = with_offset(&removal("quotes", "42").frame, 13);
+        let p = parts(gone.json()).unwrap();
+        assert_eq!((p.key, p.content, p.offset), ("42", None, 13));
+        let notice = br#"{"type":"user_joined","roomId":"quotes","timestamp":1}"#;
+        assert!(parts(notice).is_none());
+        assert!(parts(br#"{"type":"message","roomId":"r","content":1,"offset":3}"#).is_none());
+        let d = delta_frame("quotes", r#""ACME""#, 14, b"1x\n\"q;").unwrap();
+        assert_eq!(
+            d.json(),
+            br#"{"type":"message","roomId":"quotes","key":"ACME","offset":14,"delta":"1x\n\"q;"}"#
+        );
+        assert!(
+            delta_frame("q", "1", 1, &[0xe2, 0x82]).is_none(),
+            "not text"
+        );
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct Encoded {
     /// 0 for one message; else a room's window already framed, carrying this many
     /// messages: it leaves as its own frame, never nested in another batch.
     carries: u32,
+    /// On a state room's delta: the full message it stands for, which an outbox queues
+    /// instead when it conflates the delta's predecessor away (a delta applies only to
+    /// the message before it).
+    full: Option<std::sync::Arc<Encoded>>,
 }
 
 impl Encoded {
@@ -65,6 +69,19 @@ impl Encoded {
             carries: messages.clamp(1, u32::MAX as usize) as u32,
             ..self
         }
+    }
+
+    /// The same frame, a delta standing for `full` (see `full`).
+    pub fn with_full(self, full: &Encoded) -> Encoded {
+        Encoded {
+            full: Some(std::sync::Arc::new(full.clone())),
+            ..self
+        }
+    }
+
+    /// The full message a delta stands for; `None` for any other frame.
+    pub fn full(&self) -> Option<&Encoded> {
+        self.full.as_deref()
     }
 
     /// The same frame (shared bytes), replaceable in an outbox by a newer message with
@@ -148,6 +165,7 @@ impl Builder {
             header_len: h as u8,
             conflation_key: 0,
             carries: 0,
+            full: None,
         }
     }
 }

@@ -191,6 +191,11 @@ impl DeliveryPolicy {
         self.classes.conflate_of(room)
     }
 
+    /// Whether `room`'s class offers Fossil deltas.
+    pub fn offers_delta(&self, room: &str) -> bool {
+        self.classes.offers_delta(room)
+    }
+
     /// Every pace on this node.
     pub fn paces(&self) -> impl Iterator<Item = Pace> {
         (0..self.paces.len()).map(|i| Pace(i as u8))

@@ -21,6 +21,8 @@ pub enum ClientFrame<'a> {
         room: Cow<'a, str>,
         /// What the joiner asks of a durable room's history, if anything.
         replay: Option<Replay>,
+        /// `"delta":"fossil"`: a state room's messages as Fossil deltas where smaller.
+        delta: bool,
     },
     Leave {
         room: Cow<'a, str>,
@@ -168,6 +170,16 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame<'_>, ProtocolError> {
         "join" => Ok(ClientFrame::Join {
             room: room_id(fields.room_id, "join")?,
             replay: replay(fields.history, fields.since, flag(fields.state, "state")?)?,
+            delta: match fields.delta.map(RawValue::get) {
+                None => false,
+                Some(r#""fossil""#) => true,
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        r#"delta must be "fossil" (the one delta encoding volley offers)"#,
+                    ))
+                }
+            },
         }),
         "leave" => Ok(ClientFrame::Leave {
             room: room_id(fields.room_id, "leave")?,
@@ -464,6 +476,7 @@ struct Fields<'a> {
     broadcast: Option<&'a RawValue>,
     state: Option<&'a RawValue>,
     remove: Option<&'a RawValue>,
+    delta: Option<&'a RawValue>,
 }
 
 enum Key {
@@ -479,6 +492,7 @@ enum Key {
     Broadcast,
     State,
     Remove,
+    Delta,
     Other,
 }
 
@@ -504,6 +518,7 @@ impl<'de> Deserialize<'de> for Key {
                     "broadcast" => Key::Broadcast,
                     "state" => Key::State,
                     "remove" => Key::Remove,
+                    "delta" => Key::Delta,
                     _ => Key::Other,
                 })
             }
@@ -536,6 +551,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         Key::Broadcast => &mut fields.broadcast,
                         Key::State => &mut fields.state,
                         Key::Remove => &mut fields.remove,
+                        Key::Delta => &mut fields.delta,
                         Key::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;

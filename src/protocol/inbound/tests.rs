@@ -36,7 +36,7 @@ fn message_keeps_content_as_sent() {
 #[test]
 fn numeric_room_ids_are_their_decimal_string() {
     match parse(br#"{"type":"join","roomId":42}"#).unwrap() {
-        ClientFrame::Join { room, replay } => {
+        ClientFrame::Join { room, replay, .. } => {
             assert_eq!(room, "42");
             assert_eq!(replay, None);
         }
