@@ -1,10 +1,12 @@
 //! The built-in demo feed (`--demo`): simulated football matches and a stock ticker,
 //! published through `Node::publish` like any API publish, so they reach every node.
 //!
-//! Matches go to `scores:<match>`: one update per simulated minute (the clock), with a
-//! goal, card or corner now and then; a finished match restarts 0-0. Symbols go to
-//! `ticker:<symbol>`: a random walk, `demo.ticker_rate` updates per second on average,
-//! in bursts (a quiet tick, then several updates at once), which is what batching is for.
+//! Two boards (state rooms, see `add_demo_rooms`): matches go to `scores`, keyed by
+//! `match`: one update per simulated minute (the clock), with a goal, card or corner now
+//! and then; a finished match restarts 0-0. Symbols go to `ticker`, keyed by `symbol`: a
+//! random walk, `demo.ticker_rate` updates per second on average, in bursts (a quiet
+//! tick, then several updates at once), which is what batching is for; subscribers that
+//! ask get them as Fossil deltas.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +39,9 @@ const SYMBOLS: &[&str] = &[
     "MOSS", "NOVA", "OPAL", "PIKE", "QUIL", "RUNE", "SAGE", "TIDE", "UMBR", "VOLT", "WISP", "XENO",
     "YARN", "ZEAL",
 ];
+/// The demo's boards: the matches (keyed by `match`) and the ticker (by `symbol`).
+pub const SCORES_ROOM: &str = "scores";
+pub const TICKER_ROOM: &str = "ticker";
 /// How often the feed wakes.
 const TICK: Duration = Duration::from_millis(50);
 /// Goals, cards and corners per simulated minute of one match.
@@ -160,6 +165,13 @@ pub async fn run(node: Arc<Node>, config: DemoConfig, stop: CancellationToken) {
             }
         })
         .collect();
+    // Every match and symbol on the boards at once, so a page opens them whole.
+    let opening: Vec<(String, String)> = matches
+        .iter()
+        .map(|m| match_update(m, None))
+        .chain(tickers.iter_mut().map(|t| step_ticker(t, &mut rng)))
+        .collect();
+    publish_all(&node, opening, &mut false);
     let per_tick = f64::from(config.ticker_rate) * TICK.as_secs_f64();
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,15 +203,20 @@ pub async fn run(node: Arc<Node>, config: DemoConfig, stop: CancellationToken) {
                 out.push(step_ticker(&mut tickers[i], &mut rng));
             }
         }
-        for (room, content) in out {
-            let Ok(content) = RawValue::from_string(content) else {
-                continue;
-            };
-            if let Err(e) = node.publish(&room, &content, Source::Demo) {
-                if !warned {
-                    warned = true;
-                    tracing::warn!(room, "demo update not published: {e}");
-                }
+        publish_all(&node, out, &mut warned);
+    }
+}
+
+/// Publishes the feed's updates; the first refusal is logged (`warned`), not each.
+fn publish_all(node: &Node, updates: Vec<(String, String)>, warned: &mut bool) {
+    for (room, content) in updates {
+        let Ok(content) = RawValue::from_string(content) else {
+            continue;
+        };
+        if let Err(e) = node.publish(&room, &content, Source::Demo) {
+            if !*warned {
+                *warned = true;
+                tracing::warn!(room, "demo update not published: {e}");
             }
         }
     }
@@ -230,25 +247,32 @@ fn step_match(m: &mut Match, rng: &mut fastrand::Rng, sim_s: f64, out: &mut Vec<
         } else {
             None
         };
-        let team = if side == 0 {
-            &m.info.home
-        } else {
-            &m.info.away
-        };
-        let update = MatchUpdate {
-            id: &m.info.id,
-            home: &m.info.home,
-            away: &m.info.away,
-            home_score: m.score[0],
-            away_score: m.score[1],
-            minute: m.minute.min(90),
-            status: if m.minute >= 90 { "full time" } else { "live" },
-            event: kind.map(|kind| Event { kind, team }),
-        };
-        if let Ok(json) = serde_json::to_string(&update) {
-            out.push((format!("scores:{}", m.info.id), json));
-        }
+        out.push(match_update(m, kind.map(|kind| (kind, side))));
     }
+}
+
+/// A match's entry on the `scores` board, with the minute's event if any (its kind and
+/// the side, 0 home).
+fn match_update(m: &Match, event: Option<(&'static str, usize)>) -> (String, String) {
+    let update = MatchUpdate {
+        id: &m.info.id,
+        home: &m.info.home,
+        away: &m.info.away,
+        home_score: m.score[0],
+        away_score: m.score[1],
+        minute: m.minute.min(90),
+        status: if m.minute >= 90 { "full time" } else { "live" },
+        event: event.map(|(kind, side)| Event {
+            kind,
+            team: if side == 0 {
+                &m.info.home
+            } else {
+                &m.info.away
+            },
+        }),
+    };
+    let json = serde_json::to_string(&update).unwrap_or_default();
+    (SCORES_ROOM.to_string(), json)
 }
 
 fn step_ticker(t: &mut Ticker, rng: &mut fastrand::Rng) -> (String, String) {
@@ -265,7 +289,7 @@ fn step_ticker(t: &mut Ticker, rng: &mut fastrand::Rng) -> (String, String) {
         change_pct: ((change / t.open) * 10_000.0).round() / 100.0,
     };
     let json = serde_json::to_string(&quote).unwrap_or_default();
-    (format!("ticker:{}", t.symbol), json)
+    (TICKER_ROOM.to_string(), json)
 }
 
 #[cfg(test)]
@@ -303,7 +327,9 @@ mod tests {
         let mut out = Vec::new();
         step_match(&mut m, &mut rng, 180.0, &mut out);
         assert_eq!(out.len(), 3);
-        assert_eq!(out[0].0, "scores:m1");
+        assert_eq!(out[0].0, "scores");
+        let first: serde_json::Value = serde_json::from_str(&out[0].1).unwrap();
+        assert_eq!(first["match"], "m1", "the board's key");
         let v: serde_json::Value = serde_json::from_str(&out[2].1).unwrap();
         assert_eq!(v["minute"], 3);
         assert_eq!(

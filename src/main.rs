@@ -40,6 +40,9 @@ struct Cli {
     /// Run the built-in demo feed (scores and a ticker) and open http://HOST:PORT/ (demo.enabled).
     #[arg(long)]
     demo: bool,
+    /// Symbols on the demo's ticker board (demo.symbols; 24 unless set).
+    #[arg(long, value_name = "N")]
+    demo_symbols: Option<usize>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         delivery_window_ms: cli.delivery_window_ms,
         log: cli.log,
         demo: cli.demo,
+        demo_symbols: cli.demo_symbols,
         set: cli.set,
     };
     let config = match Config::load(&overrides) {

@@ -153,7 +153,7 @@ fn config_errors_name_the_key_they_are_about() {
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let err = run(volley().args(["--set", "demo.symbols=5000"]));
+    let err = run(volley().args(["--set", "demo.symbols=20000"]));
     assert!(err.contains("demo.symbols"), "{err}");
     let err = run(volley().args(["--set", "redis.url=redis://cache:notaport"]));
     assert!(err.contains("redis.url"), "{err}");

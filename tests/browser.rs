@@ -361,40 +361,42 @@ async fn dashboard_draws_charts_with_live_figures() {
     browser.assert_no_page_errors();
 }
 
-#[tokio::test]
-async fn the_demo_page_shows_the_current_state_at_once_from_history() {
-    // No feed runs: whatever the page shows on load came from the rooms' history.
-    let server = start(|c| {
-        c.rooms = vec![volley::config::RoomClass {
-            pattern: "*".into(),
-            history_size: 10,
-            history_ttl_s: 3600,
+/// The demo's two boards, as `--demo` makes them, without the feed.
+fn demo_boards(c: &mut volley::Config) {
+    c.demo.symbols = volley::config::DemoConfig::default().symbols;
+    c.rooms = vec![
+        volley::config::RoomClass {
+            pattern: "scores".into(),
+            state_key: Some("match".into()),
+            delta: Some("fossil".into()),
             ..Default::default()
-        }];
-    })
-    .await;
+        },
+        volley::config::RoomClass {
+            pattern: "ticker".into(),
+            state_key: Some("symbol".into()),
+            delta: Some("fossil".into()),
+            ..Default::default()
+        },
+    ];
+}
+
+#[tokio::test]
+async fn the_demo_page_opens_its_boards_from_their_snapshots() {
+    // No feed runs: whatever the page shows on load came from the boards' snapshots.
+    let server = start(demo_boards).await;
     let addr = server.local_addr();
     let catalog: Value =
         serde_json::from_str(&http(addr, "GET", "/api/demo", &[], b"").await.1).unwrap();
     for m in catalog["matches"].as_array().unwrap() {
-        let room = format!("scores:{}", m["id"].as_str().unwrap());
-        let content = json!({"homeScore":2,"awayScore":1,"minute":67,"status":"live"});
-        assert_eq!(
-            api_publish(addr, &json!({"roomId":room,"content":content}))
-                .await
-                .0,
-            200
-        );
+        let content =
+            json!({"match":m["id"],"homeScore":2,"awayScore":1,"minute":67,"status":"live"});
+        let (status, body) = api_publish(addr, &json!({"roomId":"scores","content":content})).await;
+        assert_eq!(status, 200, "{body}");
     }
     for s in catalog["symbols"].as_array().unwrap() {
-        let room = format!("ticker:{}", s.as_str().unwrap());
-        let content = json!({"price":101.5,"change":1.5,"changePct":1.5});
-        assert_eq!(
-            api_publish(addr, &json!({"roomId":room,"content":content}))
-                .await
-                .0,
-            200
-        );
+        let content = json!({"symbol":s,"price":101.5,"change":1.5,"changePct":1.5});
+        let (status, body) = api_publish(addr, &json!({"roomId":"ticker","content":content})).await;
+        assert_eq!(status, 200, "{body}");
     }
     let mut browser = Browser::launch().await;
     let tab = browser.open(&format!("http://{addr}/")).await;
@@ -404,26 +406,93 @@ async fn the_demo_page_shows_the_current_state_at_once_from_history() {
     browser
         .wait_for(&tab, "(p => p.length === 24 && p.every(td => td.textContent === '101.50'))([...document.querySelectorAll('#ticker tr td:nth-child(2)')])")
         .await;
-    browser.screenshot(&tab, "demo-from-history").await;
+    assert_eq!(browser.eval(&tab, "volleyDemo.snapshots").await, json!(2));
+    assert_eq!(
+        browser.eval(&tab, "volleyDemo.messages").await,
+        json!(0),
+        "all of it from the snapshots"
+    );
+    browser.screenshot(&tab, "demo-from-snapshot").await;
+    browser.assert_no_page_errors();
+}
+
+#[tokio::test]
+async fn the_demo_ticker_board_of_2000_symbols_opens_at_once_and_follows_deltas() {
+    let server = start(|c| {
+        c.demo.enabled = true;
+        c.demo.symbols = 2000;
+        c.demo.ticker_rate = 400;
+        c.demo.clock_speed = 600;
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut browser = Browser::launch().await;
+    let tab = browser.open(&format!("http://{addr}/")).await;
+    browser
+        .wait_for(
+            &tab,
+            "!!(window.volleyBoards && volleyBoards.ticker.state.size === 2000)",
+        )
+        .await;
+    // Every row priced (from the snapshot), then updates arriving as deltas and applied.
+    browser
+        .wait_for(&tab, "(p => p.length === 2000 && p.every(td => td.textContent !== '–'))([...document.querySelectorAll('#ticker tr td:nth-child(2)')])")
+        .await;
+    browser
+        .wait_for(
+            &tab,
+            "volleyDemo.deltas > 100 && volleyDemo.quoteChanges > 100",
+        )
+        .await;
+    assert_eq!(
+        browser.eval(&tab, "volleyClient.resyncs").await,
+        json!(0),
+        "every delta applied"
+    );
+    // The page's board is the node's: each price the page shows is the board's at an
+    // offset at or after the snapshot the test takes now.
+    let (status, body) = http(
+        addr,
+        "GET",
+        "/api/state/ticker",
+        &[("Authorization", "apikey test-key")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let node: Value = serde_json::from_str(&body).unwrap();
+    let offset = node["offset"].as_u64().unwrap();
+    browser
+        .wait_for(&tab, &format!("volleyBoards.ticker.offset >= {offset}"))
+        .await;
+    let page = browser
+        .eval(
+            &tab,
+            "JSON.stringify([...volleyBoards.ticker.state.keys()].sort())",
+        )
+        .await;
+    let mut keys: Vec<String> = node["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_string())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        page.as_str().unwrap(),
+        serde_json::to_string(&keys).unwrap()
+    );
+    browser.screenshot(&tab, "demo-ticker-2000").await;
     browser.assert_no_page_errors();
 }
 
 #[tokio::test]
 async fn the_demo_page_recovers_what_it_missed_while_its_node_restarted() {
     let redis = RedisServer::start().await;
-    let every_room_durable = |c: &mut volley::Config| {
-        c.rooms = vec![volley::config::RoomClass {
-            pattern: "*".into(),
-            history_size: 100,
-            history_ttl_s: 3600,
-            ..Default::default()
-        }];
-    };
-    let page_node = start_on_redis(&redis, "page", every_room_durable).await;
+    let page_node = start_on_redis(&redis, "page", demo_boards).await;
     let addr = page_node.local_addr();
-    let other = start_on_redis(&redis, "other", every_room_durable).await;
-    let price =
-        |p: f64| json!({"roomId":"ticker:ACME","content":{"price":p,"change":0.0,"changePct":0.0}});
+    let other = start_on_redis(&redis, "other", demo_boards).await;
+    let price = |p: f64| json!({"roomId":"ticker","content":{"symbol":"ACME","price":p,"change":0.0,"changePct":0.0}});
     assert_eq!(api_publish(other.local_addr(), &price(100.0)).await.0, 200);
     let mut browser = Browser::launch().await;
     let tab = browser.open(&format!("http://{addr}/")).await;
@@ -446,11 +515,11 @@ async fn the_demo_page_recovers_what_it_missed_while_its_node_restarted() {
     assert_eq!(api_publish(other.local_addr(), &price(200.0)).await.0, 200);
     assert_eq!(api_publish(other.local_addr(), &price(300.0)).await.0, 200);
     let again = start_on_redis(&redis, "page", move |c| {
-        every_room_durable(c);
+        demo_boards(c);
         c.server.listen = addr;
     })
     .await;
-    // Back, the page asks for what came after the last price it showed: it shows the
+    // Back, the page asks for what came after the last offset it showed: it shows the
     // latest without waiting for another update, and nothing was unrecoverable.
     browser
         .wait_for(&tab, &format!("{ACME} === '300.00'"))

@@ -277,7 +277,7 @@ async fn publish(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
             if node.keeps_board(&room) {
                 return state::publish(node, &room, content, remove).await;
             }
-            return match node.publish_to(&room, content, remove, Source::Api, None) {
+            return match node.publish_to(&room, content, remove, Source::Api, || None) {
                 Ok(fan) => json_response(
                     StatusCode::OK,
                     &json!({ "ok": true, "delivered": fan.queued }),

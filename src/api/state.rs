@@ -86,7 +86,7 @@ pub(super) async fn publish(
             let _ = tell.send(outcome);
         }
     });
-    if let Err(e) = node.publish_to(room, content, remove, Source::Api, Some(outcome)) {
+    if let Err(e) = node.publish_to(room, content, remove, Source::Api, || outcome) {
         return publish_refused(&e);
     }
     match tokio::time::timeout(ANSWER_WAIT, answer).await {

@@ -21,6 +21,8 @@ pub struct Overrides {
     pub log: Option<String>,
     /// `--demo`: sets `demo.enabled`.
     pub demo: bool,
+    /// `--demo-symbols N`: sets `demo.symbols`.
+    pub demo_symbols: Option<usize>,
     /// `KEY=VALUE` pairs; VALUE is read as TOML (`10`, `true`, `"text"`), else taken as a string.
     pub set: Vec<String>,
 }
@@ -87,6 +89,9 @@ impl Config {
         }
         if overrides.demo {
             figment = figment.merge(("demo.enabled", true));
+        }
+        if let Some(n) = overrides.demo_symbols {
+            figment = figment.merge(("demo.symbols", n));
         }
         if let Some(ms) = overrides.delivery_window_ms {
             figment = figment.merge(("batch.delivery_window_ms", ms));

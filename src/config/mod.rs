@@ -243,8 +243,8 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
-    /// Run the built-in feed (`--demo`): matches in `scores:<match>`, symbols in
-    /// `ticker:<symbol>`.
+    /// Run the built-in feed (`--demo`): matches on the board `scores`, symbols on the
+    /// board `ticker`.
     pub enabled: bool,
     /// Simulated matches.
     pub matches: usize,
@@ -446,17 +446,20 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// In `--demo` mode the demo's rooms are durable (the page shows the current score and
-    /// price at once), unless a class already covers them.
+    /// In `--demo` mode the demo's rooms are boards (state rooms: the page opens them
+    /// from a snapshot), `scores` keyed by `match` and `ticker` by `symbol` with Fossil
+    /// deltas, unless a class already covers them.
     pub fn add_demo_rooms(&mut self) {
         let Ok(classes) = RoomClasses::compile(&self.rooms, &self.batch) else {
             return; // validate() names the bad entry
         };
-        for (pattern, sample) in [("scores:*", "scores:m1"), ("ticker:*", "ticker:ACME")] {
-            if classes.class_of(sample).is_none() {
+        for (room, key) in [("scores", "match"), ("ticker", "symbol")] {
+            if classes.class_of(room).is_none() {
                 self.rooms.push(RoomClass {
-                    pattern: pattern.into(),
-                    history_size: 100,
+                    pattern: room.into(),
+                    state_key: Some(key.into()),
+                    state_max_keys: rooms::DEFAULT_STATE_MAX_KEYS.max(self.demo.symbols),
+                    delta: Some(DELTA_FOSSIL.into()),
                     ..RoomClass::default()
                 });
             }

@@ -76,8 +76,11 @@ fn default_history_ttl_s() -> u64 {
     86_400
 }
 
+/// `state_max_keys` when a class gives none.
+pub const DEFAULT_STATE_MAX_KEYS: usize = 10_000;
+
 fn default_state_max_keys() -> usize {
-    10_000
+    DEFAULT_STATE_MAX_KEYS
 }
 
 /// The history a state room keeps when its class gives none.

@@ -279,8 +279,8 @@ impl DemoConfig {
         if self.matches > 100 {
             return invalid("demo.matches", "at most 100");
         }
-        if self.symbols > 1000 {
-            return invalid("demo.symbols", "at most 1000");
+        if self.symbols > 10_000 {
+            return invalid("demo.symbols", "at most 10000");
         }
         if self.ticker_rate > 100_000 {
             return invalid("demo.ticker_rate", "at most 100000 updates per second");

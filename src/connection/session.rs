@@ -215,37 +215,7 @@ impl Session {
                 room,
                 replay,
                 delta,
-            } => {
-                if self.rooms.contains(&*room) {
-                    return Ok(None);
-                }
-                self.access.may_join(&room)?;
-                if delta && !self.node.offers_delta(&room) {
-                    return Err(ProtocolError::new(
-                        ErrorCode::InvalidField,
-                        format!(
-                            r#"room {room:?} offers no deltas (no [[rooms]] class with delta = "fossil" matches it); join without delta"#
-                        ),
-                    ));
-                }
-                if self.rooms.len() >= self.max_rooms {
-                    return Err(ProtocolError::new(
-                        ErrorCode::TooManyRooms,
-                        format!("a socket may be in at most {} rooms", self.max_rooms),
-                    ));
-                }
-                // Joins cost Redis work (subscriptions, notices): charged like publishes.
-                self.joins.spend()?;
-                let room: Box<str> = room.into();
-                self.rooms.insert(room.clone());
-                if let Some(user) = &self.user {
-                    self.node.user_in_room(user, &room, true);
-                }
-                match replay {
-                    Some(replay) => return Ok(Some(Later::Replay(room, replay, delta))),
-                    None => self.node.join(&self.outbox, &room, delta),
-                }
-            }
+            } => return self.join(room.into(), replay, delta),
             ClientFrame::Leave { room } => {
                 if !self.rooms.remove(&*room) {
                     return Err(ProtocolError::new(
@@ -259,23 +229,7 @@ impl Session {
                 room,
                 content,
                 remove,
-            } => {
-                self.access.may_publish(&room)?;
-                protocol::check_content(content, "content", self.max_json_depth)?;
-                self.spend_publish()?;
-                // A state room's refusal (`state_full`) comes from the engine, later.
-                let (node, outbox) = (Arc::downgrade(&self.node), Arc::downgrade(&self.outbox));
-                let outcome = Outcome::new(move |outcome| {
-                    if let (Err(refused), Some(node), Some(outbox)) =
-                        (outcome, node.upgrade(), outbox.upgrade())
-                    {
-                        let e = ProtocolError::new(ErrorCode::StateFull, refused.to_string());
-                        reply_error(&node, &outbox, &e);
-                    }
-                });
-                self.node
-                    .publish_to(&room, content, remove, Source::Socket, Some(outcome))?;
-            }
+            } => self.publish(&room, content, remove)?,
             ClientFrame::Broadcast { payload } => {
                 self.access.may_broadcast()?;
                 protocol::check_content(payload, "payload", self.max_json_depth)?;
@@ -286,6 +240,75 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// A join: checked, charged, and the socket in the room (a replaying join goes on
+    /// a task of its own: `Later::Replay`).
+    fn join(
+        &mut self,
+        room: Box<str>,
+        replay: Option<Replay>,
+        delta: bool,
+    ) -> Result<Option<Later>, ProtocolError> {
+        if self.rooms.contains(&room) {
+            return Ok(None);
+        }
+        self.access.may_join(&room)?;
+        if delta && !self.node.offers_delta(&room) {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                format!(
+                    r#"room {room:?} offers no deltas (no [[rooms]] class with delta = "fossil" matches it); join without delta"#
+                ),
+            ));
+        }
+        if self.rooms.len() >= self.max_rooms {
+            return Err(ProtocolError::new(
+                ErrorCode::TooManyRooms,
+                format!("a socket may be in at most {} rooms", self.max_rooms),
+            ));
+        }
+        // Joins cost Redis work (subscriptions, notices): charged like publishes.
+        self.joins.spend()?;
+        self.rooms.insert(room.clone());
+        if let Some(user) = &self.user {
+            self.node.user_in_room(user, &room, true);
+        }
+        match replay {
+            Some(replay) => Ok(Some(Later::Replay(room, replay, delta))),
+            None => {
+                self.node.join(&self.outbox, &room, delta);
+                Ok(None)
+            }
+        }
+    }
+
+    /// A publish to a room; a state room's refusal (`state_full`) comes from the engine,
+    /// later, as an `error` frame on this socket.
+    fn publish(
+        &mut self,
+        room: &str,
+        content: &RawValue,
+        remove: bool,
+    ) -> Result<(), ProtocolError> {
+        self.access.may_publish(room)?;
+        protocol::check_content(content, "content", self.max_json_depth)?;
+        self.spend_publish()?;
+        let (node, outbox) = (&self.node, &self.outbox);
+        let outcome = || {
+            let (node, outbox) = (Arc::downgrade(node), Arc::downgrade(outbox));
+            Outcome::new(move |outcome| {
+                if let (Err(refused), Some(node), Some(outbox)) =
+                    (outcome, node.upgrade(), outbox.upgrade())
+                {
+                    let e = ProtocolError::new(ErrorCode::StateFull, refused.to_string());
+                    reply_error(&node, &outbox, &e);
+                }
+            })
+        };
+        self.node
+            .publish_to(room, content, remove, Source::Socket, outcome)?;
+        Ok(())
     }
 
     /// Leaves every room, as when the socket closes.

@@ -172,4 +172,27 @@ mod tests {
         assert_eq!(d.variant("q", &gone).needs, 0);
         assert_eq!(d.variant("q", &message(3, 4)).needs, 0);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The encoder on random bases and random edits of them (any bytes): never a
+        /// panic, and the delta always rebuilds the target.
+        #[test]
+        fn fossil_deltas_of_random_edits_rebuild_their_target(
+            base in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            edits in proptest::collection::vec((0usize..600, 0usize..40, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)), 0..6),
+        ) {
+            let mut target = base.clone();
+            for (at, cut, insert) in edits {
+                let at = at.min(target.len());
+                let end = (at + cut).min(target.len());
+                target.splice(at..end, insert);
+            }
+            let mut delta = Vec::new();
+            fossil_delta::generate_delta(&target, &base, &mut delta);
+            let rebuilt = fossil_delta::apply(&base, &delta).unwrap();
+            proptest::prop_assert_eq!(rebuilt, target);
+        }
+    }
 }

@@ -261,19 +261,20 @@ impl Node {
         content: &RawValue,
         source: Source,
     ) -> Result<FanOut, ProtocolError> {
-        self.publish_to(room, content, false, source, None)
+        self.publish_to(room, content, false, source, || None)
     }
 
     /// `publish`, with what a state room's message may ask: `remove` its entry, and an
-    /// `outcome` told what became of it (its offset, or `state_full`). A state room's
-    /// message must name its entry (`state_key`); `remove` is for state rooms only.
-    pub fn publish_to(
+    /// `outcome` (made only for a state room's message) told what became of it (its
+    /// offset, or `state_full`). A state room's message must name its entry
+    /// (`state_key`); `remove` is for state rooms only.
+    pub fn publish_to<O: Into<Option<Outcome>>>(
         &self,
         room: &str,
         content: &RawValue,
         remove: bool,
         source: Source,
-        outcome: Option<Outcome>,
+        outcome: impl FnOnce() -> O,
     ) -> Result<FanOut, ProtocolError> {
         let overloaded = |e: PublishError| ProtocolError::new(ErrorCode::Overloaded, e.to_string());
         let Some(durability) = self.classes.durability(room) else {
@@ -307,7 +308,9 @@ impl Node {
             payload,
             Kind::Durable(durability),
         );
-        envelope.outcome = outcome.filter(|_| board.is_some());
+        if board.is_some() {
+            envelope.outcome = outcome().into();
+        }
         envelope.board = board;
         self.broker.publish(&[envelope]).map_err(overloaded)?;
         Ok(FanOut::default())
