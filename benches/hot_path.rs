@@ -239,8 +239,54 @@ fn outbox_push_drain(c: &mut Criterion) {
     group.finish();
 }
 
+/// A state room's work per update: the delta of a realistic quote against the key's
+/// previous one (parse the frame, encode, frame it), made once per room; and the snapshot
+/// frame a joiner gets, per 1 000 entries.
+fn boards(c: &mut Criterion) {
+    use volley::bench::Deltas;
+    use volley::protocol::{board, outbound};
+    let quote = |n: u64| {
+        let content = serde_json::value::RawValue::from_string(format!(
+            r#"{{"symbol":"SYM00042","bid":101.25,"ask":101.27,"last":101.26,"volume":{},"time":"2026-12-05T12:00:{:02}.000Z","exchange":"XNAS"}}"#,
+            1_234_567 + n * 13,
+            n % 60
+        ))
+        .unwrap();
+        let message = board::message("ticker", r#""SYM00042""#, &content, 1_796_000_000_000);
+        outbound::with_offset(&message.frame, n)
+    };
+    let mut group = c.benchmark_group("board");
+    group.throughput(Throughput::Elements(1));
+    let updates: Vec<_> = (1..=64).map(quote).collect();
+    group.bench_function("delta_encode/quote", |b| {
+        let mut deltas = Deltas::default();
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % updates.len();
+            black_box(deltas.variant("ticker", &updates[i]))
+        })
+    });
+    let entries: Vec<bytes::Bytes> = (0..1000u64)
+        .map(|n| {
+            let m = quote(n + 1);
+            let p = board::parts(m.json()).unwrap();
+            bytes::Bytes::from(format!(
+                r#"{{"key":"SYM{n:05}","content":{},"offset":{}}}"#,
+                p.content.unwrap(),
+                n + 1
+            ))
+        })
+        .collect();
+    group.throughput(Throughput::Elements(entries.len() as u64));
+    group.bench_function("snapshot_encode/1000_entries", |b| {
+        b.iter(|| black_box(board::snapshot("ticker", "1796-1", 1000, &entries, None)))
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    boards,
     inbound_parse,
     outbound_encode,
     batch_assembly,

@@ -31,12 +31,12 @@
 //! | `deflate` | permessage-deflate: the offer volley accepts, a frame compressed once for every compressing socket, a client message inflated under the limit |
 //! | `tls` | rustls for `wss://` / `https://`; an upgraded TLS socket shared by its reader and outbox |
 //! | `throttle` | log lines that repeat under pressure, at most once per interval |
-//! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms` |
+//! | [`protocol`] | client frames in (parsed once), server frames out (encoded once), `now_ms`; `board.rs`: state rooms' frames (messages naming their entry, removals, snapshots, deltas) |
 //! | `batch` | the delivery policy: window clocks, a pace per room class's window, leading edge, batch frames, shared-batch memo |
 //! | `outbox` | one socket's bounded queue and its writes (inline, writer task); the due list and its tick task |
-//! | `hub` | striped room -> local subscribers map (each room with its pace and conflation field); `room.rs`: what a room collected in its window, delivered at its tick as shared frames |
+//! | `hub` | striped room -> local subscribers map (each room with its pace and conflation field); `room.rs`: what a room collected in its window, delivered at its tick as shared frames; `delta.rs`: a state room's Fossil deltas, made once per message per room |
 //! | [`broker`] | the seam to other nodes (`Broker`, `Presence`, `Health`, `Reports`; `broker::start` picks the engine): `memory` (default), `redis` (one server: pub/sub, pipelined publish windows, durable streams, presence, reports), `routed` (an engine set over a route: `shards`, `sentinel`, `cluster`, one hand-over for all) |
-//! | [`node`] | owns hub, broker, delivery policy and due list; where a message enters and fans out; `replay.rs`: joins with history |
+//! | [`node`] | owns hub, broker, delivery policy and due list; where a message enters and fans out; `replay.rs`: joins with history; `state.rs`: boards (which rooms, entry expiry, snapshot reads shared by joiners) |
 //! | `online` | who is online, as the node answers it: one listing a second from the broker, shared by every asker |
 //! | `auth` | identities from JWTs (or the client's word where no key is configured) |
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |
@@ -45,7 +45,7 @@
 //! | `demo` | feature: the built-in feed, simulated matches and a ticker (`--demo`) |
 //! | `features` | starts the features for the server, stops them first on shutdown |
 //! | `web` | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
-//! | `api` | HTTP routes: health, publish API, `/metrics`, `/api/cluster`, the pages |
+//! | `api` | HTTP routes: health, publish API, `/metrics`, `/api/cluster`, the pages; `state.rs`: `/api/state` and publishes to boards |
 //! | [`server`] | listener, timeouts, WebSocket upgrade, features, graceful shutdown |
 //!
 //! ## One message's way
@@ -96,7 +96,7 @@ pub mod bench {
     pub use crate::batch::delivery::batch_frame;
     pub use crate::batch::{DeliveryPolicy, Pace};
     pub use crate::deflate::compress_frame;
-    pub use crate::hub::Hub;
+    pub use crate::hub::{Deltas, Hub};
     pub use crate::metrics::Stats;
     pub use crate::outbox::{Drained, DueList, Outbox};
 }

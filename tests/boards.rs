@@ -350,3 +350,59 @@ async fn careless_board_frames_are_told_what_is_wrong() {
         (Some(0), json!([]))
     );
 }
+
+/// Redis `EVAL` calls so far (the boards' scripts: appends and reads).
+async fn evals(redis: &RedisServer) -> u64 {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_eval:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_storm_of_joiners_shares_a_few_board_reads() {
+    let redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "storm", boards(0)).await;
+    let addr = node.local_addr();
+    let room = "quotes-storm";
+    let mut publisher = Client::connect(addr).await;
+    let quotes: Vec<Value> = (0..1000).map(|i| set(room, &format!("S{i}"), i)).collect();
+    publisher.send_burst(&quotes).await;
+    let (_, api) = tokio::time::timeout(WAIT, async {
+        loop {
+            let (status, api) = api_state(addr, room).await;
+            if api["offset"] == 1000 {
+                return (status, api);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the board never filled");
+    let board = Board::from_snapshot(&api);
+    let mut joiners = Vec::new();
+    for _ in 0..60 {
+        joiners.push(Client::connect(addr).await);
+    }
+    // All at once: each read serves everyone who came while the one before it ran.
+    let before = evals(&redis).await;
+    let join = json!({"type":"join","roomId":room,"state":true});
+    futures_util::future::join_all(joiners.iter_mut().map(|c| c.send(join.clone()))).await;
+    for c in &mut joiners {
+        let snapshot = c.expect_type("snapshot").await;
+        assert_eq!(
+            Board::from_snapshot(&snapshot),
+            board,
+            "every joiner has the whole board"
+        );
+    }
+    let reads = evals(&redis).await - before;
+    assert!(reads <= 20, "60 joiners cost {reads} board reads");
+}

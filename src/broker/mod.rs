@@ -10,7 +10,7 @@
 //! | `presence.rs` | `Presence`: who is online anywhere |
 //! | `health.rs` | `Health`: state for `/readyz`, the engine's own counters, described by it |
 //! | `reports.rs` | `Reports`: where node reports are kept for `/api/cluster` |
-//! | `memory.rs`, `ring.rs` | the embedded engine (the default): an in-process bus, durable rooms in rings |
+//! | `memory.rs`, `ring.rs` | the embedded engine (the default): an in-process bus, durable rooms in rings (a state room's board beside its ring) |
 //! | `redis/` | the Redis engine on one Redis server (`redis.url`) |
 //! | `routed/` | several Redis engines behind one route: shards, Sentinel, Redis Cluster |
 //!

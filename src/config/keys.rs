@@ -95,6 +95,8 @@ pub(super) fn room_keys() -> &'static [String] {
             leading_edge: Some(true),
             publish_window_ms: Some(0),
             conflate: Some(String::new()),
+            state_key: Some(String::new()),
+            delta: Some(String::new()),
             ..RoomClass::default()
         };
         let mut keys: Vec<String> = match toml::Value::try_from(sample) {

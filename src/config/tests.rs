@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// Loads `text` as the config file `volley.toml` in `dir`, with no environment.
+fn load_file(dir: &std::path::Path, text: &str) -> Result<Config, ConfigError> {
+    let file = dir.join("volley.toml");
+    std::fs::write(&file, text).unwrap();
+    let flags = Overrides {
+        file: Some(file),
+        ..Overrides::default()
+    };
+    Config::load_from_env(&flags, no_env)
+}
+
 fn no_env(_: &str) -> Option<String> {
     None
 }
@@ -178,17 +189,7 @@ fn more_than_64_distinct_windows_of_either_kind_name_their_key() {
 fn a_misspelt_key_in_the_file_gets_the_same_suggestion_as_a_flag() {
     let dir = std::env::temp_dir().join(format!("volley-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let load = |text: &str| {
-        let file = dir.join("volley.toml");
-        std::fs::write(&file, text).unwrap();
-        let flags = Overrides {
-            file: Some(file),
-            ..Overrides::default()
-        };
-        Config::load_from_env(&flags, no_env)
-            .unwrap_err()
-            .to_string()
-    };
+    let load = |text: &str| load_file(&dir, text).unwrap_err().to_string();
     let err = load("[limits]\nmax_conections = 5\n");
     assert!(err.contains("did you mean limits.max_connections"), "{err}");
     assert!(err.contains("volley.toml"), "{err}");
@@ -237,4 +238,49 @@ fn printed_config_reads_back_the_same() {
     let config = Config::load_from_env(&Overrides::default(), no_env).unwrap();
     let back: Config = toml::from_str(&config.to_toml()).unwrap();
     assert_eq!(back, config);
+}
+
+#[test]
+fn a_state_room_class_loads_from_a_file_and_its_mistakes_are_named() {
+    let dir = std::env::temp_dir().join(format!("volley-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let load = |text: &str| load_file(&dir, text).map_err(|e| e.to_string());
+    let config = load(
+        "[[rooms]]\nmatch = \"ticker\"\nstate_key = \"symbol\"\nstate_max_keys = 5000\nstate_ttl_s = 60\ndelta = \"fossil\"\n",
+    )
+    .unwrap();
+    let classes = RoomClasses::compiled(&config);
+    let durability = classes
+        .durability("ticker")
+        .expect("a state room is durable");
+    assert_eq!(
+        durability.history_size, 1000,
+        "the state rooms' default history"
+    );
+    let board = durability.board.expect("a board");
+    assert_eq!(
+        (board.max_keys, board.entry_ttl),
+        (5000, Some(Duration::from_secs(60)))
+    );
+    assert!(classes.offers_delta("ticker") && classes.state_key_of("ticker") == Some("symbol"));
+    for (text, says) in [
+        (
+            "delta = \"gzip\"\nstate_key = \"s\"",
+            "delta must be \"fossil\"",
+        ),
+        ("delta = \"fossil\"", "delta needs state_key"),
+        ("state_ttl_s = 5", "state_ttl_s needs state_key"),
+        ("state_key = \"\"", "state_key must name a field"),
+        (
+            "state_key = \"s\"\nstate_max_keys = 0",
+            "state_max_keys must be between",
+        ),
+    ] {
+        let err = load(&format!("[[rooms]]\nmatch = \"r\"\n{text}\n")).unwrap_err();
+        assert!(
+            err.contains(says) && err.contains("entry 0"),
+            "{text}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -22,7 +22,7 @@ use crate::protocol::{board, outbound, Encoded};
 const MAX_BASES: usize = 1_000_000;
 
 #[derive(Default)]
-pub(super) struct Deltas {
+pub struct Deltas {
     bases: HashMap<Bytes, Base>,
     /// Messages of a key this room delivered, counted from 1.
     seq: u64,
@@ -36,7 +36,7 @@ struct Base {
 }
 
 /// A message as delta subscribers get it.
-pub(super) struct Variant {
+pub struct Variant {
     /// The delta frame, or the full message when there is no base, the delta is not
     /// smaller, or the message is no keyed message at all.
     pub frame: Encoded,
@@ -55,7 +55,7 @@ impl Variant {
 
     /// What a delta subscriber that came after `since` gets: the delta if it has the
     /// base, else the full message.
-    pub fn for_since<'a>(&'a self, since: u64, message: &'a Encoded) -> &'a Encoded {
+    pub(super) fn for_since<'a>(&'a self, since: u64, message: &'a Encoded) -> &'a Encoded {
         if self.needs == 0 || since < self.needs {
             &self.frame
         } else {
@@ -66,12 +66,12 @@ impl Variant {
 
 impl Deltas {
     /// The number a delta subscriber joining now starts after.
-    pub fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.seq
     }
 
     /// The bases are of no use any more (no delta subscriber is left): dropped.
-    pub fn forget(&mut self) {
+    pub(super) fn forget(&mut self) {
         if !self.bases.is_empty() {
             self.bases = HashMap::new();
         }

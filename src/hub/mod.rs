@@ -30,6 +30,7 @@ use crate::config::BatchConfig;
 use crate::metrics::Stats;
 use crate::outbox::{with_scratch, ConnId, Outbox};
 use crate::protocol::Encoded;
+pub use delta::Deltas;
 pub use room::FanOut;
 use room::{DueRooms, Room};
 

@@ -33,14 +33,9 @@ use crate::protocol::{board, now_ms, Encoded};
 use crate::throttle::LogThrottle;
 
 mod replay;
+mod state;
 
-/// The refusal of a board's option (`remove`, `state`) in a room that keeps no board.
-fn not_a_board(room: &str, option: &str) -> ProtocolError {
-    ProtocolError::new(
-        ErrorCode::InvalidField,
-        format!("{option} is for state rooms: room {room:?} keeps no board (no [[rooms]] class with state_key matches it)"),
-    )
-}
+use state::{not_a_board, SnapshotReads};
 
 /// How long a read from the broker (a room's history, a user's presence) may take
 /// before it is answered as unavailable.
@@ -65,6 +60,8 @@ pub struct Node {
     draining: AtomicBool,
     /// Who is online: one listing a second, shared by every asker.
     online: OnlineListing,
+    /// Boards' snapshot reads, shared by the joiners that wait for one.
+    snapshots: SnapshotReads,
 }
 
 /// What `/healthz` reports.
@@ -136,6 +133,7 @@ impl Node {
                 classes,
                 auth,
                 online: OnlineListing::new(config.presence.max_list),
+                snapshots: SnapshotReads::default(),
                 config,
                 id,
                 hub,

@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use super::state::not_a_board;
 use super::{Node, READ_WAIT};
 use crate::broker::{History, HistoryError};
+use crate::config::Durability;
 use crate::outbox::Outbox;
 use crate::protocol::inbound::Replay;
 use crate::protocol::outbound::{self, Membership};
@@ -64,21 +66,18 @@ impl Node {
         let since = replay.since();
         let (first, after, epoch) = match self.classes.durability(room) {
             _ if replay.wants_board() && !self.keeps_board(room) => {
-                (outbound::error(&super::not_a_board(room, "state")), 0, None)
+                (outbound::error(&not_a_board(room, "state")), 0, None)
             }
             None => (
                 outbound::history(room, "", &[], since.map(|_| false)),
                 0,
                 None,
             ),
-            Some(durability) => {
-                let read = self.broker.history(room, replay, durability);
-                match tokio::time::timeout(READ_WAIT, read).await {
-                    Ok(Ok(history)) => self.replay_frame(room, since, history),
-                    Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0, None),
-                    Err(_) => (history_unavailable(room, "timed out reading it"), 0, None),
-                }
+            // Joiners of a board share its snapshot reads (see `state.rs`).
+            Some(durability) if *replay == Replay::Snapshot => {
+                self.shared_snapshot(room, durability).await
             }
+            Some(durability) => self.read_replay(room, replay, durability).await,
         };
         // A socket that left (or closed) meanwhile is not told anything.
         let Some(fan) = self
@@ -98,15 +97,29 @@ impl Node {
     }
 }
 
+/// What a replaying join gets first (the history frame, or a state room's snapshot), the
+/// offset after which live messages follow it, and the room's epoch (`None` when the
+/// history could not be read).
+pub(super) type Replayed = (Encoded, u64, Option<Arc<str>>);
+
 impl Node {
-    /// What a replaying join gets first (the history frame, or a state room's snapshot),
-    /// the offset after which live messages follow it, and the room's epoch.
-    fn replay_frame(
+    /// Reads a durable room's history as `replay` asks, within `READ_WAIT`.
+    pub(super) async fn read_replay(
         &self,
         room: &str,
-        since: Option<u64>,
-        history: History,
-    ) -> (Encoded, u64, Option<Arc<str>>) {
+        replay: &Replay,
+        durability: Durability,
+    ) -> Replayed {
+        let read = self.broker.history(room, replay, durability);
+        match tokio::time::timeout(READ_WAIT, read).await {
+            Ok(Ok(history)) => self.replay_frame(room, replay.since(), history),
+            Ok(Err(e)) => (history_unavailable(room, &e.to_string()), 0, None),
+            Err(_) => (history_unavailable(room, "timed out reading it"), 0, None),
+        }
+    }
+
+    /// What a replaying join gets first, from the history read for it.
+    fn replay_frame(&self, room: &str, since: Option<u64>, history: History) -> Replayed {
         if let Some(snapshot) = &history.board {
             let frame = board::snapshot(
                 room,
@@ -137,31 +150,9 @@ impl Node {
         let frame = outbound::history(room, &history.epoch, &history.messages, history.recovered);
         (frame, after, Some(history.epoch))
     }
-
-    /// Asks the engine to take expired entries off the boards of the state rooms with
-    /// local members (see `boards`).
-    pub(crate) fn expire_board_entries(&self) {
-        for room in self.hub.room_names() {
-            if let Some(durability) = self.classes.durability(&room) {
-                if durability.board.is_some_and(|b| b.entry_ttl.is_some()) {
-                    self.broker.expire_entries(&room, durability);
-                }
-            }
-        }
-    }
-
-    /// Whether `room`'s class offers Fossil deltas (`delta = "fossil"`).
-    pub fn offers_delta(&self, room: &str) -> bool {
-        self.classes.offers_delta(room)
-    }
-
-    /// Whether `room` is a state room (its class has a `state_key`).
-    pub fn keeps_board(&self, room: &str) -> bool {
-        self.classes.state_key_of(room).is_some()
-    }
 }
 
-fn history_unavailable(room: &str, why: &str) -> Encoded {
+pub(super) fn history_unavailable(room: &str, why: &str) -> Encoded {
     outbound::error(&ProtocolError::new(
         ErrorCode::HistoryUnavailable,
         format!("the history of room {room:?} could not be read ({why}); live messages follow"),

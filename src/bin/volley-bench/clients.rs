@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::board::{self, Board, Counter, SnapshotTimes};
 use crate::error::BenchError;
 use crate::plan::Plan;
 use crate::scan::{self, Scanner};
@@ -45,6 +46,8 @@ pub struct Run {
     pub errors: AtomicU64,
     /// Bytes the subscribers read off their sockets after the upgrade.
     pub wire_bytes: Arc<AtomicU64>,
+    /// Board mode with --state: each subscriber's time from join to snapshot.
+    pub snapshots: Arc<SnapshotTimes>,
 }
 
 impl Run {
@@ -57,6 +60,7 @@ impl Run {
             progress: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             wire_bytes: Arc::default(),
+            snapshots: Arc::default(),
         }
     }
 
@@ -176,15 +180,19 @@ async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
 }
 
 /// Joins `rooms` and waits for the socket's own `user_joined` notice of each: the proof
-/// that the joins took effect.
-pub async fn join(ws: &mut Socket, tap: &Tap, rooms: &[String]) -> Result<(), BenchError> {
+/// that the joins took effect. In board mode with `state`, records the time from the
+/// join to the board's snapshot.
+pub async fn join(
+    ws: &mut Socket,
+    tap: &Tap,
+    rooms: &[String],
+    board: Option<Board>,
+    snapshots: &SnapshotTimes,
+) -> Result<(), BenchError> {
     ws.set_auto_pong(true);
+    let joined = Instant::now();
     for room in rooms {
-        send_text(
-            ws,
-            serde_json::json!({"type":"join","roomId":room}).to_string(),
-        )
-        .await?;
+        send_text(ws, board::join_frame(room, board)).await?;
     }
     let mut waiting: std::collections::HashSet<&str> = rooms.iter().map(String::as_str).collect();
     while !waiting.is_empty() {
@@ -195,6 +203,10 @@ pub async fn join(ws: &mut Socket, tap: &Tap, rooms: &[String]) -> Result<(), Be
         let Some(text) = tap.text(&frame) else {
             continue;
         };
+        if text.starts_with(br#"{"type":"snapshot","#) {
+            snapshots.record(joined.elapsed().as_micros() as u64);
+            continue;
+        }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) else {
             continue;
         };
@@ -221,12 +233,14 @@ pub async fn subscriber(
     ready: tokio::sync::mpsc::Sender<()>,
     stop: CancellationToken,
     deflate: bool,
+    board: Option<Board>,
 ) -> Result<SubscriberResult, BenchError> {
     let (mut ws, tap) = connect_with(&url, run.wire_bytes.clone(), deflate).await?;
-    join(&mut ws, &tap, &rooms).await?;
+    join(&mut ws, &tap, &rooms, board, &run.snapshots).await?;
     let _ = ready.send(()).await;
 
     let scanner = Scanner::new();
+    let counter = Counter::new();
     let mut result = SubscriberResult {
         latency: Histogram::new_with_bounds(1, 120_000_000, 3).ok(),
         ..SubscriberResult::default()
@@ -245,12 +259,20 @@ pub async fn subscriber(
         };
         let arrived = now_us();
         let mut counted_frame = false;
+        if board.is_some() && run.counts(arrived) {
+            // A delta has no content to scan: board messages count by their offset.
+            let n = counter.count(&text);
+            result.delivered += n;
+            counted_frame = n > 0;
+        }
         scanner.scan(&text, |m| {
             if !run.counts(m.sent_us) {
                 return;
             }
             counted_frame = true;
-            result.delivered += 1;
+            if board.is_none() {
+                result.delivered += 1;
+            }
             if let Some(h) = result.latency.as_mut() {
                 let _ = h.record(arrived.saturating_sub(m.sent_us).max(1));
             }
@@ -399,7 +421,17 @@ pub async fn publisher(p: Publisher) -> Result<(), BenchError> {
             let room = (sent as usize * plan.publishers + index) % rooms.len();
             seqs[room] += 1;
             let t = now_us();
-            let content = scan::content(index as u32, room as u32, seqs[room], t, plan.payload);
+            let content = match plan.board {
+                Some(b) => board::quote(
+                    index as u32,
+                    room as u32,
+                    seqs[room],
+                    t,
+                    (sent as usize * plan.publishers + index).wrapping_mul(2_654_435_761)
+                        % b.symbols,
+                ),
+                None => scan::content(index as u32, room as u32, seqs[room], t, plan.payload),
+            };
             sink.send(&rooms[room], content, &run).await?;
             if run.counts(t) {
                 run.published.fetch_add(1, Relaxed);

@@ -17,9 +17,11 @@
 //! | `report.rs` | the typed report, as a table or one JSON line |
 //! | `scan.rs` | the fixed-shape message content, written and scanned |
 //! | `storm.rs` | a reconnect storm during the measured seconds (`--storm`) |
+//! | `board.rs` | board mode (`--board N`): quotes to a state room, snapshots timed, deltas |
 //! | `wire.rs` | bytes on the wire, and permessage-deflate for subscribers (`--deflate`) |
 //! | `error.rs` | what can stop a run |
 
+mod board;
 mod clients;
 mod error;
 mod measure;
@@ -109,6 +111,18 @@ pub struct Args {
     /// inflate what comes compressed.
     #[arg(long)]
     deflate: bool,
+    /// Board mode: every publish is a quote (about 150 bytes) of one of N symbols to the
+    /// room (a state room keyed by `symbol` on the nodes); deliveries are counted by the
+    /// offset each board message carries. Rooms default to 1.
+    #[arg(long, value_name = "SYMBOLS")]
+    board: Option<usize>,
+    /// With --board: subscribers join with `"state":true` (the board's snapshot first);
+    /// the time from each join to its snapshot is reported.
+    #[arg(long)]
+    state: bool,
+    /// With --board: subscribers join with `"delta":"fossil"`.
+    #[arg(long)]
+    delta: bool,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::{now_us, publisher, subscriber, Publisher, Run};
 use crate::error::BenchError;
 use crate::plan::{node_of, Plan};
-use crate::report::{Latency, Report, StormReport};
+use crate::report::{Latency, Report, SnapshotReport, StormReport};
 use crate::storm;
 use crate::Args;
 
@@ -133,6 +133,7 @@ async fn connect(
             ready_tx.clone(),
             stop.clone(),
             args.deflate,
+            plan.board,
         ));
         if s % 100 == 99 {
             // Let the accept queue breathe while thousands of sockets connect.
@@ -339,6 +340,16 @@ fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
             failed: s.failed,
             seconds: s.seconds,
         }),
+        wire_bytes_per_update: (expected > 0).then(|| wire_bytes as f64 / expected as f64),
+        snapshot_ms: run
+            .snapshots
+            .summary()
+            .map(|(joiners, p50, p99, max)| SnapshotReport {
+                joiners,
+                p50,
+                p99,
+                max,
+            }),
     }
 }
 

@@ -1,5 +1,6 @@
 //! What a run does: the scenario presets, how sockets spread over nodes and rooms.
 
+use crate::board::Board;
 use crate::Args;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -17,6 +18,8 @@ pub struct Plan {
     pub publishers: usize,
     pub rate: f64,
     pub payload: usize,
+    /// Board mode (`--board`).
+    pub board: Option<Board>,
 }
 
 impl Plan {
@@ -25,7 +28,14 @@ impl Plan {
             Some(Scenario::Scoreboard) | None => (2000, 20, 1, 4, 200.0, 100),
             Some(Scenario::Ticker) => (500, 200, 20, 4, 2000.0, 60),
         };
+        let board = args.board.map(|symbols| Board {
+            symbols: symbols.max(1),
+            state: args.state,
+            delta: args.delta,
+        });
+        let rooms = if board.is_some() { 1 } else { rooms };
         Plan {
+            board,
             sockets: args.sockets.unwrap_or(sockets),
             rooms: args.rooms.unwrap_or(rooms).max(1),
             rooms_per_socket: args.rooms_per_socket.unwrap_or(per).max(1),
@@ -73,6 +83,7 @@ mod tests {
                 publishers: 4,
                 rate: 1.0,
                 payload: 10,
+                board: None,
             };
             let mut seen = vec![[false; 2]; rooms];
             for s in 0..sockets {

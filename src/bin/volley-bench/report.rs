@@ -34,6 +34,19 @@ pub struct Report {
     /// With --storm: how the reconnect storm went (the measured seconds and the latency
     /// above are the storm's).
     pub storm: Option<StormReport>,
+    /// Bytes the subscribers read per update each of them was sent (published updates
+    /// times subscribers): what an update costs on the wire, whatever conflation skipped.
+    pub wire_bytes_per_update: Option<f64>,
+    /// With --board --state: from each subscriber's join to its board's snapshot.
+    pub snapshot_ms: Option<SnapshotReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotReport {
+    pub joiners: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +103,15 @@ impl Report {
         }
         if let Some(bytes) = self.wire_bytes_per_delivery {
             println!("wire bytes per delivery {bytes:.1}");
+        }
+        if let Some(bytes) = self.wire_bytes_per_update {
+            println!("wire bytes per update per subscriber {bytes:.1}");
+        }
+        if let Some(s) = &self.snapshot_ms {
+            println!(
+                "snapshot ms ({} joiners)  p50 {}  p99 {}  max {}",
+                s.joiners, s.p50, s.p99, s.max
+            );
         }
         if let Some(s) = self.redis_cpu_s {
             println!("redis CPU {s:.2} s");

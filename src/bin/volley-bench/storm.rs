@@ -45,10 +45,12 @@ pub async fn run(
                     return false;
                 };
                 match connect(&url).await {
-                    Ok(mut ws) => join(&mut ws, &Tap::default(), &[room])
-                        .await
-                        .map(|_| ws)
-                        .ok(),
+                    Ok(mut ws) => {
+                        join(&mut ws, &Tap::default(), &[room], None, &Default::default())
+                            .await
+                            .map(|_| ws)
+                            .ok()
+                    }
                     Err(_) => None,
                 }
             };

@@ -9,7 +9,9 @@
 //! messages never disagree. Entries past `state_ttl_s` leave in the same step, each as a
 //! removal with its own offset; `expire` runs the script with no messages for rooms that
 //! are quiet. A new key past `state_max_keys` is refused and nothing else changes: the
-//! script answers, per message, its offset or 0 for a refusal.
+//! script answers, per message, its offset or 0 for a refusal. The write times are kept
+//! only for classes with a `state_ttl_s` (an entry written while a class had none gets
+//! its time at its next update).
 //!
 //! A join's board is one read (`READ`): the entries and the offset they are at, or, for
 //! a `since` the stream can still serve, the messages after it instead.
@@ -51,8 +53,12 @@ if string.sub(ARGV[5], -6) == '-check' then
   end
 end
 local offset = tonumber(redis.call('HGET', KEYS[2], 'offset'))
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[7])
+local now = 0
+if ttl > 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local frames = {}
 local out = {0}
 local receivers = 0
@@ -66,7 +72,6 @@ local function emit(body)
     frames[#frames + 1] = frame
   end
 end
-local ttl = tonumber(ARGV[7])
 if ttl > 0 then
   local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - ttl, 'LIMIT', 0, 1000)
   for _, key in ipairs(old) do
@@ -84,17 +89,22 @@ for i = 9, #ARGV, 4 do
     out[#out + 1] = -1
   elseif first == 0 then
     if redis.call('HDEL', KEYS[3], key) == 1 then
-      redis.call('ZREM', KEYS[4], key)
+      if ttl > 0 then redis.call('ZREM', KEYS[4], key) end
       emit(body)
     end
     out[#out + 1] = offset
-  elseif redis.call('HEXISTS', KEYS[3], key) == 0 and redis.call('HLEN', KEYS[3]) >= max then
-    out[#out + 1] = 0
   else
-    emit(body)
-    redis.call('HSET', KEYS[3], key, '{' .. string.sub(frame, first, last) .. ',"offset":' .. offset .. '}')
-    redis.call('ZADD', KEYS[4], now, key)
-    out[#out + 1] = offset
+    -- Written first (one command for an update, the common case); a new key past the
+    -- limit is taken back, and nothing else happened.
+    local entry = '{' .. string.sub(frame, first, last) .. ',"offset":' .. (offset + 1) .. '}'
+    if redis.call('HSET', KEYS[3], key, entry) == 1 and redis.call('HLEN', KEYS[3]) > max then
+      redis.call('HDEL', KEYS[3], key)
+      out[#out + 1] = 0
+    else
+      emit(body)
+      if ttl > 0 then redis.call('ZADD', KEYS[4], now, key) end
+      out[#out + 1] = offset
+    end
   end
 end
 redis.call('HSET', KEYS[2], 'offset', offset)
