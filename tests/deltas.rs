@@ -379,3 +379,50 @@ async fn deltas_are_asked_for_where_offered_and_named_exactly() {
         .await;
     c.expect_type("user_joined").await;
 }
+
+#[tokio::test]
+async fn deltas_after_window_conflation_apply_to_what_was_delivered() {
+    // Five hot symbols in a 50 ms conflated window: most quotes are superseded in the
+    // window, and each delta is against the key's last delivered quote, not its last
+    // published one.
+    let node = start(deltas(50, true)).await;
+    let addr = node.local_addr();
+    let room = "quotes-hot";
+    let mut watchers = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(addr).await;
+        c.send(json!({"type":"join","roomId":room,"delta":"fossil"}))
+            .await;
+        c.expect_type("user_joined").await;
+        watchers.push((c, DeltaBoard::default()));
+    }
+    let mut publisher = Client::connect(addr).await;
+    let total = 1000u64;
+    let updates: Vec<Value> = (0..total)
+        .map(|n| quote(room, (n % 5) as usize, n))
+        .collect();
+    for chunk in updates.chunks(50) {
+        publisher.send_burst(chunk).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let truth = tokio::time::timeout(WAIT, async {
+        loop {
+            let (last, truth) = node_board(addr, room).await;
+            if last == total {
+                return truth;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the feed never reached the board");
+    assert!(metric(addr, "volley_conflated_total").await > 100);
+    for (client, board) in &mut watchers {
+        while board.offset < total {
+            let text = client.next_frame().await;
+            board.take_conflated(&text);
+        }
+        assert!(board.deltas > 0, "{board:?}");
+        assert_eq!(board.values(), truth);
+    }
+}
