@@ -8,6 +8,9 @@
 #   PREBUILT=DIR benches/boards.sh    use DIR/volley and DIR/volley-bench (no build)
 #   ONLY=redis benches/boards.sh      only the Redis CPU comparison
 #   ONLY=snapshot benches/boards.sh   only the snapshots (the board filled first)
+#   FLAMEGRAPH=NAME benches/boards.sh one delta run with the node under perf, written to
+#                                     flamegraphs/NAME.svg (frame-pointer build in target/fp,
+#                                     as benches/e2e.sh; needs perf and inferno)
 #
 # Modes (each round runs every mode once, in this order, on a fresh room):
 #   plain       subscribers take every update in full
@@ -31,7 +34,15 @@ symbols=${SYMBOLS:-5000}
 sockets=${SOCKETS:-500}
 rate=${RATE:-2000}
 bin=${PREBUILT:-target/release}
-[ -n "${PREBUILT:-}" ] || cargo build --release --locked --bins -q
+if [ -n "${FLAMEGRAPH:-}" ]; then
+  command -v perf >/dev/null || { echo "FLAMEGRAPH needs perf (Debian: linux-perf)"; exit 1; }
+  command -v inferno-flamegraph >/dev/null || { echo "FLAMEGRAPH needs inferno (cargo install inferno)"; exit 1; }
+  RUSTFLAGS=-Cforce-frame-pointers=yes CARGO_TARGET_DIR=target/fp \
+    cargo build --profile release-with-debug --locked --bins -q
+  bin=target/fp/release-with-debug
+elif [ -z "${PREBUILT:-}" ]; then
+  cargo build --release --locked --bins -q
+fi
 command -v redis-server >/dev/null || { echo "needs redis-server (Debian: redis-server)"; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -76,6 +87,18 @@ bench() { # $1: label, then volley-bench flags
 }
 
 start_node ""
+if [ -n "${FLAMEGRAPH:-}" ]; then
+  # One delta run (its connects and warm-up too): the node's fan-out, deltas and writes.
+  perf record -e cpu-clock -F 997 -g -o target/perf-boards.data -p "$node_pid" 2>/dev/null &
+  perf_pid=$!
+  bench delta --room-prefix "flame" --delta
+  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+  mkdir -p flamegraphs
+  perf script -i target/perf-boards.data 2>/dev/null | inferno-collapse-perf > "target/$FLAMEGRAPH.folded"
+  inferno-flamegraph --title "volley board, 500 delta subscribers: $FLAMEGRAPH" < "target/$FLAMEGRAPH.folded" > "flamegraphs/$FLAMEGRAPH.svg"
+  echo "wrote flamegraphs/$FLAMEGRAPH.svg"
+  exit 0
+fi
 for r in $(seq "$rounds"); do
   [ "${ONLY:-}" = redis ] && break
   if [ "${ONLY:-}" = snapshot ]; then
