@@ -406,3 +406,41 @@ async fn a_storm_of_joiners_shares_a_few_board_reads() {
     let reads = evals(&redis).await - before;
     assert!(reads <= 20, "60 joiners cost {reads} board reads");
 }
+
+#[tokio::test]
+async fn a_publish_to_a_board_during_a_7_s_redis_stall_is_queued_then_appended_once() {
+    let redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "stalled", boards(0)).await;
+    let addr = node.local_addr();
+    let room = "quotes-stall";
+    let mut watcher = Client::connect(addr).await;
+    let mut board = Board::from_snapshot(&join_board(&mut watcher, room, None).await);
+    let body = json!({"roomId":room,"content":{"symbol":"A","last":1}});
+    let (status, answer) = api_publish(addr, &body).await;
+    assert_eq!(
+        (status, answer["offset"].as_u64()),
+        (200, Some(1)),
+        "{answer}"
+    );
+    next_board_message(&mut watcher, &mut board).await;
+    // Redis sleeps longer than the API waits for its answer: the API says queued, not
+    // failed, and the message is appended (once) when Redis is back.
+    let stall = redis.stall(7).await;
+    let body = json!({"roomId":room,"content":{"symbol":"A","last":2}});
+    let (status, answer) = api_publish(addr, &body).await;
+    assert_eq!(
+        (status, answer["queued"].as_bool()),
+        (202, Some(true)),
+        "{answer}"
+    );
+    assert!(!stall.is_finished(), "answered while Redis still slept");
+    stall.await.unwrap();
+    let m = next_board_message(&mut watcher, &mut board).await;
+    assert_eq!(
+        (m["offset"].as_u64(), m["content"]["last"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let (_, api) = api_state(addr, room).await;
+    assert_eq!(Board::from_snapshot(&api), board);
+    assert_eq!(api["offset"], 2, "appended once");
+}
