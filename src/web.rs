@@ -1,12 +1,12 @@
 //! The pages, embedded in the binary: no build step, no CDN.
 //!
 //! `GET /` is the demo page (a live scoreboard and ticker over one WebSocket), `GET
-//! /dashboard` the cluster dashboard, `GET /volley.js` the browser client (an ES module) (charts drawn by uPlot 1.6.32, MIT, vendored under
+//! /dashboard` the cluster dashboard, `GET /volley.js` the client (an ES module, `clients/js/volley.js`: the same file as the npm package) (charts drawn by uPlot 1.6.32, MIT, vendored under
 //! `assets/vendor/` with its licence).
 
 const DEMO_HTML: &str = include_str!("../assets/demo.html");
 const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
-const VOLLEY_JS: &str = include_str!("../assets/volley.js");
+const VOLLEY_JS: &str = include_str!("../clients/js/volley.js");
 const UPLOT_JS: &str = include_str!("../assets/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("../assets/vendor/uPlot.min.css");
 

@@ -47,7 +47,7 @@ fn the_js_fossil_applier_rebuilds_what_the_rust_encoder_encodes() {
     }
     let dir = std::env::temp_dir().join(format!("volley-js-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy("assets/volley.js", dir.join("volley.mjs")).unwrap();
+    std::fs::copy("clients/js/volley.js", dir.join("volley.mjs")).unwrap();
     std::fs::write(dir.join("cases.json"), serde_json::to_vec(&cases).unwrap()).unwrap();
     let script = r#"
 import { applyDelta } from "./volley.mjs";

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs (Debian's redis-server,
-# chromium, nginx-light and nodejs, and Python's websockets from PyPI), checks formatting, clippy
+# chromium, nginx-light, nodejs and npm, and Python's websockets from PyPI; the client
+# package's test installs its `ws` dependency from the npm registry), checks formatting, clippy
 # and the docs, then runs the suite.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
 # nothing here touches a system Redis on 6379. The browser tests drive Debian's
@@ -12,6 +13,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]} (Debian packages)"

@@ -1,7 +1,13 @@
-// volley.js: the browser client for a volley node. An ES module, no build step:
+// volley.js: the client for a volley node, in browsers and in Node. An ES module, no
+// build step; the node serves it at /volley.js and it is the npm package `volley-client`
+// (clients/js in volley's repository):
 //
-//   import { connect } from "/volley.js";
+//   import { connect } from "/volley.js";            // a page served by the node
+//   import { connect } from "volley-client";         // a bundler, or Node
 //   const volley = connect(`ws://${location.host}/ws`);
+//
+// Node 22 and browsers have a WebSocket; on older Node the package's optional dependency
+// `ws` is used (or pass `options.WebSocket`).
 //   volley.join("scores:m1", { history: 1 }, (message, { fromHistory }) => render(message));
 //
 // It reconnects by itself (exponential backoff with full jitter), unpacks `batch`
@@ -26,6 +32,11 @@
 // the changes when the node still has them, else a fresh snapshot; either way the board
 // is whole. A delta that does not apply (it never should) asks for a fresh snapshot.
 
+// A WebSocket: the platform's, else (Node before 22) the `ws` package's, if installed.
+const PlatformWebSocket =
+  globalThis.WebSocket ?? (await import("ws").then((m) => m.default ?? m.WebSocket, () => null));
+const OPEN = 1;
+
 /**
  * @param {string} url the node's WebSocket URL
  * @param {object} [options]
@@ -43,6 +54,8 @@
  * @param {(notice: object) => void} [options.onNotice] `user_joined` / `user_left` of joined rooms
  * @param {number} [options.minDelay] first reconnect delay bound, ms (250)
  * @param {number} [options.maxDelay] largest reconnect delay bound, ms (10000)
+ * @param {typeof WebSocket} [options.WebSocket] the WebSocket class to use (default: the
+ *   platform's, or the `ws` package's on Node before 22)
  */
 export function connect(url, options = {}) {
   return new VolleyClient(url, options);
@@ -112,7 +125,7 @@ export class VolleyClient {
   }
 
   send(frame) {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
+    if (this.ws && this.ws.readyState === OPEN) this.ws.send(JSON.stringify(frame));
   }
 
   sendJoin(roomId, room) {
@@ -134,7 +147,9 @@ export class VolleyClient {
   }
 
   open() {
-    const ws = new WebSocket(this.url);
+    const Socket = this.options.WebSocket ?? PlatformWebSocket;
+    if (!Socket) throw new Error("volley: no WebSocket here: on Node before 22, npm install ws (or pass options.WebSocket)");
+    const ws = new Socket(this.url);
     this.ws = ws;
     ws.onopen = () => {
       this.attempt = 0;
@@ -144,15 +159,18 @@ export class VolleyClient {
       for (const [roomId, room] of this.rooms) this.sendJoin(roomId, room);
     };
     ws.onmessage = (event) => {
+      const text = typeof event.data === "string" ? event.data : String(event.data);
       let frame;
-      try { frame = JSON.parse(event.data); } catch { return; }
+      try { frame = JSON.parse(text); } catch { return; }
       this.options.onFrame?.(frame);
       const messages = frame.type === "batch" ? frame.messages : [frame];
       // A delta applies to the content's bytes as sent, so delta boards keep them raw.
       let raw = null;
-      const rawOf = (i) => (raw ??= frame.type === "batch" ? batchItems(event.data) : [event.data])[i];
+      const rawOf = (i) => (raw ??= frame.type === "batch" ? batchItems(text) : [text])[i];
       messages.forEach((message, i) => this.dispatch(message, () => rawOf(i)));
     };
+    // A failed connection closes too (and `ws` would throw an unheard error).
+    ws.onerror = () => {};
     ws.onclose = () => {
       this.options.onStatus?.(false);
       if (this.closed) return;
