@@ -262,15 +262,17 @@ async fn a_full_board_reaches_a_joiner(node: &volley::Server) {
             .collect();
         publisher.send_burst(&frames).await;
     }
-    let mut joiner = Client::connect(node.local_addr()).await;
-    let snapshot = loop {
-        let snapshot = join_board(&mut joiner, room, None).await;
-        if snapshot["offset"] == 10_000 {
-            break snapshot;
+    // Every publish taken first (the API reads the same board), then one joiner.
+    tokio::time::timeout(WAIT, async {
+        while api_state(node.local_addr(), room).await.1["offset"] != 10_000 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        joiner.send(json!({"type":"leave","roomId":room})).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await
+    .expect("the board never filled");
+    let mut joiner = Client::connect(node.local_addr()).await;
+    let snapshot = join_board(&mut joiner, room, None).await;
+    assert_eq!(snapshot["offset"], 10_000);
     let entries = snapshot["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 10_000);
     let bytes = snapshot.to_string().len();

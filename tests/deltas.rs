@@ -142,6 +142,25 @@ async fn node_board(addr: std::net::SocketAddr, room: &str) -> (u64, BTreeMap<St
     (snapshot["offset"].as_u64().unwrap(), entries)
 }
 
+/// The node's board once it reached `offset` (the feed's publishes all taken).
+async fn node_board_at(
+    addr: std::net::SocketAddr,
+    room: &str,
+    offset: u64,
+) -> BTreeMap<String, Value> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (last, truth) = node_board(addr, room).await;
+            if last == offset {
+                return truth;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the feed never reached the board")
+}
+
 /// A quote of about 150 bytes in which one or two fields change per update.
 fn quote(room: &str, symbol: usize, n: u64) -> Value {
     json!({"type":"message","roomId":room,"content":{
@@ -296,17 +315,7 @@ async fn delta_chains_hold_through_outbox_conflation_of_a_slow_reader() {
             .collect();
         publisher.send_burst(&frames).await;
     }
-    let truth = tokio::time::timeout(WAIT, async {
-        loop {
-            let (last, truth) = node_board(addr, room).await;
-            if last == total {
-                return truth;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the feed never reached the board");
+    let truth = node_board_at(addr, room, total).await;
     let conflated = metric(addr, "volley_conflated_total").await;
     assert!(
         conflated > 100,
@@ -405,17 +414,7 @@ async fn deltas_after_window_conflation_apply_to_what_was_delivered() {
         publisher.send_burst(chunk).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let truth = tokio::time::timeout(WAIT, async {
-        loop {
-            let (last, truth) = node_board(addr, room).await;
-            if last == total {
-                return truth;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the feed never reached the board");
+    let truth = node_board_at(addr, room, total).await;
     assert!(metric(addr, "volley_conflated_total").await > 100);
     for (client, board) in &mut watchers {
         while board.offset < total {

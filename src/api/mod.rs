@@ -114,6 +114,14 @@ fn room_in_path<B>(req: &Request<B>, prefix: &str) -> Result<String, ProtocolErr
     Ok(room.into_owned())
 }
 
+/// A server frame's JSON as the body of a 200 (the frame's own bytes, not a copy).
+fn frame_response(frame: &crate::protocol::Encoded) -> Response<Body> {
+    Response::builder()
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::from(frame.json_bytes()))
+        .unwrap_or_default()
+}
+
 /// A request the client got wrong: 400 with its code.
 fn bad_request(e: &ProtocolError) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message)
@@ -168,13 +176,12 @@ async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         (None, None) => Replay::Last(usize::MAX),
     };
     match node.history(&room, &replay).await {
-        Ok(Some(h)) => {
-            let frame = outbound::history(&room, &h.epoch, &h.messages, h.recovered);
-            Response::builder()
-                .header(CONTENT_TYPE, "application/json")
-                .body(Body::from(Bytes::copy_from_slice(frame.json())))
-                .unwrap_or_default()
-        }
+        Ok(Some(h)) => frame_response(&outbound::history(
+            &room,
+            &h.epoch,
+            &h.messages,
+            h.recovered,
+        )),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "not_durable",
@@ -212,10 +219,7 @@ async fn presence(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         }
         None => match node.online_users().await {
             // The frame a socket gets, `"type":"online_users"` included.
-            Ok(listing) => Response::builder()
-                .header(CONTENT_TYPE, "application/json")
-                .body(Body::from(Bytes::copy_from_slice(listing.json())))
-                .unwrap_or_default(),
+            Ok(listing) => frame_response(&listing),
             Err(e) => presence_unavailable(&e.to_string()),
         },
     }

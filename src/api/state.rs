@@ -5,15 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use hyper::body::Incoming;
-use hyper::header::CONTENT_TYPE;
 use hyper::{Request, Response, StatusCode};
 use parking_lot::Mutex;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{bad_request, error, json_response, publish_refused, refusal, room_in_path, Body};
+use super::{
+    bad_request, error, frame_response, json_response, publish_refused, refusal, room_in_path, Body,
+};
 use crate::broker::Outcome;
 use crate::metrics::Source;
 use crate::node::Node;
@@ -45,17 +45,13 @@ pub(super) async fn snapshot(node: &Arc<Node>, req: Request<Incoming>) -> Respon
     match node.history(&room, &Replay::Snapshot).await {
         Ok(Some(history)) => {
             let snapshot = history.board.unwrap_or_default();
-            let frame = board::snapshot(
+            frame_response(&board::snapshot(
                 &room,
                 &history.epoch,
                 snapshot.offset,
                 &snapshot.entries,
                 None,
-            );
-            Response::builder()
-                .header(CONTENT_TYPE, "application/json")
-                .body(Body::from(Bytes::copy_from_slice(frame.json())))
-                .unwrap_or_default()
+            ))
         }
         Ok(None) => error(
             StatusCode::NOT_FOUND,

@@ -46,6 +46,11 @@ impl Encoded {
         &self.frame[self.header_len as usize..]
     }
 
+    /// The JSON text of the frame as shared bytes (a slice of the frame, no copy).
+    pub fn json_bytes(&self) -> Bytes {
+        self.frame.slice(self.header_len as usize..)
+    }
+
     /// Bytes this frame occupies in an outbox.
     pub fn wire_len(&self) -> usize {
         self.frame.len()

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use super::durable::Mode;
+use super::durable::{Append, Mode, APPEND_EPILOGUE, APPEND_PRELUDE};
 use super::{Core, EnvelopeWriter};
 use crate::broker::{History, HistoryError, Snapshot};
 use crate::config::{BoardLimits, Durability};
@@ -35,44 +35,16 @@ use crate::protocol::Encoded;
 /// JSON), the first and last byte of its entry body in the frame (0 0 = a removal), the
 /// frame. Returns {receivers, per message: its offset (the room's offset for a removal
 /// that found nothing), 0 when refused, -1 when the stream had it already (check mode)}.
-const PUBLISH: &str = r#"
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = t[1] .. '-' .. t[2]
-  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
-end
-local head = ARGV[4] .. '"epoch":' .. cjson.encode(epoch) .. ','
-local single = ARGV[5] == 'single' or ARGV[5] == 'single-check'
-local seen = {}
-if string.sub(ARGV[5], -6) == '-check' then
-  for _, row in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 2000)) do
-    local body = string.match(row[2][2], '^(.*),"offset":%d+}$')
-    if body then seen[body] = (seen[body] or 0) + 1 end
-  end
-end
-local offset = tonumber(redis.call('HGET', KEYS[2], 'offset'))
+static PUBLISH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{APPEND_PRELUDE}{}{APPEND_EPILOGUE}out[1] = receivers\nreturn out\n",
+        r#"
+local out = {0}
 local ttl = tonumber(ARGV[7])
 local now = 0
 if ttl > 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local frames = {}
-local out = {0}
-local receivers = 0
-local function emit(body)
-  offset = offset + 1
-  local frame = body .. ',"offset":' .. offset .. '}'
-  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'data', frame)
-  if single then
-    receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frame .. '}')
-  else
-    frames[#frames + 1] = frame
-  end
-end
-if ttl > 0 then
   local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - ttl, 'LIMIT', 0, 1000)
   for _, key in ipairs(old) do
     redis.call('HDEL', KEYS[3], key)
@@ -107,16 +79,9 @@ for i = 9, #ARGV, 4 do
     end
   end
 end
-redis.call('HSET', KEYS[2], 'offset', offset)
-for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ARGV[3]) end
-if #frames == 1 then
-  receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frames[1] .. '}')
-elseif #frames > 1 then
-  receivers = redis.call('PUBLISH', ARGV[1], head .. '"batch":[' .. table.concat(frames, ',') .. ']}')
-end
-out[1] = receivers
-return out
-"#;
+"#
+    )
+});
 
 /// KEYS: stream, position, board, board-times. ARGV: `snapshot` or `since`, the offset
 /// and epoch (for `since`), the history cap, the entry TTL in ms (0 = keep). Returns
@@ -163,7 +128,7 @@ return {epoch, since and '0' or '', last, entries, 'board'}
 
 /// The same in a Redis Cluster.
 static PUBLISH_SPUBLISH: LazyLock<String> =
-    LazyLock::new(|| super::start::spublish_script(PUBLISH));
+    LazyLock::new(|| super::start::spublish_script(&PUBLISH));
 
 /// How long a board read may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -177,15 +142,10 @@ fn entry_ttl_ms(limits: BoardLimits) -> u64 {
 /// Adds one state room's messages of a window to the pipeline: one script call.
 pub(super) fn add_publish<'a>(
     pipe: &mut redis::Pipeline,
-    core: &Core,
-    room: &str,
-    durability: Durability,
-    head: &[u8],
-    mode: Mode,
+    append: &Append<'_>,
     messages: impl Iterator<Item = (&'a Encoded, &'a BoardWrite)>,
 ) {
-    let mut cmd = redis::cmd("EVAL");
-    script_call(&mut cmd, core, room, durability, head, mode);
+    let mut cmd = script_call(append);
     for (frame, write) in messages {
         let (first, last) = if write.is_removal() {
             (0, 0)
@@ -200,43 +160,25 @@ pub(super) fn add_publish<'a>(
     pipe.add_command(cmd);
 }
 
-/// The script and its arguments before the messages.
-fn script_call<'c>(
-    cmd: &'c mut redis::Cmd,
-    core: &Core,
-    room: &str,
-    durability: Durability,
-    head: &[u8],
-    mode: Mode,
-) -> &'c mut redis::Cmd {
-    let limits = durability.board.unwrap_or(BoardLimits {
+/// The script and its arguments before the messages: the append's, then max keys, the
+/// entry TTL and the room id as JSON.
+fn script_call(append: &Append<'_>) -> redis::Cmd {
+    let (core, room) = (append.core, append.room);
+    let limits = append.durability.board.unwrap_or(BoardLimits {
         max_keys: usize::MAX,
         entry_ttl: None,
     });
-    let room_json = serde_json::to_string(room).unwrap_or_else(|_| "\"\"".into());
-    cmd.arg(if core.spublish() {
-        PUBLISH_SPUBLISH.as_str()
-    } else {
-        PUBLISH
-    })
-    .arg(4)
-    .arg(core.keys.stream(room))
-    .arg(core.keys.position(room))
-    .arg(core.keys.board(room))
-    .arg(core.keys.board_times(room))
-    .arg(core.keys.room(room))
-    .arg(durability.history_size)
-    .arg(durability.ttl.as_secs().max(1))
-    .arg(head)
-    .arg(match (mode.single, mode.check) {
-        (true, false) => "single",
-        (false, false) => "batch",
-        (true, true) => "single-check",
-        (false, true) => "batch-check",
-    })
-    .arg(limits.max_keys)
-    .arg(entry_ttl_ms(limits))
-    .arg(room_json)
+    let keys = [
+        core.keys.stream(room),
+        core.keys.position(room),
+        core.keys.board(room),
+        core.keys.board_times(room),
+    ];
+    let mut cmd = append.call(&PUBLISH, &PUBLISH_SPUBLISH, &keys);
+    cmd.arg(limits.max_keys)
+        .arg(entry_ttl_ms(limits))
+        .arg(serde_json::to_string(room).unwrap_or_else(|_| "\"\"".into()));
+    cmd
 }
 
 /// What the script answered for each message of its call: its offset, or `None` when the
@@ -265,12 +207,16 @@ pub(super) async fn expire(core: Arc<Core>, room: Arc<str>, durability: Durabili
         return;
     };
     let head = EnvelopeWriter::new(&core.node_id);
-    let mut cmd = redis::cmd("EVAL");
-    let mode = Mode {
-        single: true,
-        check: false,
-    };
-    script_call(&mut cmd, &core, &room, durability, head.head(), mode);
+    let cmd = script_call(&Append {
+        core: &core,
+        room: &room,
+        durability,
+        head: head.head(),
+        mode: Mode {
+            single: true,
+            check: false,
+        },
+    });
     let call = cmd.query_async::<redis::Value>(&mut conn);
     match tokio::time::timeout(READ_WAIT, call).await {
         Ok(Ok(_)) => {}

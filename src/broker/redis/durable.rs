@@ -44,12 +44,33 @@ use crate::protocol::{outbound, Encoded};
 /// The check is for frames sent before in a pipeline whose answer was lost (a master
 /// killed, a connection cut): those the stream has were appended and published then,
 /// the others never ran. Sent again with the check, none is lost and none doubled.
-pub(super) const PUBLISH: &str = r#"
+pub(super) static PUBLISH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{APPEND_PRELUDE}{}{APPEND_EPILOGUE}return receivers\n",
+        r#"
+for i = 6, #ARGV do
+  local body = string.sub(ARGV[i], 1, -2)
+  if (seen[body] or 0) > 0 then
+    seen[body] = seen[body] - 1
+  else
+    emit(body)
+  end
+end
+"#
+    )
+});
+
+/// What every append script (a durable room's, a board's) starts with: the room's epoch
+/// (a new one, and every key of the room cleared, when the position is gone), the
+/// envelope head, the mode, in check mode the bodies the stream has already, the offset,
+/// and `emit`, which appends one message with the next offset and publishes it (or keeps
+/// it for the window's one `PUBLISH`). KEYS[1] is the stream, KEYS[2] the position.
+pub(super) const APPEND_PRELUDE: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
   local t = redis.call('TIME')
   epoch = t[1] .. '-' .. t[2]
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', unpack(KEYS))
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
 end
 local head = ARGV[4] .. '"epoch":' .. cjson.encode(epoch) .. ','
@@ -64,30 +85,28 @@ end
 local offset = tonumber(redis.call('HGET', KEYS[2], 'offset'))
 local frames = {}
 local receivers = 0
-for i = 6, #ARGV do
-  local body = string.sub(ARGV[i], 1, -2)
-  if (seen[body] or 0) > 0 then
-    seen[body] = seen[body] - 1
+local function emit(body)
+  offset = offset + 1
+  local frame = body .. ',"offset":' .. offset .. '}'
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'data', frame)
+  if single then
+    receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frame .. '}')
   else
-    offset = offset + 1
-    local frame = body .. ',"offset":' .. offset .. '}'
-    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'data', frame)
-    if single then
-      receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frame .. '}')
-    else
-      frames[#frames + 1] = frame
-    end
+    frames[#frames + 1] = frame
   end
 end
+"#;
+
+/// What every append script ends with: the offset stored, every key's expiry renewed, and
+/// the window's messages published in one envelope (`batch` mode).
+pub(super) const APPEND_EPILOGUE: &str = r#"
 redis.call('HSET', KEYS[2], 'offset', offset)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+for k = 1, #KEYS do redis.call('EXPIRE', KEYS[k], ARGV[3]) end
 if #frames == 1 then
   receivers = redis.call('PUBLISH', ARGV[1], head .. '"payload":' .. frames[1] .. '}')
 elseif #frames > 1 then
   receivers = redis.call('PUBLISH', ARGV[1], head .. '"batch":[' .. table.concat(frames, ',') .. ']}')
 end
-return receivers
 "#;
 
 /// KEYS: stream, position. ARGV: `last` or `since`, N or the offset, the epoch (for
@@ -142,7 +161,7 @@ return {epoch, out}
 
 /// The same in a Redis Cluster.
 static PUBLISH_SPUBLISH: LazyLock<String> =
-    LazyLock::new(|| super::start::spublish_script(PUBLISH));
+    LazyLock::new(|| super::start::spublish_script(&PUBLISH));
 
 /// How long a history read or a repair may take.
 const READ_WAIT: Duration = Duration::from_secs(5);
@@ -156,40 +175,57 @@ pub(super) struct Mode {
     pub check: bool,
 }
 
-/// Adds one room's durable messages of a window to the pipeline: one script call
-/// (`check`: skip those the stream already has, see `PUBLISH`).
-pub(super) fn add_publish(
-    pipe: &mut redis::Pipeline,
-    core: &Core,
-    room: &str,
-    durability: Durability,
-    head: &[u8],
-    mode: Mode,
-    frames: impl Iterator<Item = Vec<u8>>,
-) {
-    let cmd = pipe
-        .cmd("EVAL")
-        .arg(if core.spublish() {
-            PUBLISH_SPUBLISH.as_str()
+/// What every append script (a durable room's, a board's) takes before its messages:
+/// the script (`PUBLISH` or `SPUBLISH` in a Redis Cluster), the keys, then ARGV channel,
+/// maxlen, ttl_s, envelope head and mode.
+pub(super) struct Append<'a> {
+    pub core: &'a Core,
+    pub room: &'a str,
+    pub durability: Durability,
+    pub head: &'a [u8],
+    pub mode: Mode,
+}
+
+impl Append<'_> {
+    /// An `EVAL` of `script` (or, in a Redis Cluster, `spublish`) with `keys` and the
+    /// common arguments; the caller adds its own and the messages.
+    pub(super) fn call(&self, script: &str, spublish: &str, keys: &[String]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(if self.core.spublish() {
+            spublish
         } else {
-            PUBLISH
+            script
         })
-        .arg(2)
-        .arg(core.keys.stream(room))
-        .arg(core.keys.position(room))
-        .arg(core.keys.room(room))
-        .arg(durability.history_size)
-        .arg(durability.ttl.as_secs().max(1))
-        .arg(head)
-        .arg(match (mode.single, mode.check) {
+        .arg(keys.len())
+        .arg(keys)
+        .arg(self.core.keys.room(self.room))
+        .arg(self.durability.history_size)
+        .arg(self.durability.ttl.as_secs().max(1))
+        .arg(self.head)
+        .arg(match (self.mode.single, self.mode.check) {
             (true, false) => "single",
             (false, false) => "batch",
             (true, true) => "single-check",
             (false, true) => "batch-check",
         });
+        cmd
+    }
+}
+
+/// Adds one room's durable messages of a window to the pipeline: one script call
+/// (`check`: skip those the stream already has, see `PUBLISH`).
+pub(super) fn add_publish(
+    pipe: &mut redis::Pipeline,
+    append: &Append<'_>,
+    frames: impl Iterator<Item = Vec<u8>>,
+) {
+    let (core, room) = (append.core, append.room);
+    let keys = [core.keys.stream(room), core.keys.position(room)];
+    let mut cmd = append.call(&PUBLISH, &PUBLISH_SPUBLISH, &keys);
     for frame in frames {
         cmd.arg(frame);
     }
+    pipe.add_command(cmd);
 }
 
 /// Reads a durable room's history as a join asks for it.

@@ -86,15 +86,18 @@ impl Publisher {
             };
             for chunk in indices.chunks(per_command) {
                 let first = &pending[chunk[0]];
+                let append = |room, durability| durable::Append {
+                    core: &self.core,
+                    room,
+                    durability,
+                    head: self.writer.head(),
+                    mode: durable::Mode { single, check },
+                };
                 match (durability(first), &first.target) {
                     (Some(durability), Target::Room(room)) if first.board.is_some() => {
                         board::add_publish(
                             &mut pipe,
-                            &self.core,
-                            room,
-                            durability,
-                            self.writer.head(),
-                            durable::Mode { single, check },
+                            &append(room, durability),
                             chunk.iter().filter_map(|&i| {
                                 let e = &pending[i];
                                 e.board.as_ref().map(|write| (&e.payload, write))
@@ -103,11 +106,7 @@ impl Publisher {
                     }
                     (Some(durability), Target::Room(room)) => durable::add_publish(
                         &mut pipe,
-                        &self.core,
-                        room,
-                        durability,
-                        self.writer.head(),
-                        durable::Mode { single, check },
+                        &append(room, durability),
                         chunk.iter().map(|&i| pending[i].payload.json().to_vec()),
                     ),
                     _ if chunk.len() == 1 => {
