@@ -64,7 +64,7 @@ end
 /// (a new one, and every key of the room cleared, when the position is gone), the
 /// envelope head, the mode, in check mode the bodies the stream has already, the offset,
 /// and `emit`, which appends one message with the next offset and publishes it (or keeps
-/// it for the window's one `PUBLISH`). KEYS[1] is the stream, KEYS[2] the position.
+/// it for the window's one `PUBLISH`). `KEYS[1]` is the stream, `KEYS[2]` the position.
 pub(super) const APPEND_PRELUDE: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
