@@ -88,6 +88,54 @@ async fn the_packed_client_runs_under_node_against_a_real_node() {
             tarball.to_str().unwrap(),
         ],
     );
+    // The types: a TypeScript program using the package checks under --strict.
+    npm(
+        &app,
+        &[
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefer-offline",
+            "typescript@5",
+        ],
+    );
+    std::fs::write(
+        app.join("typed.ts"),
+        r#"
+import { connect, applyDelta, type Room, type RoomMessage, type Json } from "volley-client";
+const volley = connect("ws://127.0.0.1:1/ws", { minDelay: 50, onRecovery: (room: string, ok: boolean) => {} });
+const board: Room = volley.join("ticker", { state: true, delta: true }, (m: RoomMessage) => m.offset);
+board.on("change", (key, content: Json, message) => message.roomId.length + String(key).length);
+board.on("remove", (key) => key);
+board.on("snapshot", (state) => state.size);
+const price: Json | undefined = board.state?.get("ACME");
+const out: Uint8Array = applyDelta(new Uint8Array(), new Uint8Array());
+volley.publish("ticker", { symbol: "ACME", price: 1 });
+volley.close();
+"#,
+    )
+    .unwrap();
+    let tsc = std::process::Command::new("npx")
+        .args([
+            "tsc",
+            "--noEmit",
+            "--strict",
+            "--module",
+            "nodenext",
+            "--moduleResolution",
+            "nodenext",
+            "--target",
+            "es2022",
+            "typed.ts",
+        ])
+        .current_dir(&app)
+        .output()
+        .expect("npx");
+    assert!(
+        tsc.status.success(),
+        "the types do not check: {}",
+        String::from_utf8_lossy(&tsc.stdout)
+    );
     let script = format!(
         r#"
 import {{ connect }} from "volley-client";
