@@ -78,6 +78,7 @@ async fn the_packed_client_runs_under_node_against_a_real_node() {
         r#"{"type":"module","private":true}"#,
     )
     .unwrap();
+    // The package, and TypeScript to check its types with.
     npm(
         &app,
         &[
@@ -86,6 +87,7 @@ async fn the_packed_client_runs_under_node_against_a_real_node() {
             "--no-fund",
             "--prefer-offline",
             tarball.to_str().unwrap(),
+            "typescript@5",
         ],
     );
     // The types: a TypeScript program using the package checks under --strict.

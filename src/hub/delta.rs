@@ -87,12 +87,14 @@ impl Deltas {
             return Variant::full(message);
         };
         self.seq += 1;
-        let key = Bytes::copy_from_slice(parts.key.as_bytes());
+        // Slices of the message's own bytes: no copy of the key or the content.
+        let json = message.json_bytes();
+        let key = json.slice_ref(parts.key.as_bytes());
         let Some(content) = parts.content else {
             self.bases.remove(&key);
             return Variant::full(message);
         };
-        let content = Bytes::copy_from_slice(content.as_bytes());
+        let content = json.slice_ref(content.as_bytes());
         let base = Base {
             content: content.clone(),
             seq: self.seq,

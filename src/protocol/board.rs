@@ -144,21 +144,9 @@ pub fn snapshot(
         .string(epoch)
         .raw(br#","offset":"#)
         .number(offset)
-        .raw(br#","entries":["#);
-    for (i, entry) in entries.iter().enumerate() {
-        if i > 0 {
-            b.raw(b",");
-        }
-        b.raw(entry);
-    }
-    b.raw(b"]");
-    match recovered {
-        Some(recovered) => b
-            .raw(br#","recovered":"#)
-            .raw(if recovered { b"true" } else { b"false" })
-            .raw(b"}"),
-        None => b.raw(b"}"),
-    };
+        .raw(br#","entries":"#)
+        .list(entries.iter().map(|e| &e[..]))
+        .end_recovered(recovered);
     b.finish()
 }
 

@@ -153,6 +153,27 @@ impl Builder {
         self
     }
 
+    /// Appends `[I1,I2,...]`: each item is already JSON.
+    pub fn list<'i>(&mut self, items: impl IntoIterator<Item = &'i [u8]>) -> &mut Self {
+        self.raw(b"[");
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.raw(b",");
+            }
+            self.raw(item);
+        }
+        self.raw(b"]")
+    }
+
+    /// Closes the object, with `"recovered":B` first when a `since` join asked.
+    pub fn end_recovered(&mut self, recovered: Option<bool>) -> &mut Self {
+        match recovered {
+            Some(true) => self.raw(br#","recovered":true}"#),
+            Some(false) => self.raw(br#","recovered":false}"#),
+            None => self.raw(b"}"),
+        }
+    }
+
     pub fn number(&mut self, n: u64) -> &mut Self {
         let mut itoa = itoa::Buffer::new();
         self.buf.extend_from_slice(itoa.format(n).as_bytes());
@@ -255,19 +276,9 @@ pub fn history(room: &str, epoch: &str, messages: &[Encoded], recovered: Option<
         .string(room)
         .raw(br#","epoch":"#)
         .string(epoch)
-        .raw(br#","messages":["#);
-    for (i, m) in messages.iter().enumerate() {
-        if i > 0 {
-            b.raw(b",");
-        }
-        b.raw(m.json());
-    }
-    b.raw(b"]");
-    match recovered {
-        Some(true) => b.raw(br#","recovered":true}"#),
-        Some(false) => b.raw(br#","recovered":false}"#),
-        None => b.raw(b"}"),
-    };
+        .raw(br#","messages":"#)
+        .list(messages.iter().map(Encoded::json))
+        .end_recovered(recovered);
     b.finish()
 }
 

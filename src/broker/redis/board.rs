@@ -17,11 +17,10 @@
 //! a `since` the stream can still serve, the messages after it instead.
 
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use super::durable::{Append, Mode, APPEND_EPILOGUE, APPEND_PRELUDE};
+use super::durable::{read_script, recovered_flag, Append, Mode, APPEND_EPILOGUE, APPEND_PRELUDE};
 use super::{Core, EnvelopeWriter};
 use crate::broker::{History, HistoryError, Snapshot};
 use crate::config::{BoardLimits, Durability};
@@ -130,9 +129,6 @@ return {epoch, since and '0' or '', last, entries, 'board'}
 static PUBLISH_SPUBLISH: LazyLock<String> =
     LazyLock::new(|| super::start::spublish_script(&PUBLISH));
 
-/// How long a board read may take.
-const READ_WAIT: Duration = Duration::from_secs(5);
-
 fn entry_ttl_ms(limits: BoardLimits) -> u64 {
     limits
         .entry_ttl
@@ -217,11 +213,8 @@ pub(super) async fn expire(core: Arc<Core>, room: Arc<str>, durability: Durabili
             check: false,
         },
     });
-    let call = cmd.query_async::<redis::Value>(&mut conn);
-    match tokio::time::timeout(READ_WAIT, call).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(room = %room, "expiring a board's entries failed: {e}"),
-        Err(_) => tracing::debug!(room = %room, "expiring a board's entries timed out"),
+    if let Err(e) = read_script::<redis::Value>(&mut conn, &cmd).await {
+        tracing::debug!(room = %room, "expiring a board's entries failed: {e}");
     }
 }
 
@@ -250,16 +243,9 @@ pub(super) async fn read(
         .arg(epoch)
         .arg(durability.history_size)
         .arg(ttl);
-    let read = cmd.query_async::<(String, String, u64, Vec<Vec<u8>>, String)>(&mut conn);
-    let (epoch, recovered, last, items, kind) = tokio::time::timeout(READ_WAIT, read)
-        .await
-        .map_err(|_| HistoryError::Unavailable("Redis did not answer in time".into()))?
-        .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
-    let recovered = match recovered.as_str() {
-        "1" => Some(true),
-        "0" => Some(false),
-        _ => None,
-    };
+    let (epoch, recovered, last, items, kind) =
+        read_script::<(String, String, u64, Vec<Vec<u8>>, String)>(&mut conn, &cmd).await?;
+    let recovered = recovered_flag(&recovered);
     let epoch = Arc::from(epoch);
     if kind == "messages" {
         return Ok(History {

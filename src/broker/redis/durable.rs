@@ -228,6 +228,26 @@ pub(super) fn add_publish(
     pipe.add_command(cmd);
 }
 
+/// Runs a read script within `READ_WAIT`; Redis away or slow is `Unavailable`.
+pub(super) async fn read_script<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    cmd: &redis::Cmd,
+) -> Result<T, HistoryError> {
+    tokio::time::timeout(READ_WAIT, cmd.query_async::<T>(conn))
+        .await
+        .map_err(|_| HistoryError::Unavailable("Redis did not answer in time".into()))?
+        .map_err(|e| HistoryError::Unavailable(e.to_string()))
+}
+
+/// A read script's `recovered`: "1" / "0" for a `since`, "" for anything else.
+pub(super) fn recovered_flag(answer: &str) -> Option<bool> {
+    match answer {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// Reads a durable room's history as a join asks for it.
 pub(super) async fn history(
     core: &Core,
@@ -252,19 +272,12 @@ pub(super) async fn history(
         .arg(position)
         .arg(epoch)
         .arg(durability.history_size);
-    let read = cmd.query_async::<(String, String, Vec<Vec<u8>>)>(&mut conn);
-    let (epoch, recovered, frames) = tokio::time::timeout(READ_WAIT, read)
-        .await
-        .map_err(|_| HistoryError::Unavailable("Redis did not answer in time".into()))?
-        .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
+    let (epoch, recovered, frames) =
+        read_script::<(String, String, Vec<Vec<u8>>)>(&mut conn, &cmd).await?;
     Ok(History {
         epoch: Arc::from(epoch),
         messages: frames.iter().map(|f| Encoded::from_json(f)).collect(),
-        recovered: match recovered.as_str() {
-            "1" => Some(true),
-            "0" => Some(false),
-            _ => None,
-        },
+        recovered: recovered_flag(&recovered),
         board: None,
     })
 }
