@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs (Debian's redis-server,
-# chromium, nginx-light, nodejs and npm, and Python's websockets from PyPI; the client
+# chromium, nginx-light, nodejs, npm and curl (the SSE tests' client), and Python's websockets from PyPI; the client
 # package's test installs its `ws` dependency from the npm registry), checks formatting, clippy
 # and the docs, then runs the suite.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
@@ -14,6 +14,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]} (Debian packages)"

@@ -206,6 +206,10 @@ export class VolleyClient {
       room.epoch = message.epoch || null;
       if (message.recovered !== undefined) this.options.onRecovery?.(message.roomId, message.recovered);
       for (const m of message.messages) this.deliver(room, m, { fromHistory: true });
+      // Where the history ends (the room's last offset when read): live messages follow.
+      if (typeof message.offset === "number" && room.epoch !== null && (room.offset === null || message.offset > room.offset)) {
+        room.offset = message.offset;
+      }
       return;
     }
     if (message.type === "epoch_changed") {

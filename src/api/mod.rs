@@ -6,13 +6,13 @@
 //! reach the same subscribers, on every node, in the same frames. `state.rs`: state
 //! rooms' routes (the board's snapshot, and publishes that wait for the engine's answer).
 
+mod body;
 mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -26,7 +26,7 @@ use crate::protocol::inbound::{check_room_id, parse_publish_request, PublishRequ
 use crate::protocol::{check_content, outbound, ErrorCode, ProtocolError};
 use crate::reports::NodeReports;
 
-pub type Body = Full<Bytes>;
+pub use body::Body;
 
 pub async fn route(
     node: &Arc<Node>,
@@ -179,6 +179,7 @@ async fn history(node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
         Ok(Some(h)) => frame_response(&outbound::history(
             &room,
             &h.epoch,
+            Some(h.offset),
             &h.messages,
             h.recovered,
         )),

@@ -105,6 +105,9 @@ pub struct History {
     pub epoch: Arc<str>,
     /// Message frames (with their offsets), oldest first.
     pub messages: Vec<Encoded>,
+    /// The room's last offset when it was read (0: none yet): where this history ends,
+    /// and where live messages take over.
+    pub offset: u64,
     /// For a `since` join: whether everything after the position could be served.
     pub recovered: Option<bool>,
     /// For a join that asked for a state room's board (and, with `since`, could not be
@@ -158,6 +161,7 @@ impl History {
         History {
             epoch: Arc::from(""),
             messages: Vec::new(),
+            offset: 0,
             recovered,
             board: (replay.wants_board() && recovered != Some(true)).then(Snapshot::default),
         }

@@ -183,6 +183,7 @@ impl Ring {
         History {
             epoch: self.epoch.clone(),
             messages,
+            offset: self.last,
             recovered,
             board,
         }

@@ -1,4 +1,5 @@
-//! One WebSocket connection: its reader and its session.
+//! One client connection: a WebSocket (its reader and its session), or a Server-Sent
+//! Events stream (`sse.rs`: a session whose rooms come from the request, no reader).
 //!
 //! After the HTTP upgrade the TCP stream is taken back from hyper and split (a TLS
 //! socket is shared instead, `crate::tls`). The reader (fastwebsockets) turns frames
@@ -10,6 +11,7 @@ mod access;
 mod reader;
 pub(crate) mod rules;
 mod session;
+pub mod sse;
 
 pub use access::UpgradeAuth;
 

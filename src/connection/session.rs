@@ -56,10 +56,36 @@ struct Direct {
 
 impl Session {
     pub fn new(node: Arc<Node>, outbox: Arc<Outbox>, upgrade: UpgradeAuth) -> Session {
+        let token = upgrade.token.clone();
+        let mut session = Session::anonymous(node, outbox, upgrade);
+        if let Some(token) = token {
+            if let Err(e) = session.authenticate(Some(&token), None) {
+                session.reply_error(&e);
+            }
+        }
+        session
+    }
+
+    /// For a stream that cannot be answered later (SSE): a token that gives no identity
+    /// is refused now, before anything is sent.
+    pub fn checked(
+        node: Arc<Node>,
+        outbox: Arc<Outbox>,
+        upgrade: UpgradeAuth,
+    ) -> Result<Session, ProtocolError> {
+        let token = upgrade.token.clone();
+        let mut session = Session::anonymous(node, outbox, upgrade);
+        if let Some(token) = token {
+            session.authenticate(Some(&token), None)?;
+        }
+        Ok(session)
+    }
+
+    fn anonymous(node: Arc<Node>, outbox: Arc<Outbox>, upgrade: UpgradeAuth) -> Session {
         let config = node.config();
         let limits = &config.limits;
         let trusted_rate = limits.trusted_publish_rate;
-        let mut session = Session {
+        Session {
             max_rooms: limits.max_rooms_per_socket,
             max_json_depth: limits.max_json_depth,
             access: Access::new(config, node.auth().checks_tokens(), upgrade.api_key),
@@ -76,13 +102,7 @@ impl Session {
             outbox,
             rooms: HashSet::new(),
             user: None,
-        };
-        if let Some(token) = upgrade.token {
-            if let Err(e) = session.authenticate(Some(&token), None) {
-                session.reply_error(&e);
-            }
         }
-        session
     }
 
     fn authenticate(
@@ -240,6 +260,17 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// A join asked for outside a frame (an SSE stream's rooms): checked as a `join`
+    /// frame is, with the error returned instead of sent.
+    pub fn join_now(&mut self, room: &str, replay: Option<Replay>) -> Result<(), ProtocolError> {
+        self.access.check_authenticated()?;
+        protocol::inbound::check_room_id(room)?;
+        if let Some(later) = self.join(room.into(), replay, false)? {
+            self.start(later);
+        }
+        Ok(())
     }
 
     /// A join: checked, charged, and the socket in the room (a replaying join goes on

@@ -69,7 +69,7 @@ impl Node {
                 (outbound::error(&not_a_board(room, "state")), 0, None)
             }
             None => (
-                outbound::history(room, "", &[], since.map(|_| false)),
+                outbound::history(room, "", None, &[], since.map(|_| false)),
                 0,
                 None,
             ),
@@ -146,8 +146,15 @@ impl Node {
             (Some(offset), _, _) => offset,
             (None, Some(true), Some(offset)) => offset,
             _ => 0,
-        };
-        let frame = outbound::history(room, &history.epoch, &history.messages, history.recovered);
+        }
+        .max(history.offset);
+        let frame = outbound::history(
+            room,
+            &history.epoch,
+            Some(after),
+            &history.messages,
+            history.recovered,
+        );
         (frame, after, Some(history.epoch))
     }
 }

@@ -35,6 +35,11 @@ pub(super) struct SnapshotReads {
 }
 
 impl Node {
+    /// Whether `room` keeps a history (its class has a `history_size`, or is a board).
+    pub fn is_durable(&self, room: &str) -> bool {
+        self.classes.durability(room).is_some()
+    }
+
     /// Whether `room` is a state room (its class has a `state_key`).
     pub fn keeps_board(&self, room: &str) -> bool {
         self.classes.state_key_of(room).is_some()

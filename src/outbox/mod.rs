@@ -9,6 +9,7 @@
 //! | `writer.rs` | the socket's writer task: what would block, and the close |
 //! | `due.rs` | the node's list of sockets due at the next window tick, and the tick task |
 //! | `scratch.rs` | per-thread reusable buffers for flushing threads |
+//! | `sse.rs` | an SSE stream's response body as a socket: frames become events |
 //!
 //! Fan-out pushes shared `Encoded` handles under a short `parking_lot` lock (never held
 //! across an `.await`). The byte bound is the slow-consumer rule: a push that would pass
@@ -25,6 +26,7 @@
 
 mod due;
 mod scratch;
+mod sse;
 mod write;
 mod writer;
 
@@ -42,6 +44,7 @@ use crate::protocol::{close_code, outbound, Encoded};
 
 pub use due::DueList;
 pub use scratch::with_scratch;
+pub use sse::{SseBody, SseSink};
 use write::try_write_all;
 pub use write::{SocketOut, SocketWrite};
 pub use writer::{run as run_writer, CLOSE_GRACE};
@@ -215,8 +218,9 @@ impl<W: SocketWrite> Outbox<W> {
             let first = frames.len();
             let batch_messages = &self.stats.batch_messages;
             let mut delivered = 0;
+            let batched = drained.batched && self.io().is_none_or(SocketWrite::batches);
             self.policy
-                .frames(&drained.messages, drained.batched, frames, |messages, n| {
+                .frames(&drained.messages, batched, frames, |messages, n| {
                     delivered += messages * n;
                     batch_messages.record_n(messages as u64, n as u64)
                 });

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use tokio::net::tcp::OwnedWriteHalf;
 
+use super::sse::SseSink;
 use crate::tls::TlsSocket;
 
 /// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
@@ -36,12 +37,20 @@ pub trait SocketWrite: Send + Sync + 'static {
     fn has_backlog(&self) -> bool {
         false
     }
+
+    /// Whether a window's messages for this socket may share one `batch` frame (a
+    /// WebSocket); false: one frame each (an SSE stream: one event each, one write).
+    fn batches(&self) -> bool {
+        true
+    }
 }
 
-/// A node's socket: plain TCP (its write half) or TLS (shared with the reader).
+/// A node's socket: plain TCP (its write half), TLS (shared with the reader), or an SSE
+/// stream's response body.
 pub enum SocketOut {
     Tcp(OwnedWriteHalf),
     Tls(Arc<TlsSocket>),
+    Sse(Arc<SseSink>),
 }
 
 impl SocketWrite for SocketOut {
@@ -49,6 +58,7 @@ impl SocketWrite for SocketOut {
         match self {
             SocketOut::Tcp(half) => half.try_write_vectored(bufs),
             SocketOut::Tls(tls) => tls.try_write_vectored(bufs),
+            SocketOut::Sse(sink) => sink.try_write_vectored(bufs),
         }
     }
 
@@ -56,6 +66,7 @@ impl SocketWrite for SocketOut {
         match self {
             SocketOut::Tcp(half) => half.writable().await,
             SocketOut::Tls(tls) => tls.writable().await,
+            SocketOut::Sse(sink) => sink.writable().await,
         }
     }
 
@@ -63,14 +74,19 @@ impl SocketWrite for SocketOut {
         match self {
             SocketOut::Tcp(half) => SocketWrite::shutdown_write(half),
             SocketOut::Tls(tls) => tls.shutdown_write(),
+            SocketOut::Sse(sink) => sink.shutdown_write(),
         }
     }
 
     fn has_backlog(&self) -> bool {
         match self {
-            SocketOut::Tcp(_) => false,
+            SocketOut::Tcp(_) | SocketOut::Sse(_) => false,
             SocketOut::Tls(tls) => tls.has_backlog(),
         }
+    }
+
+    fn batches(&self) -> bool {
+        !matches!(self, SocketOut::Sse(_))
     }
 }
 

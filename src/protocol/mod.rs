@@ -3,12 +3,14 @@
 //! No I/O happens here. `inbound` parses a client frame once, borrowing `content` and
 //! `payload` as raw JSON so they are never re-encoded; `outbound` builds each server
 //! frame once, already WebSocket-framed, as a shared `Bytes` every subscriber can write;
-//! `frame_scan` follows a stream of frames by their headers, for code that watches bytes.
+//! `frame_scan` follows a stream of frames by their headers, for code that watches bytes;
+//! `sse` writes frames as Server-Sent Events and keeps a stream's resumable position.
 
 pub mod board;
 pub mod frame_scan;
 pub mod inbound;
 pub mod outbound;
+pub mod sse;
 
 pub use inbound::{check_content, parse, ClientFrame};
 pub use outbound::Encoded;

@@ -267,16 +267,27 @@ pub fn offset_of(json: &[u8]) -> Option<u64> {
     std::str::from_utf8(number).ok()?.parse().ok()
 }
 
-/// `{"type":"history","roomId":R,"epoch":E,"messages":[M1,...]}`, with `"recovered":B`
-/// when the join asked to recover from a position.
-pub fn history(room: &str, epoch: &str, messages: &[Encoded], recovered: Option<bool>) -> Encoded {
+/// `{"type":"history","roomId":R,"epoch":E,"offset":O,"messages":[M1,...]}`, with
+/// `"recovered":B` when the join asked to recover from a position. `offset` (a durable
+/// room's only) is where the history ends: the room's last offset when it was read,
+/// after which live messages follow.
+pub fn history(
+    room: &str,
+    epoch: &str,
+    offset: Option<u64>,
+    messages: &[Encoded],
+    recovered: Option<bool>,
+) -> Encoded {
     let body: usize = messages.iter().map(|m| m.json().len() + 1).sum();
-    let mut b = Builder::with_capacity(80 + room.len() + epoch.len() + body);
+    let mut b = Builder::with_capacity(100 + room.len() + epoch.len() + body);
     b.raw(br#"{"type":"history","roomId":"#)
         .string(room)
         .raw(br#","epoch":"#)
-        .string(epoch)
-        .raw(br#","messages":"#)
+        .string(epoch);
+    if let Some(offset) = offset {
+        b.raw(br#","offset":"#).number(offset);
+    }
+    b.raw(br#","messages":"#)
         .list(messages.iter().map(Encoded::json))
         .end_recovered(recovered);
     b.finish()
@@ -452,10 +463,10 @@ mod tests {
         );
         assert_eq!(offset_of(durable.json()), Some(42));
         assert_eq!(offset_of(m.json()), None, "a plain frame has no offset");
-        let h = history("r", "e1", &[durable], Some(false));
+        let h = history("r", "e1", Some(42), &[durable], Some(false));
         assert_eq!(
             h.json(),
-            br#"{"type":"history","roomId":"r","epoch":"e1","messages":[{"type":"message","roomId":"r","content":{"offset":3},"timestamp":5,"offset":42}],"recovered":false}"#
+            br#"{"type":"history","roomId":"r","epoch":"e1","offset":42,"messages":[{"type":"message","roomId":"r","content":{"offset":3},"timestamp":5,"offset":42}],"recovered":false}"#
         );
     }
 

@@ -7,6 +7,7 @@
 pub mod boards;
 pub mod engines;
 pub mod process;
+pub mod sse;
 pub mod topologies;
 
 use std::collections::VecDeque;

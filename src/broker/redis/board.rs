@@ -251,6 +251,7 @@ pub(super) async fn read(
         return Ok(History {
             epoch,
             messages: items.iter().map(|f| Encoded::from_json(f)).collect(),
+            offset: last,
             recovered,
             board: None,
         });
@@ -258,6 +259,7 @@ pub(super) async fn read(
     Ok(History {
         epoch,
         messages: Vec::new(),
+        offset: last,
         recovered,
         board: Some(Snapshot {
             offset: last,

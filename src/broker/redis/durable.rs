@@ -110,18 +110,19 @@ end
 "#;
 
 /// KEYS: stream, position. ARGV: `last` or `since`, N or the offset, the epoch (for
-/// `since`), the cap. Returns {epoch, recovered ("" / "1" / "0"), {frames...}}. Reads
+/// `since`), the cap. Returns {epoch, recovered ("" / "1" / "0"), {frames...}, the last
+/// offset}. Reads
 /// only: a room without a stream has the epoch "" and no messages, and a `since` from
 /// epoch "" (the client saw the room before it had any) is served whole while there is
 /// still no stream.
 const HISTORY: &str = r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
-  if ARGV[1] == 'last' then return {'', '', {}} end
-  if ARGV[3] == '' then return {'', '1', {}} end
-  return {'', '0', {}}
+  if ARGV[1] == 'last' then return {'', '', {}, 0} end
+  if ARGV[3] == '' then return {'', '1', {}, 0} end
+  return {'', '0', {}, 0}
 end
-local last = tonumber(redis.call('HGET', KEYS[2], 'offset'))
+local last = tonumber(redis.call('HGET', KEYS[2], 'offset')) or 0
 local cap = tonumber(ARGV[4])
 local function latest(n)
   local out = {}
@@ -131,20 +132,20 @@ local function latest(n)
   return out
 end
 if ARGV[1] == 'last' then
-  return {epoch, '', latest(math.min(tonumber(ARGV[2]), cap))}
+  return {epoch, '', latest(math.min(tonumber(ARGV[2]), cap)), last}
 end
 local o = tonumber(ARGV[2])
 if ARGV[3] == epoch and o <= last then
-  if o == last then return {epoch, '1', {}} end
+  if o == last then return {epoch, '1', {}, last} end
   local first = (o + 1) .. '-1'
   local rows = redis.call('XRANGE', KEYS[1], first, '+')
   if #rows > 0 and rows[1][1] == first then
     local out = {}
     for i = 1, #rows do out[#out + 1] = rows[i][2][2] end
-    return {epoch, '1', out}
+    return {epoch, '1', out, last}
   end
 end
-return {epoch, '0', latest(cap)}
+return {epoch, '0', latest(cap), last}
 "#;
 
 /// The range read while a room's later messages wait. KEYS: stream, position. ARGV:
@@ -272,11 +273,12 @@ pub(super) async fn history(
         .arg(position)
         .arg(epoch)
         .arg(durability.history_size);
-    let (epoch, recovered, frames) =
-        read_script::<(String, String, Vec<Vec<u8>>)>(&mut conn, &cmd).await?;
+    let (epoch, recovered, frames, offset) =
+        read_script::<(String, String, Vec<Vec<u8>>, u64)>(&mut conn, &cmd).await?;
     Ok(History {
         epoch: Arc::from(epoch),
         messages: frames.iter().map(|f| Encoded::from_json(f)).collect(),
+        offset,
         recovered: recovered_flag(&recovered),
         board: None,
     })

@@ -5,6 +5,8 @@
 //! the root). After the handshake the TCP stream is taken back from hyper so volley's own
 //! writer can send shared, pre-encoded frames with vectored writes.
 //!
+//! `GET /sse` is a Server-Sent Events stream (`sse.rs`), admitted as a WebSocket is.
+//!
 //! Shutdown: refuse new WebSockets and answer `/readyz` 503, ask every socket to flush its
 //! pending window and close with 1001, wait for them up to the drain timeout, then stop
 //! accepting and let HTTP requests in flight finish.
@@ -37,6 +39,8 @@ use crate::outbox::CloseReason;
 use crate::throttle::LogThrottle;
 pub use crate::tls::TlsError;
 use crate::tls::{self, TlsAcceptor, TlsSocket, TlsStream};
+
+mod sse;
 
 /// Why a node could not start serving.
 #[derive(Debug, thiserror::Error)]
@@ -221,7 +225,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let for_service = shared.clone();
-    let service = service_fn(move |req| handle(for_service.clone(), peer, req));
+    // Cancelled by an SSE stream whose peer stopped taking its bytes: the connection is
+    // dropped, since hyper would wait on the full socket for ever.
+    let abort = CancellationToken::new();
+    let for_streams = abort.clone();
+    let service =
+        service_fn(move |req| handle(for_service.clone(), peer, for_streams.clone(), req));
     // The header timeout also bounds an idle keep-alive connection: hyper starts it
     // whenever it waits for the head of the next request.
     let conn = http1::Builder::new()
@@ -234,9 +243,13 @@ where
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        _ = abort.cancelled() => return,
         _ = shared.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                result = conn => result,
+                _ = abort.cancelled() => return,
+            }
         }
     };
     if let Err(e) = result {
@@ -247,6 +260,7 @@ where
 async fn handle(
     shared: Arc<Shared>,
     peer: IpAddr,
+    abort: CancellationToken,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     // Only a GET may become a WebSocket (RFC 6455 section 4.1); a POST with upgrade
@@ -254,51 +268,22 @@ async fn handle(
     if req.method() == hyper::Method::GET && fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Ok(upgrade(&shared, peer, req));
     }
+    if sse::wanted(&req) {
+        return Ok(sse::stream(&shared, peer, abort, &req));
+    }
     Ok(api::route(&shared.node, &shared.features.reports, req).await)
 }
 
 fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Response<Body> {
+    let Admitted {
+        credentials,
+        per_ip,
+        outbox,
+    } = match admit(shared, peer, &req, "WebSocket") {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
     let config = shared.node.config();
-    if shared.node.is_draining() {
-        return api::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "this node is shutting down: connect to another one",
-        );
-    }
-    if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
-        if !origin_allowed(&config.server.allowed_origins, origin.as_bytes()) {
-            tracing::debug!(origin = %String::from_utf8_lossy(origin.as_bytes()), "refusing a WebSocket from an origin not in server.allowed_origins");
-            return api::error(
-                StatusCode::FORBIDDEN,
-                "forbidden_origin",
-                "this page's origin is not in server.allowed_origins",
-            );
-        }
-    }
-    let Ok(credentials) = upgrade_credentials(&shared.node, &req) else {
-        return api::error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the upgrade's Authorization: apikey is not this node's api.key (or api.key is not set)",
-        );
-    };
-    let Some(per_ip) = PerIp::take(&shared.per_ip, peer, config.limits.max_connections_per_ip)
-    else {
-        return api::error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_connections_from_ip",
-            "this address holds limits.max_connections_per_ip WebSockets on this node already",
-        );
-    };
-    let Some(outbox) = shared.node.open_socket() else {
-        tracing::warn!("refusing a WebSocket: limits.max_connections reached");
-        return api::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "this node is at limits.max_connections",
-        );
-    };
     let deflate = config.compression.enabled && offers_deflate(&req);
     let (mut response, upgrading) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -337,6 +322,71 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
         connection::serve(node, outbox, transport, early, credentials, deflate).await
     });
     response.map(|_| Body::default())
+}
+
+/// A connection the node takes: its credentials, its place in its address's count, and
+/// its outbox.
+struct Admitted {
+    credentials: connection::UpgradeAuth,
+    per_ip: PerIp,
+    outbox: Arc<crate::outbox::Outbox>,
+}
+
+/// What every connection (a WebSocket, an SSE stream) passes before it is served: the
+/// node not draining, its page's origin allowed, its API key right, room under the
+/// per-address and node limits. `kind` names it in the refusals.
+fn admit(
+    shared: &Shared,
+    peer: IpAddr,
+    req: &Request<Incoming>,
+    kind: &str,
+) -> Result<Admitted, Response<Body>> {
+    let config = shared.node.config();
+    if shared.node.is_draining() {
+        return Err(api::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this node is shutting down: connect to another one",
+        ));
+    }
+    if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
+        if !origin_allowed(&config.server.allowed_origins, origin.as_bytes()) {
+            tracing::debug!(origin = %String::from_utf8_lossy(origin.as_bytes()), "refusing a {kind} from an origin not in server.allowed_origins");
+            return Err(api::error(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                "this page's origin is not in server.allowed_origins",
+            ));
+        }
+    }
+    let Ok(credentials) = upgrade_credentials(&shared.node, req) else {
+        return Err(api::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the request's Authorization: apikey is not this node's api.key (or api.key is not set)",
+        ));
+    };
+    let Some(per_ip) = PerIp::take(&shared.per_ip, peer, config.limits.max_connections_per_ip)
+    else {
+        return Err(api::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections_from_ip",
+            &format!("this address holds limits.max_connections_per_ip connections on this node already (this one: a {kind})"),
+        ));
+    };
+    let Some(outbox) = shared.node.open_socket() else {
+        tracing::warn!("refusing a {kind}: limits.max_connections reached");
+        return Err(api::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "this node is at limits.max_connections",
+        ));
+    };
+    Ok(Admitted {
+        credentials,
+        per_ip,
+        outbox,
+    })
 }
 
 /// The config as the node runs it (with the demo's rooms under `--demo`), checked, and
