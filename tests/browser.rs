@@ -756,3 +756,72 @@ async fn volley_js_recovers_across_a_redis_restart_and_a_node_restart() {
     drop(again);
     browser.assert_no_page_errors();
 }
+
+#[tokio::test]
+async fn an_event_source_resumes_across_its_nodes_restart_with_nothing_missed_or_twice() {
+    let redis = RedisServer::start().await;
+    let page_node = start_on_redis(&redis, "page", durable_rooms).await;
+    let addr = page_node.local_addr();
+    let other = start_on_redis(&redis, "other", durable_rooms).await;
+    let publish = |n: u64| {
+        let other = other.local_addr();
+        async move {
+            let body = json!({"roomId":"scores:final","content":{"goal":n}});
+            assert_eq!(api_publish(other, &body).await.0, 200);
+        }
+    };
+    let mut browser = Browser::launch().await;
+    let tab = page_with(&mut browser, addr, "<p>watching</p>").await;
+    // The browser's own EventSource: every goal it is given (by offset, from messages,
+    // batches and histories), and how often it opened.
+    browser
+        .eval(
+            &tab,
+            "window.goals = []; window.opens = 0; window.joined = 0; window.unrecovered = 0; \
+             const es = new EventSource('/sse?rooms=scores:final'); \
+             es.onopen = () => opens++; \
+             es.addEventListener('user_joined', () => joined++); \
+             const take = m => { if (m.type === 'message') goals.push(m.offset); }; \
+             es.onmessage = e => take(JSON.parse(e.data)); \
+             es.addEventListener('batch', e => JSON.parse(e.data).messages.forEach(take)); \
+             es.addEventListener('history', e => { const h = JSON.parse(e.data); \
+               if (h.recovered === false) unrecovered++; h.messages.forEach(take); }); true",
+        )
+        .await;
+    // Joined (the node's subscription confirmed), so nothing published from here is
+    // missed.
+    browser.wait_for(&tab, "joined === 1").await;
+    for n in 1..=5 {
+        publish(n).await;
+    }
+    browser.wait_for(&tab, "goals.length === 5").await;
+    // The page's node restarts; five goals come meanwhile on the other node.
+    let report = page_node.shutdown().await;
+    assert!(
+        report.drained,
+        "the stream ended with the drain: {report:?}"
+    );
+    for n in 6..=10 {
+        publish(n).await;
+    }
+    let again = start_on_redis(&redis, "page", move |c| {
+        durable_rooms(c);
+        c.server.listen = addr;
+    })
+    .await;
+    // The browser reconnects by itself with Last-Event-ID: the missed goals, once each.
+    browser
+        .wait_for(&tab, "opens === 2 && joined === 2 && goals.length >= 10")
+        .await;
+    for n in 11..=12 {
+        publish(n).await;
+    }
+    browser.wait_for(&tab, "goals.length >= 12").await;
+    assert_eq!(
+        browser.eval(&tab, "goals").await,
+        json!((1..=12).collect::<Vec<u64>>())
+    );
+    assert_eq!(browser.eval(&tab, "unrecovered").await, json!(0));
+    drop(again);
+    browser.assert_no_page_errors();
+}

@@ -281,7 +281,7 @@ fn upgrade(shared: &Arc<Shared>, peer: IpAddr, mut req: Request<Incoming>) -> Re
         outbox,
     } = match admit(shared, peer, &req, "WebSocket") {
         Ok(admitted) => admitted,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let config = shared.node.config();
     let deflate = config.compression.enabled && offers_deflate(&req);
@@ -340,47 +340,47 @@ fn admit(
     peer: IpAddr,
     req: &Request<Incoming>,
     kind: &str,
-) -> Result<Admitted, Response<Body>> {
+) -> Result<Admitted, Box<Response<Body>>> {
     let config = shared.node.config();
     if shared.node.is_draining() {
-        return Err(api::error(
+        return Err(Box::new(api::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "this node is shutting down: connect to another one",
-        ));
+        )));
     }
     if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
         if !origin_allowed(&config.server.allowed_origins, origin.as_bytes()) {
             tracing::debug!(origin = %String::from_utf8_lossy(origin.as_bytes()), "refusing a {kind} from an origin not in server.allowed_origins");
-            return Err(api::error(
+            return Err(Box::new(api::error(
                 StatusCode::FORBIDDEN,
                 "forbidden_origin",
                 "this page's origin is not in server.allowed_origins",
-            ));
+            )));
         }
     }
     let Ok(credentials) = upgrade_credentials(&shared.node, req) else {
-        return Err(api::error(
+        return Err(Box::new(api::error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "the request's Authorization: apikey is not this node's api.key (or api.key is not set)",
-        ));
+        )));
     };
     let Some(per_ip) = PerIp::take(&shared.per_ip, peer, config.limits.max_connections_per_ip)
     else {
-        return Err(api::error(
+        return Err(Box::new(api::error(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_connections_from_ip",
             &format!("this address holds limits.max_connections_per_ip connections on this node already (this one: a {kind})"),
-        ));
+        )));
     };
     let Some(outbox) = shared.node.open_socket() else {
         tracing::warn!("refusing a {kind}: limits.max_connections reached");
-        return Err(api::error(
+        return Err(Box::new(api::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             "this node is at limits.max_connections",
-        ));
+        )));
     };
     Ok(Admitted {
         credentials,

@@ -40,7 +40,7 @@ pub(super) fn stream(
         outbox,
     } = match admit(shared, peer, req, "SSE stream") {
         Ok(admitted) => admitted,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let node = shared.node.clone();
     let opened = match sse::open(&node, &outbox, credentials, request) {
