@@ -24,6 +24,15 @@ use crate::plan::Plan;
 use crate::scan::{self, Scanner};
 use crate::wire::{Tap, Wire};
 
+/// How subscribers are served.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum Transport {
+    /// WebSockets.
+    Ws,
+    /// Server-Sent Events (`GET /sse`) on the URL's host and port.
+    Sse,
+}
+
 /// How publishers publish.
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 pub enum Via {
@@ -101,7 +110,7 @@ where
 }
 
 /// A node URL's host and port.
-fn host_port(url: &str) -> Result<(String, u16), BenchError> {
+pub fn host_port(url: &str) -> Result<(String, u16), BenchError> {
     let bad = |reason: String| BenchError::Url {
         url: url.to_string(),
         reason,
@@ -111,7 +120,7 @@ fn host_port(url: &str) -> Result<(String, u16), BenchError> {
     Ok((host.to_string(), uri.port_u16().unwrap_or(80)))
 }
 
-async fn tcp(url: &str) -> Result<TcpStream, BenchError> {
+pub async fn tcp(url: &str) -> Result<TcpStream, BenchError> {
     let (host, port) = host_port(url)?;
     let stream = TcpStream::connect((host.as_str(), port))
         .await
@@ -239,38 +248,62 @@ pub async fn subscriber(
     join(&mut ws, &tap, &rooms, board, &run.snapshots).await?;
     let _ = ready.send(()).await;
 
-    let scanner = Scanner::new();
-    let counter = Counter::new();
-    let mut result = SubscriberResult {
-        latency: Histogram::new_with_bounds(1, 120_000_000, 3).ok(),
-        ..SubscriberResult::default()
-    };
-    let mut last_seq: HashMap<(u32, u32), u64> = HashMap::new();
+    let mut tally = Tally::new(board);
     loop {
         let frame = tokio::select! {
             frame = ws.read_frame() => frame?,
-            _ = stop.cancelled() => return Ok(result),
+            _ = stop.cancelled() => return Ok(tally.result),
         };
         if frame.opcode == OpCode::Close {
             return Err(BenchError::Closed);
         }
-        let Some(text) = tap.text(&frame) else {
-            continue;
-        };
+        if let Some(text) = tap.text(&frame) {
+            tally.take(&text, &run);
+        }
+    }
+}
+
+/// What one subscriber counts, from each frame's (or SSE event's) text as it arrives.
+pub struct Tally {
+    scanner: Scanner,
+    counter: Counter,
+    board: Option<Board>,
+    pub result: SubscriberResult,
+    last_seq: HashMap<(u32, u32), u64>,
+}
+
+impl Tally {
+    pub fn new(board: Option<Board>) -> Tally {
+        Tally {
+            scanner: Scanner::new(),
+            counter: Counter::new(),
+            board,
+            result: SubscriberResult {
+                latency: Histogram::new_with_bounds(1, 120_000_000, 3).ok(),
+                ..SubscriberResult::default()
+            },
+            last_seq: HashMap::new(),
+        }
+    }
+
+    /// Counts the messages in one frame's text that were sent in the measured seconds.
+    pub fn take(&mut self, text: &[u8], run: &Run) {
         let arrived = now_us();
         let mut counted_frame = false;
-        if board.is_some() && run.counts(arrived) {
+        let result = &mut self.result;
+        if self.board.is_some() && run.counts(arrived) {
             // A delta has no content to scan: board messages count by their offset.
-            let n = counter.count(&text);
+            let n = self.counter.count(text);
             result.delivered += n;
             counted_frame = n > 0;
         }
-        scanner.scan(&text, |m| {
+        let (board, last_seq) = (self.board.is_some(), &mut self.last_seq);
+        self.scanner.scan(text, |m| {
             if !run.counts(m.sent_us) {
                 return;
             }
             counted_frame = true;
-            if board.is_none() {
+            if !board {
                 result.delivered += 1;
             }
             if let Some(h) = result.latency.as_mut() {

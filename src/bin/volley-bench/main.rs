@@ -16,6 +16,7 @@
 //! | `measure.rs` | warm-up, measured seconds, drain; the servers' CPU and Redis counters |
 //! | `report.rs` | the typed report, as a table or one JSON line |
 //! | `scan.rs` | the fixed-shape message content, written and scanned |
+//! | `sse.rs` | subscribers over Server-Sent Events (`--transport sse`) |
 //! | `storm.rs` | a reconnect storm during the measured seconds (`--storm`) |
 //! | `board.rs` | board mode (`--board N`): quotes to a state room, snapshots timed, deltas |
 //! | `wire.rs` | bytes on the wire, and permessage-deflate for subscribers (`--deflate`) |
@@ -28,6 +29,7 @@ mod measure;
 mod plan;
 mod report;
 mod scan;
+mod sse;
 mod storm;
 mod wire;
 
@@ -35,7 +37,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use clients::Via;
+use clients::{Transport, Via};
 use plan::{Plan, Scenario};
 
 /// volley-bench: end-to-end load for volley nodes.
@@ -123,6 +125,10 @@ pub struct Args {
     /// With --board: subscribers join with `"delta":"fossil"`.
     #[arg(long)]
     delta: bool,
+    /// How subscribers are served: WebSockets, or Server-Sent Events (`GET /sse` on
+    /// each URL's host and port; publishers stay on sockets or the API).
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -131,6 +137,10 @@ pub struct Args {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.transport == Transport::Sse && (args.deflate || args.delta || args.storm > 0) {
+        eprintln!("volley-bench: --transport sse takes no --deflate, --delta or --storm");
+        std::process::exit(2);
+    }
     if args.via == Via::Api && args.api_key.is_empty() {
         eprintln!("volley-bench: --via api needs --api-key (the nodes' api.key)");
         std::process::exit(2);

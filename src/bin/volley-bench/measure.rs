@@ -16,10 +16,11 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::{now_us, publisher, subscriber, Publisher, Run};
+use crate::clients::{now_us, publisher, subscriber, Publisher, Run, Transport};
 use crate::error::BenchError;
 use crate::plan::{node_of, Plan};
 use crate::report::{Latency, Report, SnapshotReport, StormReport};
+use crate::sse;
 use crate::storm;
 use crate::Args;
 
@@ -126,15 +127,21 @@ async fn connect(
             .into_iter()
             .map(|r| rooms[r].clone())
             .collect();
-        subscribers.spawn(subscriber(
-            url,
-            my_rooms,
-            run.clone(),
-            ready_tx.clone(),
-            stop.clone(),
-            args.deflate,
-            plan.board,
-        ));
+        let (run, ready, stop) = (run.clone(), ready_tx.clone(), stop.clone());
+        match args.transport {
+            Transport::Ws => subscribers.spawn(subscriber(
+                url,
+                my_rooms,
+                run,
+                ready,
+                stop,
+                args.deflate,
+                plan.board,
+            )),
+            Transport::Sse => {
+                subscribers.spawn(sse::subscriber(url, my_rooms, run, ready, stop, plan.board))
+            }
+        };
         if s % 100 == 99 {
             // Let the accept queue breathe while thousands of sockets connect.
             tokio::task::yield_now().await;
