@@ -1,4 +1,5 @@
-//! Background features: the node reporter, the demo feed, and boards' entry expiry. The server starts them once the node exists and
+//! Background features: the node reporter, the demo feed, boards' entry expiry, and
+//! webhooks. The server starts them once the node exists and
 //! stops them first on shutdown, under one cancellation token and task tracker, so none
 //! publishes while sockets drain or the broker flushes. The node itself starts only what
 //! a node is: its delivery clock.
@@ -11,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::node::Node;
 use crate::reports::{self, NodeReports};
-use crate::{boards, demo};
+use crate::{boards, demo, webhooks};
 
 pub struct Features {
     stop: CancellationToken,
@@ -29,6 +30,9 @@ impl Features {
         tasks.spawn(reports::run(node.clone(), reports.clone(), stop.clone()));
         if boards::needed(node) {
             tasks.spawn(boards::run(node.clone(), stop.clone()));
+        }
+        if webhooks::needed(node) {
+            tasks.spawn(webhooks::run(node.clone(), stop.clone()));
         }
         if config.demo.enabled {
             tasks.spawn(demo::run(node.clone(), config.demo.clone(), stop.clone()));

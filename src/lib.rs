@@ -42,6 +42,7 @@
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |
 //! | `reports` | feature: per-node reports, kept by the broker (`metrics:<serverId>` on Redis), read by `/api/cluster` |
 //! | `boards` | feature: state rooms' entries past their TTL leave quiet boards on time |
+//! | `webhooks` | feature: rooms occupied and vacated, users online and offline, POSTed once per deployment (the broker's ledger decides) |
 //! | `demo` | feature: the built-in feed, simulated matches and a ticker (`--demo`) |
 //! | `features` | starts the features for the server, stops them first on shutdown |
 //! | `web` | the demo page and the dashboard, embedded in the binary (uPlot vendored) |
@@ -82,6 +83,7 @@ mod reports;
 mod throttle;
 mod tls;
 mod web;
+mod webhooks;
 
 pub use config::Config;
 pub use node::Node;

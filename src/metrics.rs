@@ -161,6 +161,51 @@ pub struct Stats {
     pub pipeline_commands: Histogram,
     /// Per pipeline: from its oldest message's enqueue to Redis's reply (µs).
     pub publish_latency: Histogram,
+    /// The webhooks feature's figures.
+    pub webhooks: WebhookStats,
+}
+
+/// What the webhooks feature decided, sent, failed and dropped.
+#[derive(Default)]
+pub struct WebhookStats {
+    pub events: AtomicU64,
+    pub sent: AtomicU64,
+    pub failed_posts: AtomicU64,
+    pub dropped: AtomicU64,
+    pub queued: AtomicU64,
+}
+
+impl WebhookStats {
+    fn counters(&self) -> [Counter; 5] {
+        let get = |a: &AtomicU64| a.load(Relaxed);
+        [
+            Counter::count(
+                "webhook_events",
+                "Webhook events this node decided (the deployment's first or last holder of a room or user), queued to send.",
+                get(&self.events),
+            ),
+            Counter::count(
+                "webhook_sent",
+                "Webhook events the receiver accepted (a 2xx answer to their POST).",
+                get(&self.sent),
+            ),
+            Counter::count(
+                "webhook_failed_posts",
+                "Webhook POSTs that failed (no connection, no answer within webhooks.timeout_ms, or not 2xx); their events are retried.",
+                get(&self.failed_posts),
+            ),
+            Counter::count(
+                "webhook_dropped",
+                "Webhook events dropped because webhooks.queue_size were waiting already.",
+                get(&self.dropped),
+            ),
+            Counter::level(
+                "webhook_queued",
+                "Webhook events waiting to be sent.",
+                get(&self.queued),
+            ),
+        ]
+    }
 }
 
 impl Default for Stats {
@@ -179,6 +224,7 @@ impl Default for Stats {
             delivery_latency: Histogram::new(LATENCY_US),
             pipeline_commands: Histogram::new(PIPELINE_COMMANDS),
             publish_latency: Histogram::new(LATENCY_US),
+            webhooks: WebhookStats::default(),
         }
     }
 }
@@ -286,7 +332,7 @@ impl Stats {
         gauge(
             &mut out,
             "volley_connections",
-            "Open WebSocket connections.",
+            "Open connections: WebSockets and SSE streams.",
             &format!(" {}", s.connections),
         );
         gauge(
@@ -345,7 +391,7 @@ impl Stats {
             "code",
             ErrorCode::ALL.map(|c| (c.as_str(), self.errors[c as usize].load(Relaxed))),
         );
-        for c in broker_counters {
+        for c in broker_counters.iter().chain(&self.webhooks.counters()) {
             match c.kind {
                 CounterKind::Level => {
                     let metric = format!("volley_{}", c.name);

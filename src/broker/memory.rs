@@ -22,7 +22,7 @@ use parking_lot::{Mutex, RwLock};
 use super::ring::Ring;
 use super::{
     BoxFuture, Broker, BrokerState, Envelope, EnvelopeSink, Health, History, HistoryFuture, Kind,
-    OnlineUsers, Presence, PresenceError, PresenceEvent, PublishError, Reports, Target,
+    Ledger, OnlineUsers, Presence, PresenceError, PresenceEvent, PublishError, Reports, Target,
     UserPresence,
 };
 use crate::config::Durability;
@@ -177,6 +177,8 @@ impl Health for MemoryBroker {
 
 /// Reports of nodes on one bus are not shared: each node shows itself.
 impl Reports for MemoryBroker {}
+
+impl Ledger for MemoryBroker {}
 
 impl Broker for MemoryBroker {
     fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, _stats: Arc<Stats>) {

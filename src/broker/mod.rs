@@ -10,6 +10,7 @@
 //! | `presence.rs` | `Presence`: who is online anywhere |
 //! | `health.rs` | `Health`: state for `/readyz`, the engine's own counters, described by it |
 //! | `reports.rs` | `Reports`: where node reports are kept for `/api/cluster` |
+//! | `ledger.rs` | `Ledger`: which nodes hold which rooms and users (webhook events, once per deployment) |
 //! | `memory.rs`, `ring.rs` | the embedded engine (the default): an in-process bus, durable rooms in rings (a state room's board beside its ring) |
 //! | `redis/` | the Redis engine on one Redis server (`redis.url`) |
 //! | `routed/` | several Redis engines behind one route: shards, Sentinel, Redis Cluster |
@@ -18,6 +19,7 @@
 //! does it on its own tasks, so a publish never waits on I/O in the caller.
 
 mod health;
+mod ledger;
 pub mod memory;
 mod presence;
 pub mod redis;
@@ -38,6 +40,7 @@ use crate::protocol::Encoded;
 
 pub use self::redis::{RedisBroker, RedisStartError};
 pub use health::{add_counters, BrokerState, Counter, CounterKind, Health};
+pub use ledger::{Ledger, LedgerError, Reaped, Subject};
 pub use memory::{MemoryBroker, MemoryBus};
 pub use presence::{OnlineUsers, Presence, PresenceError, PresenceEvent, UserPresence};
 pub use reports::{ReportError, Reports, StoredReport};
@@ -240,7 +243,7 @@ pub type HistoryFuture<'a> = BoxFuture<'a, Result<History, HistoryError>>;
 
 /// The transport side of the broker seam, with the engine's presence, health and
 /// reports beside it (one engine is all four).
-pub trait Broker: Presence + Health + Reports {
+pub trait Broker: Presence + Health + Reports + Ledger {
     /// Connects the node that receives this broker's inbound envelopes, and the node's
     /// stats the engine records into (pipeline sizes, publish latency). Called once.
     fn attach(&self, node_id: Arc<str>, sink: Weak<dyn EnvelopeSink>, stats: Arc<Stats>);

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// The sections of the file; `VOLLEY_<SECTION>_<KEY>` maps to `section.key`.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "server",
     "batch",
     "limits",
@@ -31,6 +31,7 @@ const SECTIONS: [&str; 11] = [
     "demo",
     "tls",
     "compression",
+    "webhooks",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -47,6 +48,7 @@ pub struct Config {
     pub demo: DemoConfig,
     pub tls: TlsConfig,
     pub compression: CompressionConfig,
+    pub webhooks: WebhooksConfig,
     /// Room classes, `[[rooms]]` in the file: the first whose `match` glob matches a room
     /// id gives that room its options; rooms matching none are plain.
     pub rooms: Vec<RoomClass>,
@@ -58,9 +60,11 @@ mod rooms;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod webhooks;
 
 pub use load::Overrides;
 pub use rooms::{BoardLimits, Durability, RoomClass, RoomClasses, DELTA_FOSSIL, MAX_PACES};
+pub use webhooks::{WebhooksConfig, WEBHOOK_EVENTS};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

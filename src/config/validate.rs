@@ -72,6 +72,7 @@ impl Config {
         self.redis.validate()?;
         self.metrics.validate()?;
         self.demo.validate()?;
+        self.webhooks.validate()?;
         if self.limits.max_outbox_bytes < self.limits.max_frame_bytes + 1024 {
             return invalid(
                 "limits.max_outbox_bytes",

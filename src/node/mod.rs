@@ -17,7 +17,7 @@ use crate::auth::Authenticator;
 use crate::batch::{DeliveryPolicy, Pace};
 use crate::broker::{
     Broker, BrokerState, Envelope, EnvelopeSink, Kind, Outcome, PresenceError, PresenceEvent,
-    PublishError, Target, UserPresence,
+    PublishError, Subject, Target, UserPresence,
 };
 use crate::config::{Config, RoomClasses};
 use crate::hub::{Hub, Joined, Left};
@@ -32,6 +32,7 @@ use crate::protocol::outbound::{self, Membership};
 use crate::protocol::{board, now_ms, Encoded};
 use crate::throttle::LogThrottle;
 
+mod holdings;
 mod replay;
 mod state;
 
@@ -62,6 +63,8 @@ pub struct Node {
     online: OnlineListing,
     /// Boards' snapshot reads, shared by the joiners that wait for one.
     snapshots: SnapshotReads,
+    /// The rooms and users this node holds, for the webhooks feature.
+    holdings: holdings::Holdings,
 }
 
 /// What `/healthz` reports.
@@ -134,6 +137,7 @@ impl Node {
                 auth,
                 online: OnlineListing::new(config.presence.max_list),
                 snapshots: SnapshotReads::default(),
+                holdings: Default::default(),
                 config,
                 id,
                 hub,
@@ -157,7 +161,7 @@ impl Node {
         &self.id
     }
 
-    pub fn stats(&self) -> &Stats {
+    pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
     }
 
@@ -196,7 +200,7 @@ impl Node {
     pub fn join(self: &Arc<Self>, outbox: &Arc<Outbox>, room: &str, delta: bool) {
         let joined = self
             .hub
-            .join(room, outbox, delta, |name| self.broker.subscribe(name));
+            .join(room, outbox, delta, |name| self.room_held(name));
         if let Joined::New { .. } = joined {
             self.stats.joined();
             self.answer_join(outbox, room);
@@ -224,11 +228,26 @@ impl Node {
         });
     }
 
+    /// A room's first local member: the broker subscribes it.
+    fn room_held(&self, room: &Arc<str>) {
+        self.broker.subscribe(room);
+        self.holdings.set(|| Subject::Room(room.clone()), true);
+    }
+
+    /// A room's last local member left: the broker unsubscribes it.
+    fn room_released(&self, room: &str) {
+        self.broker.unsubscribe(room);
+        self.holdings.set(|| Subject::Room(room.into()), false);
+    }
+
+    /// The rooms and users this node holds (a feature follows them).
+    pub fn holdings(&self) -> &holdings::Holdings {
+        &self.holdings
+    }
+
     /// Takes a socket out of a room and tells the others left in it (`user_left`).
     pub fn leave(&self, id: ConnId, room: &str) {
-        let left = self
-            .hub
-            .leave(room, id, |name| self.broker.unsubscribe(name));
+        let left = self.hub.leave(room, id, |name| self.room_released(name));
         if let Left::Gone { members, .. } = left {
             self.stats.left();
             self.notify_room(room, Membership::Left, members + 1);
@@ -317,14 +336,18 @@ impl Node {
     /// A socket identified as `user`: its user's first socket here puts the user online
     /// on this node and subscribes their direct messages.
     pub(crate) fn identify(&self, outbox: &Arc<Outbox>, user: &Arc<str>) {
-        self.hub
-            .add_user(user, outbox, |user| self.broker.user_online(user));
+        self.hub.add_user(user, outbox, |user| {
+            self.broker.user_online(user);
+            self.holdings.set(|| Subject::User(user.clone()), true);
+        });
     }
 
     /// A socket of `user` closed; the user's last one here takes them offline here.
     pub(crate) fn forget_user(&self, user: &Arc<str>, id: ConnId) {
-        self.hub
-            .remove_user(user, id, |user| self.broker.user_offline(user));
+        self.hub.remove_user(user, id, |user| {
+            self.broker.user_offline(user);
+            self.holdings.set(|| Subject::User(user.clone()), false);
+        });
     }
 
     /// Starts or stops presence events for a socket.

@@ -46,7 +46,7 @@ impl Node {
     ) {
         let Some(ticket) = self
             .hub
-            .join_replaying(room, outbox, delta, |name| self.broker.subscribe(name))
+            .join_replaying(room, outbox, delta, |name| self.room_held(name))
         else {
             return;
         };

@@ -41,6 +41,9 @@ pub struct Keys {
     pub metrics: String,
     /// Set of the ids of nodes that write cluster reports.
     pub nodes: String,
+    ledger_prefix: String,
+    /// The ledger's node liveness (sorted set, scored by when each node expires).
+    pub ledger_nodes: String,
 }
 
 impl Keys {
@@ -64,6 +67,8 @@ impl Keys {
             metrics_prefix: format!("{prefix}metrics:"),
             stream_prefix: format!("{prefix}stream:"),
             nodes: format!("{prefix}volley:nodes"),
+            ledger_prefix: format!("{prefix}volley:ledger:"),
+            ledger_nodes: format!("{prefix}volley:ledger:nodes"),
         }
     }
 
@@ -90,6 +95,8 @@ impl Keys {
             metrics_prefix: format!("{home}metrics:"),
             stream_prefix: format!("{prefix}stream:{{"),
             nodes: format!("{home}volley:nodes"),
+            ledger_prefix: format!("{home}volley:ledger:"),
+            ledger_nodes: format!("{home}volley:ledger:nodes"),
         }
     }
 
@@ -112,6 +119,17 @@ impl Keys {
     /// read by the node that announces them gone when the node dies.
     pub fn presence_node(&self, node: &str) -> String {
         format!("{}{node}", self.presence_node_prefix)
+    }
+
+    /// The ledger's set of the nodes that hold a subject (`room:R`, `user:U`; `""`: the
+    /// prefix).
+    pub fn ledger(&self, subject: &str) -> String {
+        format!("{}{subject}", self.ledger_prefix)
+    }
+
+    /// The ledger's set of what a node holds (`""`: the prefix).
+    pub fn ledger_node(&self, node: &str) -> String {
+        format!("{}node:{node}", self.ledger_prefix)
     }
 
     /// A user's direct-message channel.

@@ -38,6 +38,7 @@ mod envelope;
 mod handback;
 mod inbound;
 mod keys;
+mod ledger;
 mod presence;
 mod publisher;
 mod queue;

@@ -1,12 +1,14 @@
-//! The presence and report sides of an engine set: a user's engine by the route, the
-//! listing from the engines that together list everyone, reports on the home engine.
+//! The presence, report and ledger sides of an engine set: a user's engine by the
+//! route, the listing from the engines that together list everyone, reports and the
+//! ledger on the home engine.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{EngineSet, Route, Topology};
 use crate::broker::{
-    BoxFuture, OnlineUsers, Presence, PresenceError, RedisBroker, ReportError, Reports,
-    StoredReport, UserPresence,
+    BoxFuture, Ledger, LedgerError, OnlineUsers, Presence, PresenceError, Reaped, RedisBroker,
+    ReportError, Reports, StoredReport, Subject, UserPresence,
 };
 
 impl<T: Topology> Presence for EngineSet<T> {
@@ -94,7 +96,30 @@ impl<T: Topology> Reports for EngineSet<T> {
     }
 }
 
+/// The ledger is kept on the home engine's server too.
+impl<T: Topology> Ledger for EngineSet<T> {
+    fn hold<'a>(&'a self, subject: &'a Subject) -> BoxFuture<'a, Result<bool, LedgerError>> {
+        let home = self.ledger_home();
+        Box::pin(async move { home?.hold(subject).await })
+    }
+
+    fn release<'a>(&'a self, subject: &'a Subject) -> BoxFuture<'a, Result<bool, LedgerError>> {
+        let home = self.ledger_home();
+        Box::pin(async move { home?.release(subject).await })
+    }
+
+    fn reap(&self, ttl: Duration) -> BoxFuture<'_, Result<Reaped, LedgerError>> {
+        let home = self.ledger_home();
+        Box::pin(async move { home?.reap(ttl).await })
+    }
+}
+
 impl<T: Topology> EngineSet<T> {
+    fn ledger_home(&self) -> Result<Arc<RedisBroker>, LedgerError> {
+        self.report_home()
+            .map_err(|_| LedgerError::Unavailable(T::UNSERVED.into()))
+    }
+
     /// The engine that keeps the reports, if anything serves the home yet.
     fn report_home(&self) -> Result<Arc<RedisBroker>, ReportError> {
         self.layout()
