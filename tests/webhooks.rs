@@ -300,3 +300,40 @@ async fn events_wait_for_a_receiver_that_is_down_and_arrive_once_each() {
     });
     assert!(by_id.values().all(|n| *n == 1));
 }
+
+#[tokio::test]
+async fn a_redis_restart_or_stall_announces_nothing_false_and_loses_nothing() {
+    let mut receiver = Receiver::start(0).await;
+    let mut redis = RedisServer::start().await;
+    // The production liveness (15 s): a 7 s stall must not make nodes look dead.
+    let node = start_on_redis(&redis, "a", |c| {
+        hooks(receiver.url())(c);
+        c.webhooks.node_timeout_ms = 15_000;
+    })
+    .await;
+    let addr = node.local_addr();
+    let held = as_user(addr, "dan", "derby").await;
+    assert_eq!(
+        named(&receiver.events(2).await),
+        [pair("room_occupied", "derby"), pair("user_online", "dan")]
+    );
+    // Redis restarts empty: the node holds its room and user again, silently.
+    redis.restart().await;
+    wait_status(addr, "/readyz", 200).await;
+    receiver.nothing_more(Duration::from_millis(2500)).await;
+    // Redis sleeps 7 s; a room joined meanwhile is announced once Redis is back.
+    let stall = redis.stall(7).await;
+    let mut late = Client::connect(addr).await;
+    late.send(json!({"type":"join","roomId":"replay"})).await;
+    let events = receiver.events(1).await;
+    assert!(stall.is_finished(), "announced while Redis slept");
+    assert_eq!(named(&events), [pair("room_occupied", "replay")]);
+    receiver.nothing_more(Duration::from_millis(2000)).await;
+    // The first room still vacates, once, when its last socket goes.
+    drop(held);
+    assert_eq!(
+        named(&receiver.events(2).await),
+        [pair("room_vacated", "derby"), pair("user_offline", "dan")]
+    );
+    drop(late);
+}

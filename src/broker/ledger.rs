@@ -74,7 +74,21 @@ pub trait Ledger: Send + Sync {
 pub struct Reaped {
     /// What dead nodes held that no node holds now.
     pub gone: Vec<Subject>,
-    /// This node's own entry had been taken over (Redis was out of its reach for longer
-    /// than the liveness lasts): what it holds must be told again.
-    pub lost_own: bool,
+    /// What became of this node's own entry since its last renewal.
+    pub own: Own,
+}
+
+/// This node's entry in the ledger, as a renewal found it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Own {
+    /// There, as the node left it.
+    #[default]
+    Kept,
+    /// Taken over by another node, which announced what it held as gone (Redis was out
+    /// of this node's reach for longer than its liveness): what it still holds must be
+    /// held, and announced, anew.
+    TakenOver,
+    /// Not there (the node's first renewal, or Redis lost its data): what it holds must
+    /// be held anew, silently: nobody announced it gone.
+    Missing,
 }

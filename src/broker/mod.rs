@@ -40,7 +40,7 @@ use crate::protocol::Encoded;
 
 pub use self::redis::{RedisBroker, RedisStartError};
 pub use health::{add_counters, BrokerState, Counter, CounterKind, Health};
-pub use ledger::{Ledger, LedgerError, Reaped, Subject};
+pub use ledger::{Ledger, LedgerError, Own, Reaped, Subject};
 pub use memory::{MemoryBroker, MemoryBus};
 pub use presence::{OnlineUsers, Presence, PresenceError, PresenceEvent, UserPresence};
 pub use reports::{ReportError, Reports, StoredReport};

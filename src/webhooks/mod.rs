@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, Subject};
+use crate::broker::{Broker, Own, Subject};
 use crate::config::WebhooksConfig;
 use crate::node::Node;
 use sender::{Event, Queue};
@@ -55,6 +55,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
         ids: Ids::new(node.id()),
         told: HashMap::new(),
         waiting: HashMap::new(),
+        silent: Default::default(),
         queue,
         config,
     };
@@ -77,6 +78,9 @@ struct Tracker {
     told: HashMap<Subject, Told>,
     /// Changes not yet told (the ledger was away): each subject's latest.
     waiting: HashMap<Subject, bool>,
+    /// Held again after the ledger lost them: nobody announced them gone, so their
+    /// hold announces nothing.
+    silent: std::collections::HashSet<Subject>,
     queue: Arc<Queue>,
     config: WebhooksConfig,
 }
@@ -110,11 +114,14 @@ impl Tracker {
         let subjects: Vec<Subject> = self.waiting.keys().cloned().collect();
         for subject in subjects {
             let held = self.waiting[&subject];
+            if !held {
+                self.silent.remove(&subject);
+            }
             match (held, self.told.get(&subject).copied()) {
                 (true, None) => match broker.hold(&subject).await {
                     Ok(first) => {
                         self.told.insert(subject.clone(), Told::Held);
-                        if first {
+                        if !self.silent.remove(&subject) && first {
                             self.emit(&subject, true);
                         }
                     }
@@ -166,18 +173,22 @@ impl Tracker {
                 for subject in &reaped.gone {
                     self.emit(subject, false);
                 }
-                if reaped.lost_own && !self.told.is_empty() {
-                    tracing::warn!(
-                        held = self.told.len(),
-                        "webhooks: this node was taken for dead (Redis out of reach for longer than webhooks.node_timeout_ms); telling its rooms and users again"
-                    );
-                    // The survivor released everything: what is still held here is
-                    // held anew (announced if no other node holds it); what was leaving
-                    // is gone already.
-                    for (subject, told) in self.told.drain() {
-                        if matches!(told, Told::Held) {
-                            self.waiting.insert(subject, true);
-                        }
+                match reaped.own {
+                    Own::Kept => {}
+                    _ if self.told.is_empty() => {}
+                    Own::TakenOver => {
+                        tracing::warn!(
+                            held = self.told.len(),
+                            "webhooks: this node was taken for dead (Redis out of reach for longer than webhooks.node_timeout_ms); announcing its rooms and users again"
+                        );
+                        self.hold_again(false);
+                    }
+                    Own::Missing => {
+                        tracing::info!(
+                            held = self.told.len(),
+                            "webhooks: the ledger lost this node's entry (Redis restarted empty?); holding its rooms and users again"
+                        );
+                        self.hold_again(true);
                     }
                 }
             }
@@ -187,7 +198,22 @@ impl Tracker {
         }
     }
 
+    /// Tells the ledger again what this node still holds: announced as new when a node
+    /// that took this one over announced it gone, else (`silent`) not. What was leaving
+    /// is left to the ledger as it is.
+    fn hold_again(&mut self, silent: bool) {
+        for (subject, told) in self.told.drain() {
+            if matches!(told, Told::Held) {
+                if silent {
+                    self.silent.insert(subject.clone());
+                }
+                self.waiting.insert(subject, true);
+            }
+        }
+    }
+
     fn away(&self, e: &crate::broker::LedgerError) -> bool {
+        tracing::debug!(error = %e, waiting = self.waiting.len(), "webhooks: ledger call failed");
         static LOG: crate::throttle::LogThrottle =
             crate::throttle::LogThrottle::new(Duration::from_secs(10));
         if let Some(held_back) = LOG.allow() {
@@ -204,6 +230,7 @@ impl Tracker {
             (Subject::User(_), true) => "user_online",
             (Subject::User(_), false) => "user_offline",
         };
+        tracing::debug!(event = name, ?subject, "webhooks: decided");
         if self.config.sends(name) {
             self.queue.push(Event::new(name, self.ids.next(), subject));
         }
