@@ -337,3 +337,74 @@ async fn a_redis_restart_or_stall_announces_nothing_false_and_loses_nothing() {
     );
     drop(late);
 }
+
+/// README's receiver, as README.md has it: the js block under "### A receiver".
+fn readme_receiver() -> String {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("### A receiver")
+        .nth(1)
+        .expect("README has a receiver section");
+    let block = section
+        .split("```js\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a js block in the receiver section");
+    block.to_string()
+}
+
+#[tokio::test]
+async fn the_readme_receiver_checks_the_signature_and_hears_each_event_once() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = std::env::temp_dir().join(format!("volley-receiver-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("receiver.mjs");
+    std::fs::write(&script, readme_receiver()).unwrap();
+    let port = common::process::free_port();
+    let mut receiver = tokio::process::Command::new("node")
+        .arg(&script)
+        .env("SECRET", SECRET)
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node must be installed (bash tests/run.sh installs it)");
+    let mut lines = tokio::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let receiver_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for_listener(receiver_addr).await;
+    // A POST signed with another secret is refused, and not logged.
+    let forged = br#"{"time_ms":1,"events":[{"name":"room_occupied","id":"x","roomId":"forged"}]}"#;
+    let (status, _) = http(
+        receiver_addr,
+        "POST",
+        "/hooks/volley",
+        &[("X-Volley-Signature", "sha256=00")],
+        forged,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let node = start(hooks(format!("http://{receiver_addr}/hooks/volley"))).await;
+    let mut fan = Client::connect(node.local_addr()).await;
+    fan.join("final").await;
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the receiver printed the event")
+        .unwrap()
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (event["name"].as_str(), event["roomId"].as_str()),
+        (Some("room_occupied"), Some("final"))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn wait_for_listener(addr: SocketAddr) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "nothing listens on {addr}");
+}
