@@ -444,10 +444,11 @@ async fn the_demo_ticker_board_of_2000_symbols_opens_at_once_and_follows_deltas(
             "volleyDemo.deltas > 100 && volleyDemo.quoteChanges > 100",
         )
         .await;
+    let last = browser.eval(&tab, "volleyClient.lastResync ?? null").await;
     assert_eq!(
         browser.eval(&tab, "volleyClient.resyncs").await,
         json!(0),
-        "every delta applied"
+        "every delta applied (the last resync: {last})"
     );
     // The page's board is the node's: each price the page shows is the board's at an
     // offset at or after the snapshot the test takes now.

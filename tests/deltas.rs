@@ -55,6 +55,11 @@ struct DeltaBoard {
     deltas: usize,
     delta_bytes: usize,
     frames: Vec<String>,
+    /// Keys that came in full since the last snapshot.
+    fresh: std::collections::HashSet<String>,
+    /// Deltas for a key that had not come in full since the snapshot: a client keeping
+    /// only messages' bytes as bases (not the snapshot's) could not apply them.
+    deltas_before_full: usize,
 }
 
 impl DeltaBoard {
@@ -67,11 +72,17 @@ impl DeltaBoard {
         match frame.ty.as_str() {
             "batch" => {
                 for m in frame.messages.expect("messages") {
-                    self.take_message(serde_json::from_str(m.get()).expect("a message"), m.get());
+                    let item: Raw = serde_json::from_str(m.get()).expect("a message");
+                    match item.ty.as_str() {
+                        "message" => self.take_message(item, m.get()),
+                        // A room's window may carry its notices too.
+                        _ => self.take(m.get()),
+                    }
                 }
             }
             "message" => self.take_message(frame, text),
             "snapshot" => {
+                self.fresh.clear();
                 self.offset = frame.offset.expect("an offset");
                 for entry in frame.entries.expect("entries") {
                     let e: Raw = serde_json::from_str(entry.get()).unwrap();
@@ -103,6 +114,9 @@ impl DeltaBoard {
         if m.removed == Some(true) {
             self.entries.remove(&key);
         } else if let Some(delta) = m.delta {
+            if !self.fresh.contains(&key) {
+                self.deltas_before_full += 1;
+            }
             let base = self
                 .entries
                 .get(&key)
@@ -115,6 +129,7 @@ impl DeltaBoard {
             self.delta_bytes += text.len();
         } else {
             let content = m.content.expect("a content");
+            self.fresh.insert(key.clone());
             self.entries.insert(key, content.get().to_string());
             self.fulls += 1;
         }
@@ -265,6 +280,7 @@ async fn a_late_delta_joiner_gets_the_board_then_each_key_in_full_first() {
         (3, 27),
         "one full per key first"
     );
+    assert_eq!(late_board.deltas_before_full, 0);
     assert_eq!(
         (board.fulls, board.deltas),
         (3, 57),
@@ -424,4 +440,43 @@ async fn deltas_after_window_conflation_apply_to_what_was_delivered() {
         assert!(board.deltas > 0, "{board:?}");
         assert_eq!(board.values(), truth);
     }
+}
+
+#[tokio::test]
+async fn a_joiner_whose_snapshot_covered_the_open_window_gets_each_key_in_full_first() {
+    // A long window: a message waits in it while a joiner's snapshot (which has it
+    // already) is read and its replay ends. The tick then makes that message the key's
+    // base; the joiner never got it as a message, so the key's next one must come to it
+    // in full (a client that keeps only messages' bytes as bases needs that).
+    let node = start(deltas(1000, false)).await;
+    let addr = node.local_addr();
+    let room = "quotes-window";
+    let mut early = Client::connect(addr).await;
+    early
+        .send(json!({"type":"join","roomId":room,"state":true,"delta":"fossil"}))
+        .await;
+    let mut board = DeltaBoard::default();
+    read_until(&mut early, &mut board, 0).await;
+    let mut publisher = Client::connect(addr).await;
+    publisher.send(quote(room, 0, 1)).await;
+    read_until(&mut early, &mut board, 1).await;
+    publisher.send(quote(room, 0, 2)).await;
+    // On the board (so in the joiner's snapshot), still in the window.
+    node_board_at(addr, room, 2).await;
+    let mut late = Client::connect(addr).await;
+    late.send(json!({"type":"join","roomId":room,"state":true,"delta":"fossil"}))
+        .await;
+    let mut late_board = DeltaBoard::default();
+    read_until(&mut late, &mut late_board, 2).await;
+    read_until(&mut early, &mut board, 2).await;
+    publisher.send(quote(room, 0, 3)).await;
+    read_until(&mut late, &mut late_board, 3).await;
+    assert_eq!(
+        (late_board.fulls, late_board.deltas_before_full),
+        (1, 0),
+        "the key in full first: {:?}",
+        late_board.frames
+    );
+    read_until(&mut early, &mut board, 3).await;
+    assert_eq!(board.deltas, 2, "the early subscriber keeps its deltas");
 }

@@ -88,6 +88,8 @@ export declare class VolleyClient {
   constructor(url: string, options?: ConnectOptions);
   /** Boards joined again for a fresh snapshot because a delta did not apply. */
   readonly resyncs: number;
+  /** The last resync's room, key, offset and reason ("no base", or the delta's error). */
+  lastResync?: { roomId: string; key?: string | number; offset?: number; reason?: string };
   /** Identifies the socket with a JWT; sent again after every reconnect. */
   auth(token: string): void;
   join(roomId: string, options?: JoinOptions, onMessage?: (message: RoomMessage, info: MessageInfo) => void): Room;

@@ -140,6 +140,8 @@ export class VolleyClient {
   /** A board that lost track (a delta without its base): joined again for a fresh snapshot. */
   resync(roomId, room) {
     this.resyncs += 1;
+    // Why, for whoever debugs it: the key, the offset and what failed.
+    this.lastResync = { roomId, ...room.failure };
     room.offset = null;
     room.epoch = null;
     this.send({ type: "leave", roomId });
@@ -288,11 +290,15 @@ export class Room {
     let text;
     if (typeof message.delta === "string") {
       const base = this.raw.get(key);
-      if (base === undefined) return false;
+      if (base === undefined) {
+        this.failure = { key, offset: message.offset, reason: "no base" };
+        return false;
+      }
       try {
         text = DECODER.decode(applyDelta(ENCODER.encode(base), ENCODER.encode(message.delta)));
         message.content = JSON.parse(text);
-      } catch {
+      } catch (e) {
+        this.failure = { key, offset: message.offset, reason: String(e) };
         return false;
       }
     } else if (this.delta) {

@@ -7,7 +7,9 @@
 //! subscriber received the base if it was a member when the base was delivered (its
 //! `since` is below the base's number): one comparison per subscriber, no per-socket
 //! state per key. One that joined later (a snapshot, a replay) gets the key's message in
-//! full, which makes it the subscriber's base too. An outbox that conflates a queued
+//! full, which makes it the subscriber's base too; one that came while the room's window
+//! held messages (which its snapshot covered, or which came before it) counts from the
+//! bases the tick makes of them, so those keys come to it in full first as well. An outbox that conflates a queued
 //! delta away swaps the newer delta for its full message (`Encoded::full`), so a delta
 //! always applies to what the socket last received.
 

@@ -288,8 +288,20 @@ impl Members {
     fn delta_since(&mut self, delta: bool) -> Option<u64> {
         delta.then(|| {
             self.delta_members += 1;
-            self.deltas.now()
+            self.delta_start()
         })
+    }
+
+    /// Where a delta member coming now starts: after the bases made so far, or, while
+    /// the window holds messages, after the bases the tick will make of them (it does not
+    /// get those messages from the window: a snapshot or a history covered them, or it
+    /// came after them).
+    fn delta_start(&self) -> u64 {
+        if self.collected.messages.is_empty() {
+            self.deltas.now()
+        } else {
+            AFTER_TICK
+        }
     }
 
     /// Ends a replay: the joiner becomes an ordinary member. Returns it and, in order,
@@ -312,7 +324,7 @@ impl Members {
         let from = self.collected.start_now();
         let outbox = joiner.outbox;
         // Counted already as a replaying joiner.
-        let delta = joiner.delta.then(|| self.deltas.now());
+        let delta = joiner.delta.then(|| self.delta_start());
         self.by_id.insert(
             outbox.id(),
             Member {
@@ -459,10 +471,16 @@ impl Members {
         } else {
             &delta_frames
         };
+        let bases_now = self.deltas.now();
         for member in self.by_id.values_mut() {
+            // From this window's bases on, a member that came while it was open has them.
+            let delta = member.delta;
+            if delta == Some(AFTER_TICK) {
+                member.delta = Some(bases_now);
+            }
             let outbox = &member.outbox;
             let from = std::mem::take(&mut member.from);
-            let frames = match member.delta {
+            let frames = match delta {
                 None if from == 0 => shared,
                 Some(d) if from == 0 && needs.is_none_or(|n| d < n) => delta_shared,
                 delta => {
@@ -496,6 +514,10 @@ impl Members {
         out
     }
 }
+
+/// The `since` of a delta member that came while the window held messages, until the
+/// tick has made their bases: it gets every message in full until then.
+const AFTER_TICK: u64 = u64::MAX;
 
 /// Holds messages for a replaying joiner, or closes it if it already holds too many.
 fn hold<'a>(joiner: &mut Replaying, messages: impl Iterator<Item = &'a Encoded>, out: &mut FanOut) {
