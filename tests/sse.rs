@@ -310,13 +310,7 @@ async fn a_stream_keeps_a_sockets_limits() {
 
 /// Waits until a gauge reads `want`.
 async fn wait_for_metric(addr: SocketAddr, name: &str, want: u64) {
-    let waited = tokio::time::timeout(WAIT, async {
-        while metric(addr, name).await != want {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "{name} never read {want}");
+    wait_metric(addr, name, |v| v == want).await
 }
 
 /// A stream whose reader takes nothing: a raw request and a tiny receive buffer.

@@ -275,13 +275,7 @@ async fn events_wait_for_a_receiver_that_is_down_and_arrive_once_each() {
         c.join(&format!("room-{n}")).await;
         clients.push(c);
     }
-    let waited = tokio::time::timeout(WAIT, async {
-        while metric(addr, "volley_webhook_failed_posts_total").await < 2 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "the POSTs never failed");
+    wait_metric(addr, "volley_webhook_failed_posts_total", |n| n >= 2).await;
     assert_eq!(metric(addr, "volley_webhook_queued").await, 5);
     // Up, but answering 500 twice more: still retried, the same events.
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();

@@ -150,7 +150,7 @@ pub(super) async fn run(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
-    let mut post = Poster::new(&config);
+    let mut post = Poster::new(&config, stats);
     let mut pause = FIRST_PAUSE;
     loop {
         if queue.len() == 0 {
@@ -171,12 +171,8 @@ pub(super) async fn run(
             continue;
         }
         match post.send(&batch).await {
-            Ok(()) => {
-                stats.webhooks.sent.fetch_add(batch.len() as u64, Relaxed);
-                pause = FIRST_PAUSE;
-            }
+            Ok(()) => pause = FIRST_PAUSE,
             Err(e) => {
-                stats.webhooks.failed_posts.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, events = batch.len(), retry_in_ms = pause.as_millis() as u64, "webhook POST failed");
                 queue.put_back(batch);
                 tokio::select! {
@@ -193,15 +189,9 @@ pub(super) async fn run(
         if batch.is_empty() {
             return;
         }
-        match post.send(&batch).await {
-            Ok(()) => {
-                stats.webhooks.sent.fetch_add(batch.len() as u64, Relaxed);
-            }
-            Err(e) => {
-                stats.webhooks.failed_posts.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, lost = batch.len() + queue.len(), "webhook events not sent before shutdown");
-                return;
-            }
+        if let Err(e) = post.send(&batch).await {
+            tracing::warn!(error = %e, lost = batch.len() + queue.len(), "webhook events not sent before shutdown");
+            return;
         }
     }
 }
@@ -213,6 +203,7 @@ struct Poster {
     secret: Vec<u8>,
     timeout: Duration,
     conn: Option<SendRequest<Full<Bytes>>>,
+    stats: Arc<Stats>,
 }
 
 #[derive(Serialize)]
@@ -222,7 +213,7 @@ struct BodyOf<'a> {
 }
 
 impl Poster {
-    fn new(config: &WebhooksConfig) -> Poster {
+    fn new(config: &WebhooksConfig, stats: Arc<Stats>) -> Poster {
         // `webhooks.url` was checked at start (an http:// URL with a host).
         let uri: Uri = config.url.parse().unwrap_or_default();
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
@@ -232,9 +223,11 @@ impl Poster {
             secret: config.secret.as_bytes().to_vec(),
             timeout: Duration::from_millis(config.timeout_ms),
             conn: None,
+            stats,
         }
     }
 
+    /// POSTs `events`, counted as sent or as a failed POST.
     async fn send(&mut self, events: &[Event]) -> Result<(), String> {
         let body = serde_json::to_vec(&BodyOf {
             time_ms: now_ms(),
@@ -248,9 +241,16 @@ impl Poster {
                 self.timeout.as_millis()
             ))
         });
-        if result.is_err() {
-            // The connection may be in any state: the next POST makes a new one.
-            self.conn = None;
+        match &result {
+            Ok(()) => {
+                let sent = &self.stats.webhooks.sent;
+                sent.fetch_add(events.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                self.stats.webhooks.failed_posts.fetch_add(1, Relaxed);
+                // The connection may be in any state: the next POST makes a new one.
+                self.conn = None;
+            }
         }
         result
     }

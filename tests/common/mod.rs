@@ -302,6 +302,17 @@ pub async fn metric(addr: SocketAddr, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
+/// Waits until a metric of the node's `/metrics` satisfies `want`.
+pub async fn wait_metric(addr: SocketAddr, name: &str, want: impl Fn(u64) -> bool) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while !want(metric(addr, name).await) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{name} never read what the test waits for");
+}
+
 /// The messages a text frame carries: a `batch` taken apart, else the frame itself.
 pub fn frame_messages(frame: &str) -> Vec<Value> {
     let frame: Value = serde_json::from_str(frame).expect("a JSON frame");
