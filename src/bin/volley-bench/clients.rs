@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
-use hdrhistogram::Histogram;
 use http_body_util::Empty;
 use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::upgrade::Upgraded;
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::board::{self, Board, Counter, SnapshotTimes};
 use crate::error::BenchError;
+use crate::joins::{self, Joining};
 use crate::plan::Plan;
 use crate::scan::{self, Scanner};
 use crate::wire::{Tap, Wire};
@@ -57,11 +57,14 @@ pub struct Run {
     pub wire_bytes: Arc<AtomicU64>,
     /// Board mode with --state: each subscriber's time from join to snapshot.
     pub snapshots: Arc<SnapshotTimes>,
+    /// How subscribers connect and join, and how long that took.
+    pub joining: Joining,
 }
 
 impl Run {
-    pub fn new() -> Run {
+    pub fn new(joining: Joining) -> Run {
         Run {
+            joining,
             measure_from_us: AtomicU64::new(u64::MAX),
             measure_until_us: AtomicU64::new(u64::MAX),
             published: AtomicU64::new(0),
@@ -85,7 +88,6 @@ pub struct SubscriberResult {
     pub frames: u64,
     pub delivered: u64,
     pub disordered: u64,
-    pub latency: Option<Histogram<u64>>,
 }
 
 pub fn now_us() -> u64 {
@@ -143,12 +145,21 @@ pub async fn connect_with(
     bytes: Arc<AtomicU64>,
     deflate: bool,
 ) -> Result<(Socket, Tap), BenchError> {
+    connect_over(url, tcp(url).await?, bytes, deflate).await
+}
+
+/// The WebSocket handshake over `stream` (a connection to `url`'s node).
+pub async fn connect_over(
+    url: &str,
+    stream: TcpStream,
+    bytes: Arc<AtomicU64>,
+    deflate: bool,
+) -> Result<(Socket, Tap), BenchError> {
     let (host, port) = host_port(url)?;
     let uri: hyper::Uri = url.parse().map_err(|e| BenchError::Url {
         url: url.to_string(),
         reason: format!("{e}"),
     })?;
-    let stream = tcp(url).await?;
     let handshake = |reason: String| BenchError::Handshake {
         url: url.to_string(),
         reason,
@@ -182,7 +193,7 @@ pub async fn connect_with(
     Ok((ws, tap))
 }
 
-async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
+pub async fn send_text(ws: &mut Socket, text: String) -> Result<(), BenchError> {
     Ok(ws
         .write_frame(Frame::text(Payload::Owned(text.into_bytes())))
         .await?)
@@ -203,7 +214,10 @@ pub async fn join(
     for room in rooms {
         send_text(ws, board::join_frame(room, board)).await?;
     }
-    let mut waiting: std::collections::HashSet<&str> = rooms.iter().map(String::as_str).collect();
+    let mut waiting: HashMap<&str, Vec<u8>> = rooms
+        .iter()
+        .map(|r| (r.as_str(), joins::probe_of(r)))
+        .collect();
     while !waiting.is_empty() {
         let frame = ws.read_frame().await?;
         if frame.opcode == OpCode::Close {
@@ -212,6 +226,10 @@ pub async fn join(
         let Some(text) = tap.text(&frame) else {
             continue;
         };
+        if memchr::memmem::find(&text, br#"{"probe":""#).is_some() {
+            waiting.retain(|_, probe| memchr::memmem::find(&text, probe).is_none());
+            continue;
+        }
         if text.starts_with(br#"{"type":"snapshot","#) {
             snapshots.record(joined.elapsed().as_micros() as u64);
             continue;
@@ -244,8 +262,20 @@ pub async fn subscriber(
     deflate: bool,
     board: Option<Board>,
 ) -> Result<SubscriberResult, BenchError> {
-    let (mut ws, tap) = connect_with(&url, run.wire_bytes.clone(), deflate).await?;
-    join(&mut ws, &tap, &rooms, board, &run.snapshots).await?;
+    let (mut ws, tap) = {
+        let _place = run.joining.admit().await;
+        let started = Instant::now();
+        let joined = async {
+            let stream = run.joining.tcp(&url).await?;
+            let (mut ws, tap) = connect_over(&url, stream, run.wire_bytes.clone(), deflate).await?;
+            join(&mut ws, &tap, &rooms, board, &run.snapshots).await?;
+            Ok::<_, BenchError>((ws, tap))
+        }
+        .await
+        .inspect_err(|_| run.joining.failed())?;
+        run.joining.joined(started);
+        joined
+    };
     let _ = ready.send(()).await;
 
     let mut tally = Tally::new(board);
@@ -278,10 +308,7 @@ impl Tally {
             scanner: Scanner::new(),
             counter: Counter::new(),
             board,
-            result: SubscriberResult {
-                latency: Histogram::new_with_bounds(1, 120_000_000, 3).ok(),
-                ..SubscriberResult::default()
-            },
+            result: SubscriberResult::default(),
             last_seq: HashMap::new(),
         }
     }
@@ -306,9 +333,7 @@ impl Tally {
             if !board {
                 result.delivered += 1;
             }
-            if let Some(h) = result.latency.as_mut() {
-                let _ = h.record(arrived.saturating_sub(m.sent_us).max(1));
-            }
+            crate::latency::record(arrived.saturating_sub(m.sent_us).max(1));
             let last = last_seq.entry((m.publisher, m.room)).or_insert(0);
             if m.seq <= *last {
                 result.disordered += 1;

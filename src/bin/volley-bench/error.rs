@@ -27,6 +27,4 @@ pub enum BenchError {
     },
     #[error("publisher failed: {0}")]
     Publisher(Box<BenchError>),
-    #[error("cannot make a latency histogram: {0}")]
-    Histogram(String),
 }

@@ -15,6 +15,8 @@
 //! | `clients.rs` | subscriber sockets that count, publishers that send at a rate |
 //! | `measure.rs` | warm-up, measured seconds, drain; the servers' CPU and Redis counters |
 //! | `report.rs` | the typed report, as a table or one JSON line |
+//! | `joins.rs` | connecting and joining: a bounded concurrency, source addresses, probes that confirm joins in big rooms, the storm's report |
+//! | `latency.rs` | end-to-end latencies, one histogram per thread, merged for the report |
 //! | `scan.rs` | the fixed-shape message content, written and scanned |
 //! | `sse.rs` | subscribers over Server-Sent Events (`--transport sse`) |
 //! | `storm.rs` | a reconnect storm during the measured seconds (`--storm`) |
@@ -25,6 +27,8 @@
 mod board;
 mod clients;
 mod error;
+mod joins;
+mod latency;
 mod measure;
 mod plan;
 mod report;
@@ -129,6 +133,13 @@ pub struct Args {
     /// each URL's host and port; publishers stay on sockets or the API).
     #[arg(long, value_enum, default_value = "ws")]
     transport: Transport,
+    /// Subscriber sockets connecting (and joining) at once.
+    #[arg(long, default_value_t = 500)]
+    connect_concurrency: usize,
+    /// Spread subscriber sockets over this many loopback source addresses (127.0.0.2,
+    /// 127.0.0.3, ...: each has its own ephemeral ports); 0: the kernel's choice.
+    #[arg(long, default_value_t = 0)]
+    source_addrs: usize,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -146,6 +157,10 @@ async fn main() {
         std::process::exit(2);
     }
     let plan = Arc::new(Plan::from(&args));
+    if let Err(e) = joins::raise_file_limit(plan.sockets + args.storm + plan.publishers) {
+        eprintln!("volley-bench: {e}");
+        std::process::exit(2);
+    }
     match measure::run(&args, plan).await {
         Ok(report) if args.json => report.print_json(),
         Ok(report) => report.print_table(),

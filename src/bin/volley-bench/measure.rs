@@ -18,15 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clients::{now_us, publisher, subscriber, Publisher, Run, Transport};
 use crate::error::BenchError;
+use crate::joins::{self, Joining};
 use crate::plan::{node_of, Plan};
-use crate::report::{Latency, Report, SnapshotReport, StormReport};
+use crate::report::{JoinReport, Latency, Report, SnapshotReport, StormReport};
 use crate::sse;
 use crate::storm;
 use crate::Args;
 
 /// Runs the plan: connect and join, warm up, measure, drain, and report.
 pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
-    let run = Arc::new(Run::new());
+    let run = Arc::new(Run::new(Joining::new(
+        args.connect_concurrency,
+        args.source_addrs,
+    )));
     let rooms: Arc<Vec<String>> = Arc::new(
         (0..plan.rooms)
             .map(|r| format!("{}-{r}", args.room_prefix))
@@ -35,6 +39,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
     let stop_subscribers = CancellationToken::new();
     let stop_publishers = CancellationToken::new();
     let mut subscribers = connect(args, &plan, &rooms, &run, &stop_subscribers).await?;
+    let joins = run.joining.report(plan.sockets);
     let per_room = Arc::new(plan.subscribers_per_room());
     let mut publishers = JoinSet::new();
     for p in 0..plan.publishers {
@@ -106,6 +111,7 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
             after,
             tally,
             storm,
+            joins,
         },
     ))
 }
@@ -148,6 +154,14 @@ async fn connect(
         }
     }
     drop(ready_tx);
+    // Rooms too big for notices confirm their joins by probes (not boards: a probe is no
+    // board entry).
+    let probing = CancellationToken::new();
+    if plan.board.is_none() && !args.urls.is_empty() {
+        let (url, rooms) = (args.urls[0].clone(), rooms.to_vec());
+        tokio::spawn(joins::prober(url, rooms, probing.clone()));
+    }
+    let _stop_probing = probing.drop_guard();
     for joined in 0..plan.sockets {
         if tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
             .await
@@ -262,8 +276,7 @@ impl Tally {
             delivered: 0,
             disordered: 0,
             failed: 0,
-            latency: Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
-                .map_err(|e| BenchError::Histogram(e.to_string()))?,
+            latency: crate::latency::merged(),
         };
         while let Some(result) = subscribers.join_next().await {
             match result {
@@ -271,9 +284,6 @@ impl Tally {
                     tally.frames += r.frames;
                     tally.delivered += r.delivered;
                     tally.disordered += r.disordered;
-                    if let Some(h) = r.latency {
-                        let _ = tally.latency.add(h);
-                    }
                 }
                 _ => tally.failed += 1,
             }
@@ -292,6 +302,7 @@ struct Measured {
     after: Reading,
     tally: Tally,
     storm: Option<storm::Storm>,
+    joins: JoinReport,
 }
 
 fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
@@ -303,6 +314,7 @@ fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
         after,
         tally,
         storm,
+        joins,
     } = m;
     let delivered = tally.delivered;
     let expected = run.expected.load(Relaxed);
@@ -357,6 +369,7 @@ fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
                 p99,
                 max,
             }),
+        joins,
     }
 }
 

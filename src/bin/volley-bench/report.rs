@@ -39,6 +39,23 @@ pub struct Report {
     pub wire_bytes_per_update: Option<f64>,
     /// With --board --state: from each subscriber's join to its board's snapshot.
     pub snapshot_ms: Option<SnapshotReport>,
+    /// How the subscribers connected and joined (before the warm-up).
+    pub joins: JoinReport,
+}
+
+/// The connect and join storm: every subscriber from its connect to its confirmed join,
+/// and what the tool itself held once all were in.
+#[derive(Debug, Serialize)]
+pub struct JoinReport {
+    pub sockets: usize,
+    pub seconds: f64,
+    pub sockets_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub failed: u64,
+    pub bench_rss_mb: Option<f64>,
+    pub bench_kib_per_socket: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +130,21 @@ impl Report {
                 s.joiners, s.p50, s.p99, s.max
             );
         }
+        let j = &self.joins;
+        println!(
+            "joins: {} sockets in {:.2} s ({:.0}/s)  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  failed {}  bench RSS {}",
+            j.sockets,
+            j.seconds,
+            j.sockets_per_s,
+            j.p50_ms,
+            j.p99_ms,
+            j.max_ms,
+            j.failed,
+            match (j.bench_rss_mb, j.bench_kib_per_socket) {
+                (Some(mb), Some(kib)) => format!("{mb:.0} MB ({kib:.1} KiB per socket)"),
+                _ => "unknown".into(),
+            }
+        );
         if let Some(s) = self.redis_cpu_s {
             println!("redis CPU {s:.2} s");
         }

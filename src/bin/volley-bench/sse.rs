@@ -2,7 +2,7 @@
 //! node of the URL, read with hyper's client (which takes the chunked body apart), cut
 //! into events at their blank line and counted as a socket's frames are (`Tally`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,8 +15,9 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::board::Board;
-use crate::clients::{host_port, tcp, Run, SubscriberResult, Tally};
+use crate::clients::{host_port, Run, SubscriberResult, Tally};
 use crate::error::BenchError;
+use crate::joins;
 use crate::wire::Wire;
 
 /// Events as they arrive: the body's chunks, cut at each event's end.
@@ -54,7 +55,7 @@ async fn open(
     run: &Run,
 ) -> Result<Events, BenchError> {
     let (host, port) = host_port(url)?;
-    let stream = tcp(url).await?;
+    let stream = run.joining.tcp(url).await?;
     let (stream, _) = Wire::new(stream, run.wire_bytes.clone(), false);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -89,11 +90,18 @@ async fn open(
         body: response.into_body(),
         buffer: BytesMut::new(),
     };
-    let mut waiting: HashSet<&str> = rooms.iter().map(String::as_str).collect();
+    let mut waiting: HashMap<&str, Vec<u8>> = rooms
+        .iter()
+        .map(|r| (r.as_str(), joins::probe_of(r)))
+        .collect();
     while !waiting.is_empty() {
         let Some(event) = events.next().await? else {
             return Err(BenchError::Closed);
         };
+        if memchr::memmem::find(&event, br#"{"probe":""#).is_some() {
+            waiting.retain(|_, probe| memchr::memmem::find(&event, probe).is_none());
+            continue;
+        }
         if event.starts_with(b"event: snapshot\n") {
             run.snapshots.record(opened.elapsed().as_micros() as u64);
             continue;
@@ -127,7 +135,15 @@ pub async fn subscriber(
     stop: CancellationToken,
     board: Option<Board>,
 ) -> Result<SubscriberResult, BenchError> {
-    let mut events = open(&url, &rooms, board, &run).await?;
+    let mut events = {
+        let _place = run.joining.admit().await;
+        let started = Instant::now();
+        let events = open(&url, &rooms, board, &run)
+            .await
+            .inspect_err(|_| run.joining.failed())?;
+        run.joining.joined(started);
+        events
+    };
     let _ = ready.send(()).await;
     let mut tally = Tally::new(board);
     loop {
