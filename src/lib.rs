@@ -42,6 +42,7 @@
 //! | `connection` | one socket: reader (RFC 6455 rules), session (rooms, limits), access (identity, permissions) |
 //! | `reports` | feature: per-node reports, kept by the broker (`metrics:<serverId>` on Redis), read by `/api/cluster` |
 //! | `boards` | feature: state rooms' entries past their TTL leave quiet boards on time |
+//! | `fdlimit` | the open-file limit raised to the hard one at start, and a warning naming the settings when it is below `limits.max_connections` |
 //! | `webhooks` | feature: rooms occupied and vacated, users online and offline, POSTed once per deployment (the broker's ledger decides) |
 //! | `demo` | feature: the built-in feed, simulated matches and a ticker (`--demo`) |
 //! | `features` | starts the features for the server, stops them first on shutdown |
@@ -74,6 +75,7 @@ mod boards;
 mod connection;
 mod deflate;
 mod demo;
+mod fdlimit;
 mod features;
 mod hub;
 mod metrics;

@@ -26,6 +26,8 @@ struct Running {
     child: Option<std::process::Child>,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     addr: std::net::SocketAddr,
+    /// What it logged before it listened.
+    logged: Vec<String>,
 }
 
 impl Running {
@@ -46,7 +48,18 @@ impl Running {
                 }
             }
         });
-        let line = wait_line(&mut lines, "addr=").await;
+        let mut logged = Vec::new();
+        let line = tokio::time::timeout(WAIT, async {
+            loop {
+                let line = lines.recv().await.expect("volley exited");
+                if line.contains("addr=") {
+                    return line;
+                }
+                logged.push(line);
+            }
+        })
+        .await
+        .expect("volley never logged its address");
         let addr = line
             .split("addr=")
             .nth(1)
@@ -58,6 +71,7 @@ impl Running {
             child: Some(child),
             lines,
             addr,
+            logged,
         }
     }
 
@@ -243,4 +257,40 @@ async fn a_second_signal_exits_at_once() {
     let status = node.exit_status().await;
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(!asleep.is_finished(), "exited only when Redis woke up");
+}
+
+#[tokio::test]
+async fn a_file_limit_below_max_connections_is_named_at_start() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = volley();
+    // SAFETY: setrlimit only, in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 512,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let running = Running::start(cmd.args(["--set", "limits.max_connections=10000"])).await;
+    let warning = running
+        .logged
+        .iter()
+        .find(|l| l.contains("limits.max_connections"))
+        .unwrap_or_else(|| panic!("no warning: {:?}", running.logged));
+    // Raised to the hard limit first, and the fix named.
+    assert!(warning.contains("may open 512 files"), "{warning}");
+    assert!(warning.contains("LimitNOFILE=10064"), "{warning}");
+    // Within the limit: no warning.
+    let quiet = Running::start(volley().args(["--set", "limits.max_connections=100"])).await;
+    assert!(
+        quiet
+            .logged
+            .iter()
+            .all(|l| !l.contains("limits.max_connections")),
+        "{:?}",
+        quiet.logged
+    );
 }

@@ -108,10 +108,13 @@ impl Server {
         broker: Arc<dyn Broker>,
         classes: Arc<RoomClasses>,
     ) -> Result<Server, ServeError> {
+        if let Some(warning) = crate::fdlimit::raise_for(config.limits.max_connections) {
+            tracing::warn!("{warning}");
+        }
         let tls = tls::acceptor(&config.tls)?;
         let addr = config.server.listen;
         let listen_error = |source| ServeError::Listen { addr, source };
-        let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+        let listener = listen(addr).map_err(listen_error)?;
         let local_addr = listener.local_addr().map_err(listen_error)?;
         let node = Node::with_classes(config, broker, classes);
         let shared = Arc::new(Shared {
@@ -173,6 +176,22 @@ impl Server {
         tracing::info!(drained, left_open = report.left_open, "volley stopped");
         report
     }
+}
+
+/// Connections waiting to be accepted, at most: a reconnect storm of thousands of
+/// sockets must not overflow the queue (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: u32 = 4096;
+
+/// Binds `addr` with a backlog for reconnect storms (`TcpListener::bind` asks for 1 024).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// The part of the drain timeout kept for the broker after the sockets: a fifth, at most
