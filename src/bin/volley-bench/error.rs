@@ -25,6 +25,8 @@ pub enum BenchError {
         total: usize,
         reason: String,
     },
+    #[error("the joins ended {by_ms} ms after --start-at: start the shards with more time")]
+    Late { by_ms: u64 },
     #[error("publisher failed: {0}")]
     Publisher(Box<BenchError>),
 }

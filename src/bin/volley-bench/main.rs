@@ -140,6 +140,15 @@ pub struct Args {
     /// 127.0.0.3, ...: each has its own ephemeral ports); 0: the kernel's choice.
     #[arg(long, default_value_t = 0)]
     source_addrs: usize,
+    /// Run one share of the sockets: those whose index is i modulo n (several processes
+    /// stay under the file limit each). Only shard 0 publishes, and counts what every
+    /// shard should get; merge the shards' `--json` lines (benches/viewers.sh does).
+    #[arg(long, value_name = "I/N")]
+    shard: Option<plan::Shard>,
+    /// Start measuring at this wall-clock time (ms since the Unix epoch) instead of after
+    /// --warmup: shards started together measure the same seconds.
+    #[arg(long, value_name = "UNIX_MS")]
+    start_at: Option<u64>,
     /// One JSON line instead of the table.
     #[arg(long)]
     json: bool,
@@ -157,7 +166,7 @@ async fn main() {
         std::process::exit(2);
     }
     let plan = Arc::new(Plan::from(&args));
-    if let Err(e) = joins::raise_file_limit(plan.sockets + args.storm + plan.publishers) {
+    if let Err(e) = joins::raise_file_limit(plan.my_socket_count() + args.storm + plan.publishers) {
         eprintln!("volley-bench: {e}");
         std::process::exit(2);
     }

@@ -39,10 +39,11 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
     let stop_subscribers = CancellationToken::new();
     let stop_publishers = CancellationToken::new();
     let mut subscribers = connect(args, &plan, &rooms, &run, &stop_subscribers).await?;
-    let joins = run.joining.report(plan.sockets);
+    let joins = run.joining.report(plan.my_socket_count());
     let per_room = Arc::new(plan.subscribers_per_room());
     let mut publishers = JoinSet::new();
-    for p in 0..plan.publishers {
+    let publishing = if plan.publishes() { plan.publishers } else { 0 };
+    for p in 0..publishing {
         let url = args.urls[p % args.urls.len()].clone();
         publishers.spawn(publisher(Publisher {
             url,
@@ -57,7 +58,16 @@ pub async fn run(args: &Args, plan: Arc<Plan>) -> Result<Report, BenchError> {
         }));
     }
     let (progress, ticker) = show_progress(args, &run);
-    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    match args.start_at {
+        Some(at) => {
+            let now = now_us() / 1000;
+            if now > at {
+                return Err(BenchError::Late { by_ms: now - at });
+            }
+            tokio::time::sleep(Duration::from_millis(at - now)).await;
+        }
+        None => tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await,
+    }
     let before = Reading::take(args).await;
     let started = Instant::now();
     let wire_before = run.wire_bytes.load(Relaxed);
@@ -124,9 +134,10 @@ async fn connect(
     run: &Arc<Run>,
     stop: &CancellationToken,
 ) -> Result<JoinSet<Result<crate::clients::SubscriberResult, BenchError>>, BenchError> {
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(plan.sockets.max(1));
+    let mine = plan.my_socket_count();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(mine.max(1));
     let mut subscribers = JoinSet::new();
-    for s in 0..plan.sockets {
+    for s in plan.my_sockets() {
         let url = args.urls[node_of(s, args.urls.len())].clone();
         let my_rooms = plan
             .rooms_of(s)
@@ -162,7 +173,7 @@ async fn connect(
         tokio::spawn(joins::prober(url, rooms, probing.clone()));
     }
     let _stop_probing = probing.drop_guard();
-    for joined in 0..plan.sockets {
+    for joined in 0..mine {
         if tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
             .await
             .ok()
@@ -175,7 +186,7 @@ async fn connect(
             };
             return Err(BenchError::NotJoined {
                 joined,
-                total: plan.sockets,
+                total: mine,
                 reason,
             });
         }
@@ -322,7 +333,7 @@ fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
     let ms = |us: u64| us as f64 / 1000.0;
     let (b, a) = (before.counters, after.counters);
     Report {
-        sockets: plan.sockets,
+        sockets: plan.my_socket_count(),
         rooms: plan.rooms,
         rooms_per_socket: plan.rooms_per_socket,
         publishers: plan.publishers,
@@ -337,7 +348,9 @@ fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
         failed_sockets: tally.failed,
         error_frames: run.errors.load(Relaxed),
         delivered_per_s: delivered as f64 / seconds,
-        frames_per_socket_per_s: tally.frames as f64 / seconds / plan.sockets.max(1) as f64,
+        frames_per_socket_per_s: tally.frames as f64
+            / seconds
+            / plan.my_socket_count().max(1) as f64,
         latency_ms: Latency {
             p50: ms(tally.latency.value_at_quantile(0.50)),
             p99: ms(tally.latency.value_at_quantile(0.99)),
@@ -370,6 +383,14 @@ fn report(args: &Args, plan: &Plan, run: &Run, m: Measured) -> Report {
                 max,
             }),
         joins,
+        latency_us: args.shard.map(|_| {
+            tally
+                .latency
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect()
+        }),
+        shard: args.shard.map(|s| format!("{}/{}", s.index, s.of)),
     }
 }
 

@@ -20,6 +20,9 @@ pub struct Plan {
     pub payload: usize,
     /// Board mode (`--board`).
     pub board: Option<Board>,
+    /// `--shard i/n`: this process runs the sockets whose index is i modulo n, and only
+    /// shard 0 publishes (counting what every shard's sockets should get).
+    pub shard: (usize, usize),
 }
 
 impl Plan {
@@ -42,7 +45,23 @@ impl Plan {
             publishers: args.publishers.unwrap_or(publishers).max(1),
             rate: args.rate.unwrap_or(rate),
             payload: args.payload.unwrap_or(payload),
+            shard: args.shard.map_or((0, 1), |s| (s.index, s.of)),
         }
+    }
+
+    /// The plan's sockets this process runs.
+    pub fn my_sockets(&self) -> impl Iterator<Item = usize> + '_ {
+        let (i, n) = self.shard;
+        (0..self.sockets).filter(move |s| s % n == i)
+    }
+
+    pub fn my_socket_count(&self) -> usize {
+        self.my_sockets().count()
+    }
+
+    /// Whether this process publishes (shard 0 does, for every shard).
+    pub fn publishes(&self) -> bool {
+        self.shard.0 == 0
     }
 
     pub fn rooms_of(&self, socket: usize) -> Vec<usize> {
@@ -59,6 +78,26 @@ impl Plan {
             }
         }
         per_room
+    }
+}
+
+/// `--shard i/n`.
+#[derive(Clone, Copy, Debug)]
+pub struct Shard {
+    pub index: usize,
+    pub of: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let (i, n) = s.split_once('/').ok_or("give the shard as i/n, e.g. 0/4")?;
+        let (index, of) = (i.trim().parse::<usize>(), n.trim().parse::<usize>());
+        match (index, of) {
+            (Ok(index), Ok(of)) if of > 0 && index < of => Ok(Shard { index, of }),
+            _ => Err(format!("{s}: give i/n with 0 <= i < n")),
+        }
     }
 }
 
@@ -84,6 +123,7 @@ mod tests {
                 rate: 1.0,
                 payload: 10,
                 board: None,
+                shard: (0, 1),
             };
             let mut seen = vec![[false; 2]; rooms];
             for s in 0..sockets {

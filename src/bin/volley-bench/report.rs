@@ -41,6 +41,12 @@ pub struct Report {
     pub snapshot_ms: Option<SnapshotReport>,
     /// How the subscribers connected and joined (before the warm-up).
     pub joins: JoinReport,
+    /// With --shard: every recorded latency as `[µs, count]`, so shards merge exactly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<Vec<(u64, u64)>>,
+    /// With --shard: `i/n`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
 }
 
 /// The connect and join storm: every subscriber from its connect to its confirmed join,
