@@ -431,3 +431,39 @@ async fn each_message_of_a_room_window_counts_as_a_delivery() {
     assert_eq!(metric(addr, "volley_deliveries_total").await, 6);
     assert_eq!(metric(addr, "volley_frames_out_total").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_of_1500_sockets_gets_every_message_in_order_when_its_writes_are_shared() {
+    // Past 1 024 sockets due at once, a window's writes are shared among the runtime's
+    // workers: every socket must still get every message, once, in order.
+    let server = start(|c| {
+        c.limits.notices = false;
+        c.limits.max_connections_per_ip = 0;
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut clients = Vec::new();
+    for _ in 0..1500 {
+        let mut c = Client::connect(addr).await;
+        c.send(json!({"type":"join","roomId":"stadium"})).await;
+        // Answered after the join on the same socket: the join was taken.
+        c.send(json!({"type":"leave","roomId":"nowhere"})).await;
+        clients.push(c);
+    }
+    for c in &mut clients {
+        c.expect_error("not_in_room").await;
+    }
+    for n in 0..20 {
+        let (status, _) = api_publish(addr, &json!({"roomId":"stadium","content":n})).await;
+        assert_eq!(status, 200);
+    }
+    for c in &mut clients {
+        let mut got = Vec::new();
+        while got.len() < 20 {
+            for m in frame_messages(&c.next_frame().await) {
+                got.push(m["content"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(got, (0..20).collect::<Vec<u64>>());
+    }
+}

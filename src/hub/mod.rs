@@ -91,11 +91,38 @@ fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
     }
     with_scratch(&DUE, |due| {
         let out = fan_out(due);
-        for outbox in due.drain(..) {
-            outbox.flush();
-        }
+        flush_all(due);
         out
     })
+}
+
+/// Sockets due at once past which their writes are shared among the runtime's workers.
+const SHARE_WRITES_FROM: usize = 1024;
+
+/// Writes every due socket. A big room's window (thousands of sockets due at once) is
+/// split among the runtime's worker threads: this thread writes one share and the
+/// others are spawned, so every core writes instead of one writing while the others
+/// idle. One allocation per share, none per socket; a socket's own order holds (its
+/// outbox lets one thread write it at a time).
+fn flush_all(due: &mut Vec<Arc<Outbox>>) {
+    let workers = match tokio::runtime::Handle::try_current() {
+        Ok(rt) if due.len() >= SHARE_WRITES_FROM => rt.metrics().num_workers(),
+        _ => 1,
+    };
+    if workers > 1 {
+        let share = due.len().div_ceil(workers);
+        while due.len() > share {
+            let theirs: Vec<Arc<Outbox>> = due.drain(due.len() - share..).collect();
+            tokio::spawn(async move {
+                for outbox in theirs {
+                    outbox.flush();
+                }
+            });
+        }
+    }
+    for outbox in due.drain(..) {
+        outbox.flush();
+    }
 }
 
 /// What a joiner gets of what arrived while its history was read: what the history did
