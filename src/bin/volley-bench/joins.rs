@@ -4,7 +4,8 @@
 //!
 //! A join is confirmed by its own `user_joined`, or, in a room too big for notices
 //! (`limits.notices_max_members`), by a probe: a message `{"probe":"<room>"}` that a prober
-//! socket publishes to every room a few times a second while joins are outstanding. A
+//! socket publishes to every room while joins are outstanding (after 0.25 s, 0.5 s, 1 s,
+//! then every 2 s). A
 //! probe reaches a socket only once its node delivers the room to it, from any node: the
 //! same proof the notice gives. The bench's scanner ignores probes.
 
@@ -22,8 +23,11 @@ use crate::clients::{self, host_port};
 use crate::error::BenchError;
 use crate::report::JoinReport;
 
-/// How often the prober publishes to every room.
+/// The prober's first pause between rounds; it doubles up to `PROBE_EVERY_MAX`: each
+/// round is a delivery to every socket of every room, which a join storm of 100 000
+/// sockets must not pay four times a second.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
+const PROBE_EVERY_MAX: Duration = Duration::from_secs(2);
 /// Joins are left to their notices this long before probes start.
 const PROBES_AFTER: Duration = Duration::from_secs(1);
 
@@ -141,12 +145,8 @@ pub async fn prober(url: String, rooms: Vec<String>, stop: CancellationToken) {
         eprintln!("volley-bench: the prober could not connect to {url}; joins wait for notices");
         return;
     };
-    let mut every = tokio::time::interval(PROBE_EVERY);
+    let mut pause = PROBE_EVERY;
     loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = stop.cancelled() => return,
-        }
         for room in &rooms {
             let probe = String::from_utf8_lossy(&probe_of(room)).into_owned();
             let frame = format!(r#"{{"type":"message","roomId":"{room}","content":{probe}}}"#);
@@ -156,6 +156,11 @@ pub async fn prober(url: String, rooms: Vec<String>, stop: CancellationToken) {
                 return;
             }
         }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+        pause = (pause * 2).min(PROBE_EVERY_MAX);
     }
 }
 
