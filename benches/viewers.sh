@@ -14,7 +14,7 @@
 # measure the same seconds (--start-at). The merged report: published, expected over
 # every viewer, delivered, lost; latency percentiles over every delivery (merged
 # exactly); the connect + join storm per shard and in all; the nodes' and Redis' CPU per
-# delivery. Everything it starts, it stops.
+# delivery, and each node's memory per viewer at the end. Everything it starts, it stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,4 +76,9 @@ if [ "$failed" -ne 0 ]; then
   exit 1
 fi
 python3 benches/merge_shards.py "$out"/*.json
+# The nodes' memory, every viewer still connected.
+for p in "${node_pids[@]}"; do
+  kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status")
+  echo "node $p: RSS $(( kib / 1024 )) MB = $(python3 -c "print(f'{$kib / ($viewers / $nodes):.1f}')") KiB per viewer"
+done
 rm -rf "$out"

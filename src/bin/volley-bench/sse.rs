@@ -46,13 +46,15 @@ impl Events {
     }
 }
 
-/// Opens the stream on `rooms` (a board's snapshot first with `state`), and waits for
-/// its `user_joined` of each room, recording the time to the snapshot.
+/// Opens the stream on `rooms` (a board's snapshot first with `state`) holding `place`
+/// until the response's head, and waits for its `user_joined` (or a probe) of each room,
+/// recording the time to the snapshot.
 async fn open(
     url: &str,
     rooms: &[String],
     board: Option<Board>,
     run: &Run,
+    place: Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> Result<Events, BenchError> {
     let (host, port) = host_port(url)?;
     let stream = run.joining.tcp(url).await?;
@@ -86,6 +88,8 @@ async fn open(
             reason: format!("GET /sse answered {status}: {body}"),
         });
     }
+    // The bound is on requests in flight; the joins' answers are awaited outside it.
+    drop(place);
     let mut events = Events {
         body: response.into_body(),
         buffer: BytesMut::new(),
@@ -136,9 +140,9 @@ pub async fn subscriber(
     board: Option<Board>,
 ) -> Result<SubscriberResult, BenchError> {
     let mut events = {
-        let _place = run.joining.admit().await;
+        let place = run.joining.admit().await;
         let started = Instant::now();
-        let events = open(&url, &rooms, board, &run)
+        let events = open(&url, &rooms, board, &run, place)
             .await
             .inspect_err(|_| run.joining.failed())?;
         run.joining.joined(started);
