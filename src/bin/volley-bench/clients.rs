@@ -383,7 +383,21 @@ enum Sink {
     },
 }
 
+/// How long a publisher socket may stay silent: the nodes close a socket that sent
+/// nothing for `server.idle_timeout_ms` (60 s by default), and the publisher reads its
+/// pings without answering them.
+const PUBLISHER_HEARTBEAT: Duration = Duration::from_secs(15);
+
 impl Sink {
+    /// Keeps a quiet publisher socket open: an unsolicited pong (RFC 6455 allows one as
+    /// a heartbeat). Nothing for the API: its connection is made again when it fails.
+    async fn heartbeat(&mut self) -> Result<(), BenchError> {
+        if let Sink::Socket(tx) = self {
+            tx.write_frame(Frame::pong(Payload::Borrowed(&[]))).await?;
+        }
+        Ok(())
+    }
+
     async fn send(&mut self, room: &str, content: String, run: &Run) -> Result<(), BenchError> {
         match self {
             Sink::Socket(tx) => {
@@ -487,11 +501,12 @@ pub async fn publisher(p: Publisher) -> Result<(), BenchError> {
             let (sink, reader) = socket_sink(&url, run.clone()).await?;
             (sink, Some(reader))
         }
-        Via::Api => (api_sink(&url, api_key).await?, None),
+        Via::Api => (api_sink(&url, api_key.clone()).await?, None),
     };
     let rate = plan.rate / plan.publishers as f64;
     let mut seqs = vec![0u64; rooms.len()];
     let start = Instant::now();
+    let mut last_sent = start;
     let mut sent = 0u64;
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -499,6 +514,10 @@ pub async fn publisher(p: Publisher) -> Result<(), BenchError> {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => break,
+        }
+        if last_sent.elapsed() >= PUBLISHER_HEARTBEAT {
+            sink.heartbeat().await?;
+            last_sent = Instant::now();
         }
         let due = (start.elapsed().as_secs_f64() * rate) as u64;
         while sent < due {
@@ -516,7 +535,16 @@ pub async fn publisher(p: Publisher) -> Result<(), BenchError> {
                 ),
                 None => scan::content(index as u32, room as u32, seqs[room], t, plan.payload),
             };
-            sink.send(&rooms[room], content, &run).await?;
+            if let Err(e) = sink.send(&rooms[room], content.clone(), &run).await {
+                // A keep-alive API connection the node closed while quiet: once more on
+                // a new one.
+                if via != Via::Api {
+                    return Err(e);
+                }
+                sink = api_sink(&url, api_key.clone()).await?;
+                sink.send(&rooms[room], content, &run).await?;
+            }
+            last_sent = Instant::now();
             if run.counts(t) {
                 run.published.fetch_add(1, Relaxed);
                 run.expected.fetch_add(subscribers_per_room[room], Relaxed);
