@@ -284,24 +284,21 @@ pub async fn subscriber(
     deflate: bool,
     board: Option<Board>,
 ) -> Result<SubscriberResult, BenchError> {
-    let (mut ws, tap) = {
-        let place = run.joining.admit().await;
-        let started = Instant::now();
-        let joined = async {
-            let stream = run.joining.tcp(&url).await?;
-            let (mut ws, tap) = connect_over(&url, stream, run.wire_bytes.clone(), deflate).await?;
-            send_joins(&mut ws, &rooms, board).await?;
+    let (url, rooms, shared) = (&url, &rooms, &*run);
+    let (mut ws, tap) = run
+        .joining
+        .join(|place, started| async move {
+            let run = shared;
+            let stream = run.joining.tcp(url).await?;
+            let (mut ws, tap) = connect_over(url, stream, run.wire_bytes.clone(), deflate).await?;
+            send_joins(&mut ws, rooms, board).await?;
             // The bound is on handshakes in flight; the joins' answers are awaited
             // outside it (a probe may be seconds away).
             drop(place);
-            await_joins(&mut ws, &tap, &rooms, started, &run.snapshots).await?;
-            Ok::<_, BenchError>((ws, tap))
-        }
-        .await
-        .inspect_err(|_| run.joining.failed())?;
-        run.joining.joined(started);
-        joined
-    };
+            await_joins(&mut ws, &tap, rooms, started, &run.snapshots).await?;
+            Ok((ws, tap))
+        })
+        .await?;
     let _ = ready.send(()).await;
 
     let mut tally = Tally::new(board);

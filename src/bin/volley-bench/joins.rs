@@ -9,6 +9,7 @@
 //! probe reaches a socket only once its node delivers the room to it, from any node: the
 //! same proof the notice gives. The bench's scanner ignores probes.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -57,20 +58,25 @@ impl Joining {
         }
     }
 
-    /// A place among the sockets connecting at once.
-    pub async fn admit(&self) -> Option<SemaphorePermit<'_>> {
-        self.gate.acquire().await.ok()
-    }
-
-    /// One socket connected and joined, `since` it started.
-    pub fn joined(&self, since: Instant) {
+    /// One socket's connect and join, under the bound, timed and counted. `connect`
+    /// gets its place among the sockets connecting at once, to give up once its handshake
+    /// is done (the answer to its join may be a probe away), and the time it started.
+    pub async fn join<'a, T, Fut>(
+        &'a self,
+        connect: impl FnOnce(Option<SemaphorePermit<'a>>, Instant) -> Fut,
+    ) -> Result<T, BenchError>
+    where
+        Fut: Future<Output = Result<T, BenchError>>,
+    {
+        let place = self.gate.acquire().await.ok();
+        let started = Instant::now();
+        let joined = connect(place, started).await.inspect_err(|_| {
+            self.failed.fetch_add(1, Relaxed);
+        })?;
         if let Ok(mut times) = self.times.lock() {
-            let _ = times.record((since.elapsed().as_micros() as u64).max(1));
+            let _ = times.record((started.elapsed().as_micros() as u64).max(1));
         }
-    }
-
-    pub fn failed(&self) {
-        self.failed.fetch_add(1, Relaxed);
+        Ok(joined)
     }
 
     /// A subscriber's TCP connection, from the next source address when there are some.

@@ -139,15 +139,10 @@ pub async fn subscriber(
     stop: CancellationToken,
     board: Option<Board>,
 ) -> Result<SubscriberResult, BenchError> {
-    let mut events = {
-        let place = run.joining.admit().await;
-        let started = Instant::now();
-        let events = open(&url, &rooms, board, &run, place)
-            .await
-            .inspect_err(|_| run.joining.failed())?;
-        run.joining.joined(started);
-        events
-    };
+    let mut events = run
+        .joining
+        .join(|place, _| open(&url, &rooms, board, &run, place))
+        .await?;
     let _ = ready.send(()).await;
     let mut tally = Tally::new(board);
     loop {
