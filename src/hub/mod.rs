@@ -105,9 +105,11 @@ const SHARE_WRITES_FROM: usize = 1024;
 /// idle. One allocation per share, none per socket; a socket's own order holds (its
 /// outbox lets one thread write it at a time).
 fn flush_all(due: &mut Vec<Arc<Outbox>>) {
-    let workers = match tokio::runtime::Handle::try_current() {
-        Ok(rt) if due.len() >= SHARE_WRITES_FROM => rt.metrics().num_workers(),
-        _ => 1,
+    // Only a big window asks for the runtime (a thread-local read and a handle clone).
+    let workers = if due.len() >= SHARE_WRITES_FROM {
+        tokio::runtime::Handle::try_current().map_or(1, |rt| rt.metrics().num_workers())
+    } else {
+        1
     };
     if workers > 1 {
         let share = due.len().div_ceil(workers);
