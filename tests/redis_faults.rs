@@ -359,3 +359,33 @@ async fn a_durable_join_waiting_for_an_absent_redis_holds_up_nothing_else_on_its
         .await;
     assert_eq!(c.next_message().await["content"], "marker");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starved_of_cpu_keeps_its_subscriber() {
+    // A connect storm on a crowded machine starves a node: its tasks run late, its own
+    // probes wait unread in its socket. That says nothing of the connection: it must not
+    // be replaced (a replacement under traffic can drop plain rooms' messages).
+    let redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "starved", |_| {}).await;
+    let addr = node.local_addr();
+    wait_status(addr, "/readyz", 200).await;
+    let restarts = "volley_redis_subscriber_restarts_total";
+    assert_eq!(metric(addr, restarts).await, 0);
+    // Every worker blocked for most of each probe interval, again and again.
+    for _ in 0..30 {
+        let hogs: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn(async { std::thread::sleep(std::time::Duration::from_millis(180)) })
+            })
+            .collect();
+        for hog in hogs {
+            hog.await.unwrap();
+        }
+    }
+    wait_status(addr, "/readyz", 200).await;
+    assert_eq!(
+        metric(addr, restarts).await,
+        0,
+        "the subscriber was replaced"
+    );
+}

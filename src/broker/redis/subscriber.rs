@@ -13,7 +13,9 @@
 //! The node is ready only when a probe sent after the last full subscription came back.
 //! A probe that reaches no subscriber means Redis lost the subscription (a restart):
 //! everything is subscribed again at once. Two probes in a row that do not come back mean
-//! the connection is deaf, and it is replaced. A probe carrying another instance's token
+//! the connection is deaf, and it is replaced; a round whose tick came more than half an
+//! interval late (the node starved of CPU, its probe perhaps unread in its own socket)
+//! is not judged. A probe carrying another instance's token
 //! means another live node uses this node's id.
 
 use std::collections::HashSet;
@@ -93,8 +95,12 @@ pub(super) async fn run(
         tokio::select! {
             _ = subscriptions.changed.notified() => {}
             _ = stop.cancelled() => return,
-            _ = ticker.tick() => {
-                if probes.judge(&core) {
+            due = ticker.tick() => {
+                // A tick this late means the node itself ran late (starved of CPU):
+                // its probe may be waiting unread in its own socket, so this round says
+                // nothing of the connection; the next on-time one judges.
+                let starved = due.elapsed() > probe_interval / 2;
+                if !starved && probes.judge(&core) {
                     replace_deaf(&core, &mut conn, &current, probe_interval).await;
                     continue;
                 }
