@@ -13,9 +13,9 @@
 //! The node is ready only when a probe sent after the last full subscription came back.
 //! A probe that reaches no subscriber means Redis lost the subscription (a restart):
 //! everything is subscribed again at once. Two probes in a row that do not come back mean
-//! the connection is deaf, and it is replaced; a round whose tick came more than half an
-//! interval late (the node starved of CPU, its probe perhaps unread in its own socket)
-//! is not judged. A probe carrying another instance's token
+//! the connection is deaf, and it is replaced; in a round whose tick came more than half
+//! an interval late (the node starved of CPU, its probe perhaps unread in its own socket)
+//! a probe not back yet is not counted missing. A probe carrying another instance's token
 //! means another live node uses this node's id.
 
 use std::collections::HashSet;
@@ -97,10 +97,10 @@ pub(super) async fn run(
             _ = stop.cancelled() => return,
             due = ticker.tick() => {
                 // A tick this late means the node itself ran late (starved of CPU):
-                // its probe may be waiting unread in its own socket, so this round says
-                // nothing of the connection; the next on-time one judges.
+                // a probe not back yet may be waiting unread in its own socket, so it
+                // is not counted missing this round (one that came back still counts).
                 let starved = due.elapsed() > probe_interval / 2;
-                if !starved && probes.judge(&core) {
+                if probes.judge(&core, starved) {
                     replace_deaf(&core, &mut conn, &current, probe_interval).await;
                     continue;
                 }
@@ -124,13 +124,18 @@ struct Probes {
 }
 
 impl Probes {
-    /// Judges the last probe sent (once). While Redis is unreachable no probe is
-    /// published, so nothing is judged. True when so many were missed in a row that the
-    /// pub/sub connection must be replaced.
-    fn judge(&mut self, core: &Core) -> bool {
+    /// Judges the last probe sent (once; a miss is not judged while `starved`). While
+    /// Redis is unreachable no probe is published, so nothing is judged. True when so
+    /// many were missed in a row that the pub/sub connection must be replaced.
+    fn judge(&mut self, core: &Core, starved: bool) -> bool {
         if self.sent > self.judged {
+            let seen = core.probe_seen.load(Relaxed) >= self.sent;
+            if !seen && starved {
+                // Inconclusive: the node ran late, the probe may wait unread here.
+                return false;
+            }
             self.judged = self.sent;
-            if core.probe_seen.load(Relaxed) >= self.sent {
+            if seen {
                 self.misses = 0;
                 if self.sent > self.subscribed_after && !core.subscriber_ok.swap(true, Relaxed) {
                     tracing::info!("Redis subscriber delivering");
