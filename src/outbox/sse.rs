@@ -44,8 +44,6 @@ struct State {
     gone: bool,
     /// When the body last took bytes (or the stream began).
     taken_at: Instant,
-    /// Scratch for one event.
-    event: Vec<u8>,
 }
 
 impl SseSink {
@@ -60,7 +58,6 @@ impl SseSink {
                 ended: false,
                 gone: false,
                 taken_at: Instant::now(),
-                event: Vec::new(),
             }),
             taken: Notify::new(),
         })
@@ -167,9 +164,7 @@ impl State {
             0x1 => {
                 let moved = self.positions.follow(payload);
                 let id = moved.then(|| self.positions.id());
-                self.event.clear();
-                sse::write_event(&mut self.event, payload, id);
-                self.held.extend_from_slice(&self.event);
+                sse::write_event(&mut self.held, payload, id);
             }
             0x9 => self.held.extend_from_slice(sse::PING),
             0x8 => self.ended = true,

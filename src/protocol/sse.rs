@@ -181,18 +181,18 @@ impl Positions {
 /// Appends one event: `event:` the frame's type, the JSON as `data:` lines (a line break
 /// in it, which JSON allows only between tokens, starts another `data:` line, and the
 /// browser joins them with `\n` again), and `id:` when given.
-pub fn write_event(out: &mut Vec<u8>, json: &[u8], id: Option<&str>) {
-    out.extend_from_slice(b"event: ");
+pub fn write_event(out: &mut impl bytes::BufMut, json: &[u8], id: Option<&str>) {
+    out.put_slice(b"event: ");
     let kind = match type_of(json) {
         Some((kind, _)) if !kind.contains(&b'\\') => kind,
         _ => b"message",
     };
-    out.extend_from_slice(kind);
-    out.extend_from_slice(b"\ndata: ");
+    out.put_slice(kind);
+    out.put_slice(b"\ndata: ");
     let mut rest = json;
     while let Some(at) = memchr::memchr2(b'\n', b'\r', rest) {
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(b"\ndata: ");
+        out.put_slice(&rest[..at]);
+        out.put_slice(b"\ndata: ");
         let skip = if rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n') {
             2
         } else {
@@ -200,14 +200,14 @@ pub fn write_event(out: &mut Vec<u8>, json: &[u8], id: Option<&str>) {
         };
         rest = &rest[at + skip..];
     }
-    out.extend_from_slice(rest);
-    out.push(b'\n');
+    out.put_slice(rest);
+    out.put_u8(b'\n');
     if let Some(id) = id {
-        out.extend_from_slice(b"id: ");
-        out.extend_from_slice(id.as_bytes());
-        out.push(b'\n');
+        out.put_slice(b"id: ");
+        out.put_slice(id.as_bytes());
+        out.put_u8(b'\n');
     }
-    out.push(b'\n');
+    out.put_u8(b'\n');
 }
 
 /// A frame's type and what follows it: `{"type":"T"` then the rest.
