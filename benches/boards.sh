@@ -34,12 +34,9 @@ symbols=${SYMBOLS:-5000}
 sockets=${SOCKETS:-500}
 rate=${RATE:-2000}
 bin=${PREBUILT:-target/release}
+source benches/flamegraph.sh
 if [ -n "${FLAMEGRAPH:-}" ]; then
-  command -v perf >/dev/null || { echo "FLAMEGRAPH needs perf (Debian: linux-perf)"; exit 1; }
-  command -v inferno-flamegraph >/dev/null || { echo "FLAMEGRAPH needs inferno (cargo install inferno)"; exit 1; }
-  RUSTFLAGS=-Cforce-frame-pointers=yes CARGO_TARGET_DIR=target/fp \
-    cargo build --profile release-with-debug --locked --bins -q
-  bin=target/fp/release-with-debug
+  bin=$(flame_build)
 elif [ -z "${PREBUILT:-}" ]; then
   cargo build --release --locked --bins -q
 fi
@@ -89,14 +86,10 @@ bench() { # $1: label, then volley-bench flags
 start_node ""
 if [ -n "${FLAMEGRAPH:-}" ]; then
   # One delta run (its connects and warm-up too): the node's fan-out, deltas and writes.
-  perf record -e cpu-clock -F 997 -g -o target/perf-boards.data -p "$node_pid" 2>/dev/null &
-  perf_pid=$!
+  flame_record "$node_pid" boards
   bench delta --room-prefix "flame" --delta
-  kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
-  mkdir -p flamegraphs
-  perf script -i target/perf-boards.data 2>/dev/null | inferno-collapse-perf > "target/$FLAMEGRAPH.folded"
-  inferno-flamegraph --title "volley board, 500 delta subscribers: $FLAMEGRAPH" < "target/$FLAMEGRAPH.folded" > "flamegraphs/$FLAMEGRAPH.svg"
-  echo "wrote flamegraphs/$FLAMEGRAPH.svg"
+  flame_stop
+  flame_write "volley board, 500 delta subscribers: $FLAMEGRAPH"
   exit 0
 fi
 for r in $(seq "$rounds"); do

@@ -34,13 +34,9 @@ if [ "$nodes" -gt 1 ] && ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
 bin=target/release
+source benches/flamegraph.sh
 if [ -n "${FLAMEGRAPH:-}" ]; then
-  # Frame pointers give perf reliable stacks; a separate target dir keeps the normal build.
-  RUSTFLAGS=-Cforce-frame-pointers=yes CARGO_TARGET_DIR=target/fp \
-    cargo build --profile release-with-debug --locked --bins -q
-  bin=target/fp/release-with-debug
-  command -v perf >/dev/null || { echo "FLAMEGRAPH needs perf (Debian: linux-perf)"; exit 1; }
-  command -v inferno-flamegraph >/dev/null || { echo "FLAMEGRAPH needs inferno (cargo install inferno)"; exit 1; }
+  bin=$(flame_build)
 elif [ -n "${PREBUILT:-}" ]; then
   bin=$PREBUILT   # prebuilt volley and volley-bench, e.g. to keep editing while it runs
 else
@@ -106,20 +102,14 @@ shard_cmds() {
 }
 cpu_before=$(shard_cpu); cmds_before=$(shard_cmds)
 
-urls=(); node_pids=(); node_http=(); perf_pids=()
+urls=(); node_pids=(); node_http=()
 for i in $(seq "$nodes"); do
   port=$(free_port)
   node_cmd=("$bin/volley" --listen "127.0.0.1:$port" --node-id "bench-$i" --log warn
     --set limits.publish_rate=0 --set api.key=bench "${redis_args[@]}" "$@")
-  if [ -n "${FLAMEGRAPH:-}" ]; then
-    "${node_cmd[@]}" &
-    node_pid=$!
-    perf record -e cpu-clock -F 997 -g -o "target/perf-$i.data" -p "$node_pid" 2>/dev/null &
-    perf_pids+=($!)
-  else
-    "${node_cmd[@]}" &
-    node_pid=$!
-  fi
+  "${node_cmd[@]}" &
+  node_pid=$!
+  [ -z "${FLAMEGRAPH:-}" ] || flame_record "$node_pid" "$i"
   pids+=("$node_pid"); node_pids+=("$node_pid")
   urls+=(--url "ws://127.0.0.1:$port/ws")
   node_http+=("127.0.0.1:$port")
@@ -164,10 +154,6 @@ fi
 if [ -n "${FLAMEGRAPH:-}" ]; then
   for p in "${node_pids[@]}"; do kill "$p" 2>/dev/null || true; done
   # perf writes its data when the process it follows exits.
-  for p in "${perf_pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  mkdir -p flamegraphs
-  for i in $(seq "$nodes"); do perf script -i "target/perf-$i.data" 2>/dev/null; done |
-    inferno-collapse-perf > "target/$FLAMEGRAPH.folded"
-  inferno-flamegraph --title "volley $scenario: $FLAMEGRAPH" < "target/$FLAMEGRAPH.folded" > "flamegraphs/$FLAMEGRAPH.svg"
-  echo "wrote flamegraphs/$FLAMEGRAPH.svg"
+  flame_stop
+  flame_write "volley $scenario: $FLAMEGRAPH"
 fi

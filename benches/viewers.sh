@@ -8,6 +8,11 @@
 #   RATE=1 DURATION=20 benches/viewers.sh               goals per second, seconds measured
 #   PREBUILT=target/release benches/viewers.sh          no build
 #   BENCH_ARGS="--connect-concurrency 1000" ...         more volley-bench flags
+#   FLAMEGRAPH=NAME benches/viewers.sh                 the nodes under perf in the measured
+#                                                      seconds: flamegraphs/NAME.svg
+#   SIDE_VIEWERS=200 SIDE_RATE=10 benches/viewers.sh    a second room meanwhile: its viewers
+#                                                      spread over the nodes, its own small
+#                                                      steady traffic, its own report
 #
 # Every shard connects its share (spread over 8 loopback source addresses), confirms its
 # joins (probes: one room is far past limits.notices_max_members), then all shards
@@ -24,6 +29,8 @@ shards=${SHARDS:-$(( (viewers + 14999) / 15000 ))}
 rate=${RATE:-1}
 duration=${DURATION:-20}
 join_budget_s=${JOIN_BUDGET_S:-$(( 20 + viewers / 2000 ))}
+side_viewers=${SIDE_VIEWERS:-0}
+side_rate=${SIDE_RATE:-10}
 
 command -v redis-server >/dev/null 2>&1 || {
   as_root=""; [ "$(id -u)" -eq 0 ] || as_root="sudo"
@@ -31,7 +38,12 @@ command -v redis-server >/dev/null 2>&1 || {
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 }
 bin=${PREBUILT:-target/release}
-[ -n "${PREBUILT:-}" ] || cargo build --release --locked --bins -q
+source benches/flamegraph.sh
+if [ -n "${FLAMEGRAPH:-}" ]; then
+  bin=$(flame_build)
+elif [ -z "${PREBUILT:-}" ]; then
+  cargo build --release --locked --bins -q
+fi
 ulimit -n "$(ulimit -Hn)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -70,16 +82,35 @@ for i in $(seq 0 $(( shards - 1 ))); do
     --room-prefix "viewers-$$" --json "${extra[@]}" ${BENCH_ARGS:-} > "$out/$i.json" 2> "$out/$i.err" &
   shard_pids+=($!); pids+=($!)
 done
+if [ "$side_viewers" -gt 0 ]; then
+  "$bin/volley-bench" "${urls[@]}" --sockets "$side_viewers" --rooms 1 --publishers 1 \
+    --rate "$side_rate" --start-at "$start_at" --duration "$duration" \
+    --room-prefix "side-$$" > "$out/side.txt" 2> "$out/side.err" &
+  shard_pids+=($!); pids+=($!)
+fi
+if [ -n "${FLAMEGRAPH:-}" ]; then
+  # The measured seconds only: from --start-at, when every viewer has joined.
+  wait_ms=$(( start_at - $(date +%s%3N) ))
+  [ "$wait_ms" -le 0 ] || sleep "$(( wait_ms / 1000 )).$(printf '%03d' $(( wait_ms % 1000 )))"
+  for i in "${!node_pids[@]}"; do flame_record "${node_pids[$i]}" "$i"; done
+fi
 failed=0
 for p in "${shard_pids[@]}"; do wait "$p" || failed=1; done
+[ -z "${FLAMEGRAPH:-}" ] || flame_stop
 if [ "$failed" -ne 0 ]; then
   for i in $(seq 0 $(( shards - 1 ))); do sed "s/^/shard $i: /" "$out/$i.err"; done
+  [ "$side_viewers" -gt 0 ] && sed "s/^/second room: /" "$out/side.err"
   exit 1
 fi
-python3 benches/merge_shards.py "$out"/*.json
+python3 benches/merge_shards.py "$out"/[0-9]*.json
+if [ "$side_viewers" -gt 0 ]; then
+  echo "second room ($side_viewers viewers, $side_rate msg/s) meanwhile:"
+  grep -E "^(published|latency)" "$out/side.txt" | sed 's/^/  /'
+fi
 # The nodes' memory, every viewer still connected.
 for p in "${node_pids[@]}"; do
   kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status")
   echo "node $p: RSS $(( kib / 1024 )) MB = $(python3 -c "print(f'{$kib / ($viewers / $nodes):.1f}')") KiB per viewer"
 done
 rm -rf "$out"
+[ -z "${FLAMEGRAPH:-}" ] || flame_write "volley: one room, $viewers viewers on $nodes nodes, $rate goals/s"

@@ -152,6 +152,8 @@ pub struct Stats {
     slow_consumers_closed: AtomicU64,
     /// Queued messages replaced by a newer one with the same conflation key.
     conflated: AtomicU64,
+    /// Socket writes submitted through io_uring (`server.io_uring`).
+    io_uring_writes: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
     /// Messages per frame written.
     pub batch_messages: Histogram,
@@ -219,6 +221,7 @@ impl Default for Stats {
             frames_out: AtomicU64::new(0),
             slow_consumers_closed: AtomicU64::new(0),
             conflated: AtomicU64::new(0),
+            io_uring_writes: AtomicU64::new(0),
             errors: Default::default(),
             batch_messages: Histogram::new(BATCH_MESSAGES),
             delivery_latency: Histogram::new(LATENCY_US),
@@ -288,6 +291,11 @@ impl Stats {
     /// A queued message gave way to a newer one with the same conflation key.
     pub fn conflated(&self) {
         self.conflated.fetch_add(1, Relaxed);
+    }
+
+    /// `n` socket writes went out in one io_uring submission.
+    pub fn io_uring_writes(&self, n: usize) {
+        self.io_uring_writes.fetch_add(n as u64, Relaxed);
     }
 
     pub fn protocol_error(&self, code: ErrorCode) {
@@ -383,6 +391,12 @@ impl Stats {
             "volley_conflated_total",
             "Messages replaced by a newer one with the same conflation key (rooms with conflate): in a room's window, counted once for all its subscribers, or in a slow reader's outbox, counted per socket.",
             self.conflated.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "volley_io_uring_writes_total",
+            "Socket writes submitted through io_uring (server.io_uring); the others are writev calls.",
+            self.io_uring_writes.load(Relaxed),
         );
         labelled_counter(
             &mut out,

@@ -1,5 +1,7 @@
 //! A socket that stops reading is closed (1008) before it costs more than one outbox;
-//! a fast socket in the same room keeps receiving everything.
+//! a fast socket in the same room keeps receiving everything. The same with the room's
+//! writes submitted through io_uring (`server.io_uring`): a socket that takes part of a
+//! write, or nothing, falls back to the writer task and loses nothing.
 
 mod common;
 
@@ -8,10 +10,26 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_slow_reader_is_closed_while_a_fast_one_keeps_receiving() {
+    assert_eq!(slow_and_fast(false).await, 0, "no write through io_uring");
+}
+
+#[tokio::test]
+async fn through_io_uring_a_slow_reader_is_closed_and_a_fast_one_loses_nothing() {
+    assert!(
+        slow_and_fast(true).await > 0,
+        "the room's writes went through io_uring"
+    );
+}
+
+/// A slow and a fast reader in one room, 32 KiB messages published until the slow one
+/// is closed: the fast one gets every message in order. Returns the node's
+/// `volley_io_uring_writes_total`.
+async fn slow_and_fast(io_uring: bool) -> u64 {
     let server = start(|c| {
         c.limits.max_outbox_bytes = 256 * 1024;
         c.limits.max_frame_bytes = 64 * 1024;
         c.batch.delivery_window_ms = 5;
+        c.server.io_uring = io_uring;
     })
     .await;
     let addr = server.local_addr();
@@ -71,4 +89,5 @@ async fn a_slow_reader_is_closed_while_a_fast_one_keeps_receiving() {
     );
     let h = health(addr).await;
     assert_eq!(h["slow_consumers_closed"], 1, "only the slow reader: {h}");
+    metric(addr, "volley_io_uring_writes_total").await
 }

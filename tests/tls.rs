@@ -166,15 +166,26 @@ async fn a_node_with_a_certificate_serves_wss_and_the_https_api() {
 
 #[tokio::test]
 async fn a_reader_that_falls_behind_over_tls_gets_every_message_in_order() {
+    falls_behind(false).await;
+}
+
+/// `server.io_uring` writes only plain TCP sockets that way; TLS goes through rustls.
+#[tokio::test]
+async fn with_io_uring_on_a_tls_reader_still_gets_every_message_in_order() {
+    falls_behind(true).await;
+}
+
+async fn falls_behind(io_uring: bool) {
     // Far more than the socket buffers hold: most of it waits in the outbox, the writer
     // task and rustls's own output, and must come out whole and in order.
     const MESSAGES: usize = 300;
-    let cert = Certificate::new("behind");
+    let cert = Certificate::new(if io_uring { "behind-uring" } else { "behind" });
     let server = start(|c| {
         cert.use_in(c);
-        c.batch.delivery_window_ms = 0;
+        c.batch.delivery_window_ms = if io_uring { 5 } else { 0 };
         c.limits.max_outbox_bytes = 16 << 20;
         c.limits.publish_rate = 0;
+        c.server.io_uring = io_uring;
     })
     .await;
     let addr = server.local_addr();

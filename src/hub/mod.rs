@@ -116,15 +116,12 @@ fn flush_all(due: &mut Vec<Arc<Outbox>>) {
         while due.len() > share {
             let theirs: Vec<Arc<Outbox>> = due.drain(due.len() - share..).collect();
             tokio::spawn(async move {
-                for outbox in theirs {
-                    outbox.flush();
-                }
+                let mut theirs = theirs;
+                crate::outbox::flush_each(&mut theirs);
             });
         }
     }
-    for outbox in due.drain(..) {
-        outbox.flush();
-    }
+    crate::outbox::flush_each(due);
 }
 
 /// What a joiner gets of what arrived while its history was read: what the history did

@@ -106,7 +106,9 @@ impl Node {
                 DeliveryPolicy::with_classes(&config.batch, classes.clone())
                     .with_compression(config.compression.min_bytes, config.compression.level),
             );
-            let due: Arc<DueList> = Arc::new(DueList::new(policy.paces().count()));
+            let due: Arc<DueList> = Arc::new(
+                DueList::new(policy.paces().count()).with_io_uring(config.server.io_uring),
+            );
             for pace in policy.paces() {
                 // At each tick the rooms deliver their windows first, then the sockets
                 // listed for the tick write what they hold (the window's clock, once).

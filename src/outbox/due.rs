@@ -15,6 +15,8 @@ pub struct DueList<W: SocketWrite = super::SocketOut> {
     /// Per pace; each socket is listed at most once per tick (`Outbox::push_paced` sees
     /// to it).
     due: Vec<Mutex<Vec<Arc<Outbox<W>>>>>,
+    /// The node writes through io_uring (`server.io_uring`).
+    io_uring: bool,
 }
 
 impl<W: SocketWrite> Default for DueList<W> {
@@ -29,7 +31,18 @@ impl<W: SocketWrite> DueList<W> {
     pub fn new(paces: usize) -> DueList<W> {
         DueList {
             due: (0..paces.max(1)).map(|_| Mutex::default()).collect(),
+            io_uring: false,
         }
+    }
+
+    /// Writes through io_uring where it can (`server.io_uring`).
+    pub fn with_io_uring(mut self, on: bool) -> DueList<W> {
+        self.io_uring = on;
+        self
+    }
+
+    pub(super) fn io_uring(&self) -> bool {
+        self.io_uring
     }
 
     /// Lists a socket for `pace`'s next tick.

@@ -27,6 +27,7 @@
 mod due;
 mod scratch;
 mod sse;
+mod uring;
 mod write;
 mod writer;
 
@@ -45,6 +46,7 @@ use crate::protocol::{close_code, outbound, Encoded};
 pub use due::DueList;
 pub use scratch::with_scratch;
 pub use sse::{SseBody, SseSink};
+pub use uring::flush_each;
 use write::try_write_all;
 pub use write::{SocketOut, SocketWrite};
 pub use writer::{run as run_writer, CLOSE_GRACE};
@@ -405,49 +407,63 @@ impl<W: SocketWrite> Outbox<W> {
 
     fn flush_with(&self, io: &W, scratch: &mut Scratch) {
         let Scratch { drained, frames } = scratch;
-        loop {
-            {
-                let mut state = self.state.lock();
-                if state.busy {
-                    state.due_while_busy = true;
-                    return;
-                }
-                if state.close.is_some() {
-                    drop(state);
-                    self.wake.notify_one();
-                    return;
-                }
-                take(&mut state, drained);
-                state.busy = true;
-            }
-            frames.clear();
-            self.frames_for(drained, frames);
+        frames.clear();
+        while self.begin_write(drained, frames) {
             let written = try_write_all(io, frames);
+            if !self.end_write(written, frames) {
+                return;
+            }
+        }
+    }
+
+    /// Takes what is queued for a write from this thread and appends its frames to
+    /// `frames`; false if another thread is writing (it takes them when done) or a close
+    /// is pending (the writer task's).
+    fn begin_write(&self, drained: &mut Drained, frames: &mut Vec<Bytes>) -> bool {
+        {
             let mut state = self.state.lock();
-            match written {
-                Ok(true) => {
-                    state.busy = false;
-                    release(&mut state);
-                    if !std::mem::take(&mut state.due_while_busy) {
-                        return;
-                    }
-                }
-                Ok(false) => {
-                    // The socket is full: the writer task waits until it takes the rest.
-                    state.unsent.append(frames);
-                    state.left_to_writer = true;
-                    drop(state);
-                    self.wake.notify_one();
-                    return;
-                }
-                Err(e) => {
-                    state.busy = false;
-                    release(&mut state);
-                    drop(state);
-                    tracing::debug!(conn = self.id, error = %e, "socket write failed");
-                    self.close(CloseReason::Gone);
-                    return;
-                }
+            if state.busy {
+                state.due_while_busy = true;
+                return false;
+            }
+            if state.close.is_some() {
+                drop(state);
+                self.wake.notify_one();
+                return false;
+            }
+            take(&mut state, drained);
+            state.busy = true;
+        }
+        self.frames_for(drained, frames);
+        true
+    }
+
+    /// After the write `begin_write` began: `Ok(false)` hands what is left in `frames`
+    /// to the writer task, an error closes. True if more became due meanwhile (write
+    /// again); `frames` is empty then.
+    fn end_write(&self, written: std::io::Result<bool>, frames: &mut Vec<Bytes>) -> bool {
+        let mut state = self.state.lock();
+        match written {
+            Ok(true) => {
+                state.busy = false;
+                release(&mut state);
+                std::mem::take(&mut state.due_while_busy)
+            }
+            Ok(false) => {
+                // The socket is full: the writer task waits until it takes the rest.
+                state.unsent.append(frames);
+                state.left_to_writer = true;
+                drop(state);
+                self.wake.notify_one();
+                false
+            }
+            Err(e) => {
+                state.busy = false;
+                release(&mut state);
+                drop(state);
+                tracing::debug!(conn = self.id, error = %e, "socket write failed");
+                self.close(CloseReason::Gone);
+                false
             }
         }
     }

@@ -18,7 +18,7 @@ use super::sse::SseSink;
 use crate::tls::TlsSocket;
 
 /// Slices per `writev`; Linux accepts up to 1024, 64 keeps the array on the stack.
-const IOV_CHUNK: usize = 64;
+pub(super) const IOV_CHUNK: usize = 64;
 
 /// The write side of a socket, as an outbox needs it.
 pub trait SocketWrite: Send + Sync + 'static {
@@ -51,6 +51,17 @@ pub enum SocketOut {
     Tcp(OwnedWriteHalf),
     Tls(Arc<TlsSocket>),
     Sse(Arc<SseSink>),
+}
+
+impl SocketOut {
+    /// The socket's descriptor when it is plain TCP (written directly, as by io_uring).
+    pub(super) fn tcp_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            SocketOut::Tcp(half) => Some(half.as_ref().as_raw_fd()),
+            SocketOut::Tls(_) | SocketOut::Sse(_) => None,
+        }
+    }
 }
 
 impl SocketWrite for SocketOut {
@@ -158,7 +169,7 @@ fn write_some<W: SocketWrite>(io: &W, frames: &mut [Bytes]) -> io::Result<usize>
 
 /// Consumes `n` written bytes from the front of `frames`: returns how many frames were
 /// written whole and advances the next one past its written part.
-fn advance(frames: &mut [Bytes], mut n: usize) -> usize {
+pub(super) fn advance(frames: &mut [Bytes], mut n: usize) -> usize {
     let mut whole = 0;
     for frame in frames.iter_mut() {
         if n >= frame.len() {
