@@ -50,7 +50,7 @@ def main(paths):
     p99s = ", ".join("%.0f" % j["p99_ms"] for j in joins)
     failed = sum(j["failed"] for j in joins)
     print(f"joins: {sockets} sockets in {join_seconds:.1f} s ({sockets / join_seconds:.0f}/s)  "
-          f"p99 per shard {p99s} ms  failed {failed}")
+          f"p99 per shard {p99s} ms  failed attempts {failed} (retried)")
     rss = [j.get("bench_kib_per_socket") for j in joins if j.get("bench_kib_per_socket")]
     if rss:
         print(f"volley-bench memory per socket: {max(rss):.1f} KiB (the largest shard's)")

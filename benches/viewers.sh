@@ -8,6 +8,7 @@
 #   RATE=1 DURATION=20 benches/viewers.sh               goals per second, seconds measured
 #   PREBUILT=target/release benches/viewers.sh          no build
 #   BENCH_ARGS="--connect-concurrency 1000" ...         more volley-bench flags
+#   NODE_ARGS="--set server.io_uring=true" ...          more flags for every node
 #   FLAMEGRAPH=NAME benches/viewers.sh                 the nodes under perf in the measured
 #                                                      seconds: flamegraphs/NAME.svg
 #   SIDE_VIEWERS=200 SIDE_RATE=10 benches/viewers.sh    a second room meanwhile: its viewers
@@ -63,7 +64,7 @@ for i in $(seq "$nodes"); do
   port=$(free_port)
   "$bin/volley" --listen "127.0.0.1:$port" --node-id "viewers-$i" --log warn \
     --set "redis.url=redis://127.0.0.1:$rport" --set limits.publish_rate=0 \
-    --set limits.join_rate=0 --set "limits.max_connections=$per_node" &
+    --set limits.join_rate=0 --set "limits.max_connections=$per_node" ${NODE_ARGS:-} &
   pids+=($!); node_pids+=($!)
   urls+=(--url "ws://127.0.0.1:$port/ws")
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
@@ -88,15 +89,20 @@ if [ "$side_viewers" -gt 0 ]; then
     --room-prefix "side-$$" > "$out/side.txt" 2> "$out/side.err" &
   shard_pids+=($!); pids+=($!)
 fi
+sleep_until() {
+  local ms=$(( $1 - $(date +%s%3N) ))
+  [ "$ms" -le 0 ] || sleep "$(( ms / 1000 )).$(printf '%03d' $(( ms % 1000 )))"
+}
 if [ -n "${FLAMEGRAPH:-}" ]; then
-  # The measured seconds only: from --start-at, when every viewer has joined.
-  wait_ms=$(( start_at - $(date +%s%3N) ))
-  [ "$wait_ms" -le 0 ] || sleep "$(( wait_ms / 1000 )).$(printf '%03d' $(( wait_ms % 1000 )))"
+  # The measured seconds only: from --start-at, every viewer joined, until the load
+  # processes stop (their sockets closing is not the goals' cost).
+  sleep_until "$start_at"
   for i in "${!node_pids[@]}"; do flame_record "${node_pids[$i]}" "$i"; done
+  sleep_until "$(python3 -c "print(int($start_at + $duration * 1000))")"
+  flame_stop
 fi
 failed=0
 for p in "${shard_pids[@]}"; do wait "$p" || failed=1; done
-[ -z "${FLAMEGRAPH:-}" ] || flame_stop
 if [ "$failed" -ne 0 ]; then
   for i in $(seq 0 $(( shards - 1 ))); do sed "s/^/shard $i: /" "$out/$i.err"; done
   [ "$side_viewers" -gt 0 ] && sed "s/^/second room: /" "$out/side.err"

@@ -99,29 +99,41 @@ fn with_due(fan_out: impl FnOnce(&mut Vec<Arc<Outbox>>) -> FanOut) -> FanOut {
 /// Sockets due at once past which their writes are shared among the runtime's workers.
 const SHARE_WRITES_FROM: usize = 1024;
 
+/// Sockets a share writes before it lets other tasks run.
+const SLICE: usize = 256;
+
 /// Writes every due socket. A big room's window (thousands of sockets due at once) is
-/// split among the runtime's worker threads: this thread writes one share and the
-/// others are spawned, so every core writes instead of one writing while the others
-/// idle. One allocation per share, none per socket; a socket's own order holds (its
-/// outbox lets one thread write it at a time).
+/// split among the runtime's worker threads, one task per share, so every core writes
+/// instead of one writing while the others idle; and each share yields every `SLICE`
+/// sockets, so other rooms' deliveries and the sockets' reads go on while a goal is
+/// written to 16 000 (without it, a small room's message waited for the whole window).
+/// One allocation per share, none per socket; a socket's own order holds (its outbox
+/// lets one thread write it at a time).
 fn flush_all(due: &mut Vec<Arc<Outbox>>) {
     // Only a big window asks for the runtime (a thread-local read and a handle clone).
-    let workers = if due.len() >= SHARE_WRITES_FROM {
-        tokio::runtime::Handle::try_current().map_or(1, |rt| rt.metrics().num_workers())
-    } else {
-        1
-    };
-    if workers > 1 {
-        let share = due.len().div_ceil(workers);
-        while due.len() > share {
-            let theirs: Vec<Arc<Outbox>> = due.drain(due.len() - share..).collect();
-            tokio::spawn(async move {
-                let mut theirs = theirs;
-                crate::outbox::flush_each(&mut theirs);
-            });
+    let runtime = (due.len() >= SHARE_WRITES_FROM)
+        .then(tokio::runtime::Handle::try_current)
+        .and_then(Result::ok);
+    match runtime {
+        Some(rt) => {
+            let share = due.len().div_ceil(rt.metrics().num_workers().max(1));
+            while !due.is_empty() {
+                let theirs = due.drain(due.len().saturating_sub(share)..).collect();
+                rt.spawn(write_share(theirs));
+            }
         }
+        None => crate::outbox::flush_each(due),
     }
-    crate::outbox::flush_each(due);
+}
+
+/// Writes a share of a big window, `SLICE` sockets at a time.
+async fn write_share(mut share: Vec<Arc<Outbox>>) {
+    let mut slice = Vec::with_capacity(SLICE.min(share.len()));
+    while !share.is_empty() {
+        slice.extend(share.drain(share.len().saturating_sub(SLICE)..));
+        crate::outbox::flush_each(&mut slice);
+        tokio::task::yield_now().await;
+    }
 }
 
 /// What a joiner gets of what arrived while its history was read: what the history did

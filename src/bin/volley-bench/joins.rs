@@ -32,6 +32,10 @@ const PROBE_EVERY_MAX: Duration = Duration::from_secs(2);
 /// Joins are left to their notices this long before probes start.
 const PROBES_AFTER: Duration = Duration::from_secs(1);
 
+/// Attempts per socket before the run gives up on it, and the first pause between them.
+const ATTEMPTS: u32 = 4;
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
 /// The run's joining: the gate, the source addresses, and the times.
 pub struct Joining {
     gate: Semaphore,
@@ -61,22 +65,39 @@ impl Joining {
     /// One socket's connect and join, under the bound, timed and counted. `connect`
     /// gets its place among the sockets connecting at once, to give up once its handshake
     /// is done (the answer to its join may be a probe away), and the time it started.
+    /// A failed attempt (refused, dropped mid-handshake) is counted and tried again
+    /// after a pause, as a browser would, up to `ATTEMPTS` times; the time is the
+    /// successful attempt's.
     pub async fn join<'a, T, Fut>(
         &'a self,
-        connect: impl FnOnce(Option<SemaphorePermit<'a>>, Instant) -> Fut,
+        connect: impl Fn(Option<SemaphorePermit<'a>>, Instant) -> Fut,
     ) -> Result<T, BenchError>
     where
         Fut: Future<Output = Result<T, BenchError>>,
     {
-        let place = self.gate.acquire().await.ok();
-        let started = Instant::now();
-        let joined = connect(place, started).await.inspect_err(|_| {
-            self.failed.fetch_add(1, Relaxed);
-        })?;
-        if let Ok(mut times) = self.times.lock() {
-            let _ = times.record((started.elapsed().as_micros() as u64).max(1));
+        let mut pause = RETRY_AFTER;
+        let mut attempt = 1;
+        loop {
+            let place = self.gate.acquire().await.ok();
+            let started = Instant::now();
+            match connect(place, started).await {
+                Ok(joined) => {
+                    if let Ok(mut times) = self.times.lock() {
+                        let _ = times.record((started.elapsed().as_micros() as u64).max(1));
+                    }
+                    return Ok(joined);
+                }
+                Err(e) => {
+                    self.failed.fetch_add(1, Relaxed);
+                    if attempt == ATTEMPTS {
+                        return Err(e);
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            attempt += 1;
         }
-        Ok(joined)
     }
 
     /// A subscriber's TCP connection, from the next source address when there are some.

@@ -59,6 +59,7 @@ pub struct JoinReport {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Attempts that failed (each retried after a pause, up to four attempts a socket).
     pub failed: u64,
     pub bench_rss_mb: Option<f64>,
     pub bench_kib_per_socket: Option<f64>,
@@ -138,7 +139,7 @@ impl Report {
         }
         let j = &self.joins;
         println!(
-            "joins: {} sockets in {:.2} s ({:.0}/s)  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  failed {}  bench RSS {}",
+            "joins: {} sockets in {:.2} s ({:.0}/s)  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  failed attempts {} (retried)  bench RSS {}",
             j.sockets,
             j.seconds,
             j.sockets_per_s,
