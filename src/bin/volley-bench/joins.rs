@@ -5,7 +5,7 @@
 //! A join is confirmed by its own `user_joined`, or, in a room too big for notices
 //! (`limits.notices_max_members`), by a probe: a message `{"probe":"<room>"}` that a prober
 //! socket publishes to every room while joins are outstanding (after 0.25 s, 0.5 s, 1 s,
-//! then every 2 s). A
+//! then every 2 s; with `--shard i/n` each shard at 1/n of that pace). A
 //! probe reaches a socket only once its node delivers the room to it, from any node: the
 //! same proof the notice gives. The bench's scanner ignores probes.
 
@@ -163,7 +163,11 @@ pub fn probe_of(room: &str) -> Vec<u8> {
 
 /// Publishes a probe to every room, a few times a second, until `stop` (after giving
 /// notices a second to answer the joins first).
-pub async fn prober(url: String, rooms: Vec<String>, stop: CancellationToken) {
+/// `shards` processes probe the same room, each at 1/`shards` of the pace, so the room
+/// gets one probe round per pause in all (seven probers at full pace, each round a
+/// delivery to every socket joined so far, starved the 100 000-socket storm's
+/// handshakes past the nodes' header timeout).
+pub async fn prober(url: String, rooms: Vec<String>, shards: u32, stop: CancellationToken) {
     tokio::select! {
         _ = tokio::time::sleep(PROBES_AFTER) => {}
         _ = stop.cancelled() => return,
@@ -172,7 +176,8 @@ pub async fn prober(url: String, rooms: Vec<String>, stop: CancellationToken) {
         eprintln!("volley-bench: the prober could not connect to {url}; joins wait for notices");
         return;
     };
-    let mut pause = PROBE_EVERY;
+    let shards = shards.max(1);
+    let mut pause = PROBE_EVERY * shards;
     loop {
         for room in &rooms {
             let probe = String::from_utf8_lossy(&probe_of(room)).into_owned();
@@ -187,7 +192,7 @@ pub async fn prober(url: String, rooms: Vec<String>, stop: CancellationToken) {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => return,
         }
-        pause = (pause * 2).min(PROBE_EVERY_MAX);
+        pause = (pause * 2).min(PROBE_EVERY_MAX * shards);
     }
 }
 

@@ -170,7 +170,8 @@ async fn connect(
     let probing = CancellationToken::new();
     if plan.board.is_none() && !args.urls.is_empty() {
         let (url, rooms) = (args.urls[0].clone(), rooms.to_vec());
-        tokio::spawn(joins::prober(url, rooms, probing.clone()));
+        let shards = args.shard.map_or(1, |s| s.of as u32);
+        tokio::spawn(joins::prober(url, rooms, shards, probing.clone()));
     }
     let _stop_probing = probing.drop_guard();
     for joined in 0..mine {
