@@ -25,9 +25,11 @@ NODE_US_BY_MESSAGES_PER_FRAME = [
     (160, 0.30),
     (320, 0.24),
 ]
-# RSS per idle connected socket joined to one room (plain TCP, one node;
-# benches/idle_sockets.py at 15 000 sockets: 5.1 KB, the median of 3 runs).
-NODE_KIB_PER_SOCKET = 5.0
+# RSS per connected socket joined to one room (plain TCP, one node): 5.0 KiB when they
+# connect a few at a time (benches/idle_sockets.py at 15 000 sockets, median of 3), 7.6
+# KiB after a storm of 16 000 at 500 handshakes at once (benches/viewers.sh; what a node
+# restart brings): planned at the storm's figure.
+NODE_KIB_PER_SOCKET = 7.6
 # Redis CPU per PUBLISH (or SPUBLISH) command of a ~1 KB envelope, and per subscriber
 # connection it is delivered to. benches/redis_pubsub_cost.sh measures 0.8-0.9 µs per
 # command and 0.4-0.5 µs per subscriber in deep pipelines; in the e2e runs (a pipeline
