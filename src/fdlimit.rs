@@ -7,6 +7,22 @@
 /// logs, the runtime's own.
 const BESIDES: u64 = 64;
 
+/// This process's open descriptors and its (soft) limit, for `/metrics`
+/// (`process_open_fds`, `process_max_fds`); `None` where `/proc` or the limit cannot be read.
+pub fn usage() -> (Option<u64>, Option<u64>) {
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count().saturating_sub(1) as u64);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed to it.
+    let max = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
+        .then_some(limit.rlim_cur);
+    (open, max)
+}
+
 /// Raises the soft limit to the hard one; the warning to log when the limit is still
 /// below `max_connections` (and what the node needs besides them).
 pub fn raise_for(max_connections: usize) -> Option<String> {

@@ -319,3 +319,45 @@ async fn without_redis_the_cluster_is_this_node() {
     .expect("a report within a few seconds");
     assert_eq!(nodes[0]["serverId"], "test-node");
 }
+
+/// The levels deploy/prometheus/volley-rules.yml alerts on follow the node: ready and
+/// connected with Redis up, both 0 once Redis is gone, the outage buffer filling with
+/// what waits for it, the open files counted against the limit.
+#[tokio::test]
+async fn the_levels_the_alert_rules_read_follow_redis() {
+    let mut redis = RedisServer::start().await;
+    let node = start_on_redis(&redis, "levels", |c| {
+        c.redis.outage_buffer = 500;
+        c.api.key = "k".into();
+    })
+    .await;
+    let addr = node.local_addr();
+    wait_status(addr, "/readyz", 200).await;
+    let (_, s) = scrape(addr).await;
+    assert_eq!(value(&s, "volley_ready", &[]), 1.0);
+    assert_eq!(value(&s, "volley_broker_connected", &[]), 1.0);
+    assert_eq!(value(&s, "volley_redis_outage_buffered", &[]), 0.0);
+    assert_eq!(value(&s, "volley_redis_outage_buffer_size", &[]), 500.0);
+    let (open, max) = (
+        value(&s, "process_open_fds", &[]),
+        value(&s, "process_max_fds", &[]),
+    );
+    assert!(open >= 3.0 && open < max, "open {open}, limit {max}");
+
+    redis.kill();
+    wait_status(addr, "/readyz", 503).await;
+    wait_metric(addr, "volley_broker_connected", |v| v == 0).await;
+    assert_eq!(metric(addr, "volley_ready").await, 0);
+    for n in 0..20 {
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/api/publish",
+            &[("Authorization", "apikey k")],
+            json!({"roomId": "r", "content": n}).to_string().as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_metric(addr, "volley_redis_outage_buffered", |v| v == 20).await;
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs (Debian's redis-server,
-# chromium, nginx-light, nodejs, npm and curl (the SSE tests' client), and Python's websockets from PyPI; the client
+# chromium, nginx-light, nodejs, npm, curl (the SSE tests' client) and prometheus (promtool), and Python's websockets from PyPI; the client
 # package's test installs its `ws` dependency from the npm registry), checks formatting, clippy
 # and the docs, then runs the suite.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
@@ -16,6 +16,8 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+# promtool, for the alert rules' tests (Debian's prometheus package).
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]} (Debian packages)"
   as_root=""

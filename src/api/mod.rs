@@ -18,7 +18,6 @@ use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use crate::broker::BrokerState;
 use crate::metrics::Source;
 use crate::node::Node;
 use crate::protocol::inbound::Replay;
@@ -354,10 +353,10 @@ async fn node_reports(node: &Node, reports: &NodeReports) -> Response<Body> {
 fn ready(node: &Arc<Node>) -> Response<Body> {
     let health = node.health();
     let draining = node.is_draining();
-    let status = match health.broker_state {
-        _ if draining => StatusCode::SERVICE_UNAVAILABLE,
-        BrokerState::Connected => StatusCode::OK,
-        BrokerState::Reconnecting | BrokerState::DuplicateNodeId => StatusCode::SERVICE_UNAVAILABLE,
+    let status = if node.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(
         status,

@@ -491,12 +491,26 @@ impl Node {
 
     /// `/metrics`: every figure of this node in the Prometheus text format.
     pub fn prometheus(&self) -> String {
+        let (open_fds, max_fds) = crate::fdlimit::usage();
+        let broker_connected = self.broker.state() == BrokerState::Connected;
+        let levels = crate::metrics::Levels {
+            rooms: self.hub.room_count(),
+            ready: self.is_ready(),
+            broker_connected,
+            open_fds,
+            max_fds,
+        };
         self.stats.render_prometheus(
             &self.id,
             self.broker.engine(),
-            self.hub.room_count(),
+            &levels,
             &self.broker.counters(),
         )
+    }
+
+    /// What `/readyz` answers: the broker connected and the node not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.state() == BrokerState::Connected
     }
 
     pub fn rooms(&self) -> usize {

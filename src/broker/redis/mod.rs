@@ -157,9 +157,22 @@ impl Health for RedisBroker {
     }
 
     fn counters(&self) -> Vec<Counter> {
-        self.core
+        let mut counters = self
+            .core
             .counters
-            .describe(self.core.peers.lock().len() as u64)
+            .describe(self.core.peers.lock().len() as u64);
+        let (buffered, size) = self.queue.fill();
+        counters.push(Counter::level(
+            "redis_outage_buffered",
+            "Publishes waiting for Redis (queued, or held by the publisher while Redis is away); past redis_outage_buffer_size they are refused.",
+            buffered as u64,
+        ));
+        counters.push(Counter::level(
+            "redis_outage_buffer_size",
+            "redis.outage_buffer: the most publishes that may wait for Redis.",
+            size as u64,
+        ));
+        counters
     }
 }
 

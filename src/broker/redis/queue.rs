@@ -110,6 +110,13 @@ impl PublishQueue {
         Ok(())
     }
 
+    /// Publishes queued or held by the publisher, and the most there may be
+    /// (`redis.outage_buffer`): how full the outage buffer is.
+    pub fn fill(&self) -> (usize, usize) {
+        let queued = self.items.lock().len;
+        (queued + self.held.load(Relaxed), self.capacity)
+    }
+
     /// The publish windows, for the publisher's clocks.
     pub fn paces(&self) -> &PublishPaces {
         &self.paces

@@ -16,6 +16,9 @@ use serde::Serialize;
 
 use crate::protocol::ErrorCode;
 
+mod levels;
+pub use levels::Levels;
+
 /// Where a published message entered this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -326,11 +329,12 @@ impl Stats {
         &self,
         node_id: &str,
         broker: &str,
-        rooms: usize,
+        levels: &Levels,
         broker_counters: &[Counter],
     ) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let s = self.snapshot();
+        levels.render(&mut out);
         gauge(
             &mut out,
             "volley_node_info",
@@ -347,7 +351,7 @@ impl Stats {
             &mut out,
             "volley_rooms",
             "Rooms with at least one socket on this node.",
-            &format!(" {rooms}"),
+            &format!(" {}", levels.rooms),
         );
         counter(
             &mut out,
