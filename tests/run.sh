@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of README.md: installs what the suite needs (Debian's redis-server,
-# chromium, nginx-light, nodejs, npm, curl (the SSE tests' client) and prometheus (promtool), and Python's websockets from PyPI; the client
+# chromium, nginx-light, nodejs, npm, curl (the SSE tests' client), prometheus (promtool) and
+# systemd (systemd-analyze), cargo-deb from crates.io, and Python's websockets from PyPI; the client
 # package's test installs its `ws` dependency from the npm registry), checks formatting, clippy
 # and the docs, then runs the suite.
 # The Redis tests start their own redis-server processes on free 127.0.0.1 ports;
@@ -18,6 +19,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 # promtool, for the alert rules' tests (Debian's prometheus package).
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# systemd-analyze, for the package's unit (tests/package.rs).
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]} (Debian packages)"
   as_root=""
@@ -26,6 +29,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $as_root apt-get update -qq
   $as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# cargo-deb builds the Debian package that tests/package.rs installs and removes.
+cargo deb --version >/dev/null 2>&1 || cargo install cargo-deb --version 3.8.0 --locked
 
 # Python's websockets: a real client not written here, for the permessage-deflate tests.
 python3 -c 'import websockets' 2>/dev/null || python3 -m pip install -q websockets
