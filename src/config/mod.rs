@@ -172,7 +172,8 @@ pub enum EnvelopeMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`; empty keeps the node on the memory broker.
+    /// `redis://[:password@]host:port[/db]`, or `rediss://` for TLS; empty keeps the node
+    /// on the memory broker.
     pub url: String,
     pub envelope: EnvelopeMode,
     /// Prefix on every channel and key volley uses.
@@ -202,6 +203,13 @@ pub struct RedisConfig {
     pub master_password: String,
     /// Password of the sentinels themselves.
     pub sentinel_password: String,
+    /// For `rediss://` URLs: the PEM file of the CA that signed the servers'
+    /// certificates; empty trusts the system's roots.
+    pub tls_ca_file: String,
+    /// For `rediss://` URLs to servers that ask for a client certificate: its PEM file
+    /// and its key's, both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 /// permessage-deflate (RFC 7692) for sockets whose client offers it.
@@ -371,6 +379,9 @@ impl Default for RedisConfig {
             master_name: String::new(),
             master_password: String::new(),
             sentinel_password: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }

@@ -119,7 +119,7 @@ fn bad_values_name_their_key() {
     assert!(err.contains("window"), "{err}");
 
     let flags = Overrides {
-        set: vec!["redis.url=rediss://cache:6380".into()],
+        set: vec!["redis.url=http://cache:6380".into()],
         ..Overrides::default()
     };
     let err = Config::load_from_env(&flags, no_env)

@@ -32,14 +32,22 @@ fn window(key: &'static str, ms: u64) -> Checked {
 }
 
 /// The one check of a Redis URL (`redis.url`, each of `redis.shards` and
-/// `redis.cluster_nodes`): `redis://`, and one redis-rs can connect with.
-fn redis_url(key: &'static str, url: &str, hint: &str) -> Checked {
+/// `redis.cluster_nodes`): `redis://` or `rediss://` (TLS, where `tls` allows it), and one
+/// redis-rs can connect with.
+fn redis_url(key: &'static str, url: &str, hint: &str, tls: bool) -> Checked {
     use redis::IntoConnectionInfo;
-    // TLS (rediss://) is not built in: refuse it here rather than fail at connect.
-    if !url.starts_with("redis://") {
+    if url.starts_with("rediss://") && !tls {
         return invalid(
             key,
-            &format!("{url}: must start with redis:// (TLS is not supported{hint})"),
+            &format!(
+                "{url}: TLS to Redis works with redis.url and redis.shards, not yet with {key}"
+            ),
+        );
+    }
+    if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+        return invalid(
+            key,
+            &format!("{url}: must start with redis:// or rediss:// (TLS){hint}"),
         );
     }
     if let Err(e) = url.into_connection_info() {
@@ -231,14 +239,15 @@ impl RedisConfig {
             );
         }
         if !self.url.is_empty() {
-            redis_url("redis.url", &self.url, "; empty = the memory broker")?;
+            redis_url("redis.url", &self.url, "; empty = the memory broker", true)?;
         }
         for url in &self.shards {
-            redis_url("redis.shards", url, "")?;
+            redis_url("redis.shards", url, "", true)?;
         }
         for url in &self.cluster_nodes {
-            redis_url("redis.cluster_nodes", url, "")?;
+            redis_url("redis.cluster_nodes", url, "", false)?;
         }
+        self.validate_tls()?;
         if !self.cluster_nodes.is_empty() && self.key_prefix.contains(['{', '}']) {
             return invalid(
                 "redis.key_prefix",
@@ -249,6 +258,12 @@ impl RedisConfig {
             return invalid("redis.master_name", "is required with redis.sentinels");
         }
         for sentinel in &self.sentinels {
+            if sentinel.contains("://") {
+                return invalid(
+                    "redis.sentinels",
+                    &format!("{sentinel}: expected host:port (no scheme; TLS to Sentinel is not supported yet)"),
+                );
+            }
             let port = sentinel.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
             if !matches!(port, Some(Ok(_))) {
                 return invalid(
@@ -265,6 +280,55 @@ impl RedisConfig {
         )?;
         at_least("redis.max_pipeline", self.max_pipeline as u64, 1)?;
         at_least("redis.probe_interval_ms", self.probe_interval_ms, 50)
+    }
+}
+
+impl RedisConfig {
+    /// The TLS files: readable PEM (a CA certificate, a client certificate and its key,
+    /// both or neither), and only where a `rediss://` URL uses them.
+    fn validate_tls(&self) -> Checked {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |key: &'static str, path: &str| -> Checked {
+            match CertificateDer::pem_file_iter(path)
+                .map(|certs| certs.collect::<Result<Vec<_>, _>>())
+            {
+                Ok(Ok(certs)) if !certs.is_empty() => Ok(()),
+                Ok(Ok(_)) => invalid(key, &format!("{path}: no PEM certificate in it")),
+                Ok(Err(e)) | Err(e) => invalid(key, &format!("{path}: {e}")),
+            }
+        };
+        if !self.tls_ca_file.is_empty() {
+            certs("redis.tls_ca_file", &self.tls_ca_file)?;
+        }
+        match (self.tls_cert_file.is_empty(), self.tls_key_file.is_empty()) {
+            (true, true) => {}
+            (false, true) => {
+                return invalid("redis.tls_key_file", "is required with redis.tls_cert_file")
+            }
+            (true, false) => {
+                return invalid("redis.tls_cert_file", "is required with redis.tls_key_file")
+            }
+            (false, false) => {
+                certs("redis.tls_cert_file", &self.tls_cert_file)?;
+                if let Err(e) = PrivateKeyDer::from_pem_file(&self.tls_key_file) {
+                    return invalid("redis.tls_key_file", &format!("{}: {e}", self.tls_key_file));
+                }
+            }
+        }
+        let files = [&self.tls_ca_file, &self.tls_cert_file];
+        let tls_urls = std::iter::once(&self.url)
+            .chain(&self.shards)
+            .any(|url| url.starts_with("rediss://"));
+        if files.iter().any(|f| !f.is_empty()) && !tls_urls {
+            let key = if self.tls_ca_file.is_empty() {
+                "redis.tls_cert_file"
+            } else {
+                "redis.tls_ca_file"
+            };
+            return invalid(key, "is set, but no Redis URL is rediss:// (TLS)");
+        }
+        Ok(())
     }
 }
 

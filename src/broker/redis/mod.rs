@@ -30,6 +30,7 @@
 //! | `presence/` | the presence task, its scripts and listing |
 //! | `reports.rs` | node reports (`metrics:<serverId>`, `volley:nodes`) |
 //! | `keys.rs` | every channel and key name |
+//! | `tls.rs` | `rediss://`: the clients' certificates (`redis.tls_*`), errors that name them |
 
 mod board;
 mod core;
@@ -45,6 +46,7 @@ mod queue;
 mod reports;
 mod start;
 mod subscriber;
+mod tls;
 
 pub use self::core::dropped_publishes;
 pub use envelope::{decode, EnvelopeWriter, Inbound};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
+use redis::{ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 use tokio_util::sync::CancellationToken;
 
 use super::core::{Core, Subscriptions};
@@ -18,6 +18,8 @@ use crate::config::{Config, RoomClasses};
 pub enum RedisStartError {
     #[error("redis.url is not a usable Redis URL: {0}")]
     BadUrl(redis::RedisError),
+    #[error("cannot read the Redis TLS files: {0}")]
+    Tls(String),
 }
 
 /// What an engine is for: which server, under which names, and for which owner.
@@ -81,9 +83,11 @@ impl RedisBroker {
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let pubsub_client = Client::open(info.clone().set_redis_settings(resp3))
-            .map_err(RedisStartError::BadUrl)?;
-        let client = Client::open(info).map_err(RedisStartError::BadUrl)?;
+        let certs = super::tls::certificates(&config.redis).map_err(RedisStartError::Tls)?;
+        let pubsub_client =
+            super::tls::client(info.clone().set_redis_settings(resp3), certs.as_ref())
+                .map_err(RedisStartError::BadUrl)?;
+        let client = super::tls::client(info, certs.as_ref()).map_err(RedisStartError::BadUrl)?;
 
         let core = Arc::new(Core::new(config, keys, spublish, hand_back, gated));
         let queue = Arc::new(PublishQueue::new(

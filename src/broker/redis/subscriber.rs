@@ -67,11 +67,11 @@ pub(super) async fn run(
         let fresh = current.is_empty() || conn.is_none();
         if let Err(e) = reconcile(&core, &subscriptions, &client, &mut conn, &mut current).await {
             if core.subscriber_ok.swap(false, Relaxed) {
-                tracing::warn!(error = %e, "Redis subscriber unavailable; retrying");
+                tracing::warn!(error = %super::tls::explain(&e), "Redis subscriber unavailable; retrying");
             } else if !ever_connected {
                 ever_connected = true;
                 tracing::warn!(
-                    error = %e,
+                    error = %super::tls::explain(&e),
                     redis = %client.get_connection_info().addr(),
                     "cannot reach Redis; serving local sockets only, /readyz answers 503 until it answers"
                 );
