@@ -33,13 +33,8 @@ duration=${DURATION:-10}
 symbols=${SYMBOLS:-5000}
 sockets=${SOCKETS:-500}
 rate=${RATE:-2000}
-bin=${PREBUILT:-target/release}
 source benches/flamegraph.sh
-if [ -n "${FLAMEGRAPH:-}" ]; then
-  bin=$(flame_build)
-elif [ -z "${PREBUILT:-}" ]; then
-  cargo build --release --locked --bins -q
-fi
+bin=$(bench_bins)
 command -v redis-server >/dev/null || { echo "needs redis-server (Debian: redis-server)"; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

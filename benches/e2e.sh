@@ -33,15 +33,8 @@ if [ "$nodes" -gt 1 ] && ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
-bin=target/release
 source benches/flamegraph.sh
-if [ -n "${FLAMEGRAPH:-}" ]; then
-  bin=$(flame_build)
-elif [ -n "${PREBUILT:-}" ]; then
-  bin=$PREBUILT   # prebuilt volley and volley-bench, e.g. to keep editing while it runs
-else
-  cargo build --release --locked --bins -q
-fi
+bin=$(bench_bins)
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # A cluster node's bus listens on its port + 10000: both must be free, and below the

@@ -1,6 +1,8 @@
 # Sourced by the load scripts (e2e.sh, boards.sh, viewers.sh) for FLAMEGRAPH=NAME: frame-
 # pointer binaries, perf following node processes, and the SVG in flamegraphs/.
 #
+#   bench_bins             the directory of the binaries to run: the frame-pointer build
+#                          for FLAMEGRAPH, PREBUILT as given, else a release build
 #   flame_build            builds the frame-pointer binaries (target/fp, profile
 #                          release-with-debug) and prints their directory
 #   flame_record PID TAG   starts perf on a node process (cpu-clock, 997 Hz, call graphs);
@@ -19,6 +21,17 @@ flame_build() {
   RUSTFLAGS=-Cforce-frame-pointers=yes CARGO_TARGET_DIR=target/fp \
     cargo build --profile release-with-debug --locked --bins -q >&2
   echo target/fp/release-with-debug
+}
+
+bench_bins() {
+  if [ -n "${FLAMEGRAPH:-}" ]; then
+    flame_build
+  elif [ -n "${PREBUILT:-}" ]; then
+    echo "$PREBUILT"   # prebuilt volley and volley-bench, e.g. to keep editing while it runs
+  else
+    cargo build --release --locked --bins -q >&2
+    echo target/release
+  fi
 }
 
 flame_record() {

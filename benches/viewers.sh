@@ -38,13 +38,8 @@ command -v redis-server >/dev/null 2>&1 || {
   DEBIAN_FRONTEND=noninteractive $as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 }
-bin=${PREBUILT:-target/release}
 source benches/flamegraph.sh
-if [ -n "${FLAMEGRAPH:-}" ]; then
-  bin=$(flame_build)
-elif [ -z "${PREBUILT:-}" ]; then
-  cargo build --release --locked --bins -q
-fi
+bin=$(bench_bins)
 ulimit -n "$(ulimit -Hn)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
