@@ -34,17 +34,14 @@ pub fn certificates(redis: &RedisConfig) -> Result<Option<TlsCertificates>, Stri
 /// A client for `info`: over TLS with the configured certificates when the URL is
 /// `rediss://`, else as the URL says.
 pub fn client(info: ConnectionInfo, certs: Option<&TlsCertificates>) -> Result<Client, RedisError> {
-    match (info.addr(), certs) {
-        (ConnectionAddr::TcpTls { .. }, Some(certs)) => {
-            // redis-rs takes rustls's process-wide provider; the node uses ring's.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            Client::build_with_tls(info, certs.clone())
-        }
-        (ConnectionAddr::TcpTls { .. }, None) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            Client::open(info)
-        }
-        _ => Client::open(info),
+    if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        return Client::open(info);
+    }
+    // redis-rs takes rustls's process-wide provider; the node uses ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match certs {
+        Some(certs) => Client::build_with_tls(info, certs.clone()),
+        None => Client::open(info),
     }
 }
 
