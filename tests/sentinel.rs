@@ -10,27 +10,6 @@ use common::topologies::*;
 use common::*;
 use serde_json::json;
 
-/// Until both nodes report a failover (`redis_failovers` in `/healthz`) and are ready.
-async fn both_followed(nodes: [&volley::Server; 2]) {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let mut moved = true;
-            for node in nodes {
-                moved &= health(node.local_addr()).await["redis_failovers"].as_u64() >= Some(1);
-            }
-            if moved {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the nodes never followed the failover");
-    for node in nodes {
-        wait_status(node.local_addr(), "/readyz", 200).await;
-    }
-}
-
 #[tokio::test]
 async fn nodes_follow_a_sentinel_failover_and_durable_rooms_lose_nothing() {
     let setup = SentinelSetup::start(1, false).await;

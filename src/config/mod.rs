@@ -192,11 +192,13 @@ pub struct RedisConfig {
     /// Independent Redis servers to spread rooms over (instead of `redis.url`): each
     /// room lives on one shard, chosen by rendezvous hashing of its id.
     pub shards: Vec<String>,
-    /// Some nodes of a Redis Cluster (`redis://host:port`, credentials in the first
-    /// apply to all): rooms use sharded pub/sub on the master that owns their slot.
+    /// Some nodes of a Redis Cluster (`redis://host:port`, or `rediss://` for TLS; the
+    /// first one's credentials and scheme apply to all): rooms use sharded pub/sub on the
+    /// master that owns their slot.
     pub cluster_nodes: Vec<String>,
-    /// Sentinels (`host:port`) that name the master of `redis.master_name` (instead of
-    /// `redis.url`); the node follows every failover.
+    /// Sentinels (`host:port`, `redis://host:port`, or `rediss://host:port`: TLS to the
+    /// sentinels and the masters they name) that name the master of `redis.master_name`
+    /// (instead of `redis.url`); the node follows every failover.
     pub sentinels: Vec<String>,
     pub master_name: String,
     /// Password of the master and replicas, when Sentinel names them.

@@ -87,6 +87,41 @@ fn topology_and_keepalive_mistakes_name_their_key() {
 }
 
 #[test]
+fn sentinels_are_host_port_or_redis_urls_with_or_without_tls() {
+    for sentinels in [
+        r#"["10.0.0.1:26379", "10.0.0.2:26379"]"#,
+        r#"["redis://10.0.0.1:26379"]"#,
+        r#"["rediss://10.0.0.1:26379", "rediss://sentinel.internal:26380"]"#,
+    ] {
+        let flags = Overrides {
+            set: vec![
+                format!("redis.sentinels={sentinels}"),
+                "redis.master_name=m".into(),
+            ],
+            ..Overrides::default()
+        };
+        assert!(
+            Config::load_from_env(&flags, no_env).is_ok(),
+            "{sentinels} should be accepted"
+        );
+    }
+    let flags = Overrides {
+        set: vec![
+            r#"redis.sentinels=["http://10.0.0.1:26379"]"#.into(),
+            "redis.master_name=m".into(),
+        ],
+        ..Overrides::default()
+    };
+    let err = Config::load_from_env(&flags, no_env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("redis.sentinels") && err.contains("rediss://"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_values_name_their_key() {
     let flags = Overrides {
         set: vec!["batch.delivery_window_ms=soon".into()],

@@ -31,19 +31,11 @@ fn window(key: &'static str, ms: u64) -> Checked {
     Ok(())
 }
 
-/// The one check of a Redis URL (`redis.url`, each of `redis.shards` and
-/// `redis.cluster_nodes`): `redis://` or `rediss://` (TLS, where `tls` allows it), and one
-/// redis-rs can connect with.
-fn redis_url(key: &'static str, url: &str, hint: &str, tls: bool) -> Checked {
+/// The one check of a Redis URL (`redis.url`, each of `redis.shards`,
+/// `redis.cluster_nodes` and scheme'd `redis.sentinels`): `redis://` or `rediss://` (TLS),
+/// and one redis-rs can connect with.
+fn redis_url(key: &'static str, url: &str, hint: &str) -> Checked {
     use redis::IntoConnectionInfo;
-    if url.starts_with("rediss://") && !tls {
-        return invalid(
-            key,
-            &format!(
-                "{url}: TLS to Redis works with redis.url and redis.shards, not yet with {key}"
-            ),
-        );
-    }
     if !url.starts_with("redis://") && !url.starts_with("rediss://") {
         return invalid(
             key,
@@ -52,6 +44,18 @@ fn redis_url(key: &'static str, url: &str, hint: &str, tls: bool) -> Checked {
     }
     if let Err(e) = url.into_connection_info() {
         return invalid(key, &format!("{url}: not a usable Redis URL: {e}"));
+    }
+    Ok(())
+}
+
+/// A list of Redis addresses is all `rediss://` (TLS) or none of it.
+fn one_scheme(key: &'static str, urls: &[String], why: &str) -> Checked {
+    let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls > 0 && tls < urls.len() {
+        return invalid(
+            key,
+            &format!("mixes rediss:// (TLS) and plain addresses; use one for all ({why})"),
+        );
     }
     Ok(())
 }
@@ -239,14 +243,19 @@ impl RedisConfig {
             );
         }
         if !self.url.is_empty() {
-            redis_url("redis.url", &self.url, "; empty = the memory broker", true)?;
+            redis_url("redis.url", &self.url, "; empty = the memory broker")?;
         }
         for url in &self.shards {
-            redis_url("redis.shards", url, "", true)?;
+            redis_url("redis.shards", url, "")?;
         }
         for url in &self.cluster_nodes {
-            redis_url("redis.cluster_nodes", url, "", false)?;
+            redis_url("redis.cluster_nodes", url, "")?;
         }
+        one_scheme(
+            "redis.cluster_nodes",
+            &self.cluster_nodes,
+            "every master is reached the way the first node is",
+        )?;
         self.validate_tls()?;
         if !self.cluster_nodes.is_empty() && self.key_prefix.contains(['{', '}']) {
             return invalid(
@@ -259,19 +268,22 @@ impl RedisConfig {
         }
         for sentinel in &self.sentinels {
             if sentinel.contains("://") {
-                return invalid(
-                    "redis.sentinels",
-                    &format!("{sentinel}: expected host:port (no scheme; TLS to Sentinel is not supported yet)"),
-                );
+                redis_url("redis.sentinels", sentinel, " (or host:port)")?;
+                continue;
             }
             let port = sentinel.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
             if !matches!(port, Some(Ok(_))) {
                 return invalid(
                     "redis.sentinels",
-                    &format!("{sentinel}: expected host:port"),
+                    &format!("{sentinel}: expected host:port, redis://host:port or rediss://host:port (TLS)"),
                 );
             }
         }
+        one_scheme(
+            "redis.sentinels",
+            &self.sentinels,
+            "the sentinels and the masters they name are reached one way",
+        )?;
         at_least("redis.outage_buffer", self.outage_buffer as u64, 1)?;
         at_least(
             "redis.max_envelope_messages",
@@ -319,6 +331,8 @@ impl RedisConfig {
         let files = [&self.tls_ca_file, &self.tls_cert_file];
         let tls_urls = std::iter::once(&self.url)
             .chain(&self.shards)
+            .chain(&self.cluster_nodes)
+            .chain(&self.sentinels)
             .any(|url| url.starts_with("rediss://"));
         if files.iter().any(|f| !f.is_empty()) && !tls_urls {
             let key = if self.tls_ca_file.is_empty() {

@@ -179,6 +179,39 @@ impl SentinelSetup {
     }
 }
 
+/// What makes a redis-server a cluster node here: its own `nodes.conf` (in its own
+/// directory), failures found within 2 s.
+pub const CLUSTER_NODE: [&str; 6] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "2000",
+];
+
+/// Until both nodes report a failover (`redis_failovers` in `/healthz`) and are ready.
+pub async fn both_followed(nodes: [&volley::Server; 2]) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let mut moved = true;
+            for node in nodes {
+                moved &=
+                    super::health(node.local_addr()).await["redis_failovers"].as_u64() >= Some(1);
+            }
+            if moved {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the nodes never followed the failover");
+    for node in nodes {
+        super::wait_status(node.local_addr(), "/readyz", 200).await;
+    }
+}
+
 /// Three cluster-enabled redis-servers joined into one cluster, slots split evenly (and
 /// with `replicas`, that many replicas of each: `servers[3..]`).
 pub struct RedisCluster {
@@ -251,20 +284,7 @@ impl RedisCluster {
     pub async fn start_on(ports: &[u16], replicas: usize) -> RedisCluster {
         let mut masters = Vec::new();
         for &port in ports {
-            masters.push(
-                RedisServer::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                    ],
-                )
-                .await,
-            );
+            masters.push(RedisServer::start_with(port, &CLUSTER_NODE).await);
         }
         let addrs: Vec<String> = masters
             .iter()

@@ -46,7 +46,7 @@ mod queue;
 mod reports;
 mod start;
 mod subscriber;
-mod tls;
+pub(crate) mod tls;
 
 pub use self::core::dropped_publishes;
 pub use envelope::{decode, EnvelopeWriter, Inbound};

@@ -15,16 +15,20 @@
 //! `routed`): a room whose slot moved is subscribed on its new master's engine before
 //! the old one lets it go; publishes a master refused did not run: they are handed back
 //! and routed again by the new map.
+//!
+//! A `rediss://` first node makes every connection TLS (the watch's and each master's
+//! engines), with the same `redis.tls_*` certificates: a cluster with `tls-cluster yes`
+//! names its masters' TLS ports in the slot map.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates, Value};
 
-use super::{Layout, Route, Starter, Topology};
-use crate::broker::redis::{slot, EngineOptions, Keys, RedisStartError, HOME_TAG};
+use super::{Layout, Route, Starter, Streak, Topology};
+use crate::broker::redis::{slot, tls, EngineOptions, Keys, RedisStartError, HOME_TAG};
 use crate::broker::Counter;
 use crate::config::Config;
 
@@ -92,10 +96,14 @@ impl Route for SlotMap {
 type SlotRange = (u16, u16, String, u16);
 
 pub(crate) struct Cluster {
-    /// The first cluster node's connection settings (credentials, database): every
-    /// master is reached with them.
+    /// The first cluster node's connection settings (credentials, database, TLS or
+    /// not): every master is reached with them.
     base: ConnectionInfo,
+    /// `redis.tls_*`, for the watch's own connections (engines read them themselves).
+    certs: Option<TlsCertificates>,
     nodes: Vec<String>,
+    /// No node answered: logged once per streak.
+    unreachable: Streak,
     keys: Arc<Keys>,
     prefix: String,
     node_id: String,
@@ -114,7 +122,9 @@ impl Cluster {
             base: first
                 .into_connection_info()
                 .map_err(RedisStartError::BadUrl)?,
+            certs: tls::certificates(&config.redis).map_err(RedisStartError::Tls)?,
             nodes: config.redis.cluster_nodes.clone(),
+            unreachable: Streak::default(),
             keys: Arc::new(Keys::cluster(
                 &config.redis.key_prefix,
                 &config.server.node_id,
@@ -126,6 +136,21 @@ impl Cluster {
         })
     }
 
+    /// How to reach the cluster node at `host:port`: as the first configured node is
+    /// reached (its credentials; TLS when it is `rediss://`).
+    fn reach(&self, host: String, port: u16) -> ConnectionInfo {
+        let addr = match self.base.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        self.base.clone().set_addr(addr)
+    }
+
     /// The nodes to ask for the map: the masters in use, then the configured ones.
     fn candidates(&self, current: &SlotMap) -> Vec<(String, u16)> {
         let mut out: Vec<(String, u16)> = current
@@ -135,7 +160,9 @@ impl Cluster {
             .collect();
         for url in &self.nodes {
             if let Ok(info) = url.as_str().into_connection_info() {
-                if let ConnectionAddr::Tcp(host, port) = info.addr() {
+                if let ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } =
+                    info.addr()
+                {
                     if !out.iter().any(|(h, p)| h == host && p == port) {
                         out.push((host.clone(), *port));
                     }
@@ -146,33 +173,48 @@ impl Cluster {
     }
 
     /// The slot map: from the node that answered last time (its connection kept in
-    /// `asking`), else from the first candidate that answers.
+    /// `asking`), else from the first candidate that answers; else why the last one
+    /// did not.
     async fn read_slots(
         &self,
         current: &SlotMap,
         asking: &mut Option<MultiplexedConnection>,
-    ) -> Option<Vec<SlotRange>> {
+    ) -> Result<Vec<SlotRange>, String> {
         if let Some(conn) = asking.as_mut() {
             match ask_slots(conn).await {
-                Some(ranges) => return Some(ranges),
+                Some(ranges) => return Ok(ranges),
                 None => *asking = None,
             }
         }
+        let mut why = String::from("no cluster node to ask");
         for (host, port) in self.candidates(current) {
-            let info = self.base.clone().set_addr(ConnectionAddr::Tcp(host, port));
-            let Ok(client) = redis::Client::open(info) else {
-                continue;
+            let at = format!("{host}:{port}");
+            let client = match tls::client(self.reach(host, port), self.certs.as_ref()) {
+                Ok(client) => client,
+                Err(e) => {
+                    why = format!("{at}: {e}");
+                    continue;
+                }
             };
             let connect = client.get_multiplexed_async_connection();
-            let Ok(Ok(mut conn)) = tokio::time::timeout(ASK_WAIT, connect).await else {
-                continue;
+            let mut conn = match tokio::time::timeout(ASK_WAIT, connect).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    why = format!("{at}: {}", tls::explain(&e));
+                    continue;
+                }
+                Err(_) => {
+                    why = format!("{at}: no connection within {ASK_WAIT:?}");
+                    continue;
+                }
             };
             if let Some(ranges) = ask_slots(&mut conn).await {
                 *asking = Some(conn);
-                return Some(ranges);
+                return Ok(ranges);
             }
+            why = format!("{at}: no usable CLUSTER SLOTS answer");
         }
-        None
+        Err(why)
     }
 
     /// The layout for a map: the engines of masters that stay, new ones (gated unless
@@ -233,10 +275,7 @@ impl Cluster {
                 continue;
             };
             let options = EngineOptions {
-                info: self
-                    .base
-                    .clone()
-                    .set_addr(ConnectionAddr::Tcp(host.clone(), port)),
+                info: self.reach(host.clone(), port),
                 keys: Keys::cluster(&self.prefix, &self.node_id, &tag),
                 spublish: true,
                 hand_back: None,
@@ -299,11 +338,20 @@ impl Topology for Cluster {
         asking: &'a mut Option<MultiplexedConnection>,
     ) -> Option<Layout<SlotMap>> {
         match self.read_slots(&current.route, asking).await {
-            Some(ranges) => self.layout(starter, current, &ranges),
-            None => {
+            Ok(ranges) => {
+                self.unreachable.ended();
+                self.layout(starter, current, &ranges)
+            }
+            Err(why) => {
                 if !current.engines.is_empty() {
                     tracing::warn!(
+                        error = %why,
                         "no Redis Cluster node answered CLUSTER SLOTS; keeping the last map"
+                    );
+                } else if self.unreachable.began() {
+                    tracing::warn!(
+                        error = %why,
+                        "cannot reach Redis Cluster; serving local sockets only, /readyz answers 503 until it answers"
                     );
                 }
                 None

@@ -45,7 +45,7 @@ mod shards;
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,7 @@ pub fn start(
 ) -> Result<Option<Arc<dyn Broker>>, RedisStartError> {
     let redis = &config.redis;
     let set: Arc<dyn Broker> = if !redis.sentinels.is_empty() {
-        EngineSet::start(config, classes, sentinel::Sentinel::new(config))?
+        EngineSet::start(config, classes, sentinel::Sentinel::new(config)?)?
     } else if !redis.shards.is_empty() {
         EngineSet::start(config, classes, shards::Shards::new(config))?
     } else if !redis.cluster_nodes.is_empty() {
@@ -132,6 +132,23 @@ impl<R: Route> Layout<R> {
 
     fn has(&self, engine: &Arc<RedisBroker>) -> bool {
         self.engines.iter().any(|e| Arc::ptr_eq(e, engine))
+    }
+}
+
+/// A watch's run of failures to reach its deployment: logged once when it begins, not at
+/// every round.
+#[derive(Default)]
+pub(crate) struct Streak(AtomicBool);
+
+impl Streak {
+    /// A round failed: true for the first of a run.
+    fn began(&self) -> bool {
+        !self.0.swap(true, Relaxed)
+    }
+
+    /// A round got its answer.
+    fn ended(&self) {
+        self.0.store(false, Relaxed);
     }
 }
 

@@ -6,12 +6,18 @@
 //! `routed`): publishes the old one still held (the old master gone, or refusing writes
 //! with `READONLY` after a graceful failover) go to the new master. Durable rooms then
 //! repair any gap from the new master's streams, as after any reconnect.
+//!
+//! Sentinels given as `rediss://host:port` are reached over TLS, and so are the masters
+//! they name (Redis's own TLS deployments run sentinels with `tls-replication yes`, so
+//! the addresses they hand out are TLS ports), with the `redis.tls_*` certificates.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use super::{Layout, Route, Starter, Topology};
-use crate::broker::redis::{EngineOptions, RedisStartError};
+use redis::{ConnectionInfo, IntoConnectionInfo, TlsCertificates};
+
+use super::{Layout, Route, Starter, Streak, Topology};
+use crate::broker::redis::{tls, EngineOptions, RedisStartError};
 use crate::broker::Counter;
 use crate::config::{Config, RedisConfig};
 
@@ -24,15 +30,50 @@ const NO_MASTER: &str = "redis://127.0.0.1:1";
 
 pub(crate) struct Sentinel {
     redis: RedisConfig,
+    /// Each sentinel's connection settings: its address, `redis.sentinel_password`, TLS
+    /// for `rediss://`.
+    sentinels: Vec<(String, ConnectionInfo)>,
+    /// How the masters the sentinels name are reached: `rediss` when the sentinels are.
+    scheme: &'static str,
+    /// `redis.tls_*`, for the connections to the sentinels (engines read them themselves).
+    certs: Option<TlsCertificates>,
+    /// No sentinel answered: logged once per streak.
+    unreachable: Streak,
     failovers: AtomicU64,
 }
 
 impl Sentinel {
-    pub(crate) fn new(config: &Config) -> Sentinel {
-        Sentinel {
-            redis: config.redis.clone(),
-            failovers: AtomicU64::new(0),
+    pub(crate) fn new(config: &Config) -> Result<Sentinel, RedisStartError> {
+        let redis = &config.redis;
+        let mut sentinels = Vec::with_capacity(redis.sentinels.len());
+        for address in &redis.sentinels {
+            let url = if address.contains("://") {
+                address.clone()
+            } else {
+                format!("redis://{address}")
+            };
+            let mut info = url
+                .as_str()
+                .into_connection_info()
+                .map_err(RedisStartError::BadUrl)?;
+            if !redis.sentinel_password.is_empty() {
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_password(&redis.sentinel_password);
+                info = info.set_redis_settings(settings);
+            }
+            sentinels.push((address.clone(), info));
         }
+        let tls = redis.sentinels.iter().any(|s| s.starts_with("rediss://"));
+        Ok(Sentinel {
+            redis: redis.clone(),
+            sentinels,
+            scheme: if tls { "rediss" } else { "redis" },
+            certs: tls::certificates(redis).map_err(RedisStartError::Tls)?,
+            unreachable: Streak::default(),
+            failovers: AtomicU64::new(0),
+        })
     }
 
     /// An engine on the master at `url`: it takes over from the engine before it
@@ -57,38 +98,56 @@ impl Sentinel {
         })
     }
 
-    /// The master's URL, as the first sentinel that answers names it.
-    async fn ask(&self) -> Option<String> {
+    /// The master's URL, as the first sentinel that answers names it; else why the last
+    /// one did not.
+    async fn ask(&self) -> Result<String, String> {
         let redis = &self.redis;
-        for sentinel in &redis.sentinels {
-            let auth = if redis.sentinel_password.is_empty() {
-                String::new()
-            } else {
-                format!(":{}@", percent(&redis.sentinel_password))
-            };
-            let Ok(client) = redis::Client::open(format!("redis://{auth}{sentinel}")) else {
-                continue;
+        let mut why = String::from("no sentinel to ask");
+        for (address, info) in &self.sentinels {
+            let client = match tls::client(info.clone(), self.certs.as_ref()) {
+                Ok(client) => client,
+                Err(e) => {
+                    why = format!("{address}: {e}");
+                    continue;
+                }
             };
             let asked = async {
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| tls::explain(&e))?;
                 redis::cmd("SENTINEL")
                     .arg("get-master-addr-by-name")
                     .arg(&redis.master_name)
                     .query_async::<Option<(String, u16)>>(&mut conn)
                     .await
-                    .ok()
-                    .flatten()
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("names no master {:?}", redis.master_name))
             };
-            if let Ok(Some((host, port))) = tokio::time::timeout(WATCH, asked).await {
-                let auth = if redis.master_password.is_empty() {
-                    String::new()
-                } else {
-                    format!(":{}@", percent(&redis.master_password))
-                };
-                return Some(format!("redis://{auth}{host}:{port}"));
-            }
+            let (host, port) = match tokio::time::timeout(WATCH, asked).await {
+                Ok(Ok(master)) => master,
+                Ok(Err(e)) => {
+                    why = format!("{address}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    why = format!("{address}: no answer within {WATCH:?}");
+                    continue;
+                }
+            };
+            let auth = if redis.master_password.is_empty() {
+                String::new()
+            } else {
+                format!(":{}@", percent(&redis.master_password))
+            };
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            return Ok(format!("{}://{auth}{host}:{port}", self.scheme));
         }
-        None
+        Err(why)
     }
 }
 
@@ -135,7 +194,26 @@ impl Topology for Sentinel {
         current: &'a Layout<OneMaster>,
         _: &'a mut (),
     ) -> Option<Layout<OneMaster>> {
-        let url = self.ask().await?;
+        let url = match self.ask().await {
+            Ok(url) => {
+                self.unreachable.ended();
+                url
+            }
+            Err(why) => {
+                if self.unreachable.began() {
+                    if current.route.master == NO_MASTER {
+                        tracing::warn!(
+                            error = %why,
+                            "no sentinel named the Redis master; serving local sockets only, /readyz answers 503 until one does"
+                        );
+                    } else {
+                        let master = shown(&current.route.master);
+                        tracing::warn!(error = %why, %master, "no sentinel answered; staying on the master named last");
+                    }
+                }
+                return None;
+            }
+        };
         if url == current.route.master {
             return None;
         }
@@ -143,15 +221,15 @@ impl Topology for Sentinel {
         match Self::engine_on(starter, &url, first) {
             Ok(layout) => Some(layout),
             Err(e) => {
-                tracing::error!(master = %url, error = %e, "cannot start on the master Sentinel named");
+                tracing::error!(master = %shown(&url), error = %e, "cannot start on the master Sentinel named");
                 None
             }
         }
     }
 
     fn changed(&self, was: &Layout<OneMaster>, now: &Layout<OneMaster>) {
-        let (was, now) = (&was.route.master, &now.route.master);
-        if was == NO_MASTER {
+        let (was, now) = (shown(&was.route.master), shown(&now.route.master));
+        if was.as_str() == NO_MASTER {
             tracing::info!(master = %now, "Redis master named by Sentinel");
         } else {
             self.failovers.fetch_add(1, Relaxed);
@@ -165,6 +243,14 @@ impl Topology for Sentinel {
             "Times the node moved to a new master that Sentinel named.",
             self.failovers.load(Relaxed),
         )]
+    }
+}
+
+/// A master's URL for the log: `redis.master_password` left out.
+fn shown(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, at))) => format!("{scheme}://{at}"),
+        _ => url.to_string(),
     }
 }
 
