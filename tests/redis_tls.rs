@@ -246,6 +246,55 @@ async fn nodes_talk_through_a_tls_redis_trusting_the_configured_ca() {
     two_nodes_carry_a_message(&redis, |c| c.redis.tls_ca_file = ca.clone()).await;
 }
 
+/// A managed Redis's maintenance: the TLS server goes away and comes back on its port.
+/// The nodes reconnect over TLS by themselves, and a durable room loses nothing of what
+/// was published before, during and after.
+#[tokio::test]
+async fn a_restarted_tls_redis_is_reconnected_and_a_durable_room_loses_nothing() {
+    let pki = Pki::new("restart");
+    let auth = ["--tls-auth-clients", "no"];
+    let mut redis = TlsRedis::spawn(&pki, free_port(), None, &auth).await;
+    let (url, ca, port) = (redis.url(), pki.path("ca.pem"), redis.port);
+    let [one, two] = two_nodes(|c| {
+        c.redis.url = url.clone();
+        c.redis.tls_ca_file = ca.clone();
+        c.limits.publish_rate = 0;
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "scores:*".into(),
+            history_size: 100,
+            history_ttl_s: 3600,
+            ..Default::default()
+        }];
+    })
+    .await;
+    let mut viewer = Client::connect(two.local_addr()).await;
+    viewer.join("scores:final").await;
+    let mut publisher = Client::connect(one.local_addr()).await;
+    let publish =
+        |n: u64| json!({"type": "message", "roomId": "scores:final", "content": {"n": n}});
+    for n in 0..5 {
+        publisher.send(publish(n)).await;
+    }
+    drop(redis);
+    wait_status(one.local_addr(), "/readyz", 503).await;
+    for n in 5..10 {
+        publisher.send(publish(n)).await;
+    }
+    redis = TlsRedis::spawn(&pki, port, None, &auth).await;
+    wait_status(one.local_addr(), "/readyz", 200).await;
+    wait_status(two.local_addr(), "/readyz", 200).await;
+    for n in 10..15 {
+        publisher.send(publish(n)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 15 {
+        let m = viewer.next_room_message().await;
+        got.push(m["content"]["n"].as_u64().expect("n"));
+    }
+    assert_eq!(got, (0..15).collect::<Vec<u64>>());
+    drop(redis);
+}
+
 #[tokio::test]
 async fn a_client_certificate_gets_in_where_the_server_asks_for_one() {
     let pki = Pki::new("mtls");
