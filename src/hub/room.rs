@@ -336,13 +336,15 @@ impl Members {
         (outbox, due)
     }
 
-    /// Notes the epoch of a durable message about to fan out; true when the members knew
-    /// another one (they must be told before the message).
+    /// Notes the epoch of a durable message about to fan out; true when the members must
+    /// be told it before the message: they knew another one, or a joiner's history is
+    /// being read (it may find the room empty, with no epoch, and the message is held for
+    /// it: without the notice it could never resume from what it saw).
     pub fn note_epoch(&mut self, epoch: &Arc<str>) -> bool {
         match &self.epoch {
             Some(known) if known == epoch => false,
             known => {
-                let changed = known.is_some();
+                let changed = known.is_some() || !self.replaying.is_empty();
                 self.epoch = Some(epoch.clone());
                 changed
             }

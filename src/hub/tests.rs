@@ -70,6 +70,52 @@ fn a_replay_that_ends_while_the_window_is_open_gets_only_what_the_history_lacks(
     assert!(window[0].starts_with(r#"{"type":"batch""#), "{window:?}");
 }
 
+/// A durable room's first message arrives while a joiner's history read finds the room
+/// empty (epoch ""): the joiner learns the epoch before that message, or it could not
+/// resume from what it saw (a client that knows no epoch asks for the whole history).
+#[test]
+fn a_joiner_whose_history_was_empty_learns_the_epoch_of_what_was_held_for_it() {
+    let immediate = crate::config::BatchConfig {
+        delivery_window_ms: 0,
+        ..Default::default()
+    };
+    let hub = Hub::with_window(
+        Arc::new(DeliveryPolicy::new(&immediate)),
+        Arc::default(),
+        usize::MAX,
+    );
+    let (plain_member, joiner) = (outbox(1), outbox(2));
+    hub.join("r", &plain_member, false, |_| {});
+    let ticket = hub.join_replaying("r", &joiner, false, |_| {}).unwrap();
+    let epoch: Arc<str> = "e1".into();
+    let content = Encoded::from_json(br#"{"n":0}"#);
+    let (m1, m2) = (
+        outbound::with_offset(&content, 1),
+        outbound::with_offset(&content, 2),
+    );
+    hub.fan_out_durable("r", &epoch, &m1);
+    let empty: Arc<str> = "".into();
+    let history = outbound::history("r", "", Some(0), &[], None);
+    hub.finish_replay("r", ticket, &history, 0, Some(&empty))
+        .unwrap();
+    hub.fan_out_durable("r", &epoch, &m2);
+    let json = |e: &Encoded| String::from_utf8_lossy(e.json()).into_owned();
+    assert_eq!(
+        queued(&joiner),
+        [
+            json(&history),
+            json(&outbound::epoch_changed("r", "e1")),
+            json(&m1),
+            json(&m2)
+        ]
+    );
+    // The member that joined without a replay has no epoch to resume from either way.
+    assert_eq!(
+        queued(&plain_member).last().map(String::as_str),
+        Some(json(&m2).as_str())
+    );
+}
+
 /// The numbers (`{"n":N}`) an outbox holds, framed windows taken apart.
 fn numbers(outbox: &Outbox) -> Vec<u64> {
     let mut out = Vec::new();
