@@ -412,12 +412,19 @@ impl Hub {
             if let (None, Some(epoch)) = (&members.epoch, epoch) {
                 members.epoch = Some(epoch.clone());
             }
+            // The history may end past what reached the room live (the read saw appends
+            // whose pub/sub copies are still on their way): those are not sent again.
+            let skip = if epoch.is_some() && members.epoch.as_ref() == epoch {
+                after
+            } else {
+                0
+            };
             let mut keep = AfterHistory {
                 after,
                 epoch: epoch.map(|e| &**e),
                 same_epoch: true,
             };
-            let (outbox, arrived) = members.finish_replay(at, |m| keep.keeps(m));
+            let (outbox, arrived) = members.finish_replay(at, |m| keep.keeps(m), skip);
             let pace = entry.pace;
             out.count(outbox.push_paced(first, pace), &outbox, due);
             for message in &arrived {

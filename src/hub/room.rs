@@ -97,6 +97,8 @@ pub(super) struct Members {
     deltas: Deltas,
     /// Members (and replaying joiners) that take deltas.
     delta_members: usize,
+    /// Members with a `skip` set.
+    skipping: usize,
 }
 
 pub(super) struct Member {
@@ -107,6 +109,30 @@ pub(super) struct Member {
     /// For a member that takes deltas: the room's delta number when it came (it has the
     /// bases delivered after that; see `delta.rs`).
     delta: Option<u64>,
+    /// For a member whose history (or snapshot) ran ahead of what reached the room live:
+    /// the offset it ends at. A durable message up to it (read in Redis before its
+    /// pub/sub copy arrived here) is not sent again; the first later one clears it, as
+    /// does a new epoch. 0: none.
+    skip: u64,
+}
+
+impl Member {
+    /// Whether `message` is one this member has from its history already; clears the
+    /// mark at the first durable message past it (true when it did, in `cleared`).
+    fn skips(&mut self, message: &Encoded, cleared: &mut usize) -> bool {
+        if self.skip == 0 {
+            return false;
+        }
+        match outbound::offset_of(message.json()) {
+            Some(offset) if offset <= self.skip => true,
+            Some(_) => {
+                self.skip = 0;
+                *cleared += 1;
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 pub(super) struct Replaying {
@@ -267,6 +293,7 @@ impl Members {
                 outbox,
                 from,
                 delta,
+                skip: 0,
             },
         );
     }
@@ -307,11 +334,13 @@ impl Members {
     /// Ends a replay: the joiner becomes an ordinary member. Returns it and, in order,
     /// what arrived while its history was read (held for it, and what the open window
     /// collected since it joined) that `keep` keeps; those go to it now, and the window's
-    /// later messages at the tick.
+    /// later messages at the tick. With `skip`, durable messages up to that offset that
+    /// reach the room later are not sent to it (see `Member::skip`).
     pub fn finish_replay(
         &mut self,
         at: usize,
         mut keep: impl FnMut(&Encoded) -> bool,
+        skip: u64,
     ) -> (Arc<Outbox>, Vec<Encoded>) {
         let joiner = self.replaying.swap_remove(at);
         let mut due: Vec<Encoded> = joiner.held.into_iter().filter(|m| keep(m)).collect();
@@ -325,12 +354,14 @@ impl Members {
         let outbox = joiner.outbox;
         // Counted already as a replaying joiner.
         let delta = joiner.delta.then(|| self.delta_start());
+        self.skipping += usize::from(skip > 0);
         self.by_id.insert(
             outbox.id(),
             Member {
                 outbox: outbox.clone(),
                 from,
                 delta,
+                skip,
             },
         );
         (outbox, due)
@@ -346,6 +377,11 @@ impl Members {
             known => {
                 let changed = known.is_some() || !self.replaying.is_empty();
                 self.epoch = Some(epoch.clone());
+                // Offsets start again: no history of the old epoch covers any of them.
+                if self.skipping > 0 {
+                    self.by_id.values_mut().for_each(|m| m.skip = 0);
+                    self.skipping = 0;
+                }
                 changed
             }
         }
@@ -361,6 +397,7 @@ impl Members {
                 out.count(member.outbox.push_paced(message, pace), &member.outbox, due);
             }
             self.delta_members -= usize::from(member.delta.is_some());
+            self.skipping -= usize::from(member.skip > 0);
             return true;
         }
         match self.replaying.iter().position(|r| r.outbox.id() == id) {
@@ -384,13 +421,18 @@ impl Members {
     ) -> FanOut {
         let mut out = FanOut::default();
         let variant = self.variants(room, std::slice::from_ref(message)).pop();
-        for member in self.by_id.values() {
+        let mut cleared = 0;
+        for member in self.by_id.values_mut() {
+            if member.skips(message, &mut cleared) {
+                continue;
+            }
             let frame = match (member.delta, &variant) {
                 (Some(since), Some(variant)) => variant.for_since(since, message),
                 _ => message,
             };
             out.count(member.outbox.push_paced(frame, pace), &member.outbox, due);
         }
+        self.skipping -= cleared;
         for joiner in &mut self.replaying {
             hold(joiner, std::iter::once(message), &mut out);
         }
@@ -474,36 +516,39 @@ impl Members {
             &delta_frames
         };
         let bases_now = self.deltas.now();
+        let mut cleared = 0;
         for member in self.by_id.values_mut() {
             // From this window's bases on, a member that came while it was open has them.
             let delta = member.delta;
             if delta == Some(AFTER_TICK) {
                 member.delta = Some(bases_now);
             }
-            let outbox = &member.outbox;
             let from = std::mem::take(&mut member.from);
+            let whole = from == 0 && member.skip == 0;
             let frames = match delta {
-                None if from == 0 => shared,
-                Some(d) if from == 0 && needs.is_none_or(|n| d < n) => delta_shared,
+                None if whole => shared,
+                Some(d) if whole && needs.is_none_or(|n| d < n) => delta_shared,
                 delta => {
                     let window = &self.collected;
                     for (i, message) in window.messages.iter().enumerate() {
-                        if window.seqs[i] < from {
+                        if window.seqs[i] < from || member.skips(message, &mut cleared) {
                             continue;
                         }
                         let frame = match (delta, variants.get(i)) {
                             (Some(d), Some(variant)) => variant.for_since(d, message),
                             _ => message,
                         };
-                        out.count(outbox.push_due(frame, since), outbox, due);
+                        out.count(member.outbox.push_due(frame, since), &member.outbox, due);
                     }
                     continue;
                 }
             };
+            let outbox = &member.outbox;
             for frame in frames {
                 out.count(outbox.push_due(frame, since), outbox, due);
             }
         }
+        self.skipping -= cleared;
         for joiner in &mut self.replaying {
             let from = std::mem::take(&mut joiner.from);
             hold(joiner, self.collected.after(from), &mut out);

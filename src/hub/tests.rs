@@ -70,20 +70,74 @@ fn a_replay_that_ends_while_the_window_is_open_gets_only_what_the_history_lacks(
     assert!(window[0].starts_with(r#"{"type":"batch""#), "{window:?}");
 }
 
+/// A hub whose rooms deliver every message at once.
+fn immediate_hub() -> Hub {
+    let immediate = crate::config::BatchConfig {
+        delivery_window_ms: 0,
+        ..Default::default()
+    };
+    Hub::with_window(
+        Arc::new(DeliveryPolicy::new(&immediate)),
+        Arc::default(),
+        usize::MAX,
+    )
+}
+
+fn json(e: &Encoded) -> String {
+    String::from_utf8_lossy(e.json()).into_owned()
+}
+
+/// The read of a joiner's history saw offsets 1 and 2 appended in Redis; their pub/sub
+/// copies reach the room one before and one after the replay ends. Neither is sent to
+/// the joiner again, at once or in a window; what follows is.
+#[test]
+fn a_history_ahead_of_the_live_messages_is_not_followed_by_them_again() {
+    for hub in [immediate_hub(), collecting_hub()] {
+        let (member, joiner) = (outbox(1), outbox(2));
+        hub.join("r", &member, false, |_| {});
+        let ticket = hub.join_replaying("r", &joiner, false, |_| {}).unwrap();
+        let epoch: Arc<str> = "e1".into();
+        let m: Vec<Encoded> = (1..=4)
+            .map(|o| outbound::with_offset(&Encoded::from_json(br#"{"n":0}"#), o))
+            .collect();
+        hub.fan_out_durable("r", &epoch, &m[0]);
+        let history = outbound::history("r", "e1", Some(2), &m[..2], None);
+        hub.finish_replay("r", ticket, &history, 2, Some(&epoch))
+            .unwrap();
+        for message in &m[1..] {
+            hub.fan_out_durable("r", &epoch, message);
+        }
+        hub.tick(Pace::DEFAULT);
+        let got: Vec<String> = queued(&joiner)
+            .into_iter()
+            .filter(|f| !f.contains("epoch_changed"))
+            .collect();
+        assert_eq!(got, [json(&history), json(&m[2]), json(&m[3])]);
+        // The member that was there all along got each once.
+        assert_eq!(numbers_of_offsets(&member), [1, 2, 3, 4]);
+    }
+}
+
+/// The offsets of the durable messages an outbox holds, framed windows taken apart.
+fn numbers_of_offsets(outbox: &Outbox) -> Vec<u64> {
+    let mut out = Vec::new();
+    for frame in queued(outbox) {
+        let value: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        let messages = match value["messages"].as_array() {
+            Some(batch) if value["type"] == "batch" => batch.clone(),
+            _ => vec![value],
+        };
+        out.extend(messages.iter().filter_map(|m| m["offset"].as_u64()));
+    }
+    out
+}
+
 /// A durable room's first message arrives while a joiner's history read finds the room
 /// empty (epoch ""): the joiner learns the epoch before that message, or it could not
 /// resume from what it saw (a client that knows no epoch asks for the whole history).
 #[test]
 fn a_joiner_whose_history_was_empty_learns_the_epoch_of_what_was_held_for_it() {
-    let immediate = crate::config::BatchConfig {
-        delivery_window_ms: 0,
-        ..Default::default()
-    };
-    let hub = Hub::with_window(
-        Arc::new(DeliveryPolicy::new(&immediate)),
-        Arc::default(),
-        usize::MAX,
-    );
+    let hub = immediate_hub();
     let (plain_member, joiner) = (outbox(1), outbox(2));
     hub.join("r", &plain_member, false, |_| {});
     let ticket = hub.join_replaying("r", &joiner, false, |_| {}).unwrap();
@@ -99,7 +153,6 @@ fn a_joiner_whose_history_was_empty_learns_the_epoch_of_what_was_held_for_it() {
     hub.finish_replay("r", ticket, &history, 0, Some(&empty))
         .unwrap();
     hub.fan_out_durable("r", &epoch, &m2);
-    let json = |e: &Encoded| String::from_utf8_lossy(e.json()).into_owned();
     assert_eq!(
         queued(&joiner),
         [
