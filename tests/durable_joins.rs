@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use volley::config::RoomClass;
 
 const ROOM: &str = "scores:busy";
 /// Joiners, and how many join at once (enough to catch the lag every run here).
@@ -21,16 +20,8 @@ const LIVE: u64 = 30;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joiners_during_a_fast_stream_get_every_offset_once() {
     let redis = RedisServer::start().await;
-    let durable = |c: &mut volley::Config| {
-        c.limits.publish_rate = 0;
-        c.rooms = vec![RoomClass {
-            pattern: "scores:*".into(),
-            history_size: 100_000,
-            history_ttl_s: 3600,
-            ..Default::default()
-        }];
-    };
-    let publishing = start_on_redis(&redis, "pub", durable).await;
+    let durable = durable(100_000);
+    let publishing = start_on_redis(&redis, "pub", durable.clone()).await;
     let joining = start_on_redis(&redis, "join", durable).await;
     // The room is subscribed on the joiners' node all along, as on a busy node.
     let mut resident = Client::connect(joining.local_addr()).await;

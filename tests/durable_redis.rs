@@ -13,18 +13,6 @@ use serde_json::json;
 use volley::config::RoomClass;
 use volley::Config;
 
-fn durable(size: usize) -> impl Fn(&mut Config) + Clone {
-    move |c: &mut Config| {
-        c.limits.publish_rate = 0;
-        c.rooms = vec![RoomClass {
-            pattern: "scores:*".into(),
-            history_size: size,
-            history_ttl_s: 3600,
-            ..Default::default()
-        }];
-    }
-}
-
 #[tokio::test]
 async fn three_nodes_see_one_order_with_offsets_counting_up_by_one() {
     let redis = RedisServer::start().await;

@@ -759,6 +759,19 @@ pub async fn join_with(client: &mut Client, room: &str, replay: Value) -> Value 
     client.expect_type("history").await
 }
 
+/// Rooms `scores:*` durable, keeping `size` messages; no publish limit.
+pub fn durable(size: usize) -> impl Fn(&mut Config) + Clone {
+    move |c: &mut Config| {
+        c.limits.publish_rate = 0;
+        c.rooms = vec![volley::config::RoomClass {
+            pattern: "scores:*".into(),
+            history_size: size,
+            history_ttl_s: 3600,
+            ..Default::default()
+        }];
+    }
+}
+
 /// The offsets of a history frame's messages.
 pub fn offsets(messages: &Value) -> Vec<u64> {
     messages
