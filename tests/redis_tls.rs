@@ -390,6 +390,22 @@ async fn nodes_follow_a_failover_through_tls_sentinels() {
     })
     .await;
     carry(&one, &two, "before").await;
+    // The watches keep their sentinel connection: no new TLS handshake every round
+    // (500 ms). Over 2 s the two nodes would open 8; the one counted is redis-cli's own.
+    let connections = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("total_connections_received")
+    };
+    let before = connections(sentinel.cli(&pki, &["info", "stats"]).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = connections(sentinel.cli(&pki, &["info", "stats"]).await);
+    assert!(
+        after - before <= 2,
+        "{} new connections in 2 s",
+        after - before
+    );
 
     // The replica (over TLS) becomes the master; both nodes follow it over TLS.
     sentinel

@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use redis::{ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
 use super::{Layout, Route, Starter, Streak, Topology};
@@ -98,10 +99,16 @@ impl Sentinel {
         })
     }
 
-    /// The master's URL, as the first sentinel that answers names it; else why the last
-    /// one did not.
-    async fn ask(&self) -> Result<String, String> {
-        let redis = &self.redis;
+    /// The master's URL, as the sentinel that answered last names it (its connection
+    /// kept in `asking`: no new connection, and no TLS handshake, every round), else the
+    /// first that answers; else why the last one did not.
+    async fn ask(&self, asking: &mut Option<MultiplexedConnection>) -> Result<String, String> {
+        if let Some(conn) = asking.as_mut() {
+            match self.master_of(conn).await {
+                Ok(master) => return Ok(self.master_url(master)),
+                Err(_) => *asking = None,
+            }
+        }
         let mut why = String::from("no sentinel to ask");
         for (address, info) in &self.sentinels {
             let client = match tls::client(info.clone(), self.certs.as_ref()) {
@@ -111,43 +118,56 @@ impl Sentinel {
                     continue;
                 }
             };
-            let asked = async {
-                let mut conn = client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| tls::explain(&e))?;
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(&redis.master_name)
-                    .query_async::<Option<(String, u16)>>(&mut conn)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("names no master {:?}", redis.master_name))
-            };
-            let (host, port) = match tokio::time::timeout(WATCH, asked).await {
-                Ok(Ok(master)) => master,
+            let connect = client.get_multiplexed_async_connection();
+            let mut conn = match tokio::time::timeout(WATCH, connect).await {
+                Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
-                    why = format!("{address}: {e}");
+                    why = format!("{address}: {}", tls::explain(&e));
                     continue;
                 }
                 Err(_) => {
-                    why = format!("{address}: no answer within {WATCH:?}");
+                    why = format!("{address}: no connection within {WATCH:?}");
                     continue;
                 }
             };
-            let auth = if redis.master_password.is_empty() {
-                String::new()
-            } else {
-                format!(":{}@", percent(&redis.master_password))
-            };
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
-            return Ok(format!("{}://{auth}{host}:{port}", self.scheme));
+            match self.master_of(&mut conn).await {
+                Ok(master) => {
+                    *asking = Some(conn);
+                    return Ok(self.master_url(master));
+                }
+                Err(e) => why = format!("{address}: {e}"),
+            }
         }
         Err(why)
+    }
+
+    /// `SENTINEL get-master-addr-by-name` on one sentinel's connection, within `WATCH`.
+    async fn master_of(&self, conn: &mut MultiplexedConnection) -> Result<(String, u16), String> {
+        let name = &self.redis.master_name;
+        let mut cmd = redis::cmd("SENTINEL");
+        cmd.arg("get-master-addr-by-name").arg(name);
+        match tokio::time::timeout(WATCH, cmd.query_async::<Option<(String, u16)>>(conn)).await {
+            Ok(Ok(Some(master))) => Ok(master),
+            Ok(Ok(None)) => Err(format!("names no master {name:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {WATCH:?}")),
+        }
+    }
+
+    /// The URL of the master at `host:port`: reached the way the sentinels are, with
+    /// `redis.master_password`.
+    fn master_url(&self, (host, port): (String, u16)) -> String {
+        let auth = if self.redis.master_password.is_empty() {
+            String::new()
+        } else {
+            format!(":{}@", percent(&self.redis.master_password))
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        format!("{}://{auth}{host}:{port}", self.scheme)
     }
 }
 
@@ -176,7 +196,8 @@ impl Route for OneMaster {
 
 impl Topology for Sentinel {
     type Route = OneMaster;
-    type Watch = ();
+    /// The connection of the sentinel that answered last.
+    type Watch = Option<MultiplexedConnection>;
     const ENGINE: &'static str = "redis-sentinel";
     const ROUNDS: Option<(Duration, Duration)> = Some((WATCH, PAUSE));
     const UNSERVED: &'static str = "no Redis master named by Sentinel yet";
@@ -192,9 +213,9 @@ impl Topology for Sentinel {
         &'a self,
         starter: &'a Starter,
         current: &'a Layout<OneMaster>,
-        _: &'a mut (),
+        asking: &'a mut Option<MultiplexedConnection>,
     ) -> Option<Layout<OneMaster>> {
-        let url = match self.ask().await {
+        let url = match self.ask(asking).await {
             Ok(url) => {
                 self.unreachable.ended();
                 url
