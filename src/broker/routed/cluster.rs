@@ -27,7 +27,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates, Value};
 
-use super::{Layout, Route, Starter, Streak, Topology};
+use super::{connect_to, Layout, Route, Starter, Streak, Topology};
 use crate::broker::redis::{slot, tls, EngineOptions, Keys, RedisStartError, HOME_TAG};
 use crate::broker::Counter;
 use crate::config::Config;
@@ -189,22 +189,11 @@ impl Cluster {
         let mut why = String::from("no cluster node to ask");
         for (host, port) in self.candidates(current) {
             let at = format!("{host}:{port}");
-            let client = match tls::client(self.reach(host, port), self.certs.as_ref()) {
-                Ok(client) => client,
+            let info = self.reach(host, port);
+            let mut conn = match connect_to(info, self.certs.as_ref(), ASK_WAIT).await {
+                Ok(conn) => conn,
                 Err(e) => {
                     why = format!("{at}: {e}");
-                    continue;
-                }
-            };
-            let connect = client.get_multiplexed_async_connection();
-            let mut conn = match tokio::time::timeout(ASK_WAIT, connect).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
-                    why = format!("{at}: {}", tls::explain(&e));
-                    continue;
-                }
-                Err(_) => {
-                    why = format!("{at}: no connection within {ASK_WAIT:?}");
                     continue;
                 }
             };

@@ -135,6 +135,21 @@ impl<R: Route> Layout<R> {
     }
 }
 
+/// A connection to one server a watch asks (a sentinel, a cluster node), made within
+/// `wait`; else why not (a refused certificate names the `redis.tls_*` keys).
+async fn connect_to(
+    info: redis::ConnectionInfo,
+    certs: Option<&redis::TlsCertificates>,
+    wait: Duration,
+) -> Result<redis::aio::MultiplexedConnection, String> {
+    let client = super::redis::tls::client(info, certs).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(wait, client.get_multiplexed_async_connection()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(super::redis::tls::explain(&e)),
+        Err(_) => Err(format!("no connection within {wait:?}")),
+    }
+}
+
 /// A watch's run of failures to reach its deployment: logged once when it begins, not at
 /// every round.
 #[derive(Default)]

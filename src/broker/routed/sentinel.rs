@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
-use super::{Layout, Route, Starter, Streak, Topology};
+use super::{connect_to, Layout, Route, Starter, Streak, Topology};
 use crate::broker::redis::{tls, EngineOptions, RedisStartError};
 use crate::broker::Counter;
 use crate::config::{Config, RedisConfig};
@@ -111,22 +111,10 @@ impl Sentinel {
         }
         let mut why = String::from("no sentinel to ask");
         for (address, info) in &self.sentinels {
-            let client = match tls::client(info.clone(), self.certs.as_ref()) {
-                Ok(client) => client,
+            let mut conn = match connect_to(info.clone(), self.certs.as_ref(), WATCH).await {
+                Ok(conn) => conn,
                 Err(e) => {
                     why = format!("{address}: {e}");
-                    continue;
-                }
-            };
-            let connect = client.get_multiplexed_async_connection();
-            let mut conn = match tokio::time::timeout(WATCH, connect).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
-                    why = format!("{address}: {}", tls::explain(&e));
-                    continue;
-                }
-                Err(_) => {
-                    why = format!("{address}: no connection within {WATCH:?}");
                     continue;
                 }
             };
